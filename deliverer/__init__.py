@@ -1,0 +1,1 @@
+"""Deliverer: works per-site leases, speaks SMTP, classifies every reply."""

@@ -1,0 +1,34 @@
+"""Runs a deliverer process."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+
+from deliverer.worker import Deliverer
+from sluice.config import Config
+from sluice.nats_layout import connect, ensure_layout
+from sluice.resolver import Resolver
+from sluice.store import CachedStore, open_store
+from sluice.v1 import scheduler_pb2_grpc
+
+__all__ = ["serve"]
+
+log = logging.getLogger(__name__)
+
+
+async def serve(cfg: Config, stop: asyncio.Event) -> None:
+    nc = await connect(cfg, "sluice-deliverer")
+    js = nc.jetstream()
+    await ensure_layout(js, cfg)
+    store = CachedStore(open_store(cfg.store.url, js), cfg.deliverer.payload_cache_size)
+    async with grpc.aio.insecure_channel(cfg.deliverer.scheduler) as channel:
+        deliverer = Deliverer(cfg, js, store, Resolver(cfg.dns),
+                              scheduler_pb2_grpc.SchedulerServiceStub(channel))
+        log.info("deliverer %s: scheduler at %s", deliverer.deliverer_id, cfg.deliverer.scheduler)
+        try:
+            await deliverer.run(stop)
+        finally:
+            await nc.close()

@@ -1,0 +1,320 @@
+"""The deliverer's policy: acquire leases, pull each site's queues critical-first, deliver,
+and settle every pointer (ack, nak with a ladder delay, or dead-letter then term)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+
+import grpc
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js import JetStreamContext
+
+from deliverer.classify import Bounced, Deferred, Delivered, Outcome, Reply, classify
+from deliverer.mime import build_message
+from deliverer.outcomes import publish_dead_letter, publish_event
+from sluice.retry import next_delay
+from deliverer.smtp import ConnectionLost, SmtpConnection
+from sluice import names
+from sluice.config import Config
+from sluice.resolver import DnsPermanent, DnsTemporary, Resolver
+from sluice.store import PayloadNotFound, PayloadStore, StoreError
+from sluice.v1 import messages_pb2, scheduler_pb2, scheduler_pb2_grpc
+
+__all__ = ["Deliverer"]
+
+log = logging.getLogger(__name__)
+
+_OUTCOME_KIND = {
+    Delivered: scheduler_pb2.OUTCOME_KIND_DELIVERED,
+    Deferred: scheduler_pb2.OUTCOME_KIND_DEFERRED,
+    Bounced: scheduler_pb2.OUTCOME_KIND_BOUNCED,
+}
+
+
+@dataclass
+class LeaseWork:
+    lease: scheduler_pb2.Lease
+    lost: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class Deliverer:
+    def __init__(
+        self, cfg: Config, js: JetStreamContext, store: PayloadStore, resolver: Resolver,
+        scheduler: scheduler_pb2_grpc.SchedulerServiceStub,
+    ) -> None:
+        self._cfg = cfg
+        self._js = js
+        self._store = store
+        self._resolver = resolver
+        self._scheduler = scheduler
+        self.deliverer_id = f"{socket.gethostname()}-{os.getpid()}-{id(self):x}"
+        self._work: dict[str, LeaseWork] = {}
+        self._outcomes: list[scheduler_pb2.Outcome] = []
+        self._subs: dict[str, JetStreamContext.PullSubscription] = {}
+
+    # -- the lease loop ------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        renewer = asyncio.create_task(self._renew_loop(stop))
+        tasks: set[asyncio.Task[None]] = set()
+        try:
+            while not stop.is_set():
+                free = self._cfg.deliverer.max_leases - len(self._work)
+                leases: list[scheduler_pb2.Lease] = []
+                if free > 0:
+                    try:
+                        resp = await self._scheduler.AcquireLeases(
+                            scheduler_pb2.AcquireLeasesRequest(
+                                deliverer_id=self.deliverer_id, max_leases=free
+                            ),
+                            timeout=5.0,
+                        )
+                        leases = list(resp.leases)
+                    except grpc.aio.AioRpcError as exc:
+                        log.warning("scheduler unavailable: %s", exc.code().name)
+                for lease in leases:
+                    work = LeaseWork(lease)
+                    self._work[lease.lease_id] = work
+                    task = asyncio.create_task(self._work_lease(work, stop))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                if not leases:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), self._cfg.deliverer.idle_poll)
+            # Drain: each lease worker finishes the transaction in hand and hands back the rest.
+            if tasks:
+                await asyncio.wait(tasks, timeout=self._cfg.deliverer.command_timeout)
+        finally:
+            renewer.cancel()
+            await self._flush_outcomes()
+
+    async def _renew_loop(self, stop: asyncio.Event) -> None:
+        interval = max(0.2, self._cfg.scheduler.lease_ttl / 3)
+        while not stop.is_set():
+            await asyncio.sleep(interval)
+            await self._flush_outcomes()
+            ids = list(self._work)
+            if not ids:
+                continue
+            try:
+                resp = await self._scheduler.RenewLeases(
+                    scheduler_pb2.RenewLeasesRequest(deliverer_id=self.deliverer_id, lease_ids=ids),
+                    timeout=5.0,
+                )
+            except grpc.aio.AioRpcError as exc:
+                log.warning("lease renewal failed: %s", exc.code().name)
+                continue
+            for lost in resp.lost_lease_ids:
+                if lost in self._work:
+                    log.warning("lease %s lost; stopping work on it", lost)
+                    self._work[lost].lost.set()
+
+    async def _flush_outcomes(self) -> None:
+        if not self._outcomes:
+            return
+        batch, self._outcomes = self._outcomes, []
+        try:
+            await self._scheduler.ReportOutcomes(
+                scheduler_pb2.ReportOutcomesRequest(deliverer_id=self.deliverer_id,
+                                                    outcomes=batch),
+                timeout=5.0,
+            )
+        except grpc.aio.AioRpcError as exc:
+            log.warning("outcome report failed (%d dropped): %s", len(batch), exc.code().name)
+
+    async def _work_lease(self, work: LeaseWork, stop: asyncio.Event) -> None:
+        lease = work.lease
+        n = max(1, min(lease.max_connections, self._cfg.deliverer.connections_per_lease))
+        try:
+            await asyncio.gather(*(self._connection_loop(work, stop) for _ in range(n)))
+        except Exception:
+            log.exception("lease %s failed", lease.lease_id)
+        finally:
+            self._work.pop(lease.lease_id, None)
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await self._scheduler.ReleaseLeases(
+                    scheduler_pb2.ReleaseLeasesRequest(
+                        deliverer_id=self.deliverer_id, lease_ids=[lease.lease_id]
+                    ),
+                    timeout=5.0,
+                )
+
+    async def _sub(self, consumer: str) -> JetStreamContext.PullSubscription:
+        sub = self._subs.get(consumer)
+        if sub is None:
+            sub = await self._js.pull_subscribe_bind(consumer, names.MAIL_STREAM)
+            self._subs[consumer] = sub
+        return sub
+
+    async def _next_batch(self, lease: scheduler_pb2.Lease) -> list[Msg]:
+        """Messages from the highest tier with ready mail; [] when the lease is drained."""
+        for q in lease.queues:  # highest tier first (the scheduler orders them)
+            sub = await self._sub(q.consumer)
+            try:
+                msgs = await sub.fetch(self._cfg.deliverer.fetch_batch, timeout=0.1)
+            except (TimeoutError, NatsTimeoutError):
+                continue
+            if msgs:
+                return msgs
+        return []
+
+    async def _connection_loop(self, work: LeaseWork, stop: asyncio.Event) -> None:
+        lease = work.lease
+        conn: SmtpConnection | None = None
+        rate = lease.max_message_rate
+        try:
+            while not stop.is_set() and not work.lost.is_set():
+                msgs = await self._next_batch(lease)
+                if not msgs:
+                    return
+                for i, msg in enumerate(msgs):
+                    if stop.is_set() or work.lost.is_set():
+                        # Hand the rest back at once, un-delayed.
+                        for rest in msgs[i:]:
+                            await rest.nak()
+                        return
+                    started = time.monotonic()
+                    conn = await self._deliver(msg, lease, conn)
+                    if rate > 0:
+                        await asyncio.sleep(max(0.0, 1.0 / rate - (time.monotonic() - started)))
+        finally:
+            if conn is not None:
+                await conn.close()
+
+    # -- one pointer -----------------------------------------------------------------------
+
+    async def _deliver(
+        self, msg: Msg, lease: scheduler_pb2.Lease, conn: SmtpConnection | None
+    ) -> SmtpConnection | None:
+        try:
+            p = messages_pb2.DeliveryPointer.FromString(msg.data)
+        except Exception:
+            log.error("undecodable pointer terminated (seq %s)", msg.metadata.sequence.stream)
+            await msg.term()
+            return conn
+        attempt = msg.metadata.num_delivered or 1
+        tier = names.tier_token(p.tier)
+        age = time.time() - p.accepted_at.ToNanoseconds() / 1e9
+        horizon = self._cfg.horizon(tier)
+        if p.HasField("expires_at"):
+            horizon = min(horizon, (p.expires_at.ToNanoseconds() - p.accepted_at.ToNanoseconds())
+                          / 1e9)
+        if age >= horizon:
+            await self._dead_letter(msg, p, attempt, messages_pb2.DEAD_LETTER_REASON_EXPIRED,
+                                    None, "")
+            return conn
+        try:
+            payload = messages_pb2.Payload.FromString(await self._store.get(p.payload_ref))
+        except PayloadNotFound:
+            await self._dead_letter(msg, p, attempt, messages_pb2.DEAD_LETTER_REASON_EXPIRED,
+                                    None, "payload_missing")
+            return conn
+        except StoreError as exc:
+            log.warning("payload %s unreadable (%s); handing back", p.payload_ref, exc)
+            await msg.nak(delay=5.0)
+            return conn
+        data = build_message(payload, p)
+        outcome: Outcome
+        try:
+            if conn is None or not conn.usable or self._spent(conn, lease):
+                if conn is not None:
+                    await conn.close()
+                conn = await self._connect(p.domain)
+            await msg.in_progress()
+            reply = await conn.send(p.envelope_from, p.recipient, data)
+            outcome = classify(reply)
+        except DnsPermanent as exc:
+            outcome = Bounced(None, "bad_domain")
+            log.info("delivery=%s: %s", p.delivery_id, exc)
+        except (DnsTemporary, ConnectionLost) as exc:
+            outcome = Deferred(None, str(exc))
+            conn = None
+        await self._settle(msg, p, attempt, age, horizon, outcome, lease,
+                           conn.host if conn else "")
+        return conn
+
+    def _spent(self, conn: SmtpConnection, lease: scheduler_pb2.Lease) -> bool:
+        limit = lease.max_deliveries_per_connection
+        return bool(limit) and conn.deliveries >= limit
+
+    async def _connect(self, domain: str) -> SmtpConnection:
+        """A connection to the first reachable MX host of domain (preference order)."""
+        errors: list[str] = []
+        for mx in self._resolver.in_order(await self._resolver.mx(domain)):
+            try:
+                addresses = await self._resolver.addresses(mx.host)
+            except (DnsPermanent, DnsTemporary) as exc:
+                errors.append(str(exc))
+                continue
+            for address in addresses:
+                conn = SmtpConnection(
+                    mx.host, address, self._cfg.deliverer.smtp_port,
+                    self._cfg.deliverer.ehlo_name, self._cfg.deliverer.connect_timeout,
+                    self._cfg.deliverer.command_timeout,
+                )
+                try:
+                    await conn.open()
+                    return conn
+                except ConnectionLost as exc:
+                    errors.append(str(exc))
+        raise ConnectionLost("; ".join(errors) or f"{domain}: no reachable MX host")
+
+    async def _settle(
+        self, msg: Msg, p: messages_pb2.DeliveryPointer, attempt: int, age: float,
+        horizon: float, outcome: Outcome, lease: scheduler_pb2.Lease, mx_host: str,
+    ) -> None:
+        reply = outcome.reply
+        self._report(lease, p, outcome)
+        match outcome:
+            case Delivered():
+                await publish_event(self._js, p, messages_pb2.EVENT_TYPE_DELIVERED, attempt,
+                                    reply, mx_host=mx_host)
+                await msg.ack_sync()
+                log.info("delivered delivery=%s to=%s reply=%s", p.delivery_id, p.recipient,
+                         reply.code if reply else "")
+            case Deferred(reason=reason):
+                delay = next_delay(age, self._cfg.retry.ladder, self._cfg.retry.jitter)
+                # Never wait past the horizon: the next attempt then dead-letters on time.
+                delay = max(0.0, min(delay, horizon - age + 0.05))
+                await publish_event(self._js, p, messages_pb2.EVENT_TYPE_DEFERRED, attempt,
+                                    reply, mx_host=mx_host)
+                await msg.nak(delay=delay)
+                log.info("deferred delivery=%s to=%s retry_in=%.1fs reason=%s", p.delivery_id,
+                         p.recipient, delay, reply.text if reply else reason)
+            case Bounced(category=category):
+                await self._dead_letter(msg, p, attempt, messages_pb2.DEAD_LETTER_REASON_BOUNCED,
+                                        reply, category, mx_host)
+
+    async def _dead_letter(
+        self, msg: Msg, p: messages_pb2.DeliveryPointer, attempt: int, reason: int,
+        reply: Reply | None, category: str, mx_host: str = "",
+    ) -> None:
+        """DLQ record first, then the event, then TERM: a crash in between repeats, never loses."""
+        await publish_dead_letter(self._js, p, reason, attempt, reply)
+        event_type = (messages_pb2.EVENT_TYPE_BOUNCED
+                      if reason == messages_pb2.DEAD_LETTER_REASON_BOUNCED
+                      else messages_pb2.EVENT_TYPE_FAILED)
+        await publish_event(self._js, p, event_type, attempt, reply, category, mx_host)
+        await msg.term()
+        log.info("dead-lettered delivery=%s to=%s reason=%s category=%s", p.delivery_id,
+                 p.recipient, messages_pb2.DeadLetterReason.Name(reason), category)
+
+    def _report(self, lease: scheduler_pb2.Lease, p: messages_pb2.DeliveryPointer,
+                outcome: Outcome) -> None:
+        kind = _OUTCOME_KIND[type(outcome)]
+        if isinstance(outcome, Deferred) and outcome.throttled:
+            kind = scheduler_pb2.OUTCOME_KIND_THROTTLED
+        reply = outcome.reply
+        self._outcomes.append(scheduler_pb2.Outcome(
+            lease_id=lease.lease_id, site_id=lease.site_id, domain=p.domain, tier=p.tier,
+            tenant_id=p.tenant_id, kind=kind,
+            reply=messages_pb2.SmtpReply(code=reply.code, enhanced_code=reply.enhanced,
+                                         text=reply.text) if reply else None,
+        ))

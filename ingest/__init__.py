@@ -1,0 +1,1 @@
+"""Ingest: the HTTP/JSON and gRPC edge, and the expander that fans jobs out into pointers."""

@@ -1,0 +1,61 @@
+"""Runs the ingest process: the gRPC server and the HTTP/JSON server over one core."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+from aiohttp import web
+
+from ingest.auth import Authenticator
+from ingest.grpc_api import servicer_handler
+from ingest.http_api import make_app
+from ingest.service import IngestCore
+from sluice.config import Config
+from sluice.nats_layout import connect, ensure_layout
+from sluice.store import open_store
+from sluice.tenants import TenantStore
+
+__all__ = ["serve"]
+
+log = logging.getLogger(__name__)
+
+# gRPC message size: Send carries inline content and attachments.
+_GRPC_MAX_MESSAGE = 64 * 1024 * 1024
+
+
+def split_hostport(listen: str) -> tuple[str, int]:
+    host, _, port = listen.rpartition(":")
+    return host or "0.0.0.0", int(port)
+
+
+async def serve(cfg: Config, stop: asyncio.Event) -> None:
+    nc = await connect(cfg, "sluice-ingest")
+    js = nc.jetstream()
+    await ensure_layout(js, cfg)
+    core = IngestCore(
+        cfg, nc, js, open_store(cfg.store.url, js),
+        Authenticator(TenantStore(js), cfg.ingest.key_cache_ttl),
+    )
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", _GRPC_MAX_MESSAGE),
+            ("grpc.max_send_message_length", _GRPC_MAX_MESSAGE),
+        ]
+    )
+    server.add_generic_rpc_handlers((servicer_handler(core),))
+    server.add_insecure_port(cfg.ingest.grpc_listen)
+    await server.start()
+    runner = web.AppRunner(make_app(core, cfg.ingest.max_request_bytes), access_log=None)
+    await runner.setup()
+    host, port = split_hostport(cfg.ingest.http_listen)
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    log.info("ingest: http on %s, grpc on %s", cfg.ingest.http_listen, cfg.ingest.grpc_listen)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+        await server.stop(grace=5)
+        await nc.close()

@@ -1,0 +1,145 @@
+"""Schema and RFC 5321/5322 checks on a SendRequest; every problem names its field path."""
+
+from __future__ import annotations
+
+import re
+
+from sluice.config import IngestConfig
+from sluice.v1 import ingest_pb2, messages_pb2
+
+__all__ = ["check_address", "normalise_domain", "validate_send"]
+
+# RFC 5322 atext, for a dot-atom local part.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
+_DOT_ATOM = re.compile(rf"^{_ATEXT}+(\.{_ATEXT}+)*$")
+_QUOTED = re.compile(r'^"([\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"$')
+_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+# RFC 5322 field name: printable ASCII except ':'.
+_HEADER_NAME = re.compile(r"^[\x21-\x39\x3b-\x7e]{1,76}$")
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+# Headers Sluice writes itself; a client may not set them.
+RESERVED_HEADERS = frozenset(
+    h.lower()
+    for h in (
+        "From", "To", "Cc", "Bcc", "Reply-To", "Subject", "Date", "Message-ID", "Return-Path",
+        "Sender", "MIME-Version", "Content-Type", "Content-Transfer-Encoding",
+        "DKIM-Signature", "Received", "List-Unsubscribe", "List-Unsubscribe-Post",
+    )
+)
+
+MAX_SUBJECT = 998
+MAX_HEADER_VALUE = 998
+MAX_TAGS = 20
+MAX_METADATA = 50
+
+
+def normalise_domain(domain: str) -> str:
+    """The lower-case IDNA A-label form of a domain; ValueError if it is not a mail domain."""
+    try:
+        ascii_domain = domain.encode("idna").decode("ascii").lower()
+    except UnicodeError as exc:
+        raise ValueError("domain is not a valid IDNA name") from exc
+    if len(ascii_domain) > 253:
+        raise ValueError("domain is longer than 253 characters")
+    labels = ascii_domain.split(".")
+    if len(labels) < 2:
+        raise ValueError("domain needs at least two labels")
+    for label in labels:
+        if not _LABEL.match(label):
+            raise ValueError(f"domain label {label!r} is not a valid hostname label")
+    if labels[-1].isdigit():
+        raise ValueError("domain's last label cannot be numeric")
+    return ascii_domain
+
+
+def check_address(email: str) -> str | None:
+    """Why email is not a deliverable RFC 5321 mailbox, or None if it is."""
+    if not email:
+        return "is required"
+    if _CONTROL.search(email) or "\r" in email or "\n" in email:
+        return "must not contain control characters (CR/LF)"
+    if any(c.isspace() for c in email) and not email.startswith('"'):
+        return "must not contain whitespace"
+    local, sep, domain = email.rpartition("@")
+    if not sep or not local or not domain:
+        return "must be an address of the form local@domain"
+    if len(local.encode()) > 64:
+        return "local part is longer than 64 octets"
+    if not (_DOT_ATOM.match(local) or _QUOTED.match(local)):
+        if not local.isascii() and _DOT_ATOM.match(re.sub(r"[^\x00-\x7f]", "a", local)):
+            return "non-ASCII local parts need SMTPUTF8, which Sluice does not offer yet"
+        return "local part is not a valid dot-atom or quoted string"
+    try:
+        ascii_domain = normalise_domain(domain)
+    except ValueError as exc:
+        return str(exc)
+    if len(local.encode()) + 1 + len(ascii_domain) > 254:
+        return "address is longer than 254 octets"
+    return None
+
+
+def _check_name(name: str) -> str | None:
+    if _CONTROL.search(name):
+        return "must not contain control characters (CR/LF)"
+    if len(name) > 256:
+        return "is longer than 256 characters"
+    return None
+
+
+def _addresses(
+    field: str, addrs: list[messages_pb2.Address], out: list[tuple[str, str]]
+) -> None:
+    for i, a in enumerate(addrs):
+        if (why := check_address(a.email)) is not None:
+            out.append((f"{field}[{i}].email", why))
+        if (why := _check_name(a.name)) is not None:
+            out.append((f"{field}[{i}].name", why))
+
+
+def validate_send(req: ingest_pb2.SendRequest, cfg: IngestConfig) -> list[tuple[str, str]]:
+    """Every schema violation of req as (field path, reason); empty if valid."""
+    out: list[tuple[str, str]] = []
+    sender = getattr(req, "from")
+    if not req.HasField("from"):
+        out.append(("from", "is required"))
+    else:
+        if (why := check_address(sender.email)) is not None:
+            out.append(("from.email", why))
+        if (why := _check_name(sender.name)) is not None:
+            out.append(("from.name", why))
+    count = len(req.to) + len(req.cc) + len(req.bcc)
+    if count == 0:
+        out.append(("to", "at least one recipient is required in to, cc or bcc"))
+    elif count > cfg.max_recipients:
+        out.append(("to", f"{count} recipients; at most {cfg.max_recipients} per message"))
+    _addresses("to", list(req.to), out)
+    _addresses("cc", list(req.cc), out)
+    _addresses("bcc", list(req.bcc), out)
+    _addresses("reply_to", list(req.reply_to), out)
+    if _CONTROL.search(req.subject):
+        out.append(("subject", "must not contain control characters (CR/LF)"))
+    elif len(req.subject) > MAX_SUBJECT:
+        out.append(("subject", f"is longer than {MAX_SUBJECT} characters"))
+    if not req.text and not req.html:
+        out.append(("text", "text or html is required"))
+    for name, value in req.headers.items():
+        path = f"headers.{name}"
+        if not _HEADER_NAME.match(name):
+            out.append((path, "is not a valid header name"))
+        elif name.lower() in RESERVED_HEADERS:
+            out.append((path, "is set by Sluice and cannot be overridden"))
+        if _CONTROL.search(value):
+            out.append((path, "must not contain control characters (CR/LF)"))
+        elif len(value) > MAX_HEADER_VALUE:
+            out.append((path, f"is longer than {MAX_HEADER_VALUE} characters"))
+    if len(req.tags) > MAX_TAGS:
+        out.append(("tags", f"at most {MAX_TAGS} tags"))
+    for i, tag in enumerate(req.tags):
+        if not tag or len(tag) > 128 or _CONTROL.search(tag):
+            out.append((f"tags[{i}]", "must be 1-128 characters without control characters"))
+    if len(req.metadata) > MAX_METADATA:
+        out.append(("metadata", f"at most {MAX_METADATA} entries"))
+    if req.tier not in messages_pb2.Tier.values():
+        out.append(("tier", "unknown tier"))
+    return out

@@ -1,0 +1,76 @@
+"""The lease table: who may open how many connections to which site, until when."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass, field
+
+from scheduler.shaping import Limits
+
+__all__ = ["LeaseTable", "LeaseState"]
+
+
+@dataclass
+class LeaseState:
+    lease_id: str
+    site_id: str
+    deliverer_id: str
+    connections: int
+    limits: Limits
+    expires_at: float
+    domains: list[str] = field(default_factory=list)
+
+
+class LeaseTable:
+    """Grants never let the connections of a site's live leases exceed its limit."""
+
+    def __init__(self, ttl: float) -> None:
+        self.ttl = ttl
+        self._leases: dict[str, LeaseState] = {}
+
+    def expire(self, now: float | None = None) -> list[LeaseState]:
+        now = time.time() if now is None else now
+        gone = [ls for ls in self._leases.values() if ls.expires_at <= now]
+        for ls in gone:
+            del self._leases[ls.lease_id]
+        return gone
+
+    def in_use(self, site_id: str) -> int:
+        return sum(ls.connections for ls in self._leases.values() if ls.site_id == site_id)
+
+    def held_by(self, deliverer_id: str) -> list[LeaseState]:
+        return [ls for ls in self._leases.values() if ls.deliverer_id == deliverer_id]
+
+    def grant(
+        self, site_id: str, deliverer_id: str, limits: Limits, domains: list[str]
+    ) -> LeaseState | None:
+        """A new lease for the site's free connections, or None if there are none."""
+        self.expire()
+        free = limits.max_connections - self.in_use(site_id)
+        if free <= 0:
+            return None
+        lease = LeaseState(
+            lease_id=f"lease_{secrets.token_hex(8)}", site_id=site_id,
+            deliverer_id=deliverer_id, connections=free, limits=limits,
+            expires_at=time.time() + self.ttl, domains=domains,
+        )
+        self._leases[lease.lease_id] = lease
+        return lease
+
+    def renew(self, deliverer_id: str, lease_id: str) -> LeaseState | None:
+        self.expire()
+        ls = self._leases.get(lease_id)
+        if ls is None or ls.deliverer_id != deliverer_id:
+            return None
+        ls.expires_at = time.time() + self.ttl
+        return ls
+
+    def release(self, deliverer_id: str, lease_id: str) -> None:
+        ls = self._leases.get(lease_id)
+        if ls is not None and ls.deliverer_id == deliverer_id:
+            del self._leases[lease_id]
+
+    def all(self) -> list[LeaseState]:
+        self.expire()
+        return list(self._leases.values())

@@ -1,0 +1,167 @@
+"""The `sluice` command: the single composition root that starts services and manages tenants.
+
+  sluice dev                          the whole stack locally (see sluice/dev.py)
+  sluice ingest|expander|scheduler|deliverer|webhooks
+                                      one service, from sluice.toml + SLUICE_* variables
+  sluice init                         create the JetStream streams and buckets
+  sluice tenants create|list|show     tenants (NATS KV sluice_tenants)
+  sluice keys create|list|revoke      API keys (NATS KV sluice_keys)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from sluice import __version__, jsonpb
+from sluice import config as config_mod
+from sluice.config import Config, ConfigError
+from sluice.nats_layout import connect, ensure_layout
+from sluice.services import SERVICES, run_until_signal, service, setup_logging
+from sluice.tenants import TenantStore, new_webhook_secret, now_ts, valid_tenant_id
+from sluice.v1 import messages_pb2, tenant_pb2
+
+__all__ = ["main"]
+
+
+def _tiers(values: list[str]) -> list[int]:
+    return [messages_pb2.Tier.Value("TIER_" + v.upper()) for v in values]
+
+
+async def _with_tenants(cfg: Config, fn: Callable[[TenantStore], Awaitable[int]]) -> int:
+    nc = await connect(cfg, "sluice-cli")
+    try:
+        js = nc.jetstream()
+        await ensure_layout(js, cfg)
+        return await fn(TenantStore(js))
+    finally:
+        await nc.close()
+
+
+def _print(msg: Any) -> None:
+    print(json.dumps(jsonpb.to_dict(msg), indent=2))
+
+
+async def _tenants(args: argparse.Namespace, store: TenantStore) -> int:
+    if args.action == "create":
+        if not valid_tenant_id(args.tenant_id):
+            print(f"invalid tenant id {args.tenant_id!r}: use a-z, 0-9 and '-'", file=sys.stderr)
+            return 2
+        tenant = tenant_pb2.Tenant(
+            tenant_id=args.tenant_id, name=args.name or args.tenant_id,
+            allowed_from_domains=[d.lower() for d in args.from_domain],
+            allowed_tiers=_tiers(args.tier), created_at=now_ts(),
+        )
+        for i, url in enumerate(args.webhook):
+            tenant.webhooks.append(tenant_pb2.WebhookEndpoint(
+                id=f"ep{i + 1}", url=url, secrets=[new_webhook_secret()]))
+        await store.put_tenant(tenant)
+        _print(tenant)
+        return 0
+    if args.action == "list":
+        for t in await store.list_tenants():
+            print(f"{t.tenant_id}\t{','.join(t.allowed_from_domains)}\t{t.name}")
+        return 0
+    tenant_or_none = await store.get_tenant(args.tenant_id)
+    if tenant_or_none is None:
+        print(f"no tenant {args.tenant_id!r}", file=sys.stderr)
+        return 1
+    _print(tenant_or_none)
+    return 0
+
+
+async def _keys(args: argparse.Namespace, store: TenantStore) -> int:
+    if args.action == "create":
+        if await store.get_tenant(args.tenant_id) is None:
+            print(f"no tenant {args.tenant_id!r}", file=sys.stderr)
+            return 1
+        api_key, record = await store.create_key(args.tenant_id, _tiers(args.tier))
+        print(api_key)
+        print(f"key id {record.key_id}; the key is shown only once", file=sys.stderr)
+        return 0
+    if args.action == "list":
+        for _, k in await store.list_keys():
+            print(f"{k.key_id}\t{k.tenant_id}\t{'revoked' if k.revoked else 'active'}")
+        return 0
+    if await store.revoke_key(args.key_id):
+        print(f"revoked {args.key_id}")
+        return 0
+    print(f"no key {args.key_id!r}", file=sys.stderr)
+    return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sluice", description="Sluice email delivery platform")
+    p.add_argument("--config", help="config file (default: $SLUICE_CONFIG or ./sluice.toml)")
+    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--version", action="version", version=f"sluice {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    dev = sub.add_parser("dev", help="run the whole stack locally")
+    dev.add_argument("--data-dir", default="var/dev", help="where NATS data and mail go")
+    for name in SERVICES:
+        sub.add_parser(name, help=f"run the {name} service")
+    sub.add_parser("init", help="create the JetStream streams and buckets")
+    tiers = ["critical", "transactional", "bulk"]
+
+    t = sub.add_parser("tenants", help="manage tenants").add_subparsers(dest="action", required=True)
+    tc = t.add_parser("create")
+    tc.add_argument("tenant_id")
+    tc.add_argument("--name")
+    tc.add_argument("--from-domain", action="append", default=[], required=True,
+                    help="a domain the tenant may send From (repeatable)")
+    tc.add_argument("--tier", action="append", default=[], choices=tiers,
+                    help="an allowed tier (repeatable; default all)")
+    tc.add_argument("--webhook", action="append", default=[], help="an endpoint URL (repeatable)")
+    t.add_parser("list")
+    ts = t.add_parser("show")
+    ts.add_argument("tenant_id")
+
+    k = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="action", required=True)
+    kc = k.add_parser("create")
+    kc.add_argument("tenant_id")
+    kc.add_argument("--tier", action="append", default=[], choices=tiers)
+    k.add_parser("list")
+    kr = k.add_parser("revoke")
+    kr.add_argument("key_id")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    setup_logging(args.log_level)
+    try:
+        cfg = config_mod.load(args.config)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    cmd = args.command
+    if cmd == "dev":
+        from sluice.dev import run_dev
+
+        run_until_signal(lambda stop: run_dev(cfg, Path(args.data_dir), stop))
+        return 0
+    if cmd in SERVICES:
+        run_until_signal(lambda stop: service(cmd)(cfg, stop))
+        return 0
+    if cmd == "init":
+        async def init() -> int:
+            nc = await connect(cfg, "sluice-cli")
+            await ensure_layout(nc.jetstream(), cfg)
+            await nc.close()
+            return 0
+
+        return asyncio.run(init())
+    if cmd == "tenants":
+        return asyncio.run(_with_tenants(cfg, lambda s: _tenants(args, s)))
+    if cmd == "keys":
+        return asyncio.run(_with_tenants(cfg, lambda s: _keys(args, s)))
+    return 2  # pragma: no cover
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

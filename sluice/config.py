@@ -1,0 +1,298 @@
+"""Configuration: one TOML file (`sluice.toml`) plus `SLUICE_<SECTION>__<KEY>` overrides.
+
+Every setting has a documented default here and in docs/config.md. Unknown sections and keys
+are errors that name the file (or variable) and the key. Durations are strings such as
+"500ms", "15m" or "72h" (a bare number means seconds) and are held as float seconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Config", "ConfigError", "load", "parse_duration"]
+
+
+class ConfigError(ValueError):
+    """A configuration file or variable is invalid; the message names where and which key."""
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def parse_duration(value: str | int | float) -> float:
+    """Seconds in a duration such as "15m"; numbers are taken as seconds."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        m = _DURATION.match(value)
+        if m:
+            return float(m.group(1)) * _UNIT[m.group(2)]
+    raise ValueError(f"not a duration: {value!r} (use e.g. \"30s\", \"15m\", \"72h\")")
+
+
+Duration = typing.NewType("Duration", float)
+
+
+@dataclass(frozen=True)
+class NatsConfig:
+    """[nats] — how every service reaches JetStream."""
+
+    url: str = "nats://127.0.0.1:4222"
+    connect_timeout: Duration = Duration(2.0)
+    # Bytes the MAIL stream may hold before publishes are refused (ingest answers 429).
+    mail_max_bytes: int = 8 * 1024**3
+    # How long dead letters are kept.
+    dlq_max_age: Duration = Duration(30 * 86400.0)
+    # How long events are kept.
+    events_max_age: Duration = Duration(7 * 86400.0)
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """[store] — where payloads live: `nats-os://<bucket>` (embedded default)."""
+
+    url: str = "nats-os://sluice_payloads"
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    """[ingest] — the HTTP/JSON and gRPC edge."""
+
+    http_listen: str = "127.0.0.1:8080"
+    grpc_listen: str = "127.0.0.1:50051"
+    # Longest wait for JetStream to confirm a job before answering 503.
+    publish_timeout: Duration = Duration(2.0)
+    max_recipients: int = 50
+    max_request_bytes: int = 10 * 1024 * 1024
+    # How long an API key lookup is cached (revocation takes at most this long).
+    key_cache_ttl: Duration = Duration(10.0)
+
+
+@dataclass(frozen=True)
+class ExpanderConfig:
+    """[expander] — fans job records out into delivery pointers."""
+
+    concurrency: int = 4
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """[scheduler] — the lease service."""
+
+    listen: str = "127.0.0.1:50061"
+    lease_ttl: Duration = Duration(30.0)
+    # How often the backlog per queue is read from JetStream.
+    backlog_interval: Duration = Duration(1.0)
+    # Path of the shaping rules (TOML); empty means the built-in default.
+    shaping: str = ""
+
+
+@dataclass(frozen=True)
+class DelivererConfig:
+    """[deliverer] — works leases, speaks SMTP."""
+
+    scheduler: str = "127.0.0.1:50061"
+    ehlo_name: str = "localhost"
+    # The port MX hosts are contacted on (25 in production; tests and `sluice dev` change it).
+    smtp_port: int = 25
+    max_leases: int = 16
+    # SMTP connections one lease may use in this process (the lease caps it too).
+    connections_per_lease: int = 4
+    fetch_batch: int = 32
+    idle_poll: Duration = Duration(0.5)
+    connect_timeout: Duration = Duration(30.0)
+    # RFC 5321 4.5.3.2 suggests minutes; one timeout covers each command for now.
+    command_timeout: Duration = Duration(300.0)
+    # Pointers are redelivered by JetStream if not acknowledged within this time.
+    ack_wait: Duration = Duration(60.0)
+    payload_cache_size: int = 256
+
+
+@dataclass(frozen=True)
+class DnsConfig:
+    """[dns] — the resolver shared by scheduler and deliverer."""
+
+    # Empty means the system's /etc/resolv.conf.
+    nameservers: tuple[str, ...] = ()
+    port: int = 53
+    timeout: Duration = Duration(5.0)
+
+
+@dataclass(frozen=True)
+class RetryConfig:
+    """[retry] — the ladder of redelivery delays and the horizons that end it."""
+
+    ladder: tuple[Duration, ...] = tuple(
+        Duration(s) for s in (60, 300, 900, 1800, 3600, 7200, 14400, 28800)
+    )
+    horizon_critical: Duration = Duration(3600.0)
+    horizon_transactional: Duration = Duration(72 * 3600.0)
+    horizon_bulk: Duration = Duration(72 * 3600.0)
+    # Fraction of each delay added at random so a backlog does not return as one wave.
+    jitter: float = 0.1
+    # JetStream MaxDeliver: a backstop against poison messages, far above the ladder.
+    max_deliver: int = 200
+
+
+@dataclass(frozen=True)
+class WebhooksConfig:
+    """[webhooks] — signed event delivery to tenants."""
+
+    timeout: Duration = Duration(10.0)
+    ladder: tuple[Duration, ...] = tuple(
+        Duration(s) for s in (5, 30, 120, 600, 1800, 3600, 7200, 14400)
+    )
+    # Give up (and log) after this long; the spec asks for at least 24 h.
+    horizon: Duration = Duration(26 * 3600.0)
+    # Allow loopback and private targets (tests, `sluice dev`); off in production.
+    allow_private_targets: bool = False
+    concurrency: int = 16
+
+
+@dataclass(frozen=True)
+class TelemetryConfig:
+    """[telemetry] — OpenTelemetry export: "none", "console" or "otlp"."""
+
+    exporter: str = "none"
+    service_namespace: str = "sluice"
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration; every section is optional in the file."""
+
+    nats: NatsConfig = field(default_factory=NatsConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    expander: ExpanderConfig = field(default_factory=ExpanderConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    deliverer: DelivererConfig = field(default_factory=DelivererConfig)
+    dns: DnsConfig = field(default_factory=DnsConfig)
+    retry: RetryConfig = field(default_factory=RetryConfig)
+    webhooks: WebhooksConfig = field(default_factory=WebhooksConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+
+    def horizon(self, tier_token: str) -> float:
+        """The retry horizon of a tier ("critical", "transactional", "bulk")."""
+        return float(getattr(self.retry, f"horizon_{tier_token}"))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Convert a TOML or environment value to the declared field type."""
+    origin = typing.get_origin(tp)
+    try:
+        if tp is Duration:
+            return Duration(parse_duration(value))
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in {"1", "true", "yes", "on"}:
+                return True
+            if isinstance(value, str) and value.lower() in {"0", "false", "no", "off"}:
+                return False
+            raise ValueError(f"not a boolean: {value!r}")
+        if tp is int:
+            if isinstance(value, bool):
+                raise ValueError(f"not an integer: {value!r}")
+            return int(value)
+        if tp is float:
+            return float(value)
+        if tp is str:
+            if not isinstance(value, str):
+                raise ValueError(f"not a string: {value!r}")
+            return value
+        if origin is tuple:
+            (item_tp, _) = typing.get_args(tp)
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, list):
+                raise ValueError(f"not a list: {value!r}")
+            return tuple(_coerce(v, item_tp, where) for v in value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+    raise ConfigError(f"{where}: unsupported type {tp!r}")  # pragma: no cover
+
+
+def _section_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls, globalns=globals())
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _merge(raw: Mapping[str, Mapping[str, Any]], source: str) -> dict[str, dict[str, Any]]:
+    sections = _section_types(Config)
+    out: dict[str, dict[str, Any]] = {}
+    for name, values in raw.items():
+        if name not in sections:
+            raise ConfigError(f"{source}: unknown section [{name}]")
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"{source}: [{name}] must be a table")
+        fields = _section_types(sections[name])
+        for key, value in values.items():
+            if key not in fields:
+                raise ConfigError(f"{source}: unknown key {key!r} in [{name}]")
+            out.setdefault(name, {})[key] = _coerce(value, fields[key], f"{source}: [{name}] {key}")
+    return out
+
+
+def _from_env(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    raw: dict[str, dict[str, Any]] = {}
+    for var, value in environ.items():
+        if not var.startswith("SLUICE_") or var in _NOT_CONFIG_VARS:
+            continue
+        rest = var[len("SLUICE_") :]
+        if "__" not in rest:
+            raise ConfigError(f"environment: {var} is not SLUICE_<SECTION>__<KEY>")
+        section, key = rest.split("__", 1)
+        raw.setdefault(section.lower(), {})[key.lower()] = value
+    return _merge(raw, "environment")
+
+
+# Variables with the SLUICE_ prefix that are not settings.
+_NOT_CONFIG_VARS = frozenset({"SLUICE_CONFIG"})
+
+
+def load(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Load the config file (default: $SLUICE_CONFIG, else ./sluice.toml if present)."""
+    env = os.environ if environ is None else environ
+    merged: dict[str, dict[str, Any]] = {}
+    if path is None:
+        path = env.get("SLUICE_CONFIG") or ("sluice.toml" if Path("sluice.toml").exists() else None)
+    if path is not None:
+        p = Path(path)
+        try:
+            data = tomllib.loads(p.read_text())
+        except FileNotFoundError as exc:
+            raise ConfigError(f"{p}: file not found") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{p}: {exc}") from exc
+        merged = _merge(data, str(p))
+    for section, values in _from_env(env).items():
+        merged.setdefault(section, {}).update(values)
+    return build(merged)
+
+
+def build(values: Mapping[str, Mapping[str, Any]]) -> Config:
+    """A Config from already-typed section values (used by load, tests and `sluice dev`)."""
+    sections = _section_types(Config)
+    kwargs = {name: sections[name](**dict(vals)) for name, vals in values.items()}
+    return Config(**kwargs)
+
+
+def replace(cfg: Config, **sections: Mapping[str, Any]) -> Config:
+    """A copy of cfg with some keys of some sections replaced (values are coerced)."""
+    merged = _merge(sections, "override")
+    changes = {
+        name: dataclasses.replace(getattr(cfg, name), **vals) for name, vals in merged.items()
+    }
+    return dataclasses.replace(cfg, **changes)
+
+

@@ -1,0 +1,118 @@
+"""Every NATS name Sluice uses: streams, subjects, consumers, KV and object-store buckets.
+
+These are wire contracts (docs/nats.md); change them deliberately.
+"""
+
+from __future__ import annotations
+
+import re
+
+from sluice.v1 import messages_pb2
+
+__all__ = [
+    "DLQ_STREAM",
+    "EVENTS_STREAM",
+    "EXPANDER_CONSUMER",
+    "JOBS_STREAM",
+    "KEYS_BUCKET",
+    "MAIL_STREAM",
+    "TENANTS_BUCKET",
+    "TIERS",
+    "WEBHOOKS_CONSUMER",
+    "dlq_subject",
+    "domain_key",
+    "event_subject",
+    "event_token",
+    "job_subject",
+    "mail_consumer",
+    "mail_subject",
+    "tier_from_token",
+    "tier_token",
+]
+
+JOBS_STREAM = "JOBS"
+MAIL_STREAM = "MAIL"
+EVENTS_STREAM = "EVENTS"
+DLQ_STREAM = "DLQ"
+
+TENANTS_BUCKET = "sluice_tenants"
+KEYS_BUCKET = "sluice_keys"
+
+EXPANDER_CONSUMER = "expander"
+WEBHOOKS_CONSUMER = "webhooks"
+
+JOBS_SUBJECTS = "sluice.jobs.>"
+MAIL_SUBJECTS = "sluice.mail.>"
+EVENTS_SUBJECTS = "sluice.events.>"
+DLQ_SUBJECTS = "sluice.dlq.>"
+
+# Highest first: the order deliverers pull in.
+TIERS: tuple[int, ...] = (
+    messages_pb2.TIER_CRITICAL,
+    messages_pb2.TIER_TRANSACTIONAL,
+    messages_pb2.TIER_BULK,
+)
+_TIER_TOKENS = {
+    messages_pb2.TIER_CRITICAL: "critical",
+    messages_pb2.TIER_TRANSACTIONAL: "transactional",
+    messages_pb2.TIER_BULK: "bulk",
+}
+_TOKEN_TIERS = {v: k for k, v in _TIER_TOKENS.items()}
+
+_TOKEN = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+
+
+def tier_token(tier: int) -> str:
+    """The subject token of a tier; TIER_UNSPECIFIED is not a queue."""
+    try:
+        return _TIER_TOKENS[tier]
+    except KeyError:
+        raise ValueError(f"no queue for tier {tier}") from None
+
+
+def tier_from_token(token: str) -> int:
+    return _TOKEN_TIERS[token]
+
+
+def domain_key(domain: str) -> str:
+    """The subject token of a recipient domain: IDNA A-label, lower-case, dots as '_'.
+
+    Valid mail domains contain no '_', so the mapping is reversible.
+    """
+    ascii_domain = domain.strip().rstrip(".").encode("idna").decode("ascii").lower()
+    key = ascii_domain.replace(".", "_")
+    if not _TOKEN.match(key):
+        raise ValueError(f"not a mail domain: {domain!r}")
+    return key
+
+
+def key_domain(key: str) -> str:
+    return key.replace("_", ".")
+
+
+def job_subject(tier: int) -> str:
+    return f"sluice.jobs.{tier_token(tier)}"
+
+
+def mail_subject(tier: int, key: str) -> str:
+    return f"sluice.mail.{tier_token(tier)}.{key}"
+
+
+def mail_consumer(tier: int, key: str) -> str:
+    """The durable pull consumer for one mail queue."""
+    return f"mail_{tier_token(tier)}_{key}"
+
+
+def event_token(event_type: int) -> str:
+    """"delivered" for EVENT_TYPE_DELIVERED, and so on."""
+    name = messages_pb2.EventType.Name(event_type)
+    return name.removeprefix("EVENT_TYPE_").lower()
+
+
+def event_subject(tenant_id: str, event_type: int) -> str:
+    return f"sluice.events.{tenant_id}.{event_token(event_type)}"
+
+
+def dlq_subject(tenant_id: str, delivery_id: str) -> str:
+    """One subject per dead letter, so that a create-only publish cannot duplicate it."""
+    return f"sluice.dlq.{tenant_id}.{delivery_id}"

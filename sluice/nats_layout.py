@@ -1,0 +1,91 @@
+"""Connecting to NATS and creating the JetStream layout (streams, KV and object buckets).
+
+Every service calls `ensure_layout` at start-up; creation is idempotent, so services can
+start in any order. docs/nats.md describes the layout.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import nats
+from nats.aio.client import Client as NatsClient
+from nats.js import JetStreamContext
+from nats.js import api as js_api
+from nats.js.errors import BucketNotFoundError, NotFoundError
+
+from sluice import names
+from sluice.config import Config
+
+__all__ = ["connect", "ensure_layout"]
+
+log = logging.getLogger(__name__)
+
+
+async def connect(cfg: Config, name: str) -> NatsClient:
+    """Connect with endless reconnects: a service outlives a NATS restart."""
+
+    async def on_error(exc: Exception) -> None:
+        log.warning("nats: %s", exc)
+
+    return await nats.connect(
+        cfg.nats.url,
+        name=name,
+        connect_timeout=cfg.nats.connect_timeout,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+        error_cb=on_error,
+    )
+
+
+async def ensure_layout(js: JetStreamContext, cfg: Config) -> None:
+    """Create the streams and buckets Sluice needs, if missing."""
+    streams = [
+        js_api.StreamConfig(
+            name=names.JOBS_STREAM,
+            subjects=[names.JOBS_SUBJECTS],
+            retention=js_api.RetentionPolicy.WORK_QUEUE,
+            storage=js_api.StorageType.FILE,
+            discard=js_api.DiscardPolicy.NEW,
+            duplicate_window=120.0,
+        ),
+        js_api.StreamConfig(
+            name=names.MAIL_STREAM,
+            subjects=[names.MAIL_SUBJECTS],
+            retention=js_api.RetentionPolicy.WORK_QUEUE,
+            storage=js_api.StorageType.FILE,
+            # A full backlog refuses new mail (ingest answers 429) instead of dropping old.
+            discard=js_api.DiscardPolicy.NEW,
+            max_bytes=cfg.nats.mail_max_bytes,
+            duplicate_window=120.0,
+        ),
+        js_api.StreamConfig(
+            name=names.EVENTS_STREAM,
+            subjects=[names.EVENTS_SUBJECTS],
+            retention=js_api.RetentionPolicy.LIMITS,
+            storage=js_api.StorageType.FILE,
+            max_age=cfg.nats.events_max_age,
+            duplicate_window=120.0,
+        ),
+        js_api.StreamConfig(
+            name=names.DLQ_STREAM,
+            subjects=[names.DLQ_SUBJECTS],
+            retention=js_api.RetentionPolicy.LIMITS,
+            storage=js_api.StorageType.FILE,
+            max_age=cfg.nats.dlq_max_age,
+            # Dead letters are written create-only, one per subject.
+            max_msgs_per_subject=1,
+        ),
+    ]
+    for stream in streams:
+        try:
+            await js.stream_info(stream.name)
+        except NotFoundError:
+            await js.add_stream(stream)
+            log.info("created stream %s", stream.name)
+    for bucket in (names.TENANTS_BUCKET, names.KEYS_BUCKET):
+        try:
+            await js.key_value(bucket)
+        except BucketNotFoundError:
+            await js.create_key_value(bucket=bucket, history=5)
+            log.info("created KV bucket %s", bucket)

