@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import subprocess
@@ -59,9 +58,13 @@ class NatsServer:
             conf = self.store_dir / "sync.conf"
             conf.write_text(f'jetstream {{ store_dir: "{self.store_dir}", sync_interval: always }}\n')
             args += ["-c", str(conf)]
-        out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
-        self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT,
-                                     start_new_session=True, env=dict(os.environ))
+        if self.log_file:
+            with open(self.log_file, "ab") as out:
+                self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT,
+                                             start_new_session=True)
+        else:
+            self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -1,0 +1,218 @@
+"""End to end through every component: HTTP/gRPC -> ingest -> JetStream -> expander ->
+scheduler lease -> deliverer (real DNS, real SMTP) -> events -> signed webhooks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+import grpc
+from google.rpc import error_details_pb2, status_pb2
+
+from sluice import names
+from sluice.nats_layout import connect
+from sluice.v1 import ingest_pb2, ingest_pb2_grpc, messages_pb2
+from tests.conftest import Stack, wait_for
+
+
+def message(**overrides: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "from": {"email": "alerts@acme.test", "name": "Acme Alerts"},
+        "to": [{"email": "bob@mail.test", "name": "Bob"}],
+        "subject": "Your code is 123456",
+        "text": "Use 123456 to sign in.",
+        "tier": "critical",
+    }
+    body.update(overrides)
+    return body
+
+
+async def post(stack: Stack, body: Any, key: str | None = "default") -> tuple[int, Any, Any]:
+    headers = {}
+    if key is not None:
+        headers["Authorization"] = f"Bearer {stack.api_key if key == 'default' else key}"
+    async with aiohttp.ClientSession() as s, s.post(
+        f"{stack.http}/v1/send", json=body, headers=headers
+    ) as resp:
+        return resp.status, await resp.json(), resp.headers
+
+
+async def stream_count(stack: Stack, stream: str) -> int:
+    nc = await connect(stack.cfg, "test")
+    try:
+        info = await nc.jetstream().stream_info(stream)
+        return int(info.state.messages)
+    finally:
+        await nc.close()
+
+
+async def test_send_is_accepted_and_delivered_with_right_headers(stack: Stack) -> None:
+    status, body, _ = await post(stack, message(cc=[{"email": "carol@other.test"}]))
+    assert status == 202, body
+    assert body["job_id"].startswith("job_")
+    assert body["message_id"] == f"{body['job_id']}@acme.test"
+
+    await wait_for(lambda: len(stack.smtp.received) == 2, what="both recipients delivered")
+    bob = stack.smtp.to("bob@mail.test")
+    carol = stack.smtp.to("carol@other.test")
+    assert len(bob) == 1 and len(carol) == 1
+    for r in (bob[0], carol[0]):
+        m = r.message
+        assert r.mail_from == "alerts@acme.test"
+        assert m["From"] == "Acme Alerts <alerts@acme.test>"
+        assert m["To"] == "Bob <bob@mail.test>"
+        assert m["Cc"] == "carol@other.test"
+        assert m["Subject"] == "Your code is 123456"
+        assert m["Message-ID"] == f"<{body['message_id']}>"
+        assert m.get_content().strip() == "Use 123456 to sign in."
+    assert stack.smtp.ehlo_names and set(stack.smtp.ehlo_names) == {"deliverer.test"}
+
+    delivered = await wait_for(lambda: len(stack.hooks.of_type("message.delivered")) == 2
+                               and stack.hooks.of_type("message.delivered"),
+                               what="two delivered webhooks")
+    recipients = {c.verified["data"]["recipient"] for c in delivered if c.verified}
+    assert recipients == {"bob@mail.test", "carol@other.test"}
+    assert all(c.verified and c.verified["data"]["tier"] == "critical" for c in delivered)
+    # Work-queue streams are empty once everything is settled.
+    assert await stream_count(stack, names.JOBS_STREAM) == 0
+    assert await wait_for(_mail_empty(stack), what="MAIL drained")
+
+
+def _mail_empty(stack: Stack) -> Any:
+    async def check() -> bool:
+        return await stream_count(stack, names.MAIL_STREAM) == 0
+
+    return check
+
+
+async def test_temporary_failure_is_retried_then_delivered(stack: Stack) -> None:
+    stack.smtp.script["bob@mail.test"] = ["450 4.2.1 Mailbox busy"]
+    status, body, _ = await post(stack, message(tier="transactional"))
+    assert status == 202, body
+
+    await wait_for(lambda: stack.smtp.to("bob@mail.test"), what="delivery after retry")
+    assert stack.smtp.rcpt_attempts["bob@mail.test"] == 2
+    assert len(stack.smtp.to("bob@mail.test")) == 1
+    deferred = await wait_for(lambda: stack.hooks.of_type("message.deferred"),
+                              what="deferred webhook")
+    data = deferred[0].verified["data"] if deferred[0].verified else {}
+    assert data["smtp_reply"]["code"] == 450
+    assert data["smtp_reply"]["enhanced_code"] == "4.2.1"
+    await wait_for(lambda: stack.hooks.of_type("message.delivered"), what="delivered webhook")
+    assert await stream_count(stack, names.DLQ_STREAM) == 0
+
+
+async def test_permanent_failure_dead_letters_and_signs_webhook(stack: Stack) -> None:
+    stack.smtp.script["bob@mail.test"] = ["550 5.1.1 User unknown"]
+    status, body, _ = await post(stack, message(tier="bulk"))
+    assert status == 202, body
+
+    bounced = await wait_for(lambda: stack.hooks.of_type("message.bounced"),
+                             what="bounced webhook")
+    call = bounced[0]
+    assert call.error is None and call.verified is not None
+    assert call.headers["webhook-id"] == call.verified["data"]["event_id"]
+    data = call.verified["data"]
+    assert data["recipient"] == "bob@mail.test"
+    assert data["message_id"] == body["message_id"]
+    assert data["bounce_category"] == "bad_mailbox"
+    assert data["smtp_reply"]["code"] == 550
+    # A tampered body fails verification at an independent verifier.
+    from standardwebhooks.webhooks import Webhook
+
+    tampered = call.body.replace(b"bob@mail.test", b"eve@mail.test")
+    try:
+        Webhook(stack.hooks.secret).verify(tampered, call.headers)
+        raise AssertionError("tampered body verified")
+    except Exception as exc:
+        assert "signature" in str(exc).lower()
+
+    nc = await connect(stack.cfg, "test")
+    try:
+        js = nc.jetstream()
+        raw = await js.get_last_msg(names.DLQ_STREAM,
+                                    names.dlq_subject("acme", f"{body['job_id']}-0"))
+        dead = messages_pb2.DeadLetter.FromString(raw.data)
+    finally:
+        await nc.close()
+    assert dead.reason == messages_pb2.DEAD_LETTER_REASON_BOUNCED
+    assert dead.pointer.recipient == "bob@mail.test"
+    assert dead.last_reply.code == 550
+    assert stack.smtp.received == []
+    assert await wait_for(_mail_empty(stack), what="MAIL drained")
+
+
+async def test_bad_token_and_bad_body_are_refused_and_enqueue_nothing(stack: Stack) -> None:
+    status, body, headers = await post(stack, message(), key="sk_nope_nope")
+    assert status == 401
+    assert headers["WWW-Authenticate"].startswith("Bearer")
+    assert body["details"][0]["reason"] == "UNAUTHENTICATED"
+
+    status, body, headers = await post(stack, message(), key=None)
+    assert status == 401
+
+    status, body, _ = await post(stack, message(to=[{"email": "bob@mail.test"},
+                                                    {"email": "not-an-address"}]))
+    assert status == 400
+    violations = body["details"][1]["field_violations"]
+    assert violations == [{"field": "to[1].email",
+                           "description": "must be an address of the form local@domain"}]
+
+    status, body, _ = await post(stack, message(subject="hi\r\nBcc: victim@mail.test"))
+    assert status == 400
+    assert body["details"][1]["field_violations"][0]["field"] == "subject"
+
+    status, body, _ = await post(stack, message(priority="high"))
+    assert status == 400
+    assert body["details"][1]["field_violations"][0] == {"field": "priority",
+                                                         "description": "unknown field"}
+
+    status, body, _ = await post(stack, message(**{"from": {"email": "x@evil.test"}}))
+    assert status == 403
+    assert body["details"][0]["reason"] == "FROM_DOMAIN_NOT_ALLOWED"
+
+    for stream in (names.JOBS_STREAM, names.MAIL_STREAM):
+        assert await stream_count(stack, stream) == 0
+    assert stack.smtp.received == []
+
+
+async def test_grpc_send_and_errors(stack: Stack) -> None:
+    async with grpc.aio.insecure_channel(stack.cfg.ingest.grpc_listen) as channel:
+        stub = ingest_pb2_grpc.IngestServiceStub(channel)
+        req = ingest_pb2.SendRequest(
+            to=[messages_pb2.Address(email="bob@mail.test")], subject="via gRPC", text="hi",
+            tier=messages_pb2.TIER_TRANSACTIONAL,
+        )
+        getattr(req, "from").email = "app@acme.test"
+        resp = await stub.Send(req, metadata=(("authorization", f"Bearer {stack.api_key}"),))
+        assert resp.job_id.startswith("job_")
+
+        bad = ingest_pb2.SendRequest()
+        bad.CopyFrom(req)
+        bad.to[0].email = "nope"
+        try:
+            await stub.Send(bad, metadata=(("authorization", f"Bearer {stack.api_key}"),))
+            raise AssertionError("expected INVALID_ARGUMENT")
+        except grpc.aio.AioRpcError as exc:
+            assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT
+            details = dict(exc.trailing_metadata() or ())["grpc-status-details-bin"]
+            assert isinstance(details, bytes)
+            st = status_pb2.Status.FromString(details)
+            br = error_details_pb2.BadRequest()
+            assert st.details[1].Unpack(br)
+            assert br.field_violations[0].field == "to[0].email"
+        try:
+            await stub.Send(req)
+            raise AssertionError("expected UNAUTHENTICATED")
+        except grpc.aio.AioRpcError as exc:
+            assert exc.code() == grpc.StatusCode.UNAUTHENTICATED
+
+    received = await wait_for(lambda: stack.smtp.to("bob@mail.test"), what="gRPC mail")
+    assert received[0].message["Subject"] == "via gRPC"
+
+
+async def test_send_with_nats_down_answers_503_never_202(stack: Stack) -> None:
+    stack.nats.stop()
+    status, body, _ = await post(stack, message())
+    assert status == 503, body
+    assert body["details"][0]["reason"] == "NOT_DURABLE"

@@ -1,0 +1,131 @@
+"""Real servers for tests: a scripted SMTP server (aiosmtpd) and a webhook receiver (aiohttp).
+
+The DNS server is sluice.devdns.DnsServer, a real UDP nameserver; nats-server is the real
+binary (sluice.natsserver.NatsServer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import email.policy
+from collections import defaultdict
+from dataclasses import dataclass, field
+from email.message import EmailMessage
+from typing import Any
+
+from aiohttp import web
+from aiosmtpd.smtp import SMTP, Envelope, Session
+from standardwebhooks.webhooks import Webhook
+
+
+@dataclass
+class Received:
+    mail_from: str
+    rcpt_tos: list[str]
+    data: bytes
+
+    @property
+    def message(self) -> EmailMessage:
+        msg = email.message_from_bytes(self.data, policy=email.policy.default)
+        assert isinstance(msg, EmailMessage)
+        return msg
+
+
+@dataclass
+class ScriptedSmtp:
+    """Answers RCPT per recipient from a script, e.g. {"a@x.test": ["450 4.2.1 Mailbox busy"]};
+    each scripted reply is used once, then recipients are accepted with 250."""
+
+    script: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    received: list[Received] = field(default_factory=list)
+    rcpt_attempts: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    ehlo_names: list[str] = field(default_factory=list)
+
+    async def handle_EHLO(  # noqa: N802
+        self, server: SMTP, session: Session, envelope: Envelope, hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        self.ehlo_names.append(hostname)
+        session.host_name = hostname
+        return responses
+
+    async def handle_RCPT(  # noqa: N802
+        self, server: SMTP, session: Session, envelope: Envelope, address: str,
+        rcpt_options: list[str],
+    ) -> str:
+        self.rcpt_attempts[address] += 1
+        queue = self.script.get(address)
+        if queue:
+            return queue.pop(0)
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(  # noqa: N802
+        self, server: SMTP, session: Session, envelope: Envelope
+    ) -> str:
+        self.received.append(Received(
+            str(envelope.mail_from), list(envelope.rcpt_tos), bytes(envelope.original_content or b"")
+        ))
+        return "250 2.0.0 Queued"
+
+    def to(self, rcpt: str) -> list[Received]:
+        return [r for r in self.received if rcpt in r.rcpt_tos]
+
+
+async def start_smtp(handler: ScriptedSmtp) -> tuple[asyncio.Server, int]:
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(
+        lambda: SMTP(handler, hostname="mx.test", enable_SMTPUTF8=False), "127.0.0.1", 0
+    )
+    port = int(server.sockets[0].getsockname()[1])
+    return server, port
+
+
+@dataclass
+class WebhookCall:
+    headers: dict[str, str]
+    body: bytes
+    verified: dict[str, Any] | None
+    error: str | None
+
+
+@dataclass
+class WebhookReceiver:
+    """Collects POSTs; verifies each with the independent `standardwebhooks` package."""
+
+    secret: str = ""
+    calls: list[WebhookCall] = field(default_factory=list)
+    runner: web.AppRunner | None = None
+    port: int = 0
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        verified: dict[str, Any] | None = None
+        error = None
+        try:
+            verified = Webhook(self.secret).verify(body, headers)
+        except Exception as exc:
+            error = repr(exc)
+        self.calls.append(WebhookCall(headers, body, verified, error))
+        return web.Response(status=204)
+
+    async def start(self) -> str:
+        app = web.Application()
+        app.router.add_post("/hook", self._handle)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        server = site._server
+        assert server is not None
+        self.port = int(server.sockets[0].getsockname()[1])  # type: ignore[attr-defined]
+        return f"http://127.0.0.1:{self.port}/hook"
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+    def of_type(self, event_type: str) -> list[WebhookCall]:
+        return [c for c in self.calls if c.verified and c.verified.get("type") == event_type]
