@@ -71,8 +71,10 @@ def classify(reply: Reply) -> Outcome:
     if 200 <= reply.code < 300:
         return Delivered(reply)
     if 400 <= reply.code < 500:
-        throttled = reply.code == 421 or reply.enhanced.startswith("4.7.") or bool(
-            _THROTTLE_TEXT.search(reply.text)
+        throttled = (
+            reply.code == 421
+            or reply.enhanced.startswith("4.7.")
+            or bool(_THROTTLE_TEXT.search(reply.text))
         )
         return Deferred(reply, "temporary failure", throttled)
     if 500 <= reply.code < 600:
@@ -82,8 +84,9 @@ def classify(reply: Reply) -> Outcome:
                 category = cat
                 break
         else:
-            if reply.code == 550 and re.search(r"user unknown|no such user|does not exist",
-                                               reply.text, re.IGNORECASE):
+            if reply.code == 550 and re.search(
+                r"user unknown|no such user|does not exist", reply.text, re.IGNORECASE
+            ):
                 category = "bad_mailbox"
         return Bounced(reply, category)
     return Deferred(reply, f"unexpected reply code {reply.code}")

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from datetime import UTC
 from email.headerregistry import Address as HeaderAddress
 from email.message import EmailMessage
 from email.policy import SMTP
-from datetime import UTC
 from email.utils import format_datetime
 
 from sluice.v1 import messages_pb2

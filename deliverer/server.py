@@ -25,8 +25,8 @@ async def serve(cfg: Config, stop: asyncio.Event) -> None:
     await ensure_layout(js, cfg)
     store = CachedStore(open_store(cfg.store.url, js), cfg.deliverer.payload_cache_size)
     async with grpc.aio.insecure_channel(cfg.deliverer.scheduler) as channel:
-        deliverer = Deliverer(cfg, js, store, Resolver(cfg.dns),
-                              scheduler_pb2_grpc.SchedulerServiceStub(channel))
+        stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
+        deliverer = Deliverer(cfg, js, store, Resolver(cfg.dns), stub)
         log.info("deliverer %s: scheduler at %s", deliverer.deliverer_id, cfg.deliverer.scheduler)
         try:
             await deliverer.run(stop)

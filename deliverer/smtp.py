@@ -24,15 +24,25 @@ class ConnectionLost(Exception):
 class SmtpConnection:
     """A connection that carries transactions until closed or broken."""
 
-    def __init__(self, host: str, address: str, port: int, ehlo_name: str,
-                 connect_timeout: float, command_timeout: float) -> None:
+    def __init__(
+        self,
+        host: str,
+        address: str,
+        port: int,
+        ehlo_name: str,
+        connect_timeout: float,
+        command_timeout: float,
+    ) -> None:
         self.host = host
         self.deliveries = 0
         self._smtp = aiosmtplib.SMTP(
-            hostname=address, port=port, local_hostname=ehlo_name,
+            hostname=address,
+            port=port,
+            local_hostname=ehlo_name,
             timeout=command_timeout,
             # Opportunistic STARTTLS: upgrade when offered; MX certificates are not verified.
-            start_tls=None, validate_certs=False,
+            start_tls=None,
+            validate_certs=False,
         )
         self._connect_timeout = connect_timeout
 

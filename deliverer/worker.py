@@ -19,11 +19,11 @@ from nats.js import JetStreamContext
 from deliverer.classify import Bounced, Deferred, Delivered, Outcome, Reply, classify
 from deliverer.mime import build_message
 from deliverer.outcomes import publish_dead_letter, publish_event
-from sluice.retry import next_delay
 from deliverer.smtp import ConnectionLost, SmtpConnection
 from sluice import names
 from sluice.config import Config
 from sluice.resolver import DnsPermanent, DnsTemporary, Resolver
+from sluice.retry import next_delay
 from sluice.store import PayloadNotFound, PayloadStore, StoreError
 from sluice.v1 import messages_pb2, scheduler_pb2, scheduler_pb2_grpc
 
@@ -46,8 +46,12 @@ class LeaseWork:
 
 class Deliverer:
     def __init__(
-        self, cfg: Config, js: JetStreamContext, store: PayloadStore, resolver: Resolver,
-        scheduler: scheduler_pb2_grpc.SchedulerServiceStub,
+        self,
+        cfg: Config,
+        js: JetStreamContext,
+        store: PayloadStore,
+        resolver: Resolver,
+        scheduler: scheduler_pb2_grpc.SchedulerServiceAsyncStub,
     ) -> None:
         self._cfg = cfg
         self._js = js
@@ -122,8 +126,7 @@ class Deliverer:
         batch, self._outcomes = self._outcomes, []
         try:
             await self._scheduler.ReportOutcomes(
-                scheduler_pb2.ReportOutcomesRequest(deliverer_id=self.deliverer_id,
-                                                    outcomes=batch),
+                scheduler_pb2.ReportOutcomesRequest(deliverer_id=self.deliverer_id, outcomes=batch),
                 timeout=5.0,
             )
         except grpc.aio.AioRpcError as exc:
@@ -204,17 +207,20 @@ class Deliverer:
         age = time.time() - p.accepted_at.ToNanoseconds() / 1e9
         horizon = self._cfg.horizon(tier)
         if p.HasField("expires_at"):
-            horizon = min(horizon, (p.expires_at.ToNanoseconds() - p.accepted_at.ToNanoseconds())
-                          / 1e9)
+            horizon = min(
+                horizon, (p.expires_at.ToNanoseconds() - p.accepted_at.ToNanoseconds()) / 1e9
+            )
         if age >= horizon:
-            await self._dead_letter(msg, p, attempt, messages_pb2.DEAD_LETTER_REASON_EXPIRED,
-                                    None, "")
+            await self._dead_letter(
+                msg, p, attempt, messages_pb2.DEAD_LETTER_REASON_EXPIRED, None, ""
+            )
             return conn
         try:
             payload = messages_pb2.Payload.FromString(await self._store.get(p.payload_ref))
         except PayloadNotFound:
-            await self._dead_letter(msg, p, attempt, messages_pb2.DEAD_LETTER_REASON_EXPIRED,
-                                    None, "payload_missing")
+            await self._dead_letter(
+                msg, p, attempt, messages_pb2.DEAD_LETTER_REASON_EXPIRED, None, "payload_missing"
+            )
             return conn
         except StoreError as exc:
             log.warning("payload %s unreadable (%s); handing back", p.payload_ref, exc)
@@ -236,8 +242,7 @@ class Deliverer:
         except (DnsTemporary, ConnectionLost) as exc:
             outcome = Deferred(None, str(exc))
             conn = None
-        await self._settle(msg, p, attempt, age, horizon, outcome, lease,
-                           conn.host if conn else "")
+        await self._settle(msg, p, attempt, age, horizon, outcome, lease, conn.host if conn else "")
         return conn
 
     def _spent(self, conn: SmtpConnection, lease: scheduler_pb2.Lease) -> bool:
@@ -255,8 +260,11 @@ class Deliverer:
                 continue
             for address in addresses:
                 conn = SmtpConnection(
-                    mx.host, address, self._cfg.deliverer.smtp_port,
-                    self._cfg.deliverer.ehlo_name, self._cfg.deliverer.connect_timeout,
+                    mx.host,
+                    address,
+                    self._cfg.deliverer.smtp_port,
+                    self._cfg.deliverer.ehlo_name,
+                    self._cfg.deliverer.connect_timeout,
                     self._cfg.deliverer.command_timeout,
                 )
                 try:
@@ -267,54 +275,102 @@ class Deliverer:
         raise ConnectionLost("; ".join(errors) or f"{domain}: no reachable MX host")
 
     async def _settle(
-        self, msg: Msg, p: messages_pb2.DeliveryPointer, attempt: int, age: float,
-        horizon: float, outcome: Outcome, lease: scheduler_pb2.Lease, mx_host: str,
+        self,
+        msg: Msg,
+        p: messages_pb2.DeliveryPointer,
+        attempt: int,
+        age: float,
+        horizon: float,
+        outcome: Outcome,
+        lease: scheduler_pb2.Lease,
+        mx_host: str,
     ) -> None:
         reply = outcome.reply
         self._report(lease, p, outcome)
         match outcome:
             case Delivered():
-                await publish_event(self._js, p, messages_pb2.EVENT_TYPE_DELIVERED, attempt,
-                                    reply, mx_host=mx_host)
+                await publish_event(
+                    self._js, p, messages_pb2.EVENT_TYPE_DELIVERED, attempt, reply, mx_host=mx_host
+                )
                 await msg.ack_sync()
-                log.info("delivered delivery=%s to=%s reply=%s", p.delivery_id, p.recipient,
-                         reply.code if reply else "")
+                log.info(
+                    "delivered delivery=%s to=%s reply=%s",
+                    p.delivery_id,
+                    p.recipient,
+                    reply.code if reply else "",
+                )
             case Deferred(reason=reason):
                 delay = next_delay(age, self._cfg.retry.ladder, self._cfg.retry.jitter)
                 # Never wait past the horizon: the next attempt then dead-letters on time.
                 delay = max(0.0, min(delay, horizon - age + 0.05))
-                await publish_event(self._js, p, messages_pb2.EVENT_TYPE_DEFERRED, attempt,
-                                    reply, mx_host=mx_host)
+                await publish_event(
+                    self._js, p, messages_pb2.EVENT_TYPE_DEFERRED, attempt, reply, mx_host=mx_host
+                )
                 await msg.nak(delay=delay)
-                log.info("deferred delivery=%s to=%s retry_in=%.1fs reason=%s", p.delivery_id,
-                         p.recipient, delay, reply.text if reply else reason)
+                log.info(
+                    "deferred delivery=%s to=%s retry_in=%.1fs reason=%s",
+                    p.delivery_id,
+                    p.recipient,
+                    delay,
+                    reply.text if reply else reason,
+                )
             case Bounced(category=category):
-                await self._dead_letter(msg, p, attempt, messages_pb2.DEAD_LETTER_REASON_BOUNCED,
-                                        reply, category, mx_host)
+                await self._dead_letter(
+                    msg,
+                    p,
+                    attempt,
+                    messages_pb2.DEAD_LETTER_REASON_BOUNCED,
+                    reply,
+                    category,
+                    mx_host,
+                )
 
     async def _dead_letter(
-        self, msg: Msg, p: messages_pb2.DeliveryPointer, attempt: int, reason: int,
-        reply: Reply | None, category: str, mx_host: str = "",
+        self,
+        msg: Msg,
+        p: messages_pb2.DeliveryPointer,
+        attempt: int,
+        reason: messages_pb2.DeadLetterReason.ValueType,
+        reply: Reply | None,
+        category: str,
+        mx_host: str = "",
     ) -> None:
         """DLQ record first, then the event, then TERM: a crash in between repeats, never loses."""
         await publish_dead_letter(self._js, p, reason, attempt, reply)
-        event_type = (messages_pb2.EVENT_TYPE_BOUNCED
-                      if reason == messages_pb2.DEAD_LETTER_REASON_BOUNCED
-                      else messages_pb2.EVENT_TYPE_FAILED)
+        event_type = (
+            messages_pb2.EVENT_TYPE_BOUNCED
+            if reason == messages_pb2.DEAD_LETTER_REASON_BOUNCED
+            else messages_pb2.EVENT_TYPE_FAILED
+        )
         await publish_event(self._js, p, event_type, attempt, reply, category, mx_host)
         await msg.term()
-        log.info("dead-lettered delivery=%s to=%s reason=%s category=%s", p.delivery_id,
-                 p.recipient, messages_pb2.DeadLetterReason.Name(reason), category)
+        log.info(
+            "dead-lettered delivery=%s to=%s reason=%s category=%s",
+            p.delivery_id,
+            p.recipient,
+            messages_pb2.DeadLetterReason.Name(reason),
+            category,
+        )
 
-    def _report(self, lease: scheduler_pb2.Lease, p: messages_pb2.DeliveryPointer,
-                outcome: Outcome) -> None:
+    def _report(
+        self, lease: scheduler_pb2.Lease, p: messages_pb2.DeliveryPointer, outcome: Outcome
+    ) -> None:
         kind = _OUTCOME_KIND[type(outcome)]
         if isinstance(outcome, Deferred) and outcome.throttled:
             kind = scheduler_pb2.OUTCOME_KIND_THROTTLED
         reply = outcome.reply
-        self._outcomes.append(scheduler_pb2.Outcome(
-            lease_id=lease.lease_id, site_id=lease.site_id, domain=p.domain, tier=p.tier,
-            tenant_id=p.tenant_id, kind=kind,
-            reply=messages_pb2.SmtpReply(code=reply.code, enhanced_code=reply.enhanced,
-                                         text=reply.text) if reply else None,
-        ))
+        self._outcomes.append(
+            scheduler_pb2.Outcome(
+                lease_id=lease.lease_id,
+                site_id=lease.site_id,
+                domain=p.domain,
+                tier=p.tier,
+                tenant_id=p.tenant_id,
+                kind=kind,
+                reply=messages_pb2.SmtpReply(
+                    code=reply.code, enhanced_code=reply.enhanced, text=reply.text
+                )
+                if reply
+                else None,
+            )
+        )

@@ -33,7 +33,7 @@ class Authenticator:
         scheme, _, token = authorization.partition(" ")
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
-            raise unauthenticated("Authorization must be \"Bearer <api key>\"")
+            raise unauthenticated('Authorization must be "Bearer <api key>"')
         digest = hash_key(token)
         now = time.monotonic()
         hit = self._cache.get(digest)

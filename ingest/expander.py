@@ -32,9 +32,15 @@ def pointers(job: messages_pb2.JobRecord) -> list[tuple[str, messages_pb2.Delive
     for i, rcpt in enumerate(job.recipients):
         domain = rcpt.email.rpartition("@")[2].encode("idna").decode("ascii").lower()
         p = messages_pb2.DeliveryPointer(
-            delivery_id=f"{job.job_id}-{i}", job_id=job.job_id, message_id=rcpt.message_id,
-            tenant_id=job.tenant_id, tier=job.tier, recipient=rcpt.email, domain=domain,
-            payload_ref=job.payload_ref, envelope_from=job.envelope_from,
+            delivery_id=f"{job.job_id}-{i}",
+            job_id=job.job_id,
+            message_id=rcpt.message_id,
+            tenant_id=job.tenant_id,
+            tier=job.tier,
+            recipient=rcpt.email,
+            domain=domain,
+            payload_ref=job.payload_ref,
+            envelope_from=job.envelope_from,
             accepted_at=job.accepted_at,
         )
         if job.HasField("expires_at"):
@@ -48,7 +54,9 @@ async def expand(js: JetStreamContext, job: messages_pb2.JobRecord) -> int:
     items = pointers(job)
     for subject, p in items:
         await js.publish(
-            subject, p.SerializeToString(), stream=names.MAIL_STREAM,
+            subject,
+            p.SerializeToString(),
+            stream=names.MAIL_STREAM,
             headers={"Nats-Msg-Id": p.delivery_id},
         )
     return len(items)
@@ -90,8 +98,10 @@ async def serve(cfg: Config, stop: asyncio.Event) -> None:
                 try:
                     job = messages_pb2.JobRecord.FromString(msg.data)
                 except Exception:
-                    log.error("expander: undecodable job record, terminated (seq %s)",
-                              msg.metadata.sequence.stream)
+                    log.error(
+                        "expander: undecodable job record, terminated (seq %s)",
+                        msg.metadata.sequence.stream,
+                    )
                     await msg.term()
                     continue
                 try:

@@ -17,17 +17,21 @@ __all__ = ["servicer_handler"]
 _STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
 
-def _unary(core: Any, rpc: Rpc) -> Callable[[Message, grpc.aio.ServicerContext[Any, Any]], Awaitable[Message]]:
+Ctx = grpc.aio.ServicerContext[Any, Any]
+
+
+def _unary(core: Any, rpc: Rpc) -> Callable[[Message, Ctx], Awaitable[Message]]:
     method = getattr(core, snake(rpc.name))
 
-    async def handle(request: Message, context: grpc.aio.ServicerContext[Any, Any]) -> Message:
+    async def handle(request: Message, context: Ctx) -> Message:
         auth = dict(context.invocation_metadata() or ()).get("authorization")
         try:
             result: Message = await method(auth if isinstance(auth, str) else None, request)
             return result
         except ApiError as err:
             await context.abort(
-                err.code, err.message,
+                err.code,
+                err.message,
                 trailing_metadata=((_STATUS_DETAILS_KEY, err.status().SerializeToString()),),
             )
             raise  # abort raises; this satisfies the type checker
@@ -35,7 +39,7 @@ def _unary(core: Any, rpc: Rpc) -> Callable[[Message, grpc.aio.ServicerContext[A
     return handle
 
 
-def servicer_handler(core: Any) -> grpc.GenericRpcHandler:
+def servicer_handler(core: Any) -> grpc.GenericRpcHandler[Any, Any]:
     """A handler for sluice.v1.IngestService backed by `core` (an IngestCore)."""
     handlers = {
         rpc.name: grpc.unary_unary_rpc_method_handler(

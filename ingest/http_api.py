@@ -66,8 +66,10 @@ def _handler(core: Any, route: HttpRoute, max_bytes: int) -> Any:
 
 def _too_large(max_bytes: int) -> ApiError:
     return ApiError(
-        grpc.StatusCode.INVALID_ARGUMENT, "REQUEST_TOO_LARGE",
-        f"request body is larger than {max_bytes} bytes", [("body", "too large")],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "REQUEST_TOO_LARGE",
+        f"request body is larger than {max_bytes} bytes",
+        [("body", "too large")],
         http_override=413,
     )
 

@@ -35,7 +35,10 @@ async def serve(cfg: Config, stop: asyncio.Event) -> None:
     js = nc.jetstream()
     await ensure_layout(js, cfg)
     core = IngestCore(
-        cfg, nc, js, open_store(cfg.store.url, js),
+        cfg,
+        nc,
+        js,
+        open_store(cfg.store.url, js),
         Authenticator(TenantStore(js), cfg.ingest.key_cache_ttl),
     )
     server = grpc.aio.server(

@@ -44,7 +44,11 @@ class IngestCore:
     """Accepts sends. Transports call `send` with the Authorization value and the request."""
 
     def __init__(
-        self, cfg: Config, nc: NatsClient, js: JetStreamContext, store: PayloadStore,
+        self,
+        cfg: Config,
+        nc: NatsClient,
+        js: JetStreamContext,
+        store: PayloadStore,
         auth: Authenticator,
     ) -> None:
         self._cfg = cfg
@@ -64,19 +68,23 @@ class IngestCore:
             log.warning("key lookup failed: %r", exc)
             raise unavailable("cannot check the API key right now; retry") from exc
 
-    def _authorize(self, principal: Principal, req: ingest_pb2.SendRequest, tier: int) -> None:
+    def _authorize(
+        self, principal: Principal, req: ingest_pb2.SendRequest, tier: names.Tier
+    ) -> None:
         key, tenant = principal
         allowed = list(key.tiers) or list(tenant.allowed_tiers)
         if allowed and tier not in allowed:
             raise ApiError(
-                grpc.StatusCode.PERMISSION_DENIED, "TIER_NOT_ALLOWED",
+                grpc.StatusCode.PERMISSION_DENIED,
+                "TIER_NOT_ALLOWED",
                 f"tier {names.tier_token(tier)} is not allowed for this key",
                 [("tier", "not allowed for this key")],
             )
         domain = normalise_domain(getattr(req, "from").email.rpartition("@")[2])
         if domain not in tenant.allowed_from_domains:
             raise ApiError(
-                grpc.StatusCode.PERMISSION_DENIED, "FROM_DOMAIN_NOT_ALLOWED",
+                grpc.StatusCode.PERMISSION_DENIED,
+                "FROM_DOMAIN_NOT_ALLOWED",
                 f"this tenant may not send from {domain}",
                 [("from.email", f"domain {domain} is not one of the tenant's sending domains")],
             )
@@ -96,8 +104,13 @@ class IngestCore:
         from_domain = normalise_domain(sender.email.rpartition("@")[2])
         message_id = f"{job_id}@{from_domain}"
         payload = messages_pb2.Payload(
-            reply_to=req.reply_to, to=req.to, cc=req.cc, subject=req.subject,
-            text=req.text, html=req.html, headers=req.headers,
+            reply_to=req.reply_to,
+            to=req.to,
+            cc=req.cc,
+            subject=req.subject,
+            text=req.text,
+            html=req.html,
+            headers=req.headers,
         )
         getattr(payload, "from").CopyFrom(sender)
         recipients = [
@@ -105,13 +118,23 @@ class IngestCore:
             for a in [*req.to, *req.cc, *req.bcc]
         ]
         job = messages_pb2.JobRecord(
-            job_id=job_id, tenant_id=tenant.tenant_id, tier=tier, accepted_at=now_ts(),
-            envelope_from=sender.email, recipients=recipients, tags=req.tags,
+            job_id=job_id,
+            tenant_id=tenant.tenant_id,
+            tier=tier,
+            accepted_at=now_ts(),
+            envelope_from=sender.email,
+            recipients=recipients,
+            tags=req.tags,
             metadata=req.metadata,
         )
         await self._make_durable(job, payload)
-        log.info("accepted job=%s tenant=%s tier=%s recipients=%d", job_id,
-                 tenant.tenant_id, names.tier_token(tier), len(recipients))
+        log.info(
+            "accepted job=%s tenant=%s tier=%s recipients=%d",
+            job_id,
+            tenant.tenant_id,
+            names.tier_token(tier),
+            len(recipients),
+        )
         return ingest_pb2.SendResponse(job_id=job_id, message_id=message_id)
 
     async def _make_durable(
@@ -125,13 +148,17 @@ class IngestCore:
             async with asyncio.timeout(timeout):
                 job.payload_ref = await self._store.put(job.job_id, payload.SerializeToString())
             await self._js.publish(
-                names.job_subject(job.tier), job.SerializeToString(), timeout=timeout,
-                stream=names.JOBS_STREAM, headers={"Nats-Msg-Id": job.job_id},
+                names.job_subject(job.tier),
+                job.SerializeToString(),
+                timeout=timeout,
+                stream=names.JOBS_STREAM,
+                headers={"Nats-Msg-Id": job.job_id},
             )
         except JsApiError as exc:
             if exc.err_code in _JS_STREAM_FULL:
                 raise ApiError(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED, "BACKLOG_FULL",
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    "BACKLOG_FULL",
                     "the backlog is full; retry later",
                 ) from exc
             raise unavailable(f"the queue refused the job: {exc.description}") from exc

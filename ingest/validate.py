@@ -22,9 +22,23 @@ _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 RESERVED_HEADERS = frozenset(
     h.lower()
     for h in (
-        "From", "To", "Cc", "Bcc", "Reply-To", "Subject", "Date", "Message-ID", "Return-Path",
-        "Sender", "MIME-Version", "Content-Type", "Content-Transfer-Encoding",
-        "DKIM-Signature", "Received", "List-Unsubscribe", "List-Unsubscribe-Post",
+        "From",
+        "To",
+        "Cc",
+        "Bcc",
+        "Reply-To",
+        "Subject",
+        "Date",
+        "Message-ID",
+        "Return-Path",
+        "Sender",
+        "MIME-Version",
+        "Content-Type",
+        "Content-Transfer-Encoding",
+        "DKIM-Signature",
+        "Received",
+        "List-Unsubscribe",
+        "List-Unsubscribe-Post",
     )
 )
 
@@ -87,9 +101,7 @@ def _check_name(name: str) -> str | None:
     return None
 
 
-def _addresses(
-    field: str, addrs: list[messages_pb2.Address], out: list[tuple[str, str]]
-) -> None:
+def _addresses(field: str, addrs: list[messages_pb2.Address], out: list[tuple[str, str]]) -> None:
     for i, a in enumerate(addrs):
         if (why := check_address(a.email)) is not None:
             out.append((f"{field}[{i}].email", why))

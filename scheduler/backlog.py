@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Queue:
-    tier: int
+    tier: names.Tier
     key: str
 
     @property

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from scheduler.shaping import Limits
 
-__all__ = ["LeaseTable", "LeaseState"]
+__all__ = ["LeaseState", "LeaseTable"]
 
 
 @dataclass
@@ -51,9 +51,13 @@ class LeaseTable:
         if free <= 0:
             return None
         lease = LeaseState(
-            lease_id=f"lease_{secrets.token_hex(8)}", site_id=site_id,
-            deliverer_id=deliverer_id, connections=free, limits=limits,
-            expires_at=time.time() + self.ttl, domains=domains,
+            lease_id=f"lease_{secrets.token_hex(8)}",
+            site_id=site_id,
+            deliverer_id=deliverer_id,
+            connections=free,
+            limits=limits,
+            expires_at=time.time() + self.ttl,
+            domains=domains,
         )
         self._leases[lease.lease_id] = lease
         return lease

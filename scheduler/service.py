@@ -13,7 +13,6 @@ from nats.js import JetStreamContext
 from scheduler.backlog import Queue, ensure_consumer, read_backlog
 from scheduler.leases import LeaseState, LeaseTable
 from scheduler.shaping import Rules
-from sluice import names
 from sluice.config import Config
 from sluice.resolver import DnsError, Resolver
 from sluice.v1 import scheduler_pb2
@@ -24,9 +23,7 @@ log = logging.getLogger(__name__)
 
 
 class Scheduler:
-    def __init__(
-        self, cfg: Config, js: JetStreamContext, rules: Rules, resolver: Resolver
-    ) -> None:
+    def __init__(self, cfg: Config, js: JetStreamContext, rules: Rules, resolver: Resolver) -> None:
         self._cfg = cfg
         self._js = js
         self._rules = rules
@@ -83,8 +80,14 @@ class Scheduler:
                 if lease is None:
                     continue
                 granted.append(await self._to_proto(lease, queues))
-                log.info("lease %s: site=%s deliverer=%s connections=%d domains=%d",
-                         lease.lease_id, site, deliverer_id, lease.connections, len(domains))
+                log.info(
+                    "lease %s: site=%s deliverer=%s connections=%d domains=%d",
+                    lease.lease_id,
+                    site,
+                    deliverer_id,
+                    lease.connections,
+                    len(domains),
+                )
             return granted
 
     async def _to_proto(self, lease: LeaseState, queues: list[Queue]) -> scheduler_pb2.Lease:
@@ -103,8 +106,11 @@ class Scheduler:
         expires = Timestamp()
         expires.FromNanoseconds(int(lease.expires_at * 1e9))
         return scheduler_pb2.Lease(
-            lease_id=lease.lease_id, site_id=lease.site_id, domains=lease.domains,
-            queues=queues or [], max_connections=lease.connections,
+            lease_id=lease.lease_id,
+            site_id=lease.site_id,
+            domains=lease.domains,
+            queues=queues or [],
+            max_connections=lease.connections,
             max_message_rate=lease.limits.max_message_rate,
             max_deliveries_per_connection=lease.limits.max_deliveries_per_connection,
             expires_at=expires,
@@ -146,6 +152,3 @@ class Scheduler:
                 await asyncio.wait_for(stop.wait(), self._cfg.scheduler.backlog_interval)
             except TimeoutError:
                 pass
-
-    def tier_token(self, tier: int) -> str:
-        return names.tier_token(tier)

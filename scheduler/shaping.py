@@ -94,8 +94,9 @@ def load_rules(path: str | Path | None = None) -> Rules:
         match = table.get("match")
         if not isinstance(match, list) or not match or not all(isinstance(m, str) for m in match):
             raise ShapingError(f"{where}: match must be a non-empty list of host patterns")
-        providers.append(Provider(name, tuple(m.lower() for m in match),
-                                  _limit_values(table, where, {"match"})))
+        providers.append(
+            Provider(name, tuple(m.lower() for m in match), _limit_values(table, where, {"match"}))
+        )
     domains = {
         d.lower(): _limit_values(t, f"{p} [domain.{d}]", set())
         for d, t in data.get("domain", {}).items()

@@ -43,13 +43,13 @@ def main(argv: list[str]) -> int:
             old = Path(tmp)
             archive = subprocess.run(
                 ["git", "archive", argv[1], "proto", "buf.yaml"],
-                cwd=ROOT, check=True, capture_output=True,
+                cwd=ROOT,
+                check=True,
+                capture_output=True,
             ).stdout
             subprocess.run(["tar", "-x", "-C", str(old)], input=archive, check=True)
             stage_deps(old)
-            return subprocess.call(
-                [str(BUF), "breaking", "--against", str(old)], cwd=ROOT
-            )
+            return subprocess.call([str(BUF), "breaking", "--against", str(old)], cwd=ROOT)
     print(__doc__, file=sys.stderr)
     return 2
 

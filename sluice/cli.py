@@ -1,11 +1,11 @@
 """The `sluice` command: the single composition root that starts services and manages tenants.
 
-  sluice dev                          the whole stack locally (see sluice/dev.py)
-  sluice ingest|expander|scheduler|deliverer|webhooks
-                                      one service, from sluice.toml + SLUICE_* variables
-  sluice init                         create the JetStream streams and buckets
-  sluice tenants create|list|show     tenants (NATS KV sluice_tenants)
-  sluice keys create|list|revoke      API keys (NATS KV sluice_keys)
+sluice dev                          the whole stack locally (see sluice/dev.py)
+sluice ingest|expander|scheduler|deliverer|webhooks
+                                    one service, from sluice.toml + SLUICE_* variables
+sluice init                         create the JetStream streams and buckets
+sluice tenants create|list|show     tenants (NATS KV sluice_tenants)
+sluice keys create|list|revoke      API keys (NATS KV sluice_keys)
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from sluice.v1 import messages_pb2, tenant_pb2
 __all__ = ["main"]
 
 
-def _tiers(values: list[str]) -> list[int]:
+def _tiers(values: list[str]) -> list[messages_pb2.Tier.ValueType]:
     return [messages_pb2.Tier.Value("TIER_" + v.upper()) for v in values]
 
 
@@ -53,13 +53,16 @@ async def _tenants(args: argparse.Namespace, store: TenantStore) -> int:
             print(f"invalid tenant id {args.tenant_id!r}: use a-z, 0-9 and '-'", file=sys.stderr)
             return 2
         tenant = tenant_pb2.Tenant(
-            tenant_id=args.tenant_id, name=args.name or args.tenant_id,
+            tenant_id=args.tenant_id,
+            name=args.name or args.tenant_id,
             allowed_from_domains=[d.lower() for d in args.from_domain],
-            allowed_tiers=_tiers(args.tier), created_at=now_ts(),
+            allowed_tiers=_tiers(args.tier),
+            created_at=now_ts(),
         )
         for i, url in enumerate(args.webhook):
-            tenant.webhooks.append(tenant_pb2.WebhookEndpoint(
-                id=f"ep{i + 1}", url=url, secrets=[new_webhook_secret()]))
+            tenant.webhooks.append(
+                tenant_pb2.WebhookEndpoint(id=f"ep{i + 1}", url=url, secrets=[new_webhook_secret()])
+            )
         await store.put_tenant(tenant)
         _print(tenant)
         return 0
@@ -108,14 +111,26 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("init", help="create the JetStream streams and buckets")
     tiers = ["critical", "transactional", "bulk"]
 
-    t = sub.add_parser("tenants", help="manage tenants").add_subparsers(dest="action", required=True)
+    t = sub.add_parser("tenants", help="manage tenants").add_subparsers(
+        dest="action", required=True
+    )
     tc = t.add_parser("create")
     tc.add_argument("tenant_id")
     tc.add_argument("--name")
-    tc.add_argument("--from-domain", action="append", default=[], required=True,
-                    help="a domain the tenant may send From (repeatable)")
-    tc.add_argument("--tier", action="append", default=[], choices=tiers,
-                    help="an allowed tier (repeatable; default all)")
+    tc.add_argument(
+        "--from-domain",
+        action="append",
+        default=[],
+        required=True,
+        help="a domain the tenant may send From (repeatable)",
+    )
+    tc.add_argument(
+        "--tier",
+        action="append",
+        default=[],
+        choices=tiers,
+        help="an allowed tier (repeatable; default all)",
+    )
     tc.add_argument("--webhook", action="append", default=[], help="an endpoint URL (repeatable)")
     t.add_parser("list")
     ts = t.add_parser("show")
@@ -143,12 +158,14 @@ def main(argv: list[str] | None = None) -> int:
     if cmd == "dev":
         from sluice.dev import run_dev
 
+        Path(args.data_dir).mkdir(parents=True, exist_ok=True)
         run_until_signal(lambda stop: run_dev(cfg, Path(args.data_dir), stop))
         return 0
     if cmd in SERVICES:
         run_until_signal(lambda stop: service(cmd)(cfg, stop))
         return 0
     if cmd == "init":
+
         async def init() -> int:
             nc = await connect(cfg, "sluice-cli")
             await ensure_layout(nc.jetstream(), cfg)

@@ -36,7 +36,7 @@ def parse_duration(value: str | int | float) -> float:
         m = _DURATION.match(value)
         if m:
             return float(m.group(1)) * _UNIT[m.group(2)]
-    raise ValueError(f"not a duration: {value!r} (use e.g. \"30s\", \"15m\", \"72h\")")
+    raise ValueError(f'not a duration: {value!r} (use e.g. "30s", "15m", "72h")')
 
 
 Duration = typing.NewType("Duration", float)
@@ -294,5 +294,3 @@ def replace(cfg: Config, **sections: Mapping[str, Any]) -> Config:
         name: dataclasses.replace(getattr(cfg, name), **vals) for name, vals in merged.items()
     }
     return dataclasses.replace(cfg, **changes)
-
-

@@ -54,7 +54,6 @@ async def _webhook_receiver(path: Path, port: int) -> web.AppRunner:
 
 
 async def run_dev(base: Config, data_dir: Path, stop: asyncio.Event) -> None:
-    data_dir.mkdir(parents=True, exist_ok=True)
     nats_port = _port(4222)
     smtp_port = _port(2525)
     dns_port = free_port(kind=2)  # SOCK_DGRAM
@@ -62,15 +61,19 @@ async def run_dev(base: Config, data_dir: Path, stop: asyncio.Event) -> None:
     http_port = _port(8080)
     nats_srv = NatsServer(data_dir / "jetstream", nats_port, log_file=data_dir / "nats.log")
     nats_srv.start()
-    dns_srv = DnsServer(records={"mx.sluice.test": [("A", "127.0.0.1")]},
-                        catch_all_mx="mx.sluice.test")
+    dns_srv = DnsServer(
+        records={"mx.sluice.test": [("A", "127.0.0.1")]}, catch_all_mx="mx.sluice.test"
+    )
     await dns_srv.start(port=dns_port)
     sink = await start_sink(data_dir / "mail", "127.0.0.1", smtp_port)
     hooks = await _webhook_receiver(data_dir / "webhooks.jsonl", hook_port)
     cfg = config_mod.replace(
         base,
         nats={"url": nats_srv.url},
-        ingest={"http_listen": f"127.0.0.1:{http_port}", "grpc_listen": f"127.0.0.1:{_port(50051)}"},
+        ingest={
+            "http_listen": f"127.0.0.1:{http_port}",
+            "grpc_listen": f"127.0.0.1:{_port(50051)}",
+        },
         scheduler={"listen": f"127.0.0.1:{_port(50061)}"},
         dns={"nameservers": ["127.0.0.1"], "port": dns_port},
         deliverer={"smtp_port": smtp_port, "ehlo_name": "dev.sluice.test"},
@@ -80,11 +83,15 @@ async def run_dev(base: Config, data_dir: Path, stop: asyncio.Event) -> None:
     api_key = await _demo_tenant(cfg, f"http://127.0.0.1:{hook_port}/webhooks")
     tasks = [asyncio.create_task(service(name)(cfg, stop), name=name) for name in SERVICES]
     await asyncio.sleep(0.5)
-    body = json.dumps({
-        "from": {"email": f"hello@{DEMO_DOMAIN}", "name": "Sluice demo"},
-        "to": [{"email": "someone@example.net"}],
-        "subject": "Hello from Sluice", "text": "It works.", "tier": "transactional",
-    })
+    body = json.dumps(
+        {
+            "from": {"email": f"hello@{DEMO_DOMAIN}", "name": "Sluice demo"},
+            "to": [{"email": "someone@example.net"}],
+            "subject": "Hello from Sluice",
+            "text": "It works.",
+            "tier": "transactional",
+        }
+    )
     print(
         "\nSluice is running.\n"
         f"  HTTP API  http://{cfg.ingest.http_listen}   gRPC {cfg.ingest.grpc_listen}\n"
@@ -125,12 +132,15 @@ async def _demo_tenant(cfg: Config, webhook_url: str) -> str:
         await ensure_layout(js, cfg)
         store = TenantStore(js)
         tenant = await store.get_tenant(DEMO_TENANT) or tenant_pb2.Tenant(
-            tenant_id=DEMO_TENANT, name="Demo", allowed_from_domains=[DEMO_DOMAIN],
+            tenant_id=DEMO_TENANT,
+            name="Demo",
+            allowed_from_domains=[DEMO_DOMAIN],
             created_at=now_ts(),
         )
         del tenant.webhooks[:]
-        tenant.webhooks.append(tenant_pb2.WebhookEndpoint(
-            id="dev", url=webhook_url, secrets=[new_webhook_secret()]))
+        tenant.webhooks.append(
+            tenant_pb2.WebhookEndpoint(id="dev", url=webhook_url, secrets=[new_webhook_secret()])
+        )
         await store.put_tenant(tenant)
         api_key, _ = await store.create_key(DEMO_TENANT)
         return api_key

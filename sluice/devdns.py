@@ -25,8 +25,12 @@ log = logging.getLogger(__name__)
 
 
 class DnsServer(asyncio.DatagramProtocol):
-    def __init__(self, records: dict[str, list[tuple[str, str]]] | None = None,
-                 catch_all_mx: str | None = None, ttl: int = 60) -> None:
+    def __init__(
+        self,
+        records: dict[str, list[tuple[str, str]]] | None = None,
+        catch_all_mx: str | None = None,
+        ttl: int = 60,
+    ) -> None:
         self.records: dict[str, list[tuple[str, str]]] = {
             k.lower().rstrip("."): v for k, v in (records or {}).items()
         }
@@ -52,7 +56,7 @@ class DnsServer(asyncio.DatagramProtocol):
         # uvloop's UDP transport is not a subclass of asyncio.DatagramTransport.
         self.transport = cast(asyncio.DatagramTransport, transport)
 
-    def _lookup(self, name: str, rdtype: str) -> tuple[int, list[str]]:
+    def _lookup(self, name: str, rdtype: str) -> tuple[dns.rcode.Rcode, list[str]]:
         if name in self.servfail:
             return dns.rcode.SERVFAIL, []
         if name in self.records:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 import re
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor
@@ -21,9 +21,15 @@ M = TypeVar("M", bound=Message)
 
 _WKT_AS_STRING = {"google.protobuf.Timestamp", "google.protobuf.Duration"}
 _INT_TYPES = {
-    FieldDescriptor.TYPE_INT32, FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT32,
-    FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT32, FieldDescriptor.TYPE_SINT64,
-    FieldDescriptor.TYPE_FIXED32, FieldDescriptor.TYPE_FIXED64, FieldDescriptor.TYPE_SFIXED32,
+    FieldDescriptor.TYPE_INT32,
+    FieldDescriptor.TYPE_INT64,
+    FieldDescriptor.TYPE_UINT32,
+    FieldDescriptor.TYPE_UINT64,
+    FieldDescriptor.TYPE_SINT32,
+    FieldDescriptor.TYPE_SINT64,
+    FieldDescriptor.TYPE_FIXED32,
+    FieldDescriptor.TYPE_FIXED64,
+    FieldDescriptor.TYPE_SFIXED32,
     FieldDescriptor.TYPE_SFIXED64,
 }
 _FLOAT_TYPES = {FieldDescriptor.TYPE_FLOAT, FieldDescriptor.TYPE_DOUBLE}
@@ -42,7 +48,7 @@ def _enum_prefix(enum: EnumDescriptor) -> str:
 
 
 def enum_short_name(enum: EnumDescriptor, number: int) -> str:
-    """"critical" for Tier.TIER_CRITICAL; the number as text if unknown."""
+    """ "critical" for Tier.TIER_CRITICAL; the number as text if unknown."""
     value = enum.values_by_number.get(number)
     if value is None:
         return str(number)
@@ -95,12 +101,14 @@ def _scalar(field: FieldDescriptor, value: Any) -> Any:
             raise ValueError("must be valid base64") from exc
         return value
     if t == FieldDescriptor.TYPE_ENUM:
+        assert field.enum_type is not None
         return _enum_from_json(field.enum_type, value)
     raise ValueError("unsupported field type")  # pragma: no cover
 
 
 def _value(field: FieldDescriptor, value: Any, path: str, out: list[tuple[str, str]]) -> Any:
     if field.type == FieldDescriptor.TYPE_MESSAGE:
+        assert field.message_type is not None
         if field.message_type.full_name in _WKT_AS_STRING:
             if not isinstance(value, str):
                 out.append((path, "must be an RFC 3339 string"))
@@ -131,9 +139,7 @@ def _message(desc: Descriptor, data: Any, base: str, out: list[tuple[str, str]])
                 out.append((path, "must be a JSON object"))
                 continue
             vfield = field.message_type.fields_by_name["value"]
-            result[key] = {
-                k: _value(vfield, v, f"{path}.{k}", out) for k, v in value.items()
-            }
+            result[key] = {k: _value(vfield, v, f"{path}.{k}", out) for k, v in value.items()}
         elif field.is_repeated:
             if not isinstance(value, list):
                 out.append((path, "must be a JSON array"))
@@ -147,7 +153,7 @@ def _message(desc: Descriptor, data: Any, base: str, out: list[tuple[str, str]])
 def parse(data: Any, message_cls: type[M]) -> M:
     """A message from decoded JSON, or JsonError listing every violation."""
     violations: list[tuple[str, str]] = []
-    normalised = _message(message_cls.DESCRIPTOR, data, "", violations)
+    normalised = _message(cast(Descriptor, message_cls.DESCRIPTOR), data, "", violations)
     if violations:
         raise JsonError(violations)
     msg = message_cls()
@@ -165,18 +171,23 @@ def _shorten(desc: Descriptor, data: dict[str, Any]) -> None:
             continue
         if field.type == FieldDescriptor.TYPE_ENUM:
             enum = field.enum_type
+            assert enum is not None
 
             def short(v: Any, enum: EnumDescriptor = enum) -> Any:
-                return enum_short_name(enum, enum.values_by_name[v].number) if isinstance(
-                    v, str
-                ) and v in enum.values_by_name else v
+                return (
+                    enum_short_name(enum, enum.values_by_name[v].number)
+                    if isinstance(v, str) and v in enum.values_by_name
+                    else v
+                )
 
             data[key] = [short(v) for v in value] if isinstance(value, list) else short(value)
         elif field.type == FieldDescriptor.TYPE_MESSAGE:
             mdesc = field.message_type
+            assert mdesc is not None
             if mdesc.GetOptions().map_entry:
                 vfield = mdesc.fields_by_name["value"]
                 if vfield.type == FieldDescriptor.TYPE_MESSAGE:
+                    assert vfield.message_type is not None
                     for v in value.values():
                         _shorten(vfield.message_type, v)
             elif isinstance(value, list):
@@ -190,5 +201,5 @@ def _shorten(desc: Descriptor, data: dict[str, Any]) -> None:
 def to_dict(msg: Message) -> dict[str, Any]:
     """The JSON form of a message: snake_case names, short enum names."""
     data: dict[str, Any] = json_format.MessageToDict(msg, preserving_proto_field_name=True)
-    _shorten(msg.DESCRIPTOR, data)
+    _shorten(cast(Descriptor, msg.DESCRIPTOR), data)
     return data

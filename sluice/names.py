@@ -6,6 +6,7 @@ These are wire contracts (docs/nats.md); change them deliberately.
 from __future__ import annotations
 
 import re
+from typing import TypeAlias
 
 from sluice.v1 import messages_pb2
 
@@ -46,8 +47,11 @@ MAIL_SUBJECTS = "sluice.mail.>"
 EVENTS_SUBJECTS = "sluice.events.>"
 DLQ_SUBJECTS = "sluice.dlq.>"
 
+Tier: TypeAlias = messages_pb2.Tier.ValueType
+EventType: TypeAlias = messages_pb2.EventType.ValueType
+
 # Highest first: the order deliverers pull in.
-TIERS: tuple[int, ...] = (
+TIERS: tuple[Tier, ...] = (
     messages_pb2.TIER_CRITICAL,
     messages_pb2.TIER_TRANSACTIONAL,
     messages_pb2.TIER_BULK,
@@ -62,7 +66,7 @@ _TOKEN_TIERS = {v: k for k, v in _TIER_TOKENS.items()}
 _TOKEN = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 
 
-def tier_token(tier: int) -> str:
+def tier_token(tier: Tier) -> str:
     """The subject token of a tier; TIER_UNSPECIFIED is not a queue."""
     try:
         return _TIER_TOKENS[tier]
@@ -70,7 +74,7 @@ def tier_token(tier: int) -> str:
         raise ValueError(f"no queue for tier {tier}") from None
 
 
-def tier_from_token(token: str) -> int:
+def tier_from_token(token: str) -> Tier:
     return _TOKEN_TIERS[token]
 
 
@@ -90,26 +94,26 @@ def key_domain(key: str) -> str:
     return key.replace("_", ".")
 
 
-def job_subject(tier: int) -> str:
+def job_subject(tier: Tier) -> str:
     return f"sluice.jobs.{tier_token(tier)}"
 
 
-def mail_subject(tier: int, key: str) -> str:
+def mail_subject(tier: Tier, key: str) -> str:
     return f"sluice.mail.{tier_token(tier)}.{key}"
 
 
-def mail_consumer(tier: int, key: str) -> str:
+def mail_consumer(tier: Tier, key: str) -> str:
     """The durable pull consumer for one mail queue."""
     return f"mail_{tier_token(tier)}_{key}"
 
 
-def event_token(event_type: int) -> str:
-    """"delivered" for EVENT_TYPE_DELIVERED, and so on."""
+def event_token(event_type: EventType) -> str:
+    """ "delivered" for EVENT_TYPE_DELIVERED, and so on."""
     name = messages_pb2.EventType.Name(event_type)
     return name.removeprefix("EVENT_TYPE_").lower()
 
 
-def event_subject(tenant_id: str, event_type: int) -> str:
+def event_subject(tenant_id: str, event_type: EventType) -> str:
     return f"sluice.events.{tenant_id}.{event_token(event_type)}"
 
 

@@ -78,6 +78,7 @@ async def ensure_layout(js: JetStreamContext, cfg: Config) -> None:
         ),
     ]
     for stream in streams:
+        assert stream.name is not None
         try:
             await js.stream_info(stream.name)
         except NotFoundError:

@@ -38,8 +38,13 @@ def port_open(host: str, port: int) -> bool:
 class NatsServer:
     """A nats-server process with JetStream and a store directory."""
 
-    def __init__(self, store_dir: Path, port: int | None = None, log_file: Path | None = None,
-                 sync_always: bool = False) -> None:
+    def __init__(
+        self,
+        store_dir: Path,
+        port: int | None = None,
+        log_file: Path | None = None,
+        sync_always: bool = False,
+    ) -> None:
         self.store_dir = store_dir
         self.port = port or free_port()
         self.log_file = log_file
@@ -52,19 +57,31 @@ class NatsServer:
 
     def start(self, timeout: float = 15.0) -> None:
         self.store_dir.mkdir(parents=True, exist_ok=True)
-        args = [nats_server_binary(), "-js", "-a", "127.0.0.1", "-p", str(self.port),
-                "-sd", str(self.store_dir)]
+        args = [
+            nats_server_binary(),
+            "-js",
+            "-a",
+            "127.0.0.1",
+            "-p",
+            str(self.port),
+            "-sd",
+            str(self.store_dir),
+        ]
         if self.sync_always:
             conf = self.store_dir / "sync.conf"
-            conf.write_text(f'jetstream {{ store_dir: "{self.store_dir}", sync_interval: always }}\n')
+            conf.write_text(
+                f'jetstream {{ store_dir: "{self.store_dir}", sync_interval: always }}\n'
+            )
             args += ["-c", str(conf)]
         if self.log_file:
             with open(self.log_file, "ab") as out:
-                self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT,
-                                             start_new_session=True)
+                self.proc = subprocess.Popen(
+                    args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                )
         else:
-            self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(
+                args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

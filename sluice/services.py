@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 from sluice.config import Config
+from sluice.telemetry import setup_tracing
 
 __all__ = ["SERVICES", "run_until_signal", "setup_logging"]
 
-Serve = Callable[[Config, asyncio.Event], Awaitable[None]]
+Serve = Callable[[Config, asyncio.Event], Coroutine[Any, Any, None]]
 
 
 def _serve(name: str) -> Serve:
@@ -35,12 +37,20 @@ SERVICES = ("ingest", "expander", "scheduler", "deliverer", "webhooks")
 
 
 def service(name: str) -> Serve:
-    return _serve(name)
+    """The serve coroutine of a service, with its telemetry set up."""
+    serve = _serve(name)
+
+    async def run(cfg: Config, stop: asyncio.Event) -> None:
+        setup_tracing(cfg.telemetry, f"sluice-{name}")
+        await serve(cfg, stop)
+
+    return run
 
 
 def setup_logging(level: str = "INFO") -> None:
     logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("aiosmtpd").setLevel(logging.WARNING)
     logging.getLogger("mail.log").setLevel(logging.WARNING)

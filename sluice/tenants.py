@@ -16,7 +16,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError
 
 from sluice import names
-from sluice.v1 import tenant_pb2
+from sluice.v1 import messages_pb2, tenant_pb2
 
 __all__ = [
     "TenantStore",
@@ -87,7 +87,7 @@ class TenantStore:
         return [t for t in found if t is not None]
 
     async def create_key(
-        self, tenant_id: str, tiers: list[int] | None = None
+        self, tenant_id: str, tiers: list[messages_pb2.Tier.ValueType] | None = None
     ) -> tuple[str, tenant_pb2.ApiKey]:
         """Create a key for tenant_id; returns (the secret key, its record)."""
         api_key, key_id = new_api_key()

@@ -26,7 +26,8 @@ DOMAINS = ("mail.test", "other.test")
 
 
 async def wait_for(
-    predicate: Callable[[], Any] | Callable[[], Awaitable[Any]], timeout: float = 20.0,
+    predicate: Callable[[], Any] | Callable[[], Awaitable[Any]],
+    timeout: float = 20.0,
     what: str = "condition",
 ) -> Any:
     """Poll predicate until it returns something truthy; fail after timeout."""
@@ -82,11 +83,20 @@ def make_config(nats_url: str, dns_port: int, smtp_port: int) -> Config:
     return config_mod.replace(
         Config(),
         nats={"url": nats_url, "connect_timeout": "2s"},
-        ingest={"http_listen": f"127.0.0.1:{free_port()}",
-                "grpc_listen": f"127.0.0.1:{free_port()}", "publish_timeout": "2s"},
+        ingest={
+            "http_listen": f"127.0.0.1:{free_port()}",
+            "grpc_listen": f"127.0.0.1:{free_port()}",
+            "publish_timeout": "2s",
+        },
         scheduler={"listen": sched, "backlog_interval": "0.2s", "lease_ttl": "5s"},
-        deliverer={"scheduler": sched, "smtp_port": smtp_port, "ehlo_name": "deliverer.test",
-                   "idle_poll": "0.1s", "command_timeout": "10s", "connect_timeout": "5s"},
+        deliverer={
+            "scheduler": sched,
+            "smtp_port": smtp_port,
+            "ehlo_name": "deliverer.test",
+            "idle_poll": "0.1s",
+            "command_timeout": "10s",
+            "connect_timeout": "5s",
+        },
         dns={"nameservers": ["127.0.0.1"], "port": dns_port, "timeout": "2s"},
         retry={"ladder": ["1s", "2s"], "jitter": 0.0},
         webhooks={"allow_private_targets": True, "ladder": ["1s"], "timeout": "5s"},
@@ -111,7 +121,9 @@ class Stack:
 
 @pytest.fixture
 async def stack(
-    nats_server: NatsServer, dns_server: DnsServer, smtp: tuple[ScriptedSmtp, int],
+    nats_server: NatsServer,
+    dns_server: DnsServer,
+    smtp: tuple[ScriptedSmtp, int],
     webhook_receiver: WebhookReceiver,
 ) -> AsyncIterator[Stack]:
     handler, smtp_port = smtp
@@ -120,12 +132,21 @@ async def stack(
     js = nc.jetstream()
     await ensure_layout(js, cfg)
     tenants = TenantStore(js)
-    await tenants.put_tenant(tenant_pb2.Tenant(
-        tenant_id="acme", name="Acme", allowed_from_domains=["acme.test"], created_at=now_ts(),
-        webhooks=[tenant_pb2.WebhookEndpoint(
-            id="ep1", url=f"http://127.0.0.1:{webhook_receiver.port}/hook",
-            secrets=[webhook_receiver.secret])],
-    ))
+    await tenants.put_tenant(
+        tenant_pb2.Tenant(
+            tenant_id="acme",
+            name="Acme",
+            allowed_from_domains=["acme.test"],
+            created_at=now_ts(),
+            webhooks=[
+                tenant_pb2.WebhookEndpoint(
+                    id="ep1",
+                    url=f"http://127.0.0.1:{webhook_receiver.port}/hook",
+                    secrets=[webhook_receiver.secret],
+                )
+            ],
+        )
+    )
     api_key, _ = await tenants.create_key("acme")
     await nc.close()
     stop = asyncio.Event()

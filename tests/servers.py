@@ -43,7 +43,11 @@ class ScriptedSmtp:
     ehlo_names: list[str] = field(default_factory=list)
 
     async def handle_EHLO(  # noqa: N802
-        self, server: SMTP, session: Session, envelope: Envelope, hostname: str,
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
         responses: list[str],
     ) -> list[str]:
         self.ehlo_names.append(hostname)
@@ -51,7 +55,11 @@ class ScriptedSmtp:
         return responses
 
     async def handle_RCPT(  # noqa: N802
-        self, server: SMTP, session: Session, envelope: Envelope, address: str,
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
         rcpt_options: list[str],
     ) -> str:
         self.rcpt_attempts[address] += 1
@@ -64,9 +72,13 @@ class ScriptedSmtp:
     async def handle_DATA(  # noqa: N802
         self, server: SMTP, session: Session, envelope: Envelope
     ) -> str:
-        self.received.append(Received(
-            str(envelope.mail_from), list(envelope.rcpt_tos), bytes(envelope.original_content or b"")
-        ))
+        self.received.append(
+            Received(
+                str(envelope.mail_from),
+                list(envelope.rcpt_tos),
+                bytes(envelope.original_content or b""),
+            )
+        )
         return "250 2.0.0 Queued"
 
     def to(self, rcpt: str) -> list[Received]:

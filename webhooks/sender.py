@@ -43,8 +43,11 @@ def event_body(event: messages_pb2.Event) -> bytes:
     """The JSON body: {"type": "message.<type>", "timestamp": ..., "data": <event>}."""
     data = jsonpb.to_dict(event)
     return json.dumps(
-        {"type": f"message.{names.event_token(event.type)}", "timestamp": data.get("timestamp"),
-         "data": data},
+        {
+            "type": f"message.{names.event_token(event.type)}",
+            "timestamp": data.get("timestamp"),
+            "data": data,
+        },
         separators=(",", ":"),
     ).encode()
 
@@ -80,20 +83,22 @@ class WebhookSender:
         self._tenant_cache[tenant_id] = (now + 5.0, tenant)
         return tenant
 
-    async def post(self, endpoint: tenant_pb2.WebhookEndpoint, event: messages_pb2.Event,
-                   body: bytes) -> bool:
+    async def post(
+        self, endpoint: tenant_pb2.WebhookEndpoint, event: messages_pb2.Event, body: bytes
+    ) -> bool:
         """True when done (delivered, or failed for good); False to retry later."""
         try:
             await check_target(endpoint.url, self._cfg.webhooks.allow_private_targets)
         except (TargetRefused, OSError) as exc:
             log.warning("webhook %s to %s refused: %s", event.event_id, endpoint.url, exc)
             return True
-        headers = signature_headers(list(endpoint.secrets), event.event_id, int(time.time()),
-                                    body)
+        headers = signature_headers(list(endpoint.secrets), event.event_id, int(time.time()), body)
         headers["content-type"] = "application/json"
         try:
             async with self._http.post(
-                endpoint.url, data=body, headers=headers,
+                endpoint.url,
+                data=body,
+                headers=headers,
                 timeout=aiohttp.ClientTimeout(total=self._cfg.webhooks.timeout),
                 allow_redirects=False,
             ) as resp:
@@ -105,8 +110,13 @@ class WebhookSender:
             log.info("webhook %s to %s: %d", event.event_id, endpoint.url, status)
             return True
         retry = status in (408, 429) or status >= 500
-        log.info("webhook %s to %s: %d (%s)", event.event_id, endpoint.url, status,
-                 "will retry" if retry else "giving up")
+        log.info(
+            "webhook %s to %s: %d (%s)",
+            event.event_id,
+            endpoint.url,
+            status,
+            "will retry" if retry else "giving up",
+        )
         return not retry
 
     async def handle(self, msg: Msg) -> None:
@@ -117,7 +127,8 @@ class WebhookSender:
             return
         tenant = await self._tenant(event.tenant_id)
         endpoints = [
-            e for e in (tenant.webhooks if tenant else [])
+            e
+            for e in (tenant.webhooks if tenant else [])
             if not e.event_types or event.type in e.event_types
         ]
         body = event_body(event)
@@ -140,8 +151,11 @@ async def ensure_consumer(js: JetStreamContext) -> None:
         await js.add_consumer(
             names.EVENTS_STREAM,
             js_api.ConsumerConfig(
-                durable_name=names.WEBHOOKS_CONSUMER, ack_policy=js_api.AckPolicy.EXPLICIT,
-                ack_wait=120.0, max_ack_pending=10_000, max_deliver=-1,
+                durable_name=names.WEBHOOKS_CONSUMER,
+                ack_policy=js_api.AckPolicy.EXPLICIT,
+                ack_wait=120.0,
+                max_ack_pending=10_000,
+                max_deliver=-1,
                 deliver_policy=js_api.DeliverPolicy.ALL,
             ),
         )

@@ -31,9 +31,10 @@ async def post(stack: Stack, body: Any, key: str | None = "default") -> tuple[in
     headers = {}
     if key is not None:
         headers["Authorization"] = f"Bearer {stack.api_key if key == 'default' else key}"
-    async with aiohttp.ClientSession() as s, s.post(
-        f"{stack.http}/v1/send", json=body, headers=headers
-    ) as resp:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(f"{stack.http}/v1/send", json=body, headers=headers) as resp,
+    ):
         return resp.status, await resp.json(), resp.headers
 
 
@@ -67,9 +68,13 @@ async def test_send_is_accepted_and_delivered_with_right_headers(stack: Stack) -
         assert m.get_content().strip() == "Use 123456 to sign in."
     assert stack.smtp.ehlo_names and set(stack.smtp.ehlo_names) == {"deliverer.test"}
 
-    delivered = await wait_for(lambda: len(stack.hooks.of_type("message.delivered")) == 2
-                               and stack.hooks.of_type("message.delivered"),
-                               what="two delivered webhooks")
+    delivered = await wait_for(
+        lambda: (
+            len(stack.hooks.of_type("message.delivered")) == 2
+            and stack.hooks.of_type("message.delivered")
+        ),
+        what="two delivered webhooks",
+    )
     recipients = {c.verified["data"]["recipient"] for c in delivered if c.verified}
     assert recipients == {"bob@mail.test", "carol@other.test"}
     assert all(c.verified and c.verified["data"]["tier"] == "critical" for c in delivered)
@@ -93,8 +98,9 @@ async def test_temporary_failure_is_retried_then_delivered(stack: Stack) -> None
     await wait_for(lambda: stack.smtp.to("bob@mail.test"), what="delivery after retry")
     assert stack.smtp.rcpt_attempts["bob@mail.test"] == 2
     assert len(stack.smtp.to("bob@mail.test")) == 1
-    deferred = await wait_for(lambda: stack.hooks.of_type("message.deferred"),
-                              what="deferred webhook")
+    deferred = await wait_for(
+        lambda: stack.hooks.of_type("message.deferred"), what="deferred webhook"
+    )
     data = deferred[0].verified["data"] if deferred[0].verified else {}
     assert data["smtp_reply"]["code"] == 450
     assert data["smtp_reply"]["enhanced_code"] == "4.2.1"
@@ -107,8 +113,7 @@ async def test_permanent_failure_dead_letters_and_signs_webhook(stack: Stack) ->
     status, body, _ = await post(stack, message(tier="bulk"))
     assert status == 202, body
 
-    bounced = await wait_for(lambda: stack.hooks.of_type("message.bounced"),
-                             what="bounced webhook")
+    bounced = await wait_for(lambda: stack.hooks.of_type("message.bounced"), what="bounced webhook")
     call = bounced[0]
     assert call.error is None and call.verified is not None
     assert call.headers["webhook-id"] == call.verified["data"]["event_id"]
@@ -130,8 +135,10 @@ async def test_permanent_failure_dead_letters_and_signs_webhook(stack: Stack) ->
     nc = await connect(stack.cfg, "test")
     try:
         js = nc.jetstream()
-        raw = await js.get_last_msg(names.DLQ_STREAM,
-                                    names.dlq_subject("acme", f"{body['job_id']}-0"))
+        raw = await js.get_last_msg(
+            names.DLQ_STREAM, names.dlq_subject("acme", f"{body['job_id']}-0")
+        )
+        assert raw.data is not None
         dead = messages_pb2.DeadLetter.FromString(raw.data)
     finally:
         await nc.close()
@@ -151,12 +158,14 @@ async def test_bad_token_and_bad_body_are_refused_and_enqueue_nothing(stack: Sta
     status, body, headers = await post(stack, message(), key=None)
     assert status == 401
 
-    status, body, _ = await post(stack, message(to=[{"email": "bob@mail.test"},
-                                                    {"email": "not-an-address"}]))
+    status, body, _ = await post(
+        stack, message(to=[{"email": "bob@mail.test"}, {"email": "not-an-address"}])
+    )
     assert status == 400
     violations = body["details"][1]["field_violations"]
-    assert violations == [{"field": "to[1].email",
-                           "description": "must be an address of the form local@domain"}]
+    assert violations == [
+        {"field": "to[1].email", "description": "must be an address of the form local@domain"}
+    ]
 
     status, body, _ = await post(stack, message(subject="hi\r\nBcc: victim@mail.test"))
     assert status == 400
@@ -164,8 +173,10 @@ async def test_bad_token_and_bad_body_are_refused_and_enqueue_nothing(stack: Sta
 
     status, body, _ = await post(stack, message(priority="high"))
     assert status == 400
-    assert body["details"][1]["field_violations"][0] == {"field": "priority",
-                                                         "description": "unknown field"}
+    assert body["details"][1]["field_violations"][0] == {
+        "field": "priority",
+        "description": "unknown field",
+    }
 
     status, body, _ = await post(stack, message(**{"from": {"email": "x@evil.test"}}))
     assert status == 403
@@ -180,7 +191,9 @@ async def test_grpc_send_and_errors(stack: Stack) -> None:
     async with grpc.aio.insecure_channel(stack.cfg.ingest.grpc_listen) as channel:
         stub = ingest_pb2_grpc.IngestServiceStub(channel)
         req = ingest_pb2.SendRequest(
-            to=[messages_pb2.Address(email="bob@mail.test")], subject="via gRPC", text="hi",
+            to=[messages_pb2.Address(email="bob@mail.test")],
+            subject="via gRPC",
+            text="hi",
             tier=messages_pb2.TIER_TRANSACTIONAL,
         )
         getattr(req, "from").email = "app@acme.test"
@@ -195,7 +208,8 @@ async def test_grpc_send_and_errors(stack: Stack) -> None:
             raise AssertionError("expected INVALID_ARGUMENT")
         except grpc.aio.AioRpcError as exc:
             assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT
-            details = dict(exc.trailing_metadata() or ())["grpc-status-details-bin"]
+            trailers: dict[str, Any] = dict(exc.trailing_metadata() or ())  # type: ignore[arg-type]
+            details = trailers["grpc-status-details-bin"]
             assert isinstance(details, bytes)
             st = status_pb2.Status.FromString(details)
             br = error_details_pb2.BadRequest()
