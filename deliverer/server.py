@@ -23,7 +23,9 @@ async def serve(cfg: Config, stop: asyncio.Event) -> None:
     nc = await connect(cfg, "sluice-deliverer")
     js = nc.jetstream()
     await ensure_layout(js, cfg)
-    store = CachedStore(open_store(cfg.store.url, js), cfg.deliverer.payload_cache_size)
+    store = CachedStore(
+        open_store(cfg.store.url, js, cfg.nats.replicas), cfg.deliverer.payload_cache_size
+    )
     async with grpc.aio.insecure_channel(cfg.deliverer.scheduler) as channel:
         stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
         deliverer = Deliverer(cfg, js, store, Resolver(cfg.dns), stub)

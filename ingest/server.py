@@ -38,7 +38,7 @@ async def serve(cfg: Config, stop: asyncio.Event) -> None:
         cfg,
         nc,
         js,
-        open_store(cfg.store.url, js),
+        open_store(cfg.store.url, js, cfg.nats.replicas),
         Authenticator(TenantStore(js), cfg.ingest.key_cache_ttl),
     )
     server = grpc.aio.server(

@@ -109,6 +109,11 @@ def _parser() -> argparse.ArgumentParser:
     for name in SERVICES:
         sub.add_parser(name, help=f"run the {name} service")
     sub.add_parser("init", help="create the JetStream streams and buckets")
+    sink = sub.add_parser("sink", help="a catch-all SMTP sink with a DNS server pointing at it")
+    sink.add_argument("--smtp-listen", default="0.0.0.0:25")
+    sink.add_argument("--dns-listen", default="0.0.0.0:53")
+    sink.add_argument("--mail-dir", default="var/sink")
+    sink.add_argument("--mx-address", help="the A record of the sink (default: this host's)")
     tiers = ["critical", "transactional", "bulk"]
 
     t = sub.add_parser("tenants", help="manage tenants").add_subparsers(
@@ -163,6 +168,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if cmd in SERVICES:
         run_until_signal(lambda stop: service(cmd)(cfg, stop))
+        return 0
+    if cmd == "sink":
+        from sluice.dev import run_sink
+
+        run_until_signal(
+            lambda stop: run_sink(
+                args.smtp_listen, args.dns_listen, Path(args.mail_dir), args.mx_address, stop
+            )
+        )
         return 0
     if cmd == "init":
 

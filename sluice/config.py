@@ -48,6 +48,8 @@ class NatsConfig:
 
     url: str = "nats://127.0.0.1:4222"
     connect_timeout: Duration = Duration(2.0)
+    # Stream and bucket replicas: 1 on a single node, 3 on a production cluster.
+    replicas: int = 1
     # Bytes the MAIL stream may hold before publishes are refused (ingest answers 429).
     mail_max_bytes: int = 8 * 1024**3
     # How long dead letters are kept.

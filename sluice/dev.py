@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import shlex
+import socket
 from pathlib import Path
 
 from aiohttp import web
@@ -32,6 +33,7 @@ log = logging.getLogger("sluice.dev")
 
 DEMO_TENANT = "demo"
 DEMO_DOMAIN = "example.com"
+SINK_HOST = "mx.sluice.test"
 
 
 def _port(preferred: int) -> int:
@@ -61,9 +63,7 @@ async def run_dev(base: Config, data_dir: Path, stop: asyncio.Event) -> None:
     http_port = _port(8080)
     nats_srv = NatsServer(data_dir / "jetstream", nats_port, log_file=data_dir / "nats.log")
     nats_srv.start()
-    dns_srv = DnsServer(
-        records={"mx.sluice.test": [("A", "127.0.0.1")]}, catch_all_mx="mx.sluice.test"
-    )
+    dns_srv = DnsServer(records={SINK_HOST: [("A", "127.0.0.1")]}, catch_all_mx=SINK_HOST)
     await dns_srv.start(port=dns_port)
     sink = await start_sink(data_dir / "mail", "127.0.0.1", smtp_port)
     hooks = await _webhook_receiver(data_dir / "webhooks.jsonl", hook_port)
@@ -123,6 +123,32 @@ async def run_dev(base: Config, data_dir: Path, stop: asyncio.Event) -> None:
         dns_srv.close()
         nats_srv.stop()
         print("Sluice stopped.", flush=True)
+
+
+async def run_sink(
+    smtp_listen: str,
+    dns_listen: str,
+    mail_dir: Path,
+    mx_address: str | None,
+    stop: asyncio.Event,
+) -> None:
+    """`sluice sink`: the dev sink and DNS on their own, for the compose stack."""
+    address = mx_address or socket.gethostbyname(socket.gethostname())
+    dns_host, _, dns_port = dns_listen.rpartition(":")
+    smtp_host, _, smtp_port = smtp_listen.rpartition(":")
+    dns_srv = DnsServer(records={SINK_HOST: [("A", address)]}, catch_all_mx=SINK_HOST)
+    await dns_srv.start(dns_host, int(dns_port))
+    sink = await start_sink(mail_dir, smtp_host, int(smtp_port))
+    print(
+        f"sink: SMTP {smtp_listen} -> {mail_dir}; DNS {dns_listen}: every domain -> "
+        f"{SINK_HOST} ({address})",
+        flush=True,
+    )
+    try:
+        await stop.wait()
+    finally:
+        sink.close()
+        dns_srv.close()
 
 
 async def _demo_tenant(cfg: Config, webhook_url: str) -> str:

@@ -29,7 +29,8 @@ async def connect(cfg: Config, name: str) -> NatsClient:
         log.warning("nats: %s", exc)
 
     return await nats.connect(
-        cfg.nats.url,
+        # A cluster is given as comma-separated URLs.
+        servers=[u.strip() for u in cfg.nats.url.split(",") if u.strip()],
         name=name,
         connect_timeout=cfg.nats.connect_timeout,
         max_reconnect_attempts=-1,
@@ -46,6 +47,7 @@ async def ensure_layout(js: JetStreamContext, cfg: Config) -> None:
             subjects=[names.JOBS_SUBJECTS],
             retention=js_api.RetentionPolicy.WORK_QUEUE,
             storage=js_api.StorageType.FILE,
+            num_replicas=cfg.nats.replicas,
             discard=js_api.DiscardPolicy.NEW,
             duplicate_window=120.0,
         ),
@@ -54,6 +56,7 @@ async def ensure_layout(js: JetStreamContext, cfg: Config) -> None:
             subjects=[names.MAIL_SUBJECTS],
             retention=js_api.RetentionPolicy.WORK_QUEUE,
             storage=js_api.StorageType.FILE,
+            num_replicas=cfg.nats.replicas,
             # A full backlog refuses new mail (ingest answers 429) instead of dropping old.
             discard=js_api.DiscardPolicy.NEW,
             max_bytes=cfg.nats.mail_max_bytes,
@@ -64,6 +67,7 @@ async def ensure_layout(js: JetStreamContext, cfg: Config) -> None:
             subjects=[names.EVENTS_SUBJECTS],
             retention=js_api.RetentionPolicy.LIMITS,
             storage=js_api.StorageType.FILE,
+            num_replicas=cfg.nats.replicas,
             max_age=cfg.nats.events_max_age,
             duplicate_window=120.0,
         ),
@@ -72,6 +76,7 @@ async def ensure_layout(js: JetStreamContext, cfg: Config) -> None:
             subjects=[names.DLQ_SUBJECTS],
             retention=js_api.RetentionPolicy.LIMITS,
             storage=js_api.StorageType.FILE,
+            num_replicas=cfg.nats.replicas,
             max_age=cfg.nats.dlq_max_age,
             # Dead letters are written create-only, one per subject.
             max_msgs_per_subject=1,
@@ -88,5 +93,5 @@ async def ensure_layout(js: JetStreamContext, cfg: Config) -> None:
         try:
             await js.key_value(bucket)
         except BucketNotFoundError:
-            await js.create_key_value(bucket=bucket, history=5)
+            await js.create_key_value(bucket=bucket, history=5, replicas=cfg.nats.replicas)
             log.info("created KV bucket %s", bucket)

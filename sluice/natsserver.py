@@ -44,8 +44,10 @@ class NatsServer:
         port: int | None = None,
         log_file: Path | None = None,
         sync_always: bool = False,
+        extra_args: list[str] | None = None,
     ) -> None:
         self.store_dir = store_dir
+        self.extra_args = extra_args or []
         self.port = port or free_port()
         self.log_file = log_file
         self.sync_always = sync_always
@@ -57,16 +59,9 @@ class NatsServer:
 
     def start(self, timeout: float = 15.0) -> None:
         self.store_dir.mkdir(parents=True, exist_ok=True)
-        args = [
-            nats_server_binary(),
-            "-js",
-            "-a",
-            "127.0.0.1",
-            "-p",
-            str(self.port),
-            "-sd",
-            str(self.store_dir),
-        ]
+        args = [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port)]
+        # extra_args replace the default JetStream flags (the compose test passes its own).
+        args += self.extra_args or ["-js", "-sd", str(self.store_dir)]
         if self.sync_always:
             conf = self.store_dir / "sync.conf"
             conf.write_text(

@@ -39,9 +39,10 @@ class PayloadStore(Protocol):
 class NatsObjectStore:
     """Payloads in a JetStream object-store bucket."""
 
-    def __init__(self, js: JetStreamContext, bucket: str) -> None:
+    def __init__(self, js: JetStreamContext, bucket: str, replicas: int = 1) -> None:
         self._js = js
         self._bucket = bucket
+        self._replicas = replicas
         self._obs: ObjectStore | None = None
 
     async def _store(self) -> ObjectStore:
@@ -50,7 +51,10 @@ class NatsObjectStore:
                 self._obs = await self._js.object_store(self._bucket)
             except BucketNotFoundError:
                 self._obs = await self._js.create_object_store(
-                    self._bucket, config=js_api.ObjectStoreConfig(storage=js_api.StorageType.FILE)
+                    self._bucket,
+                    config=js_api.ObjectStoreConfig(
+                        storage=js_api.StorageType.FILE, replicas=self._replicas
+                    ),
                 )
         return self._obs
 
@@ -99,9 +103,9 @@ class CachedStore:
         return data
 
 
-def open_store(url: str, js: JetStreamContext) -> PayloadStore:
+def open_store(url: str, js: JetStreamContext, replicas: int = 1) -> PayloadStore:
     """The store named by the [store] url setting."""
     parts = urlsplit(url)
     if parts.scheme == "nats-os" and parts.netloc:
-        return NatsObjectStore(js, parts.netloc)
+        return NatsObjectStore(js, parts.netloc, replicas)
     raise StoreError(f"unsupported store url {url!r} (supported: nats-os://<bucket>)")
