@@ -101,6 +101,7 @@ async def run_dev(base: Config, data_dir: Path, stop: asyncio.Event) -> None:
         f"  Webhooks  -> {data_dir / 'webhooks.jsonl'}\n"
         f"  API key   {api_key}   (tenant {DEMO_TENANT!r}, may send From @{DEMO_DOMAIN})\n\n"
         "Try:\n"
+        f"  export SLUICE_API_KEY={api_key}\n"
         f"  curl -sS -X POST http://{cfg.ingest.http_listen}/v1/send \\\n"
         f"    -H 'Authorization: Bearer {api_key}' -H 'Content-Type: application/json' \\\n"
         f"    -d {shlex.quote(body)}\n\n"

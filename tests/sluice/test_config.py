@@ -52,3 +52,16 @@ def test_shipped_example_config_loads() -> None:
     root = Path(__file__).resolve().parents[2]
     cfg = config_mod.load(root / "sluice.example.toml", environ={})
     assert cfg == config_mod.Config(), "sluice.example.toml must document the defaults"
+
+
+def test_every_key_is_documented() -> None:
+    import dataclasses
+
+    root = Path(__file__).resolve().parents[2]
+    reference = (root / "docs" / "config.md").read_text()
+    example = (root / "sluice.example.toml").read_text()
+    for section in dataclasses.fields(config_mod.Config):
+        assert f"[{section.name}]" in example, section.name
+        for key in dataclasses.fields(getattr(config_mod.Config(), section.name)):
+            assert f"`[{section.name}] {key.name}`" in reference, (section.name, key.name)
+            assert f"\n{key.name} = " in example, (section.name, key.name)
