@@ -50,7 +50,7 @@ async def publish_event(
         smtp_reply=smtp_reply(reply),
     )
     await js.publish(
-        names.event_subject(p.tenant_id, event_type),
+        names.event_subject(p.tenant_id, event_type, p.job_id, p.index),
         event.SerializeToString(),
         stream=names.EVENTS_STREAM,
         headers={"Nats-Msg-Id": event.event_id},

@@ -11,7 +11,7 @@ from deliverer.worker import Deliverer
 from sluice.config import Config
 from sluice.nats_layout import connect, ensure_layout
 from sluice.resolver import Resolver
-from sluice.store import CachedStore, open_store
+from sluice.store import open_store
 from sluice.v1 import scheduler_pb2_grpc
 
 __all__ = ["serve"]
@@ -23,9 +23,8 @@ async def serve(cfg: Config, stop: asyncio.Event) -> None:
     nc = await connect(cfg, "sluice-deliverer")
     js = nc.jetstream()
     await ensure_layout(js, cfg)
-    store = CachedStore(
-        open_store(cfg.store.url, js, cfg.nats.replicas), cfg.deliverer.payload_cache_size
-    )
+    # The deliverer caches parsed payloads itself (one read per blast or batch).
+    store = open_store(cfg.store.url, js, cfg.nats.replicas)
     async with grpc.aio.insecure_channel(cfg.deliverer.scheduler) as channel:
         stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
         deliverer = Deliverer(cfg, js, store, Resolver(cfg.dns), stub)

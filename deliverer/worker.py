@@ -9,6 +9,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -62,6 +63,7 @@ class Deliverer:
         self._work: dict[str, LeaseWork] = {}
         self._outcomes: list[scheduler_pb2.Outcome] = []
         self._subs: dict[str, JetStreamContext.PullSubscription] = {}
+        self._parsed: dict[str, Sequence[messages_pb2.Payload]] = {}
 
     # -- the lease loop ------------------------------------------------------------------
 
@@ -216,7 +218,7 @@ class Deliverer:
             )
             return conn
         try:
-            payload = messages_pb2.Payload.FromString(await self._store.get(p.payload_ref))
+            payload = await self._payload(p.payload_ref)
         except PayloadNotFound:
             await self._dead_letter(
                 msg, p, attempt, messages_pb2.DEAD_LETTER_REASON_EXPIRED, None, "payload_missing"
@@ -244,6 +246,23 @@ class Deliverer:
             conn = None
         await self._settle(msg, p, attempt, age, horizon, outcome, lease, conn.host if conn else "")
         return conn
+
+    async def _payload(self, ref: str) -> messages_pb2.Payload:
+        """The payload a ref points at; "<uri>#<i>" is payload i of a streamed batch.
+        Parsed objects are cached, so a batch or blast is read and parsed once."""
+        base, _, fragment = ref.partition("#")
+        parsed = self._parsed.get(base)
+        if parsed is None:
+            data = await self._store.get(base)
+            parsed = (
+                messages_pb2.PayloadBatch.FromString(data).payloads
+                if fragment
+                else [messages_pb2.Payload.FromString(data)]
+            )
+            self._parsed[base] = parsed
+            if len(self._parsed) > self._cfg.deliverer.payload_cache_size:
+                self._parsed.pop(next(iter(self._parsed)))
+        return parsed[int(fragment) if fragment else 0]
 
     def _spent(self, conn: SmtpConnection, lease: scheduler_pb2.Lease) -> bool:
         limit = lease.max_deliveries_per_connection

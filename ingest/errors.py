@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 __all__ = ["ApiError", "bad_request"]
@@ -38,6 +38,8 @@ class ApiError(Exception):
     violations: list[tuple[str, str]] = field(default_factory=list)
     # Set when HTTP needs a code the gRPC mapping does not give (413).
     http_override: int | None = None
+    # Seconds after which a retry may succeed (Retry-After header, RetryInfo detail).
+    retry_after: float | None = None
 
     def __str__(self) -> str:
         return f"{self.code.name} {self.reason}: {self.message}"
@@ -62,6 +64,12 @@ class ApiError(Exception):
             packed = any_pb2.Any()
             packed.Pack(br)
             details.append(packed)
+        if self.retry_after is not None:
+            retry = any_pb2.Any()
+            delay = duration_pb2.Duration()
+            delay.FromMilliseconds(int(self.retry_after * 1000))
+            retry.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+            details.append(retry)
         return status_pb2.Status(
             code=getattr(code_pb2, self.code.name), message=self.message, details=details
         )

@@ -1,65 +1,295 @@
-"""The expander: job records in, one DeliveryPointer per envelope recipient out.
+"""The expander: job batches in, one DeliveryPointer per envelope recipient out.
 
-Pointers go to sluice.mail.<tier>.<domain key>. Each carries Nats-Msg-Id = delivery id, so
-a job redelivered after a crash within the dedup window does not duplicate pointers.
-(Deterministic chunks with a KV checkpoint, for blasts, come with the blast API.)
+Crash-safe and idempotent without relying on the 2-minute dedup window. A batch's pointers
+are cut into deterministic chunks (the order never changes: recipients in job order); each
+chunk is ONE atomic JetStream batch whose first message is a marker on
+sluice.mail.chunks.<batch_id>.<k> published with Nats-Expected-Last-Subject-Sequence: 0.
+No consumer reads marker subjects, so a chunk that was committed once can never be committed
+again (the server refuses the whole batch with 10071): after a crash, at any moment and after
+any delay, a restarted expander re-derives the same chunks, skips those whose marker exists,
+and commits the rest. Chunks are independent, so several are in flight at once.
+
+When every chunk is in: the job-level `accepted` events, a KV record that the batch is done,
+the markers purged, and only then the JOBS message acknowledged. A redelivered batch that is
+done is acknowledged at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from dataclasses import dataclass
+from typing import Any
 
+import orjson
+from google.protobuf.timestamp_pb2 import Timestamp
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js import api as js_api
 from nats.js.errors import APIError as JsApiError
-from nats.js.errors import NotFoundError
+from nats.js.errors import KeyNotFoundError, NotFoundError
 
+from ingest.validate import normalise_domain
 from sluice import names
+from sluice.atomic import MAX_BATCH, publish_atomic
 from sluice.config import Config
 from sluice.nats_layout import connect, ensure_layout
+from sluice.store import PayloadStore, open_store
+from sluice.suppressions import Suppressions
+from sluice.tenants import now_ts
 from sluice.v1 import messages_pb2
 
-__all__ = ["expand", "serve"]
+__all__ = ["Expander", "serve"]
 
 log = logging.getLogger(__name__)
 
+CHUNK = MAX_BATCH - 1  # pointers per chunk; the marker is the batch's thousandth message
+_WRONG_LAST_SEQUENCE = 10071
+_IN_FLIGHT = 4  # chunks committed concurrently per batch (the server allows 50 per stream)
+_DONE_TTL = 7 * 86400
 
-def pointers(job: messages_pb2.JobRecord) -> list[tuple[str, messages_pb2.DeliveryPointer]]:
-    """(subject, pointer) for each recipient of a job."""
-    out = []
-    for i, rcpt in enumerate(job.recipients):
-        domain = rcpt.email.rpartition("@")[2].encode("idna").decode("ascii").lower()
+
+def marker_subject(batch_id: str, chunk: int) -> str:
+    return f"sluice.mail.chunks.{batch_id}.{chunk}"
+
+
+@dataclass
+class Item:
+    """One recipient of a batch, in deterministic order."""
+
+    job: messages_pb2.JobRecord
+    index: int
+    email: str
+    name: str
+    substitutions: dict[str, str]
+    message_id: str
+
+
+class Expander:
+    def __init__(
+        self,
+        cfg: Config,
+        nc: NatsClient,
+        js: JetStreamContext,
+        store: PayloadStore,
+        suppressions: Suppressions,
+    ) -> None:
+        self._cfg = cfg
+        self._nc = nc
+        self._js = js
+        self._store = store
+        self._suppressions = suppressions
+        self._keys: dict[str, tuple[str, str]] = {}
+
+    def _domain(self, email: str) -> tuple[str, str]:
+        """(normalised domain, subject key) of an address, cached per domain."""
+        raw = email.rpartition("@")[2]
+        hit = self._keys.get(raw)
+        if hit is None:
+            domain = normalise_domain(raw)
+            hit = self._keys[raw] = (domain, names.domain_key(domain))
+        return hit
+
+    async def _items(self, job: messages_pb2.JobRecord) -> list[Item]:
+        if not job.recipients_ref:
+            return [
+                Item(job, i, r.email, "", {}, r.message_id) for i, r in enumerate(job.recipients)
+            ]
+        data = await self._store.get(job.recipients_ref)
+        domain = normalise_domain(job.envelope_from.rpartition("@")[2])
+        prefix = f"{job.job_id}."
+        if job.recipients_format == messages_pb2.RECIPIENTS_FORMAT_JSON:
+            rows: list[dict[str, Any]] = orjson.loads(data)
+            return [
+                Item(
+                    job,
+                    i,
+                    r["email"],
+                    r.get("name") or "",
+                    r.get("substitutions") or {},
+                    f"{prefix}{i}@{domain}",
+                )
+                for i, r in enumerate(rows)
+            ]
+        recipients = messages_pb2.BlastRecipients.FromString(data).recipients
+        return [
+            Item(job, i, r.email, r.name, dict(r.substitutions), f"{prefix}{i}@{domain}")
+            for i, r in enumerate(recipients)
+        ]
+
+    def _pointer(self, item: Item) -> tuple[str, bytes]:
+        job = item.job
+        domain, key = self._domain(item.email)
         p = messages_pb2.DeliveryPointer(
-            delivery_id=f"{job.job_id}-{i}",
+            delivery_id=f"{job.job_id}-{item.index}",
             job_id=job.job_id,
-            message_id=rcpt.message_id,
+            message_id=item.message_id,
             tenant_id=job.tenant_id,
             tier=job.tier,
-            recipient=rcpt.email,
+            recipient=item.email,
             domain=domain,
             payload_ref=job.payload_ref,
             envelope_from=job.envelope_from,
-            accepted_at=job.accepted_at,
+            accepted_at=_due(job),
+            index=item.index,
+            recipient_name=item.name,
+            substitutions=item.substitutions,
         )
         if job.HasField("expires_at"):
             p.expires_at.CopyFrom(job.expires_at)
-        out.append((names.mail_subject(job.tier, names.domain_key(domain)), p))
-    return out
+        return names.mail_subject(job.tier, key), p.SerializeToString()
 
-
-async def expand(js: JetStreamContext, job: messages_pb2.JobRecord) -> int:
-    """Publish every pointer of job; returns how many."""
-    items = pointers(job)
-    for subject, p in items:
-        await js.publish(
-            subject,
-            p.SerializeToString(),
-            stream=names.MAIL_STREAM,
-            headers={"Nats-Msg-Id": p.delivery_id},
+    def _suppressed_event(self, item: Item) -> tuple[str, bytes, dict[str, str]]:
+        job = item.job
+        event = messages_pb2.Event(
+            event_id=f"evt_{job.job_id}-{item.index}_suppressed",
+            tenant_id=job.tenant_id,
+            type=messages_pb2.EVENT_TYPE_SUPPRESSED,
+            job_id=job.job_id,
+            message_id=item.message_id,
+            recipient=item.email,
+            tier=job.tier,
+            timestamp=now_ts(),
+            tags=job.tags,
+            metadata=job.metadata,
         )
-    return len(items)
+        subject = names.event_subject(job.tenant_id, event.type, job.job_id, item.index)
+        return subject, event.SerializeToString(), {"Nats-Msg-Id": event.event_id}
+
+    async def _committed_chunks(self, batch_id: str) -> set[int]:
+        info = await self._js.stream_info(
+            names.MAIL_STREAM, subjects_filter=f"sluice.mail.chunks.{batch_id}.*"
+        )
+        return {int(s.rsplit(".", 1)[1]) for s in (info.state.subjects or {})}
+
+    async def _commit_chunk(self, batch_id: str, k: int, items: list[Item]) -> int:
+        """Commit chunk k once; returns pointers published (0 if it was already in)."""
+        msgs: list[tuple[str, bytes, dict[str, str] | None]] = [
+            (
+                marker_subject(batch_id, k),
+                str(len(items)).encode(),
+                {"Nats-Expected-Last-Subject-Sequence": "0"},
+            )
+        ]
+        events = []
+        for item in items:
+            if self._suppressions.suppressed(item.job.tenant_id, item.email):
+                events.append(self._suppressed_event(item))
+            else:
+                subject, data = self._pointer(item)
+                msgs.append((subject, data, None))
+        for subject, data, headers in events:
+            await self._js.publish(subject, data, stream=names.EVENTS_STREAM, headers=headers)
+        try:
+            await publish_atomic(self._nc, msgs)
+        except JsApiError as exc:
+            if exc.err_code == _WRONG_LAST_SEQUENCE:
+                return 0  # committed before (an earlier attempt or another expander)
+            raise
+        return len(msgs) - 1
+
+    async def expand(self, batch: messages_pb2.JobBatch, progress: Any = None) -> int:
+        """Publish every pointer of the batch exactly once; returns how many were new."""
+        items: list[Item] = []
+        for job in batch.jobs:
+            items.extend(await self._items(job))
+        chunks = [items[i : i + CHUNK] for i in range(0, len(items), CHUNK)]
+        done = await self._committed_chunks(batch.batch_id)
+        todo = [k for k in range(len(chunks)) if k not in done]
+        sem = asyncio.Semaphore(_IN_FLIGHT)
+        published = 0
+
+        async def one(k: int) -> None:
+            nonlocal published
+            async with sem:
+                published += await self._commit_chunk(batch.batch_id, k, chunks[k])
+                if progress is not None:
+                    await progress()
+
+        await asyncio.gather(*(one(k) for k in todo))
+        return published
+
+    async def _accepted_events(self, batch: messages_pb2.JobBatch) -> None:
+        for job in batch.jobs:
+            event = messages_pb2.Event(
+                event_id=f"evt_{job.job_id}_accepted",
+                type=messages_pb2.EVENT_TYPE_ACCEPTED,
+                tenant_id=job.tenant_id,
+                job_id=job.job_id,
+                tier=job.tier,
+                timestamp=job.accepted_at,
+                tags=job.tags,
+                metadata=job.metadata,
+                recipient_count=job.recipient_count or len(job.recipients),
+                recipients=[r.email for r in job.recipients],
+                message_id=job.recipients[0].message_id if job.recipients else "",
+            )
+            await self._js.publish(
+                names.event_subject(job.tenant_id, event.type, job.job_id, "job"),
+                event.SerializeToString(),
+                stream=names.EVENTS_STREAM,
+                headers={"Nats-Msg-Id": event.event_id},
+            )
+
+    async def _is_done(self, batch_id: str) -> bool:
+        kv = await self._js.key_value(names.EXPANDER_BUCKET)
+        try:
+            await kv.get(batch_id)
+            return True
+        except KeyNotFoundError:
+            return False
+
+    async def _mark_done(self, batch_id: str) -> None:
+        await self._js.publish(
+            f"$KV.{names.EXPANDER_BUCKET}.{batch_id}",
+            b"done",
+            headers={"Nats-TTL": f"{_DONE_TTL}s"},
+        )
+        await self._js.purge_stream(names.MAIL_STREAM, subject=f"sluice.mail.chunks.{batch_id}.>")
+
+    async def handle(self, msg: Msg) -> None:
+        try:
+            batch = messages_pb2.JobBatch.FromString(msg.data)
+        except Exception:
+            log.error("undecodable job batch terminated (seq %s)", msg.metadata.sequence.stream)
+            await msg.term()
+            return
+        if await self._is_done(batch.batch_id):
+            await msg.ack_sync()
+            return
+        wait = max(
+            (
+                j.send_at.ToNanoseconds() / 1e9 - time.time()
+                for j in batch.jobs
+                if j.HasField("send_at")
+            ),
+            default=0.0,
+        )
+        if wait > 0.5:
+            await msg.nak(delay=wait)  # a scheduled send: come back when it is due
+            return
+        started = time.monotonic()
+        n = await self.expand(batch, msg.in_progress)
+        await self._accepted_events(batch)
+        await self._mark_done(batch.batch_id)
+        await msg.ack_sync()
+        log.info(
+            "expanded batch=%s jobs=%d pointers=%d in %.0f ms",
+            batch.batch_id,
+            len(batch.jobs),
+            n,
+            (time.monotonic() - started) * 1000,
+        )
+
+
+def _due(job: messages_pb2.JobRecord) -> Timestamp:
+    """When a job's messages become due: acceptance, or send_at if later."""
+    if job.HasField("send_at") and job.send_at.ToNanoseconds() > job.accepted_at.ToNanoseconds():
+        return job.send_at
+    return job.accepted_at
 
 
 async def ensure_consumer(js: JetStreamContext) -> None:
@@ -71,8 +301,8 @@ async def ensure_consumer(js: JetStreamContext) -> None:
             js_api.ConsumerConfig(
                 durable_name=names.EXPANDER_CONSUMER,
                 ack_policy=js_api.AckPolicy.EXPLICIT,
-                ack_wait=60.0,
-                max_ack_pending=1000,
+                ack_wait=30.0,
+                max_ack_pending=10_000,
             ),
         )
 
@@ -82,12 +312,28 @@ async def serve(cfg: Config, stop: asyncio.Event) -> None:
     js = nc.jetstream()
     await ensure_layout(js, cfg)
     await ensure_consumer(js)
+    suppressions = Suppressions(js)
+    await suppressions.start()
+    expander = Expander(cfg, nc, js, open_store(cfg.store.url, js, cfg.nats.replicas), suppressions)
     sub = await js.pull_subscribe_bind(names.EXPANDER_CONSUMER, names.JOBS_STREAM)
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def one(msg: Msg) -> None:
+        try:
+            await expander.handle(msg)
+        except Exception as exc:
+            log.warning("expansion failed (%r); retrying", exc)
+            await msg.nak(delay=1.0)
+
     log.info("expander: running")
     try:
         while not stop.is_set():
+            free = cfg.expander.concurrency - len(tasks)
+            if free <= 0:
+                await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                continue
             try:
-                msgs = await sub.fetch(cfg.expander.concurrency * 8, timeout=0.5)
+                msgs = await sub.fetch(free, timeout=0.5)
             except (TimeoutError, NatsTimeoutError):
                 continue
             except Exception as exc:
@@ -95,26 +341,11 @@ async def serve(cfg: Config, stop: asyncio.Event) -> None:
                 await asyncio.sleep(0.5)
                 continue
             for msg in msgs:
-                try:
-                    job = messages_pb2.JobRecord.FromString(msg.data)
-                except Exception:
-                    log.error(
-                        "expander: undecodable job record, terminated (seq %s)",
-                        msg.metadata.sequence.stream,
-                    )
-                    await msg.term()
-                    continue
-                try:
-                    n = await expand(js, job)
-                except JsApiError as exc:
-                    log.warning("expander: job %s not expanded (%s); retrying", job.job_id, exc)
-                    await msg.nak(delay=5.0)
-                    continue
-                except Exception as exc:
-                    log.warning("expander: job %s not expanded (%r); retrying", job.job_id, exc)
-                    await msg.nak(delay=1.0)
-                    continue
-                await msg.ack()
-                log.info("expanded job=%s pointers=%d", job.job_id, n)
+                task = asyncio.create_task(one(msg))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
     finally:
+        if tasks:
+            await asyncio.wait(tasks, timeout=10)
+        await suppressions.stop()
         await nc.close()

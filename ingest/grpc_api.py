@@ -1,8 +1,18 @@
-"""The gRPC transport: a generic handler dispatching every IngestService method to the core."""
+"""The gRPC transport: every IngestService method dispatched to the core.
+
+Unary methods share one wrapper. SendBlast keeps the request's bytes (stored as the
+recipients object as they came). SendStream reads messages into batches, makes each batch
+durable with one payload object and one publish per tier, answers it, and only then reads
+on: a client that sends faster than batches become durable is held back by gRPC's flow
+control instead of filling memory here.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import asyncio
+import contextlib
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -10,45 +20,125 @@ from google.protobuf.message import Message
 
 from ingest.errors import ApiError
 from ingest.routes import Rpc, rpcs, snake
+from sluice.config import IngestConfig
 from sluice.v1 import ingest_pb2
 
 __all__ = ["servicer_handler"]
 
 _STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
-
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
 
-def _unary(core: Any, rpc: Rpc) -> Callable[[Message, Ctx], Awaitable[Message]]:
+def _auth(context: Ctx) -> str | None:
+    auth = dict(context.invocation_metadata() or ()).get("authorization")
+    return auth if isinstance(auth, str) else None
+
+
+async def _abort(context: Ctx, err: ApiError) -> None:
+    trailers: list[tuple[str, str | bytes]] = [
+        (_STATUS_DETAILS_KEY, err.status().SerializeToString())
+    ]
+    if err.retry_after is not None:
+        trailers.append(("retry-after", str(max(1, math.ceil(err.retry_after)))))
+    await context.abort(err.code, err.message, trailing_metadata=tuple(trailers))
+
+
+def _unary(core: Any, rpc: Rpc) -> Callable[[Any, Ctx], Awaitable[Message]]:
     method = getattr(core, snake(rpc.name))
 
-    async def handle(request: Message, context: Ctx) -> Message:
-        auth = dict(context.invocation_metadata() or ()).get("authorization")
+    async def handle(request: Any, context: Ctx) -> Message:
         try:
-            result: Message = await method(auth if isinstance(auth, str) else None, request)
+            if rpc.name == "SendBlast":
+                raw, parsed = request
+                result: Message = await method(_auth(context), parsed, raw_request=raw)
+            else:
+                result = await method(_auth(context), request)
             return result
         except ApiError as err:
-            await context.abort(
-                err.code,
-                err.message,
-                trailing_metadata=((_STATUS_DETAILS_KEY, err.status().SerializeToString()),),
-            )
+            await _abort(context, err)
             raise  # abort raises; this satisfies the type checker
 
     return handle
 
 
-def servicer_handler(core: Any) -> grpc.GenericRpcHandler[Any, Any]:
+def _keep_bytes(data: bytes) -> tuple[bytes, ingest_pb2.SendBlastRequest]:
+    return data, ingest_pb2.SendBlastRequest.FromString(data)
+
+
+def _stream(core: Any, cfg: IngestConfig) -> Callable[[AsyncIterator[Any], Ctx], Any]:
+    async def handle(
+        requests: AsyncIterator[ingest_pb2.SendStreamRequest], context: Ctx
+    ) -> AsyncIterator[ingest_pb2.SendStreamResponse]:
+        try:
+            principal = await core.authenticate(_auth(context))
+        except ApiError as err:
+            await _abort(context, err)
+            return
+        it = requests.__aiter__()
+        pending: asyncio.Task[Any] | None = None
+        done = False
+        while not done:
+            batch: list[ingest_pb2.SendStreamRequest] = []
+            # Block for the first message, then linger briefly to fill the batch.
+            try:
+                first = pending if pending is not None else asyncio.ensure_future(it.__anext__())
+                pending = None
+                batch.append(await first)
+            except StopAsyncIteration:
+                break
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + cfg.stream_linger
+            while len(batch) < cfg.stream_batch:
+                nxt = asyncio.ensure_future(it.__anext__())
+                try:
+                    batch.append(
+                        await asyncio.wait_for(
+                            asyncio.shield(nxt), max(0.0, deadline - loop.time())
+                        )
+                    )
+                except TimeoutError:
+                    pending = nxt  # carried into the next batch, never dropped
+                    break
+                except StopAsyncIteration:
+                    done = True
+                    break
+            results = await core.send_batch(principal, [r.message for r in batch])
+            resp = ingest_pb2.SendStreamResponse()
+            for req, res in zip(batch, results, strict=True):
+                item = resp.results.add(sequence=req.sequence)
+                if isinstance(res, ApiError):
+                    item.error.CopyFrom(res.status())
+                else:
+                    item.job_id = res.job_id
+                    item.message_id = res.message_id
+            yield resp
+        if pending is not None:
+            pending.cancel()
+            with contextlib.suppress(BaseException):
+                await pending
+
+    return handle
+
+
+def servicer_handler(core: Any, cfg: IngestConfig) -> grpc.GenericRpcHandler[Any, Any]:
     """A handler for sluice.v1.IngestService backed by `core` (an IngestCore)."""
-    handlers = {
-        rpc.name: grpc.unary_unary_rpc_method_handler(
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+    for rpc in rpcs():
+        if rpc.name == "SendStream":
+            handlers[rpc.name] = grpc.stream_stream_rpc_method_handler(
+                _stream(core, cfg),
+                request_deserializer=rpc.request_cls.FromString,
+                response_serializer=rpc.response_cls.SerializeToString,
+            )
+            continue
+        handlers[rpc.name] = grpc.unary_unary_rpc_method_handler(
             _unary(core, rpc),
-            request_deserializer=rpc.request_cls.FromString,
+            request_deserializer=(
+                _keep_bytes if rpc.name == "SendBlast" else rpc.request_cls.FromString
+            ),
             response_serializer=rpc.response_cls.SerializeToString,
         )
-        for rpc in rpcs()
-    }
     return grpc.method_handlers_generic_handler(
         ingest_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name, handlers
     )

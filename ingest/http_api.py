@@ -1,12 +1,17 @@
-"""The HTTP/JSON transport: grpc-gateway-style transcoding of IngestService onto aiohttp."""
+"""The HTTP/JSON transport: grpc-gateway-style transcoding of IngestService onto aiohttp.
+
+Routes come from the protos (ingest.routes). A blast's recipients skip the generic JSON to
+proto conversion: they are validated as decoded JSON and stored as JSON (the lean path).
+"""
 
 from __future__ import annotations
 
-import json
 import logging
+import math
 from typing import Any
 
 import grpc
+import orjson
 from aiohttp import web
 from google.protobuf import json_format
 
@@ -18,50 +23,22 @@ __all__ = ["make_app"]
 
 log = logging.getLogger(__name__)
 
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+
 
 def error_response(err: ApiError) -> web.Response:
     body = json_format.MessageToDict(err.status(), preserving_proto_field_name=True)
     headers = {}
     if err.http_status == 401:
         headers["WWW-Authenticate"] = 'Bearer realm="sluice"'
-    return web.json_response(body, status=err.http_status, headers=headers)
-
-
-def _handler(core: Any, route: HttpRoute, max_bytes: int) -> Any:
-    method = getattr(core, snake(route.rpc.name))
-    success = 202 if route.rpc.name in ACCEPTED else 200
-
-    async def handle(request: web.Request) -> web.Response:
-        try:
-            data: dict[str, Any] = {}
-            if route.body:
-                if request.content_length is not None and request.content_length > max_bytes:
-                    raise _too_large(max_bytes)
-                raw = await request.read()
-                try:
-                    decoded = json.loads(raw) if raw else {}
-                except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                    raise bad_request([("body", f"is not valid JSON: {exc}")]) from exc
-                if route.body == "*":
-                    if not isinstance(decoded, dict):
-                        raise bad_request([("body", "must be a JSON object")])
-                    data = decoded
-                else:
-                    data[route.body] = decoded
-            for name, value in request.match_info.items():
-                data[name] = value
-            try:
-                msg = jsonpb.parse(data, route.rpc.request_cls)
-            except jsonpb.JsonError as exc:
-                raise bad_request(exc.violations) from exc
-            result = await method(request.headers.get("Authorization"), msg)
-            return web.json_response(jsonpb.to_dict(result), status=success)
-        except ApiError as err:
-            return error_response(err)
-        except web.HTTPRequestEntityTooLarge:
-            return error_response(_too_large(max_bytes))
-
-    return handle
+    if err.retry_after is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(err.retry_after)))
+    return web.Response(
+        body=orjson.dumps(body),
+        status=err.http_status,
+        headers=headers,
+        content_type="application/json",
+    )
 
 
 def _too_large(max_bytes: int) -> ApiError:
@@ -72,6 +49,61 @@ def _too_large(max_bytes: int) -> ApiError:
         [("body", "too large")],
         http_override=413,
     )
+
+
+async def _decode_body(request: web.Request, route: HttpRoute, max_bytes: int) -> dict[str, Any]:
+    if request.content_length is not None and request.content_length > max_bytes:
+        raise _too_large(max_bytes)
+    raw = await request.read()
+    try:
+        decoded = orjson.loads(raw) if raw else {}
+    except orjson.JSONDecodeError as exc:
+        raise bad_request([("body", f"is not valid JSON: {exc}")]) from exc
+    if route.body == "*":
+        if not isinstance(decoded, dict):
+            raise bad_request([("body", "must be a JSON object")])
+        return decoded
+    return {route.body: decoded}
+
+
+def _handler(core: Any, route: HttpRoute, max_bytes: int) -> Any:
+    method = getattr(core, snake(route.rpc.name))
+    success = 202 if route.rpc.name in ACCEPTED else 200
+    is_blast = route.rpc.name == "SendBlast"
+    has_request_id = "request_id" in route.rpc.request_cls.DESCRIPTOR.fields_by_name
+
+    async def handle(request: web.Request) -> web.Response:
+        try:
+            data = await _decode_body(request, route, max_bytes) if route.body else {}
+            data.update(request.match_info)
+            extra: dict[str, Any] = {}
+            if is_blast:
+                extra["json_recipients"] = data.pop("recipients", None)
+            try:
+                msg: Any = jsonpb.parse(data, route.rpc.request_cls)
+            except jsonpb.JsonError as exc:
+                raise bad_request(exc.violations) from exc
+            key = request.headers.get(IDEMPOTENCY_HEADER)
+            if key is not None and has_request_id:
+                if msg.request_id and msg.request_id != key:
+                    raise bad_request(
+                        [("request_id", f"differs from the {IDEMPOTENCY_HEADER} header")]
+                    )
+                msg.request_id = key
+            if is_blast and extra["json_recipients"] is None:
+                raise bad_request([("recipients", "at least one recipient is required")])
+            result = await method(request.headers.get("Authorization"), msg, **extra)
+            return web.Response(
+                body=orjson.dumps(jsonpb.to_dict(result)),
+                status=success,
+                content_type="application/json",
+            )
+        except ApiError as err:
+            return error_response(err)
+        except web.HTTPRequestEntityTooLarge:
+            return error_response(_too_large(max_bytes))
+
+    return handle
 
 
 def make_app(core: Any, max_bytes: int) -> web.Application:

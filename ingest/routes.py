@@ -22,7 +22,7 @@ __all__ = ["ACCEPTED", "HttpRoute", "Rpc", "http_routes", "rpcs"]
 SERVICE = ingest_pb2.DESCRIPTOR.services_by_name["IngestService"]
 
 # Methods that enqueue work answer HTTP 202 Accepted rather than 200.
-ACCEPTED = frozenset({"Send"})
+ACCEPTED = frozenset({"Send", "SendBlast"})
 
 Handler = Callable[[str | None, Message], Awaitable[Message]]
 

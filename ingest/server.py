@@ -21,9 +21,6 @@ __all__ = ["serve"]
 
 log = logging.getLogger(__name__)
 
-# gRPC message size: Send carries inline content and attachments.
-_GRPC_MAX_MESSAGE = 64 * 1024 * 1024
-
 
 def split_hostport(listen: str) -> tuple[str, int]:
     host, _, port = listen.rpartition(":")
@@ -43,11 +40,11 @@ async def serve(cfg: Config, stop: asyncio.Event) -> None:
     )
     server = grpc.aio.server(
         options=[
-            ("grpc.max_receive_message_length", _GRPC_MAX_MESSAGE),
-            ("grpc.max_send_message_length", _GRPC_MAX_MESSAGE),
+            ("grpc.max_receive_message_length", cfg.ingest.grpc_max_message_bytes),
+            ("grpc.max_send_message_length", cfg.ingest.grpc_max_message_bytes),
         ]
     )
-    server.add_generic_rpc_handlers((servicer_handler(core),))
+    server.add_generic_rpc_handlers((servicer_handler(core, cfg.ingest),))
     server.add_insecure_port(cfg.ingest.grpc_listen)
     await server.start()
     runner = web.AppRunner(make_app(core, cfg.ingest.max_request_bytes), access_log=None)

@@ -1,14 +1,23 @@
 """The ingest core shared by the gRPC and HTTP transports: authenticate, validate, make the
-job durable, answer. No delivery work happens here."""
+job durable, answer. No delivery work happens here.
+
+Durable means: the payload object (and a blast's recipients object) stored, then the
+JobBatch published and acknowledged by JetStream. Only then does a caller get its answer.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import secrets
 import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import grpc
+import orjson
+from google.protobuf.message import Message
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 from nats.js.errors import APIError as JsApiError
@@ -16,7 +25,15 @@ from nats.js.errors import NoStreamResponseError
 
 from ingest.auth import Authenticator, Principal
 from ingest.errors import ApiError, bad_request
-from ingest.validate import normalise_domain, validate_send
+from ingest.idempotency import Claim, IdempotencyStore, fingerprint
+from ingest.ratelimit import RateLimiter
+from ingest.status import StatusReader
+from ingest.validate import (
+    check_blast_recipient,
+    normalise_domain,
+    validate_blast_content,
+    validate_send,
+)
 from sluice import names
 from sluice.config import Config
 from sluice.store import PayloadStore, StoreError
@@ -27,8 +44,10 @@ __all__ = ["IngestCore", "new_job_id"]
 
 log = logging.getLogger(__name__)
 
-# JetStream error code for a stream at its limits with DiscardNew.
-_JS_STREAM_FULL = {10077, 10047}
+# JetStream error codes for a stream at its limits with DiscardNew.
+_JS_STREAM_FULL = {10077, 10047, 10027}
+
+R = TypeVar("R", bound=Message)
 
 
 def new_job_id() -> str:
@@ -36,12 +55,20 @@ def new_job_id() -> str:
     return f"job_{time.time_ns() // 1_000_000:012x}{secrets.token_hex(6)}"
 
 
+def _single(job: messages_pb2.JobRecord) -> messages_pb2.JobBatch:
+    return messages_pb2.JobBatch(batch_id=job.job_id, jobs=[job])
+
+
 def unavailable(message: str) -> ApiError:
-    return ApiError(grpc.StatusCode.UNAVAILABLE, "NOT_DURABLE", message)
+    return ApiError(grpc.StatusCode.UNAVAILABLE, "NOT_DURABLE", message, retry_after=1.0)
+
+
+def _from_domain(req: Any) -> str:
+    return normalise_domain(getattr(req, "from").email.rpartition("@")[2])
 
 
 class IngestCore:
-    """Accepts sends. Transports call `send` with the Authorization value and the request."""
+    """Accepts mail. Transports call these methods with the Authorization value."""
 
     def __init__(
         self,
@@ -56,6 +83,13 @@ class IngestCore:
         self._js = js
         self._store = store
         self._auth = auth
+        self._limiter = RateLimiter()
+        self._status = StatusReader(js)
+        self._idem = IdempotencyStore(
+            js, cfg.ingest.idempotency_ttl, cfg.ingest.publish_timeout * 3
+        )
+
+    # -- shared steps ---------------------------------------------------------------------
 
     async def authenticate(self, authorization: str | None) -> Principal:
         if not self._nc.is_connected:
@@ -68,9 +102,18 @@ class IngestCore:
             log.warning("key lookup failed: %r", exc)
             raise unavailable("cannot check the API key right now; retry") from exc
 
-    def _authorize(
-        self, principal: Principal, req: ingest_pb2.SendRequest, tier: names.Tier
-    ) -> None:
+    def rate_limit(self, principal: Principal, cost: float = 1.0) -> None:
+        tenant = principal[1]
+        wait = self._limiter.acquire(tenant.tenant_id, float(tenant.rate_limit), cost)
+        if wait > 0:
+            raise ApiError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "RATE_LIMITED",
+                f"tenant rate limit of {tenant.rate_limit} requests/s exceeded",
+                retry_after=wait,
+            )
+
+    def _authorize(self, principal: Principal, req: Any, tier: names.Tier) -> None:
         key, tenant = principal
         allowed = list(key.tiers) or list(tenant.allowed_tiers)
         if allowed and tier not in allowed:
@@ -80,8 +123,8 @@ class IngestCore:
                 f"tier {names.tier_token(tier)} is not allowed for this key",
                 [("tier", "not allowed for this key")],
             )
-        domain = normalise_domain(getattr(req, "from").email.rpartition("@")[2])
-        if domain not in tenant.allowed_from_domains:
+        domain = _from_domain(req)
+        if not any(hmac.compare_digest(domain, d) for d in tenant.allowed_from_domains):
             raise ApiError(
                 grpc.StatusCode.PERMISSION_DENIED,
                 "FROM_DOMAIN_NOT_ALLOWED",
@@ -89,81 +132,335 @@ class IngestCore:
                 [("from.email", f"domain {domain} is not one of the tenant's sending domains")],
             )
 
-    async def send(
-        self, authorization: str | None, req: ingest_pb2.SendRequest
-    ) -> ingest_pb2.SendResponse:
-        principal = await self.authenticate(authorization)
-        violations = validate_send(req, self._cfg.ingest)
-        if violations:
-            raise bad_request(violations)
-        tier = req.tier or messages_pb2.TIER_TRANSACTIONAL
-        self._authorize(principal, req, tier)
-        tenant = principal[1]
-        sender = getattr(req, "from")
-        job_id = new_job_id()
-        from_domain = normalise_domain(sender.email.rpartition("@")[2])
-        message_id = f"{job_id}@{from_domain}"
-        payload = messages_pb2.Payload(
-            reply_to=req.reply_to,
-            to=req.to,
-            cc=req.cc,
-            subject=req.subject,
-            text=req.text,
-            html=req.html,
-            headers=req.headers,
-        )
-        getattr(payload, "from").CopyFrom(sender)
-        recipients = [
-            messages_pb2.Recipient(email=a.email, message_id=message_id)
-            for a in [*req.to, *req.cc, *req.bcc]
-        ]
-        job = messages_pb2.JobRecord(
-            job_id=job_id,
-            tenant_id=tenant.tenant_id,
-            tier=tier,
-            accepted_at=now_ts(),
-            envelope_from=sender.email,
-            recipients=recipients,
-            tags=req.tags,
-            metadata=req.metadata,
-        )
-        await self._make_durable(job, payload)
-        log.info(
-            "accepted job=%s tenant=%s tier=%s recipients=%d",
-            job_id,
-            tenant.tenant_id,
-            names.tier_token(tier),
-            len(recipients),
-        )
-        return ingest_pb2.SendResponse(job_id=job_id, message_id=message_id)
+    async def _idempotent(
+        self,
+        principal: Principal,
+        method: str,
+        req: Any,
+        response_cls: type[R],
+        run: Callable[[], Awaitable[R]],
+        extra: bytes = b"",
+    ) -> R:
+        """run() once per (tenant, request_id); repeats get the first response."""
+        if not req.request_id:
+            return await run()
+        if len(req.request_id) > 256:
+            raise bad_request([("request_id", "at most 256 characters")])
+        try:
+            claimed = await self._idem.claim(
+                principal[1].tenant_id,
+                req.request_id,
+                fingerprint(method, req, extra),
+                response_cls,
+            )
+        except ApiError:
+            raise
+        except Exception as exc:
+            raise unavailable("cannot check the idempotency key right now; retry") from exc
+        if not isinstance(claimed, Claim):
+            assert isinstance(claimed, response_cls)
+            return claimed
+        try:
+            response = await run()
+        except BaseException:
+            await claimed.release()
+            raise
+        try:
+            await claimed.complete(response)
+        except Exception as exc:  # the job is durable; a retry inside 24 h may duplicate it
+            log.warning("idempotency record for %s not stored: %r", claimed.key, exc)
+        return response
 
-    async def _make_durable(
-        self, job: messages_pb2.JobRecord, payload: messages_pb2.Payload
-    ) -> None:
-        """Payload first, then the job record; only a JetStream ack of both means 202."""
+    async def _publish(self, batch: messages_pb2.JobBatch, tier: names.Tier) -> None:
+        await self._js.publish(
+            names.job_subject(tier, batch.batch_id),
+            batch.SerializeToString(),
+            timeout=self._cfg.ingest.publish_timeout,
+            stream=names.JOBS_STREAM,
+            headers={"Nats-Msg-Id": batch.batch_id},
+        )
+
+    async def _durable(self, *steps: Callable[[], Awaitable[object]]) -> None:
+        """Run the steps in order; any failure means nothing was accepted (503/429)."""
         if not self._nc.is_connected:
             raise unavailable("the queue is unreachable; nothing was accepted")
-        timeout = self._cfg.ingest.publish_timeout
         try:
-            async with asyncio.timeout(timeout):
-                job.payload_ref = await self._store.put(job.job_id, payload.SerializeToString())
-            await self._js.publish(
-                names.job_subject(job.tier),
-                job.SerializeToString(),
-                timeout=timeout,
-                stream=names.JOBS_STREAM,
-                headers={"Nats-Msg-Id": job.job_id},
-            )
+            for step in steps:
+                async with asyncio.timeout(self._cfg.ingest.publish_timeout):
+                    await step()
         except JsApiError as exc:
             if exc.err_code in _JS_STREAM_FULL:
                 raise ApiError(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     "BACKLOG_FULL",
                     "the backlog is full; retry later",
+                    retry_after=5.0,
                 ) from exc
             raise unavailable(f"the queue refused the job: {exc.description}") from exc
         except (TimeoutError, NoStreamResponseError, StoreError, OSError) as exc:
             raise unavailable("the job could not be made durable; nothing was accepted") from exc
+        except ApiError:
+            raise
         except Exception as exc:  # nats-py raises its own connection errors
             log.warning("publish failed: %r", exc)
             raise unavailable("the job could not be made durable; nothing was accepted") from exc
+
+    def _job(
+        self, tenant_id: str, req: Any, tier: names.Tier, job_id: str
+    ) -> messages_pb2.JobRecord:
+        job = messages_pb2.JobRecord(
+            job_id=job_id,
+            tenant_id=tenant_id,
+            tier=tier,
+            accepted_at=now_ts(),
+            envelope_from=getattr(req, "from").email,
+            tags=req.tags,
+            metadata=req.metadata,
+        )
+        if req.HasField("send_at"):
+            job.send_at.CopyFrom(req.send_at)
+        return job
+
+    @staticmethod
+    def _payload(req: Any) -> messages_pb2.Payload:
+        payload = messages_pb2.Payload(
+            reply_to=req.reply_to,
+            subject=req.subject,
+            text=req.text,
+            html=req.html,
+            headers=req.headers,
+            attachments=req.attachments,
+        )
+        getattr(payload, "from").CopyFrom(getattr(req, "from"))
+        if isinstance(req, ingest_pb2.SendRequest):
+            payload.to.extend(req.to)
+            payload.cc.extend(req.cc)
+        return payload
+
+    def _prepare_send(
+        self, principal: Principal, req: ingest_pb2.SendRequest, job_id: str
+    ) -> tuple[messages_pb2.JobRecord, messages_pb2.Payload, ingest_pb2.SendResponse]:
+        violations = validate_send(req, self._cfg.ingest)
+        if violations:
+            raise bad_request(violations)
+        tier = req.tier or messages_pb2.TIER_TRANSACTIONAL
+        self._authorize(principal, req, tier)
+        message_id = f"{job_id}@{_from_domain(req)}"
+        job = self._job(principal[1].tenant_id, req, tier, job_id)
+        job.recipients.extend(
+            messages_pb2.Recipient(email=a.email, message_id=message_id)
+            for a in [*req.to, *req.cc, *req.bcc]
+        )
+        return (
+            job,
+            self._payload(req),
+            ingest_pb2.SendResponse(job_id=job_id, message_id=message_id),
+        )
+
+    # -- Send ---------------------------------------------------------------------------
+
+    async def send(
+        self, authorization: str | None, req: ingest_pb2.SendRequest
+    ) -> ingest_pb2.SendResponse:
+        principal = await self.authenticate(authorization)
+        self.rate_limit(principal)
+
+        async def run() -> ingest_pb2.SendResponse:
+            job_id = new_job_id()
+            job, payload, response = self._prepare_send(principal, req, job_id)
+
+            async def put() -> None:
+                job.payload_ref = await self._store.put(job_id, payload.SerializeToString())
+
+            # Protobuf copies on assignment: build the batch after the payload_ref is set.
+            await self._durable(put, lambda: self._publish(_single(job), job.tier))
+            log.info(
+                "accepted job=%s tenant=%s tier=%s recipients=%d",
+                job_id,
+                job.tenant_id,
+                names.tier_token(job.tier),
+                len(job.recipients),
+            )
+            return response
+
+        return await self._idempotent(principal, "Send", req, ingest_pb2.SendResponse, run)
+
+    # -- SendStream (a batch of Sends) --------------------------------------------------
+
+    async def send_batch(
+        self, principal: Principal, reqs: list[ingest_pb2.SendRequest]
+    ) -> list[ingest_pb2.SendResponse | ApiError]:
+        """Accept many messages with one payload object and one publish per tier."""
+        batch_id = new_job_id()
+        results: list[ingest_pb2.SendResponse | ApiError] = []
+        payloads = messages_pb2.PayloadBatch()
+        jobs: list[messages_pb2.JobRecord] = []
+        for i, req in enumerate(reqs):
+            if req.request_id:
+                results.append(
+                    ApiError(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        "INVALID_REQUEST",
+                        "request_id is not supported on streamed messages; the stream's "
+                        "sequence numbers identify them",
+                        [("message.request_id", "not supported")],
+                    )
+                )
+                continue
+            try:
+                self.rate_limit(principal)
+                job, payload, response = self._prepare_send(principal, req, f"{batch_id}_{i}")
+            except ApiError as err:
+                results.append(err)
+                continue
+            payloads.payloads.append(payload)
+            job.payload_ref = f"#{len(payloads.payloads) - 1}"
+            jobs.append(job)
+            results.append(response)
+        if not jobs:
+            return results
+
+        async def put() -> None:
+            ref = await self._store.put(batch_id, payloads.SerializeToString())
+            for job in jobs:
+                job.payload_ref = ref + job.payload_ref
+
+        async def publish() -> None:
+            # One JobBatch per tier, so the expander can take critical work first.
+            by_tier: dict[names.Tier, messages_pb2.JobBatch] = {}
+            for job in jobs:
+                if job.tier not in by_tier:
+                    by_tier[job.tier] = messages_pb2.JobBatch(batch_id=f"{batch_id}_t{job.tier}")
+                by_tier[job.tier].jobs.append(job)
+            await asyncio.gather(*(self._publish(b, t) for t, b in by_tier.items()))
+
+        try:
+            await self._durable(put, publish)
+        except ApiError as err:
+            return [err if isinstance(r, ingest_pb2.SendResponse) else r for r in results]
+        log.info("accepted stream batch=%s messages=%d", batch_id, len(jobs))
+        return results
+
+    # -- status ---------------------------------------------------------------------------
+
+    async def get_message(
+        self, authorization: str | None, req: ingest_pb2.GetMessageRequest
+    ) -> ingest_pb2.GetMessageResponse:
+        principal = await self.authenticate(authorization)
+        return await self._status.message(principal[1].tenant_id, req.message_id)
+
+    async def get_job(
+        self, authorization: str | None, req: ingest_pb2.GetJobRequest
+    ) -> ingest_pb2.GetJobResponse:
+        principal = await self.authenticate(authorization)
+        return await self._status.job(principal[1].tenant_id, req.job_id)
+
+    # -- SendBlast ----------------------------------------------------------------------
+
+    async def send_blast(
+        self,
+        authorization: str | None,
+        req: ingest_pb2.SendBlastRequest,
+        raw_request: bytes | None = None,
+        json_recipients: Any = None,
+    ) -> ingest_pb2.SendBlastResponse:
+        """A blast. gRPC passes the request's bytes (stored as the recipients object as they
+        came); HTTP passes the decoded JSON recipients (stored as JSON). Either way the
+        recipients are validated here and travel as one object, never through the broker."""
+        principal = await self.authenticate(authorization)
+        self.rate_limit(principal)
+        recipients_json: list[dict[str, Any]] | None = None
+        if json_recipients is not None:
+            recipients_json = self._check_json_recipients(json_recipients)
+            count = len(recipients_json)
+        else:
+            count = len(req.recipients)
+            self._check_proto_recipients(req)
+
+        async def run() -> ingest_pb2.SendBlastResponse:
+            violations = validate_blast_content(req, self._cfg.ingest)
+            if violations:
+                raise bad_request(violations)
+            tier = req.tier or messages_pb2.TIER_BULK
+            self._authorize(principal, req, tier)
+            job_id = new_job_id()
+            job = self._job(principal[1].tenant_id, req, tier, job_id)
+            job.recipient_count = count
+            payload = self._payload(req)
+            if recipients_json is not None:
+                rcpt_bytes = orjson.dumps(recipients_json)
+                job.recipients_format = messages_pb2.RECIPIENTS_FORMAT_JSON
+            else:
+                rcpt_bytes = (
+                    raw_request
+                    if raw_request is not None
+                    else (
+                        messages_pb2.BlastRecipients(recipients=req.recipients).SerializeToString()
+                    )
+                )
+                job.recipients_format = messages_pb2.RECIPIENTS_FORMAT_PROTO
+
+            async def put_payload() -> None:
+                job.payload_ref = await self._store.put(job_id, payload.SerializeToString())
+
+            async def put_recipients() -> None:
+                job.recipients_ref = await self._store.put(f"{job_id}.recipients", rcpt_bytes)
+
+            await self._durable(
+                put_payload, put_recipients, lambda: self._publish(_single(job), tier)
+            )
+            domain = _from_domain(req)
+            log.info("accepted blast job=%s tenant=%s recipients=%d", job_id, job.tenant_id, count)
+            return ingest_pb2.SendBlastResponse(
+                job_id=job_id,
+                recipient_count=count,
+                message_ids=[f"{job_id}.{i}@{domain}" for i in range(count)],
+            )
+
+        # The fingerprint must cover the recipients; JSON ones are not inside req.
+        extra = orjson.dumps(recipients_json) if recipients_json is not None else b""
+        return await self._idempotent(
+            principal, "SendBlast", req, ingest_pb2.SendBlastResponse, run, extra
+        )
+
+    def _count_ok(self, count: int) -> None:
+        limit = self._cfg.ingest.max_blast_recipients
+        if count == 0:
+            raise bad_request([("recipients", "at least one recipient is required")])
+        if count > limit:
+            raise bad_request([("recipients", f"{count} recipients; at most {limit}")])
+
+    def _check_json_recipients(self, data: Any) -> list[dict[str, Any]]:
+        if not isinstance(data, list):
+            raise bad_request([("recipients", "must be a JSON array")])
+        self._count_ok(len(data))
+        out: list[tuple[str, str]] = []
+        domains: dict[str, str | None] = {}
+        allowed = {"email", "name", "substitutions"}
+        for i, r in enumerate(data):
+            if not isinstance(r, dict):
+                out.append((f"recipients[{i}]", "must be a JSON object"))
+                continue
+            if len(r) > 3 or not allowed.issuperset(r):
+                for k in r:
+                    if k not in allowed:
+                        out.append((f"recipients[{i}].{k}", "unknown field"))
+            check_blast_recipient(
+                i, r.get("email"), r.get("name"), r.get("substitutions"), domains, out
+            )
+            if len(out) >= 100:
+                break
+        if out:
+            raise bad_request(out)
+        return data
+
+    def _check_proto_recipients(self, req: ingest_pb2.SendBlastRequest) -> None:
+        self._count_ok(len(req.recipients))
+        out: list[tuple[str, str]] = []
+        domains: dict[str, str | None] = {}
+        for i, r in enumerate(req.recipients):
+            check_blast_recipient(i, r.email, r.name, r.substitutions, domains, out)
+            if len(out) >= 100:
+                break
+        if out:
+            raise bad_request(out)

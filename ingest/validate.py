@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import re
+import time
+from collections.abc import Mapping
+from typing import Any
 
 from sluice.config import IngestConfig
 from sluice.v1 import ingest_pb2, messages_pb2
 
-__all__ = ["check_address", "normalise_domain", "validate_send"]
+__all__ = [
+    "check_address",
+    "check_address_fast",
+    "normalise_domain",
+    "validate_blast_content",
+    "validate_send",
+]
 
 # RFC 5322 atext, for a dot-atom local part.
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
@@ -42,6 +51,10 @@ RESERVED_HEADERS = frozenset(
     )
 )
 
+_MIME_TYPE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9!#$&^_.+-]*/[a-zA-Z0-9][a-zA-Z0-9!#$&^_.+-]*$")
+_CONTENT_ID = re.compile(r"^[\x21-\x3b\x3d\x3f-\x7e]{1,250}$")
+
+MAX_SUBSTITUTION = 1000
 MAX_SUBJECT = 998
 MAX_HEADER_VALUE = 998
 MAX_TAGS = 20
@@ -93,6 +106,29 @@ def check_address(email: str) -> str | None:
     return None
 
 
+# The common case, checked with one regex; anything else takes the full path above.
+_FAST_ADDRESS = re.compile(
+    rf"({_ATEXT}+(?:\.{_ATEXT}+)*)@((?:[A-Za-z0-9](?:[A-Za-z0-9-]{{0,61}}[A-Za-z0-9])?\.)+"
+    r"[A-Za-z](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)"
+)
+
+
+def check_address_fast(email: str, domains: dict[str, str | None]) -> str | None:
+    """check_address for bulk lists: one regex for plain ASCII addresses, and each
+    domain's verdict cached in `domains` (the caller's dict, e.g. per request)."""
+    m = _FAST_ADDRESS.fullmatch(email)
+    if m is None or len(email) > 254 or len(m.group(1)) > 64:
+        return check_address(email)
+    domain = m.group(2)
+    if domain not in domains:
+        try:
+            normalise_domain(domain)
+            domains[domain] = None
+        except ValueError as exc:
+            domains[domain] = str(exc)
+    return domains[domain]
+
+
 def _check_name(name: str) -> str | None:
     if _CONTROL.search(name):
         return "must not contain control characters (CR/LF)"
@@ -109,17 +145,12 @@ def _addresses(field: str, addrs: list[messages_pb2.Address], out: list[tuple[st
             out.append((f"{field}[{i}].name", why))
 
 
+Content = ingest_pb2.SendRequest | ingest_pb2.SendBlastRequest
+
+
 def validate_send(req: ingest_pb2.SendRequest, cfg: IngestConfig) -> list[tuple[str, str]]:
     """Every schema violation of req as (field path, reason); empty if valid."""
     out: list[tuple[str, str]] = []
-    sender = getattr(req, "from")
-    if not req.HasField("from"):
-        out.append(("from", "is required"))
-    else:
-        if (why := check_address(sender.email)) is not None:
-            out.append(("from.email", why))
-        if (why := _check_name(sender.name)) is not None:
-            out.append(("from.name", why))
     count = len(req.to) + len(req.cc) + len(req.bcc)
     if count == 0:
         out.append(("to", "at least one recipient is required in to, cc or bcc"))
@@ -128,6 +159,62 @@ def validate_send(req: ingest_pb2.SendRequest, cfg: IngestConfig) -> list[tuple[
     _addresses("to", list(req.to), out)
     _addresses("cc", list(req.cc), out)
     _addresses("bcc", list(req.bcc), out)
+    _content(req, cfg, out)
+    return out
+
+
+def validate_blast_content(
+    req: ingest_pb2.SendBlastRequest, cfg: IngestConfig
+) -> list[tuple[str, str]]:
+    """Violations of a blast's shared content (its recipients are checked separately)."""
+    out: list[tuple[str, str]] = []
+    _content(req, cfg, out)
+    return out
+
+
+def check_blast_recipient(
+    i: int,
+    email: Any,
+    name: Any,
+    substitutions: Any,
+    domains: dict[str, str | None],
+    out: list[tuple[str, str]],
+) -> None:
+    """One blast recipient, as decoded JSON or proto fields; problems appended to out."""
+    if not isinstance(email, str):
+        out.append((f"recipients[{i}].email", "must be a string"))
+    elif (why := check_address_fast(email, domains)) is not None:
+        out.append((f"recipients[{i}].email", why))
+    if name:
+        if not isinstance(name, str):
+            out.append((f"recipients[{i}].name", "must be a string"))
+        elif (why := _check_name(name)) is not None:
+            out.append((f"recipients[{i}].name", why))
+    if substitutions:
+        if not isinstance(substitutions, dict | Mapping):
+            out.append((f"recipients[{i}].substitutions", "must be a JSON object"))
+            return
+        for key, value in substitutions.items():
+            if not isinstance(value, str):
+                out.append((f"recipients[{i}].substitutions.{key}", "must be a string"))
+            elif len(value) > MAX_SUBSTITUTION:
+                out.append(
+                    (
+                        f"recipients[{i}].substitutions.{key}",
+                        f"is longer than {MAX_SUBSTITUTION} characters",
+                    )
+                )
+
+
+def _content(req: Content, cfg: IngestConfig, out: list[tuple[str, str]]) -> None:
+    sender = getattr(req, "from")
+    if not req.HasField("from"):
+        out.append(("from", "is required"))
+    else:
+        if (why := check_address(sender.email)) is not None:
+            out.append(("from.email", why))
+        if (why := _check_name(sender.name)) is not None:
+            out.append(("from.name", why))
     _addresses("reply_to", list(req.reply_to), out)
     if _CONTROL.search(req.subject):
         out.append(("subject", "must not contain control characters (CR/LF)"))
@@ -154,4 +241,30 @@ def validate_send(req: ingest_pb2.SendRequest, cfg: IngestConfig) -> list[tuple[
         out.append(("metadata", f"at most {MAX_METADATA} entries"))
     if req.tier not in messages_pb2.Tier.values():
         out.append(("tier", "unknown tier"))
-    return out
+    size = len(req.subject) + len(req.text.encode()) + len(req.html.encode())
+    for i, att in enumerate(req.attachments):
+        path = f"attachments[{i}]"
+        size += len(att.content)
+        if not att.filename or _CONTROL.search(att.filename) or len(att.filename) > 255:
+            out.append((f"{path}.filename", "is required: 1-255 characters, no control characters"))
+        if att.content_type and not _MIME_TYPE.match(att.content_type):
+            out.append((f"{path}.content_type", "is not a MIME type like application/pdf"))
+        if att.content_id and not _CONTENT_ID.match(att.content_id):
+            out.append((f"{path}.content_id", "must be printable ASCII without <>, spaces"))
+        if not att.content:
+            out.append((f"{path}.content", "is empty"))
+        elif len(att.content) > cfg.max_attachment_bytes:
+            out.append(
+                (f"{path}.content", f"{len(att.content)} bytes; at most {cfg.max_attachment_bytes}")
+            )
+    if size > cfg.max_message_bytes:
+        out.append(
+            (
+                "attachments" if req.attachments else "html",
+                f"message is {size} bytes; at most {cfg.max_message_bytes}",
+            )
+        )
+    if req.HasField("send_at"):
+        ahead = req.send_at.ToNanoseconds() / 1e9 - time.time()
+        if ahead > cfg.max_schedule_ahead:
+            out.append(("send_at", f"is more than {cfg.max_schedule_ahead / 3600:g} hours ahead"))

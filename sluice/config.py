@@ -74,7 +74,21 @@ class IngestConfig:
     # Longest wait for JetStream to confirm a job before answering 503.
     publish_timeout: Duration = Duration(2.0)
     max_recipients: int = 50
-    max_request_bytes: int = 10 * 1024 * 1024
+    max_blast_recipients: int = 100_000
+    # Larger HTTP bodies get 413; a 100,000-recipient blast is about 10 MB of JSON.
+    max_request_bytes: int = 64 * 1024 * 1024
+    # Largest gRPC request (SendBlast carries all its recipients in one message).
+    grpc_max_message_bytes: int = 64 * 1024 * 1024
+    max_attachment_bytes: int = 10 * 1024 * 1024
+    # Subject, bodies and attachments together.
+    max_message_bytes: int = 25 * 1024 * 1024
+    max_schedule_ahead: Duration = Duration(72 * 3600.0)
+    # A repeated request_id / Idempotency-Key returns the first answer for this long.
+    idempotency_ttl: Duration = Duration(24 * 3600.0)
+    # Messages per streamed batch: one payload object and one job publish per batch.
+    stream_batch: int = 500
+    # Wait at most this long to fill a streamed batch.
+    stream_linger: Duration = Duration(0.005)
     # How long an API key lookup is cached (revocation takes at most this long).
     key_cache_ttl: Duration = Duration(10.0)
 

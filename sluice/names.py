@@ -38,6 +38,11 @@ DLQ_STREAM = "DLQ"
 
 TENANTS_BUCKET = "sluice_tenants"
 KEYS_BUCKET = "sluice_keys"
+IDEMPOTENCY_BUCKET = "sluice_idempotency"
+# Expander checkpoints: job id -> next chunk and the sequence of its last chunk marker.
+EXPANDER_BUCKET = "sluice_expander"
+# Suppressed recipients: "<tenant>.<sha256 of the address>" -> reason.
+SUPPRESSIONS_BUCKET = "sluice_suppressions"
 
 EXPANDER_CONSUMER = "expander"
 WEBHOOKS_CONSUMER = "webhooks"
@@ -94,8 +99,9 @@ def key_domain(key: str) -> str:
     return key.replace("_", ".")
 
 
-def job_subject(tier: Tier) -> str:
-    return f"sluice.jobs.{tier_token(tier)}"
+def job_subject(tier: Tier, batch_id: str) -> str:
+    """One subject per batch, so a pending job can be found by id (status lookups)."""
+    return f"sluice.jobs.{tier_token(tier)}.{batch_id}"
 
 
 def mail_subject(tier: Tier, key: str) -> str:
@@ -113,8 +119,10 @@ def event_token(event_type: EventType) -> str:
     return name.removeprefix("EVENT_TYPE_").lower()
 
 
-def event_subject(tenant_id: str, event_type: EventType) -> str:
-    return f"sluice.events.{tenant_id}.{event_token(event_type)}"
+def event_subject(tenant_id: str, event_type: EventType, job_id: str, index: int | str) -> str:
+    """Events are keyed by job and recipient index ("job" for job-level events), so a
+    message's history and a job's counts are subject-filtered reads."""
+    return f"sluice.events.{tenant_id}.{event_token(event_type)}.{job_id}.{index}"
 
 
 def dlq_subject(tenant_id: str, delivery_id: str) -> str:

@@ -61,6 +61,8 @@ async def ensure_layout(js: JetStreamContext, cfg: Config) -> None:
             discard=js_api.DiscardPolicy.NEW,
             max_bytes=cfg.nats.mail_max_bytes,
             duplicate_window=120.0,
+            # Atomic batches: the expander commits each chunk of pointers all or nothing.
+            allow_atomic=True,
         ),
         js_api.StreamConfig(
             name=names.EVENTS_STREAM,
@@ -70,6 +72,7 @@ async def ensure_layout(js: JetStreamContext, cfg: Config) -> None:
             num_replicas=cfg.nats.replicas,
             max_age=cfg.nats.events_max_age,
             duplicate_window=120.0,
+            allow_atomic=True,
         ),
         js_api.StreamConfig(
             name=names.DLQ_STREAM,
@@ -89,7 +92,16 @@ async def ensure_layout(js: JetStreamContext, cfg: Config) -> None:
         except NotFoundError:
             await js.add_stream(stream)
             log.info("created stream %s", stream.name)
-    for bucket in (names.TENANTS_BUCKET, names.KEYS_BUCKET):
+            continue
+        # Bring an existing stream up to this version's settings (a no-op when equal).
+        await js.update_stream(stream)
+    for bucket in (
+        names.TENANTS_BUCKET,
+        names.KEYS_BUCKET,
+        names.IDEMPOTENCY_BUCKET,
+        names.EXPANDER_BUCKET,
+        names.SUPPRESSIONS_BUCKET,
+    ):
         try:
             await js.key_value(bucket)
         except BucketNotFoundError:

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Protocol
 from urllib.parse import urlsplit
 
@@ -15,7 +14,7 @@ from nats.js import api as js_api
 from nats.js.errors import BucketNotFoundError, NotFoundError, ObjectNotFoundError
 from nats.js.object_store import ObjectStore
 
-__all__ = ["CachedStore", "NatsObjectStore", "PayloadStore", "StoreError", "open_store"]
+__all__ = ["NatsObjectStore", "PayloadNotFound", "PayloadStore", "StoreError", "open_store"]
 
 
 class StoreError(Exception):
@@ -79,28 +78,6 @@ class NatsObjectStore:
         except Exception as exc:
             raise StoreError(f"object store get {uri}: {exc!r}") from exc
         return bytes(result.data or b"")
-
-
-class CachedStore:
-    """An LRU cache in front of a store: a blast costs one read per process."""
-
-    def __init__(self, inner: PayloadStore, size: int) -> None:
-        self._inner = inner
-        self._size = size
-        self._cache: OrderedDict[str, bytes] = OrderedDict()
-
-    async def put(self, key: str, data: bytes) -> str:
-        return await self._inner.put(key, data)
-
-    async def get(self, uri: str) -> bytes:
-        if uri in self._cache:
-            self._cache.move_to_end(uri)
-            return self._cache[uri]
-        data = await self._inner.get(uri)
-        self._cache[uri] = data
-        if len(self._cache) > self._size:
-            self._cache.popitem(last=False)
-        return data
 
 
 def open_store(url: str, js: JetStreamContext, replicas: int = 1) -> PayloadStore:

@@ -23,10 +23,12 @@ _sym_db = _symbol_database.Default()
 
 
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 from sluice.v1 import messages_pb2 as sluice_dot_v1_dot_messages__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16sluice/v1/ingest.proto\x12\tsluice.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x18sluice/v1/messages.proto\"\xdf\x03\n\x0bSendRequest\x12 \n\x04\x66rom\x18\x01 \x01(\x0b\x32\x12.sluice.v1.Address\x12\x1e\n\x02to\x18\x02 \x03(\x0b\x32\x12.sluice.v1.Address\x12\x1e\n\x02\x63\x63\x18\x03 \x03(\x0b\x32\x12.sluice.v1.Address\x12\x1f\n\x03\x62\x63\x63\x18\x04 \x03(\x0b\x32\x12.sluice.v1.Address\x12$\n\x08reply_to\x18\x05 \x03(\x0b\x32\x12.sluice.v1.Address\x12\x0f\n\x07subject\x18\x06 \x01(\t\x12\x0c\n\x04text\x18\x07 \x01(\t\x12\x0c\n\x04html\x18\x08 \x01(\t\x12\x34\n\x07headers\x18\t \x03(\x0b\x32#.sluice.v1.SendRequest.HeadersEntry\x12\x1d\n\x04tier\x18\n \x01(\x0e\x32\x0f.sluice.v1.Tier\x12\x0c\n\x04tags\x18\x0b \x03(\t\x12\x36\n\x08metadata\x18\x0c \x03(\x0b\x32$.sluice.v1.SendRequest.MetadataEntry\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"2\n\x0cSendResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\nmessage_id\x18\x02 \x01(\t2]\n\rIngestService\x12L\n\x04Send\x12\x16.sluice.v1.SendRequest\x1a\x17.sluice.v1.SendResponse\"\x13\x82\xd3\xe4\x93\x02\r\"\x08/v1/send:\x01*b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16sluice/v1/ingest.proto\x12\tsluice.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a\x18sluice/v1/messages.proto\"\xcc\x04\n\x0bSendRequest\x12 \n\x04\x66rom\x18\x01 \x01(\x0b\x32\x12.sluice.v1.Address\x12\x1e\n\x02to\x18\x02 \x03(\x0b\x32\x12.sluice.v1.Address\x12\x1e\n\x02\x63\x63\x18\x03 \x03(\x0b\x32\x12.sluice.v1.Address\x12\x1f\n\x03\x62\x63\x63\x18\x04 \x03(\x0b\x32\x12.sluice.v1.Address\x12$\n\x08reply_to\x18\x05 \x03(\x0b\x32\x12.sluice.v1.Address\x12\x0f\n\x07subject\x18\x06 \x01(\t\x12\x0c\n\x04text\x18\x07 \x01(\t\x12\x0c\n\x04html\x18\x08 \x01(\t\x12\x34\n\x07headers\x18\t \x03(\x0b\x32#.sluice.v1.SendRequest.HeadersEntry\x12\x1d\n\x04tier\x18\n \x01(\x0e\x32\x0f.sluice.v1.Tier\x12\x0c\n\x04tags\x18\x0b \x03(\t\x12\x36\n\x08metadata\x18\x0c \x03(\x0b\x32$.sluice.v1.SendRequest.MetadataEntry\x12*\n\x0b\x61ttachments\x18\r \x03(\x0b\x32\x15.sluice.v1.Attachment\x12+\n\x07send_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nrequest_id\x18\x0f \x01(\t\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"2\n\x0cSendResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\nmessage_id\x18\x02 \x01(\t\"\xa9\x04\n\x10SendBlastRequest\x12 \n\x04\x66rom\x18\x01 \x01(\x0b\x32\x12.sluice.v1.Address\x12$\n\x08reply_to\x18\x02 \x03(\x0b\x32\x12.sluice.v1.Address\x12\x0f\n\x07subject\x18\x03 \x01(\t\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x0c\n\x04html\x18\x05 \x01(\t\x12\x39\n\x07headers\x18\x06 \x03(\x0b\x32(.sluice.v1.SendBlastRequest.HeadersEntry\x12*\n\x0b\x61ttachments\x18\x07 \x03(\x0b\x32\x15.sluice.v1.Attachment\x12\x1d\n\x04tier\x18\x08 \x01(\x0e\x32\x0f.sluice.v1.Tier\x12\x0c\n\x04tags\x18\t \x03(\t\x12;\n\x08metadata\x18\n \x03(\x0b\x32).sluice.v1.SendBlastRequest.MetadataEntry\x12+\n\x07send_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nrequest_id\x18\x0c \x01(\t\x12-\n\nrecipients\x18\r \x03(\x0b\x32\x19.sluice.v1.BlastRecipient\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"Q\n\x11SendBlastResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x17\n\x0frecipient_count\x18\x02 \x01(\r\x12\x13\n\x0bmessage_ids\x18\x03 \x03(\t\"N\n\x11SendStreamRequest\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\'\n\x07message\x18\x02 \x01(\x0b\x32\x16.sluice.v1.SendRequest\"k\n\x10SendStreamResult\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x12\n\nmessage_id\x18\x03 \x01(\t\x12!\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x12.google.rpc.Status\"B\n\x12SendStreamResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.sluice.v1.SendStreamResult\"\'\n\x11GetMessageRequest\x12\x12\n\nmessage_id\x18\x01 \x01(\t\"L\n\x0fRecipientStatus\x12\x11\n\trecipient\x18\x01 \x01(\t\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.sluice.v1.MessageState\"\xb2\x01\n\x12GetMessageResponse\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12&\n\x05state\x18\x03 \x01(\x0e\x32\x17.sluice.v1.MessageState\x12.\n\nrecipients\x18\x04 \x03(\x0b\x32\x1a.sluice.v1.RecipientStatus\x12 \n\x06\x65vents\x18\x05 \x03(\x0b\x32\x10.sluice.v1.Event\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\xf3\x01\n\x0eGetJobResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x1d\n\x04tier\x18\x02 \x01(\x0e\x32\x0f.sluice.v1.Tier\x12\x17\n\x0frecipient_count\x18\x03 \x01(\r\x12\x0e\n\x06queued\x18\x04 \x01(\r\x12\x11\n\tdelivered\x18\x05 \x01(\r\x12\x10\n\x08\x64\x65\x66\x65rred\x18\x06 \x01(\r\x12\x0f\n\x07\x62ounced\x18\x07 \x01(\r\x12\x0e\n\x06\x66\x61iled\x18\x08 \x01(\r\x12\x12\n\nsuppressed\x18\t \x01(\r\x12/\n\x0b\x61\x63\x63\x65pted_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xd3\x01\n\x0cMessageState\x12\x1d\n\x19MESSAGE_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14MESSAGE_STATE_QUEUED\x10\x01\x12\x1b\n\x17MESSAGE_STATE_DELIVERED\x10\x02\x12\x1a\n\x16MESSAGE_STATE_DEFERRED\x10\x03\x12\x19\n\x15MESSAGE_STATE_BOUNCED\x10\x04\x12\x18\n\x14MESSAGE_STATE_FAILED\x10\x05\x12\x1c\n\x18MESSAGE_STATE_SUPPRESSED\x10\x06\x32\xd3\x03\n\rIngestService\x12L\n\x04Send\x12\x16.sluice.v1.SendRequest\x1a\x17.sluice.v1.SendResponse\"\x13\x82\xd3\xe4\x93\x02\r\"\x08/v1/send:\x01*\x12]\n\tSendBlast\x12\x1b.sluice.v1.SendBlastRequest\x1a\x1c.sluice.v1.SendBlastResponse\"\x15\x82\xd3\xe4\x93\x02\x0f\"\n/v1/blasts:\x01*\x12M\n\nSendStream\x12\x1c.sluice.v1.SendStreamRequest\x1a\x1d.sluice.v1.SendStreamResponse(\x01\x30\x01\x12l\n\nGetMessage\x12\x1c.sluice.v1.GetMessageRequest\x1a\x1d.sluice.v1.GetMessageResponse\"!\x82\xd3\xe4\x93\x02\x1b\x12\x19/v1/messages/{message_id}\x12X\n\x06GetJob\x12\x18.sluice.v1.GetJobRequest\x1a\x19.sluice.v1.GetJobResponse\"\x19\x82\xd3\xe4\x93\x02\x13\x12\x11/v1/jobs/{job_id}b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,16 +39,52 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SENDREQUEST_HEADERSENTRY']._serialized_options = b'8\001'
   _globals['_SENDREQUEST_METADATAENTRY']._loaded_options = None
   _globals['_SENDREQUEST_METADATAENTRY']._serialized_options = b'8\001'
+  _globals['_SENDBLASTREQUEST_HEADERSENTRY']._loaded_options = None
+  _globals['_SENDBLASTREQUEST_HEADERSENTRY']._serialized_options = b'8\001'
+  _globals['_SENDBLASTREQUEST_METADATAENTRY']._loaded_options = None
+  _globals['_SENDBLASTREQUEST_METADATAENTRY']._serialized_options = b'8\001'
   _globals['_INGESTSERVICE'].methods_by_name['Send']._loaded_options = None
   _globals['_INGESTSERVICE'].methods_by_name['Send']._serialized_options = b'\202\323\344\223\002\r\"\010/v1/send:\001*'
-  _globals['_SENDREQUEST']._serialized_start=94
-  _globals['_SENDREQUEST']._serialized_end=573
-  _globals['_SENDREQUEST_HEADERSENTRY']._serialized_start=478
-  _globals['_SENDREQUEST_HEADERSENTRY']._serialized_end=524
-  _globals['_SENDREQUEST_METADATAENTRY']._serialized_start=526
-  _globals['_SENDREQUEST_METADATAENTRY']._serialized_end=573
-  _globals['_SENDRESPONSE']._serialized_start=575
-  _globals['_SENDRESPONSE']._serialized_end=625
-  _globals['_INGESTSERVICE']._serialized_start=627
-  _globals['_INGESTSERVICE']._serialized_end=720
+  _globals['_INGESTSERVICE'].methods_by_name['SendBlast']._loaded_options = None
+  _globals['_INGESTSERVICE'].methods_by_name['SendBlast']._serialized_options = b'\202\323\344\223\002\017\"\n/v1/blasts:\001*'
+  _globals['_INGESTSERVICE'].methods_by_name['GetMessage']._loaded_options = None
+  _globals['_INGESTSERVICE'].methods_by_name['GetMessage']._serialized_options = b'\202\323\344\223\002\033\022\031/v1/messages/{message_id}'
+  _globals['_INGESTSERVICE'].methods_by_name['GetJob']._loaded_options = None
+  _globals['_INGESTSERVICE'].methods_by_name['GetJob']._serialized_options = b'\202\323\344\223\002\023\022\021/v1/jobs/{job_id}'
+  _globals['_MESSAGESTATE']._serialized_start=2270
+  _globals['_MESSAGESTATE']._serialized_end=2481
+  _globals['_SENDREQUEST']._serialized_start=152
+  _globals['_SENDREQUEST']._serialized_end=740
+  _globals['_SENDREQUEST_HEADERSENTRY']._serialized_start=645
+  _globals['_SENDREQUEST_HEADERSENTRY']._serialized_end=691
+  _globals['_SENDREQUEST_METADATAENTRY']._serialized_start=693
+  _globals['_SENDREQUEST_METADATAENTRY']._serialized_end=740
+  _globals['_SENDRESPONSE']._serialized_start=742
+  _globals['_SENDRESPONSE']._serialized_end=792
+  _globals['_SENDBLASTREQUEST']._serialized_start=795
+  _globals['_SENDBLASTREQUEST']._serialized_end=1348
+  _globals['_SENDBLASTREQUEST_HEADERSENTRY']._serialized_start=645
+  _globals['_SENDBLASTREQUEST_HEADERSENTRY']._serialized_end=691
+  _globals['_SENDBLASTREQUEST_METADATAENTRY']._serialized_start=693
+  _globals['_SENDBLASTREQUEST_METADATAENTRY']._serialized_end=740
+  _globals['_SENDBLASTRESPONSE']._serialized_start=1350
+  _globals['_SENDBLASTRESPONSE']._serialized_end=1431
+  _globals['_SENDSTREAMREQUEST']._serialized_start=1433
+  _globals['_SENDSTREAMREQUEST']._serialized_end=1511
+  _globals['_SENDSTREAMRESULT']._serialized_start=1513
+  _globals['_SENDSTREAMRESULT']._serialized_end=1620
+  _globals['_SENDSTREAMRESPONSE']._serialized_start=1622
+  _globals['_SENDSTREAMRESPONSE']._serialized_end=1688
+  _globals['_GETMESSAGEREQUEST']._serialized_start=1690
+  _globals['_GETMESSAGEREQUEST']._serialized_end=1729
+  _globals['_RECIPIENTSTATUS']._serialized_start=1731
+  _globals['_RECIPIENTSTATUS']._serialized_end=1807
+  _globals['_GETMESSAGERESPONSE']._serialized_start=1810
+  _globals['_GETMESSAGERESPONSE']._serialized_end=1988
+  _globals['_GETJOBREQUEST']._serialized_start=1990
+  _globals['_GETJOBREQUEST']._serialized_end=2021
+  _globals['_GETJOBRESPONSE']._serialized_start=2024
+  _globals['_GETJOBRESPONSE']._serialized_end=2267
+  _globals['_INGESTSERVICE']._serialized_start=2484
+  _globals['_INGESTSERVICE']._serialized_end=2951
 # @@protoc_insertion_point(module_scope)

@@ -6,7 +6,10 @@ isort:skip_file
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.rpc import status_pb2 as _status_pb2
 from sluice.v1 import messages_pb2 as _messages_pb2
 import builtins as _builtins
 import sys
@@ -18,6 +21,46 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _MessageState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _MessageStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MessageState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    MESSAGE_STATE_UNSPECIFIED: _MessageState.ValueType  # 0
+    """MESSAGE_STATE_UNSPECIFIED is never returned."""
+    MESSAGE_STATE_QUEUED: _MessageState.ValueType  # 1
+    """MESSAGE_STATE_QUEUED: accepted, not yet attempted."""
+    MESSAGE_STATE_DELIVERED: _MessageState.ValueType  # 2
+    """MESSAGE_STATE_DELIVERED: the receiving server accepted it."""
+    MESSAGE_STATE_DEFERRED: _MessageState.ValueType  # 3
+    """MESSAGE_STATE_DEFERRED: a temporary failure; it will be retried."""
+    MESSAGE_STATE_BOUNCED: _MessageState.ValueType  # 4
+    """MESSAGE_STATE_BOUNCED: a permanent failure."""
+    MESSAGE_STATE_FAILED: _MessageState.ValueType  # 5
+    """MESSAGE_STATE_FAILED: retried until the horizon without success."""
+    MESSAGE_STATE_SUPPRESSED: _MessageState.ValueType  # 6
+    """MESSAGE_STATE_SUPPRESSED: not sent, the recipient is suppressed."""
+
+class MessageState(_MessageState, metaclass=_MessageStateEnumTypeWrapper):
+    """MessageState is where a message (or one of its recipients) stands."""
+
+MESSAGE_STATE_UNSPECIFIED: MessageState.ValueType  # 0
+"""MESSAGE_STATE_UNSPECIFIED is never returned."""
+MESSAGE_STATE_QUEUED: MessageState.ValueType  # 1
+"""MESSAGE_STATE_QUEUED: accepted, not yet attempted."""
+MESSAGE_STATE_DELIVERED: MessageState.ValueType  # 2
+"""MESSAGE_STATE_DELIVERED: the receiving server accepted it."""
+MESSAGE_STATE_DEFERRED: MessageState.ValueType  # 3
+"""MESSAGE_STATE_DEFERRED: a temporary failure; it will be retried."""
+MESSAGE_STATE_BOUNCED: MessageState.ValueType  # 4
+"""MESSAGE_STATE_BOUNCED: a permanent failure."""
+MESSAGE_STATE_FAILED: MessageState.ValueType  # 5
+"""MESSAGE_STATE_FAILED: retried until the horizon without success."""
+MESSAGE_STATE_SUPPRESSED: MessageState.ValueType  # 6
+"""MESSAGE_STATE_SUPPRESSED: not sent, the recipient is suppressed."""
+Global___MessageState: _TypeAlias = MessageState  # noqa: Y015
 
 @_typing.final
 class SendRequest(_message.Message):
@@ -77,6 +120,9 @@ class SendRequest(_message.Message):
     TIER_FIELD_NUMBER: _builtins.int
     TAGS_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
+    ATTACHMENTS_FIELD_NUMBER: _builtins.int
+    SEND_AT_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     subject: _builtins.str
     """The subject."""
     text: _builtins.str
@@ -85,6 +131,11 @@ class SendRequest(_message.Message):
     """The text/html body."""
     tier: _messages_pb2.Tier.ValueType
     """The delivery tier; unspecified means transactional."""
+    request_id: _builtins.str
+    """An idempotency key (also the Idempotency-Key HTTP header): a repeat within 24 hours
+    returns the first response without sending again; a different request with the same
+    key answers ALREADY_EXISTS (409).
+    """
     @_builtins.property
     def to(self) -> _containers.RepeatedCompositeFieldContainer[_messages_pb2.Address]:
         """The To recipients."""
@@ -113,6 +164,14 @@ class SendRequest(_message.Message):
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Metadata, echoed in events."""
 
+    @_builtins.property
+    def attachments(self) -> _containers.RepeatedCompositeFieldContainer[_messages_pb2.Attachment]:
+        """Attachments (base64 in JSON)."""
+
+    @_builtins.property
+    def send_at(self) -> _timestamp_pb2.Timestamp:
+        """Do not deliver before this time (at most 72 hours ahead)."""
+
     def __init__(
         self,
         *,
@@ -127,10 +186,13 @@ class SendRequest(_message.Message):
         tier: _messages_pb2.Tier.ValueType = ...,
         tags: _abc.Iterable[_builtins.str] | None = ...,
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        attachments: _abc.Iterable[_messages_pb2.Attachment] | None = ...,
+        send_at: _timestamp_pb2.Timestamp | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["from", b"from"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["from", b"from", "send_at", b"send_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bcc", b"bcc", "cc", b"cc", "from", b"from", "headers", b"headers", "html", b"html", "metadata", b"metadata", "reply_to", b"reply_to", "subject", b"subject", "tags", b"tags", "text", b"text", "tier", b"tier", "to", b"to"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachments", b"attachments", "bcc", b"bcc", "cc", b"cc", "from", b"from", "headers", b"headers", "html", b"html", "metadata", b"metadata", "reply_to", b"reply_to", "request_id", b"request_id", "send_at", b"send_at", "subject", b"subject", "tags", b"tags", "text", b"text", "tier", b"tier", "to", b"to"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -161,3 +223,416 @@ class SendResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SendResponse: _TypeAlias = SendResponse  # noqa: Y015
+
+@_typing.final
+class SendBlastRequest(_message.Message):
+    """SendBlastRequest is one content for many recipients."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class HeadersEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class MetadataEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    FROM_FIELD_NUMBER: _builtins.int
+    REPLY_TO_FIELD_NUMBER: _builtins.int
+    SUBJECT_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    HTML_FIELD_NUMBER: _builtins.int
+    HEADERS_FIELD_NUMBER: _builtins.int
+    ATTACHMENTS_FIELD_NUMBER: _builtins.int
+    TIER_FIELD_NUMBER: _builtins.int
+    TAGS_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
+    SEND_AT_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    RECIPIENTS_FIELD_NUMBER: _builtins.int
+    subject: _builtins.str
+    """The subject; may contain {{name}} placeholders."""
+    text: _builtins.str
+    """The text/plain body; may contain {{name}} placeholders."""
+    html: _builtins.str
+    """The text/html body; may contain {{name}} placeholders (values are HTML-escaped)."""
+    tier: _messages_pb2.Tier.ValueType
+    """The delivery tier; unspecified means bulk."""
+    request_id: _builtins.str
+    """An idempotency key, as for Send."""
+    @_builtins.property
+    def reply_to(self) -> _containers.RepeatedCompositeFieldContainer[_messages_pb2.Address]:
+        """The Reply-To addresses."""
+
+    @_builtins.property
+    def headers(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Extra headers."""
+
+    @_builtins.property
+    def attachments(self) -> _containers.RepeatedCompositeFieldContainer[_messages_pb2.Attachment]:
+        """Attachments."""
+
+    @_builtins.property
+    def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Tags, echoed in events."""
+
+    @_builtins.property
+    def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Metadata, echoed in events."""
+
+    @_builtins.property
+    def send_at(self) -> _timestamp_pb2.Timestamp:
+        """Do not deliver before this time (at most 72 hours ahead)."""
+
+    @_builtins.property
+    def recipients(self) -> _containers.RepeatedCompositeFieldContainer[_messages_pb2.BlastRecipient]:
+        """The recipients, each receiving its own message."""
+
+    def __init__(
+        self,
+        *,
+        reply_to: _abc.Iterable[_messages_pb2.Address] | None = ...,
+        subject: _builtins.str = ...,
+        text: _builtins.str = ...,
+        html: _builtins.str = ...,
+        headers: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        attachments: _abc.Iterable[_messages_pb2.Attachment] | None = ...,
+        tier: _messages_pb2.Tier.ValueType = ...,
+        tags: _abc.Iterable[_builtins.str] | None = ...,
+        metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        send_at: _timestamp_pb2.Timestamp | None = ...,
+        request_id: _builtins.str = ...,
+        recipients: _abc.Iterable[_messages_pb2.BlastRecipient] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["from", b"from", "send_at", b"send_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachments", b"attachments", "from", b"from", "headers", b"headers", "html", b"html", "metadata", b"metadata", "recipients", b"recipients", "reply_to", b"reply_to", "request_id", b"request_id", "send_at", b"send_at", "subject", b"subject", "tags", b"tags", "text", b"text", "tier", b"tier"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SendBlastRequest: _TypeAlias = SendBlastRequest  # noqa: Y015
+
+@_typing.final
+class SendBlastResponse(_message.Message):
+    """SendBlastResponse identifies the accepted blast."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    RECIPIENT_COUNT_FIELD_NUMBER: _builtins.int
+    MESSAGE_IDS_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """The job id."""
+    recipient_count: _builtins.int
+    """How many recipients were accepted."""
+    @_builtins.property
+    def message_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The Message-ID of each recipient, in request order ("<job_id>.<i>@<from domain>")."""
+
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        recipient_count: _builtins.int = ...,
+        message_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "message_ids", b"message_ids", "recipient_count", b"recipient_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SendBlastResponse: _TypeAlias = SendBlastResponse  # noqa: Y015
+
+@_typing.final
+class SendStreamRequest(_message.Message):
+    """SendStreamRequest is one message of a stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    sequence: _builtins.int
+    """A client-chosen number echoed in the result, to match results to requests."""
+    @_builtins.property
+    def message(self) -> Global___SendRequest:
+        """The message."""
+
+    def __init__(
+        self,
+        *,
+        sequence: _builtins.int = ...,
+        message: Global___SendRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "sequence", b"sequence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SendStreamRequest: _TypeAlias = SendStreamRequest  # noqa: Y015
+
+@_typing.final
+class SendStreamResult(_message.Message):
+    """SendStreamResult is the outcome of one streamed message."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    MESSAGE_ID_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    sequence: _builtins.int
+    """The request's sequence."""
+    job_id: _builtins.str
+    """The job id, when accepted."""
+    message_id: _builtins.str
+    """The Message-ID, when accepted."""
+    @_builtins.property
+    def error(self) -> _status_pb2.Status:
+        """Why the message was not accepted; unset when accepted."""
+
+    def __init__(
+        self,
+        *,
+        sequence: _builtins.int = ...,
+        job_id: _builtins.str = ...,
+        message_id: _builtins.str = ...,
+        error: _status_pb2.Status | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "job_id", b"job_id", "message_id", b"message_id", "sequence", b"sequence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SendStreamResult: _TypeAlias = SendStreamResult  # noqa: Y015
+
+@_typing.final
+class SendStreamResponse(_message.Message):
+    """SendStreamResponse acknowledges a batch of streamed messages."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___SendStreamResult]:
+        """One result per message of the batch, in request order."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___SendStreamResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SendStreamResponse: _TypeAlias = SendStreamResponse  # noqa: Y015
+
+@_typing.final
+class GetMessageRequest(_message.Message):
+    """GetMessageRequest names a message."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGE_ID_FIELD_NUMBER: _builtins.int
+    message_id: _builtins.str
+    """The Message-ID, without angle brackets."""
+    def __init__(
+        self,
+        *,
+        message_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message_id", b"message_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetMessageRequest: _TypeAlias = GetMessageRequest  # noqa: Y015
+
+@_typing.final
+class RecipientStatus(_message.Message):
+    """RecipientStatus is the state of one recipient of a message."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECIPIENT_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    recipient: _builtins.str
+    """The recipient."""
+    state: Global___MessageState.ValueType
+    """Its state."""
+    def __init__(
+        self,
+        *,
+        recipient: _builtins.str = ...,
+        state: Global___MessageState.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["recipient", b"recipient", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecipientStatus: _TypeAlias = RecipientStatus  # noqa: Y015
+
+@_typing.final
+class GetMessageResponse(_message.Message):
+    """GetMessageResponse is a message's state and history."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGE_ID_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    RECIPIENTS_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
+    message_id: _builtins.str
+    """The Message-ID."""
+    job_id: _builtins.str
+    """The job it belongs to."""
+    state: Global___MessageState.ValueType
+    """The overall state: queued or deferred while any recipient is; else the last final state."""
+    @_builtins.property
+    def recipients(self) -> _containers.RepeatedCompositeFieldContainer[Global___RecipientStatus]:
+        """Per-recipient states."""
+
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[_messages_pb2.Event]:
+        """The events, oldest first."""
+
+    def __init__(
+        self,
+        *,
+        message_id: _builtins.str = ...,
+        job_id: _builtins.str = ...,
+        state: Global___MessageState.ValueType = ...,
+        recipients: _abc.Iterable[Global___RecipientStatus] | None = ...,
+        events: _abc.Iterable[_messages_pb2.Event] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "job_id", b"job_id", "message_id", b"message_id", "recipients", b"recipients", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetMessageResponse: _TypeAlias = GetMessageResponse  # noqa: Y015
+
+@_typing.final
+class GetJobRequest(_message.Message):
+    """GetJobRequest names a job."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """The job id."""
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetJobRequest: _TypeAlias = GetJobRequest  # noqa: Y015
+
+@_typing.final
+class GetJobResponse(_message.Message):
+    """GetJobResponse counts a job's recipients per state."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    TIER_FIELD_NUMBER: _builtins.int
+    RECIPIENT_COUNT_FIELD_NUMBER: _builtins.int
+    QUEUED_FIELD_NUMBER: _builtins.int
+    DELIVERED_FIELD_NUMBER: _builtins.int
+    DEFERRED_FIELD_NUMBER: _builtins.int
+    BOUNCED_FIELD_NUMBER: _builtins.int
+    FAILED_FIELD_NUMBER: _builtins.int
+    SUPPRESSED_FIELD_NUMBER: _builtins.int
+    ACCEPTED_AT_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """The job id."""
+    tier: _messages_pb2.Tier.ValueType
+    """The tier."""
+    recipient_count: _builtins.int
+    """All recipients of the job."""
+    queued: _builtins.int
+    """Recipients not yet attempted."""
+    delivered: _builtins.int
+    """Recipients delivered."""
+    deferred: _builtins.int
+    """Recipients waiting for a retry."""
+    bounced: _builtins.int
+    """Recipients bounced."""
+    failed: _builtins.int
+    """Recipients failed (horizon passed)."""
+    suppressed: _builtins.int
+    """Recipients suppressed."""
+    @_builtins.property
+    def accepted_at(self) -> _timestamp_pb2.Timestamp:
+        """When the job was accepted."""
+
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        tier: _messages_pb2.Tier.ValueType = ...,
+        recipient_count: _builtins.int = ...,
+        queued: _builtins.int = ...,
+        delivered: _builtins.int = ...,
+        deferred: _builtins.int = ...,
+        bounced: _builtins.int = ...,
+        failed: _builtins.int = ...,
+        suppressed: _builtins.int = ...,
+        accepted_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["accepted_at", b"accepted_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_at", b"accepted_at", "bounced", b"bounced", "deferred", b"deferred", "delivered", b"delivered", "failed", b"failed", "job_id", b"job_id", "queued", b"queued", "recipient_count", b"recipient_count", "suppressed", b"suppressed", "tier", b"tier"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetJobResponse: _TypeAlias = GetJobResponse  # noqa: Y015

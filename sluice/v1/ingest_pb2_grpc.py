@@ -41,6 +41,26 @@ class IngestServiceStub:
                 request_serializer=sluice_dot_v1_dot_ingest__pb2.SendRequest.SerializeToString,
                 response_deserializer=sluice_dot_v1_dot_ingest__pb2.SendResponse.FromString,
                 _registered_method=True)
+        self.SendBlast = channel.unary_unary(
+                '/sluice.v1.IngestService/SendBlast',
+                request_serializer=sluice_dot_v1_dot_ingest__pb2.SendBlastRequest.SerializeToString,
+                response_deserializer=sluice_dot_v1_dot_ingest__pb2.SendBlastResponse.FromString,
+                _registered_method=True)
+        self.SendStream = channel.stream_stream(
+                '/sluice.v1.IngestService/SendStream',
+                request_serializer=sluice_dot_v1_dot_ingest__pb2.SendStreamRequest.SerializeToString,
+                response_deserializer=sluice_dot_v1_dot_ingest__pb2.SendStreamResponse.FromString,
+                _registered_method=True)
+        self.GetMessage = channel.unary_unary(
+                '/sluice.v1.IngestService/GetMessage',
+                request_serializer=sluice_dot_v1_dot_ingest__pb2.GetMessageRequest.SerializeToString,
+                response_deserializer=sluice_dot_v1_dot_ingest__pb2.GetMessageResponse.FromString,
+                _registered_method=True)
+        self.GetJob = channel.unary_unary(
+                '/sluice.v1.IngestService/GetJob',
+                request_serializer=sluice_dot_v1_dot_ingest__pb2.GetJobRequest.SerializeToString,
+                response_deserializer=sluice_dot_v1_dot_ingest__pb2.GetJobResponse.FromString,
+                _registered_method=True)
 
 
 class IngestServiceServicer:
@@ -59,6 +79,42 @@ class IngestServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SendBlast(self, request, context):
+        """SendBlast accepts one content for up to 100,000 recipients, each with its own
+        substitutions. The content and the recipient list are each written once to the object
+        store; nothing per recipient touches the broker before the answer (HTTP 202). Errors as
+        for Send, plus INVALID_ARGUMENT for more recipients than allowed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SendStream(self, request_iterator, context):
+        """SendStream accepts a stream of messages from a high-throughput sender. The server
+        answers in batches, one result per message in request order, and stops reading while a
+        batch is being made durable (backpressure). Per-message errors come back as a status
+        in the result; UNAUTHENTICATED or PERMISSION_DENIED for the key end the stream.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetMessage(self, request, context):
+        """GetMessage returns the state of a message and its event history. Errors: NOT_FOUND
+        (404) for an unknown id or another tenant's, UNAUTHENTICATED (401).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetJob(self, request, context):
+        """GetJob returns how many of a job's recipients are in each state. Errors: NOT_FOUND
+        (404) for an unknown id or another tenant's, UNAUTHENTICATED (401).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_IngestServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -66,6 +122,26 @@ def add_IngestServiceServicer_to_server(servicer, server):
                     servicer.Send,
                     request_deserializer=sluice_dot_v1_dot_ingest__pb2.SendRequest.FromString,
                     response_serializer=sluice_dot_v1_dot_ingest__pb2.SendResponse.SerializeToString,
+            ),
+            'SendBlast': grpc.unary_unary_rpc_method_handler(
+                    servicer.SendBlast,
+                    request_deserializer=sluice_dot_v1_dot_ingest__pb2.SendBlastRequest.FromString,
+                    response_serializer=sluice_dot_v1_dot_ingest__pb2.SendBlastResponse.SerializeToString,
+            ),
+            'SendStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.SendStream,
+                    request_deserializer=sluice_dot_v1_dot_ingest__pb2.SendStreamRequest.FromString,
+                    response_serializer=sluice_dot_v1_dot_ingest__pb2.SendStreamResponse.SerializeToString,
+            ),
+            'GetMessage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetMessage,
+                    request_deserializer=sluice_dot_v1_dot_ingest__pb2.GetMessageRequest.FromString,
+                    response_serializer=sluice_dot_v1_dot_ingest__pb2.GetMessageResponse.SerializeToString,
+            ),
+            'GetJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetJob,
+                    request_deserializer=sluice_dot_v1_dot_ingest__pb2.GetJobRequest.FromString,
+                    response_serializer=sluice_dot_v1_dot_ingest__pb2.GetJobResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -97,6 +173,114 @@ class IngestService:
             '/sluice.v1.IngestService/Send',
             sluice_dot_v1_dot_ingest__pb2.SendRequest.SerializeToString,
             sluice_dot_v1_dot_ingest__pb2.SendResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SendBlast(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sluice.v1.IngestService/SendBlast',
+            sluice_dot_v1_dot_ingest__pb2.SendBlastRequest.SerializeToString,
+            sluice_dot_v1_dot_ingest__pb2.SendBlastResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SendStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/sluice.v1.IngestService/SendStream',
+            sluice_dot_v1_dot_ingest__pb2.SendStreamRequest.SerializeToString,
+            sluice_dot_v1_dot_ingest__pb2.SendStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetMessage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sluice.v1.IngestService/GetMessage',
+            sluice_dot_v1_dot_ingest__pb2.GetMessageRequest.SerializeToString,
+            sluice_dot_v1_dot_ingest__pb2.GetMessageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sluice.v1.IngestService/GetJob',
+            sluice_dot_v1_dot_ingest__pb2.GetJobRequest.SerializeToString,
+            sluice_dot_v1_dot_ingest__pb2.GetJobResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -42,6 +42,26 @@ class IngestServiceStub:
     use, INVALID_ARGUMENT (400) naming each offending field, UNAVAILABLE (503) when the job
     cannot be made durable, RESOURCE_EXHAUSTED (429) when the backlog is full.
     """
+    SendBlast: _grpc.UnaryUnaryMultiCallable[_ingest_pb2.SendBlastRequest, _ingest_pb2.SendBlastResponse]
+    """SendBlast accepts one content for up to 100,000 recipients, each with its own
+    substitutions. The content and the recipient list are each written once to the object
+    store; nothing per recipient touches the broker before the answer (HTTP 202). Errors as
+    for Send, plus INVALID_ARGUMENT for more recipients than allowed.
+    """
+    SendStream: _grpc.StreamStreamMultiCallable[_ingest_pb2.SendStreamRequest, _ingest_pb2.SendStreamResponse]
+    """SendStream accepts a stream of messages from a high-throughput sender. The server
+    answers in batches, one result per message in request order, and stops reading while a
+    batch is being made durable (backpressure). Per-message errors come back as a status
+    in the result; UNAUTHENTICATED or PERMISSION_DENIED for the key end the stream.
+    """
+    GetMessage: _grpc.UnaryUnaryMultiCallable[_ingest_pb2.GetMessageRequest, _ingest_pb2.GetMessageResponse]
+    """GetMessage returns the state of a message and its event history. Errors: NOT_FOUND
+    (404) for an unknown id or another tenant's, UNAUTHENTICATED (401).
+    """
+    GetJob: _grpc.UnaryUnaryMultiCallable[_ingest_pb2.GetJobRequest, _ingest_pb2.GetJobResponse]
+    """GetJob returns how many of a job's recipients are in each state. Errors: NOT_FOUND
+    (404) for an unknown id or another tenant's, UNAUTHENTICATED (401).
+    """
 
 @_typing.type_check_only
 class IngestServiceAsyncStub(IngestServiceStub):
@@ -56,6 +76,26 @@ class IngestServiceAsyncStub(IngestServiceStub):
     PERMISSION_DENIED (403) for a revoked key, a tier or a From domain the tenant may not
     use, INVALID_ARGUMENT (400) naming each offending field, UNAVAILABLE (503) when the job
     cannot be made durable, RESOURCE_EXHAUSTED (429) when the backlog is full.
+    """
+    SendBlast: _aio.UnaryUnaryMultiCallable[_ingest_pb2.SendBlastRequest, _ingest_pb2.SendBlastResponse]  # type: ignore[assignment]
+    """SendBlast accepts one content for up to 100,000 recipients, each with its own
+    substitutions. The content and the recipient list are each written once to the object
+    store; nothing per recipient touches the broker before the answer (HTTP 202). Errors as
+    for Send, plus INVALID_ARGUMENT for more recipients than allowed.
+    """
+    SendStream: _aio.StreamStreamMultiCallable[_ingest_pb2.SendStreamRequest, _ingest_pb2.SendStreamResponse]  # type: ignore[assignment]
+    """SendStream accepts a stream of messages from a high-throughput sender. The server
+    answers in batches, one result per message in request order, and stops reading while a
+    batch is being made durable (backpressure). Per-message errors come back as a status
+    in the result; UNAUTHENTICATED or PERMISSION_DENIED for the key end the stream.
+    """
+    GetMessage: _aio.UnaryUnaryMultiCallable[_ingest_pb2.GetMessageRequest, _ingest_pb2.GetMessageResponse]  # type: ignore[assignment]
+    """GetMessage returns the state of a message and its event history. Errors: NOT_FOUND
+    (404) for an unknown id or another tenant's, UNAUTHENTICATED (401).
+    """
+    GetJob: _aio.UnaryUnaryMultiCallable[_ingest_pb2.GetJobRequest, _ingest_pb2.GetJobResponse]  # type: ignore[assignment]
+    """GetJob returns how many of a job's recipients are in each state. Errors: NOT_FOUND
+    (404) for an unknown id or another tenant's, UNAUTHENTICATED (401).
     """
 
 class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -74,6 +114,50 @@ class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
         PERMISSION_DENIED (403) for a revoked key, a tier or a From domain the tenant may not
         use, INVALID_ARGUMENT (400) naming each offending field, UNAVAILABLE (503) when the job
         cannot be made durable, RESOURCE_EXHAUSTED (429) when the backlog is full.
+        """
+
+    @_abc_1.abstractmethod
+    def SendBlast(
+        self,
+        request: _ingest_pb2.SendBlastRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ingest_pb2.SendBlastResponse, _abc.Awaitable[_ingest_pb2.SendBlastResponse]]:
+        """SendBlast accepts one content for up to 100,000 recipients, each with its own
+        substitutions. The content and the recipient list are each written once to the object
+        store; nothing per recipient touches the broker before the answer (HTTP 202). Errors as
+        for Send, plus INVALID_ARGUMENT for more recipients than allowed.
+        """
+
+    @_abc_1.abstractmethod
+    def SendStream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_ingest_pb2.SendStreamRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_ingest_pb2.SendStreamResponse], _abc.AsyncIterator[_ingest_pb2.SendStreamResponse]]:
+        """SendStream accepts a stream of messages from a high-throughput sender. The server
+        answers in batches, one result per message in request order, and stops reading while a
+        batch is being made durable (backpressure). Per-message errors come back as a status
+        in the result; UNAUTHENTICATED or PERMISSION_DENIED for the key end the stream.
+        """
+
+    @_abc_1.abstractmethod
+    def GetMessage(
+        self,
+        request: _ingest_pb2.GetMessageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ingest_pb2.GetMessageResponse, _abc.Awaitable[_ingest_pb2.GetMessageResponse]]:
+        """GetMessage returns the state of a message and its event history. Errors: NOT_FOUND
+        (404) for an unknown id or another tenant's, UNAUTHENTICATED (401).
+        """
+
+    @_abc_1.abstractmethod
+    def GetJob(
+        self,
+        request: _ingest_pb2.GetJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ingest_pb2.GetJobResponse, _abc.Awaitable[_ingest_pb2.GetJobResponse]]:
+        """GetJob returns how many of a job's recipients are in each state. Errors: NOT_FOUND
+        (404) for an unknown id or another tenant's, UNAUTHENTICATED (401).
         """
 
 def add_IngestServiceServicer_to_server(servicer: IngestServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -48,6 +48,30 @@ TIER_BULK: Tier.ValueType  # 3
 """TIER_BULK is for newsletters: within the hour is fine."""
 Global___Tier: _TypeAlias = Tier  # noqa: Y015
 
+class _RecipientsFormat:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RecipientsFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RecipientsFormat.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    RECIPIENTS_FORMAT_UNSPECIFIED: _RecipientsFormat.ValueType  # 0
+    """RECIPIENTS_FORMAT_UNSPECIFIED: no recipients object (recipients are inline)."""
+    RECIPIENTS_FORMAT_PROTO: _RecipientsFormat.ValueType  # 1
+    """RECIPIENTS_FORMAT_PROTO: a serialized BlastRecipients (or SendBlastRequest)."""
+    RECIPIENTS_FORMAT_JSON: _RecipientsFormat.ValueType  # 2
+    """RECIPIENTS_FORMAT_JSON: a JSON array of {"email", "name", "substitutions"} objects."""
+
+class RecipientsFormat(_RecipientsFormat, metaclass=_RecipientsFormatEnumTypeWrapper):
+    """RecipientsFormat is the encoding of a blast's recipients object."""
+
+RECIPIENTS_FORMAT_UNSPECIFIED: RecipientsFormat.ValueType  # 0
+"""RECIPIENTS_FORMAT_UNSPECIFIED: no recipients object (recipients are inline)."""
+RECIPIENTS_FORMAT_PROTO: RecipientsFormat.ValueType  # 1
+"""RECIPIENTS_FORMAT_PROTO: a serialized BlastRecipients (or SendBlastRequest)."""
+RECIPIENTS_FORMAT_JSON: RecipientsFormat.ValueType  # 2
+"""RECIPIENTS_FORMAT_JSON: a JSON array of {"email", "name", "substitutions"} objects."""
+Global___RecipientsFormat: _TypeAlias = RecipientsFormat  # noqa: Y015
+
 class _EventType:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -143,6 +167,40 @@ class Address(_message.Message):
 Global___Address: _TypeAlias = Address  # noqa: Y015
 
 @_typing.final
+class Attachment(_message.Message):
+    """Attachment is a file attached to a message."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILENAME_FIELD_NUMBER: _builtins.int
+    CONTENT_TYPE_FIELD_NUMBER: _builtins.int
+    CONTENT_FIELD_NUMBER: _builtins.int
+    CONTENT_ID_FIELD_NUMBER: _builtins.int
+    filename: _builtins.str
+    """The file name shown to the recipient."""
+    content_type: _builtins.str
+    """The MIME type, e.g. "application/pdf"; empty means application/octet-stream."""
+    content: _builtins.bytes
+    """The file content (base64 in JSON)."""
+    content_id: _builtins.str
+    """A Content-ID for inline use from HTML ("cid:..."); empty for a regular attachment."""
+    def __init__(
+        self,
+        *,
+        filename: _builtins.str = ...,
+        content_type: _builtins.str = ...,
+        content: _builtins.bytes = ...,
+        content_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "content_id", b"content_id", "content_type", b"content_type", "filename", b"filename"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Attachment: _TypeAlias = Attachment  # noqa: Y015
+
+@_typing.final
 class Payload(_message.Message):
     """Payload is the heavy, shared part of a message, written once to the object store.
     Queue messages carry only a pointer (payload_ref) to it.
@@ -178,6 +236,7 @@ class Payload(_message.Message):
     TEXT_FIELD_NUMBER: _builtins.int
     HTML_FIELD_NUMBER: _builtins.int
     HEADERS_FIELD_NUMBER: _builtins.int
+    ATTACHMENTS_FIELD_NUMBER: _builtins.int
     subject: _builtins.str
     """The Subject header."""
     text: _builtins.str
@@ -200,6 +259,10 @@ class Payload(_message.Message):
     def headers(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Extra headers, validated at ingest (no CR/LF, no reserved names)."""
 
+    @_builtins.property
+    def attachments(self) -> _containers.RepeatedCompositeFieldContainer[Global___Attachment]:
+        """Attachments."""
+
     def __init__(
         self,
         *,
@@ -210,14 +273,120 @@ class Payload(_message.Message):
         text: _builtins.str = ...,
         html: _builtins.str = ...,
         headers: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        attachments: _abc.Iterable[Global___Attachment] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["from", b"from"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cc", b"cc", "from", b"from", "headers", b"headers", "html", b"html", "reply_to", b"reply_to", "subject", b"subject", "text", b"text", "to", b"to"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachments", b"attachments", "cc", b"cc", "from", b"from", "headers", b"headers", "html", b"html", "reply_to", b"reply_to", "subject", b"subject", "text", b"text", "to", b"to"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Payload: _TypeAlias = Payload  # noqa: Y015
+
+@_typing.final
+class PayloadBatch(_message.Message):
+    """PayloadBatch holds the payloads of a streamed batch in one object; a payload_ref with a
+    fragment ("...#7") points at one of them.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAYLOADS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def payloads(self) -> _containers.RepeatedCompositeFieldContainer[Global___Payload]:
+        """The payloads, addressed by index."""
+
+    def __init__(
+        self,
+        *,
+        payloads: _abc.Iterable[Global___Payload] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["payloads", b"payloads"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PayloadBatch: _TypeAlias = PayloadBatch  # noqa: Y015
+
+@_typing.final
+class BlastRecipient(_message.Message):
+    """BlastRecipient is one recipient of a blast with its personalisation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class SubstitutionsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    EMAIL_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    SUBSTITUTIONS_FIELD_NUMBER: _builtins.int
+    email: _builtins.str
+    """The recipient address."""
+    name: _builtins.str
+    """The display name."""
+    @_builtins.property
+    def substitutions(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Values for {{name}} placeholders in the subject, text and html."""
+
+    def __init__(
+        self,
+        *,
+        email: _builtins.str = ...,
+        name: _builtins.str = ...,
+        substitutions: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["email", b"email", "name", b"name", "substitutions", b"substitutions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BlastRecipient: _TypeAlias = BlastRecipient  # noqa: Y015
+
+@_typing.final
+class BlastRecipients(_message.Message):
+    """BlastRecipients is the recipients object of a blast, written once to the object store.
+    Its field number equals SendBlastRequest.recipients, so the bytes of a SendBlastRequest
+    parse as a BlastRecipients: ingest stores a gRPC blast's request bytes as they came.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECIPIENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def recipients(self) -> _containers.RepeatedCompositeFieldContainer[Global___BlastRecipient]:
+        """The recipients, in request order; recipient i gets Message-ID "<job_id>.<i>@<domain>"."""
+
+    def __init__(
+        self,
+        *,
+        recipients: _abc.Iterable[Global___BlastRecipient] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["recipients", b"recipients"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BlastRecipients: _TypeAlias = BlastRecipients  # noqa: Y015
 
 @_typing.final
 class Recipient(_message.Message):
@@ -283,6 +452,10 @@ class JobRecord(_message.Message):
     TAGS_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    RECIPIENTS_REF_FIELD_NUMBER: _builtins.int
+    RECIPIENT_COUNT_FIELD_NUMBER: _builtins.int
+    RECIPIENTS_FORMAT_FIELD_NUMBER: _builtins.int
+    SEND_AT_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """The job id returned to the client."""
     tenant_id: _builtins.str
@@ -293,6 +466,12 @@ class JobRecord(_message.Message):
     """URI of the Payload object."""
     envelope_from: _builtins.str
     """The envelope sender (MAIL FROM)."""
+    recipients_ref: _builtins.str
+    """For a blast: URI of the BlastRecipients object (recipients is then empty)."""
+    recipient_count: _builtins.int
+    """For a blast: how many recipients recipients_ref holds."""
+    recipients_format: Global___RecipientsFormat.ValueType
+    """For a blast: the encoding of the recipients object."""
     @_builtins.property
     def accepted_at(self) -> _timestamp_pb2.Timestamp:
         """When ingest accepted the job; retry steps and horizons count from here."""
@@ -313,6 +492,10 @@ class JobRecord(_message.Message):
     def expires_at(self) -> _timestamp_pb2.Timestamp:
         """Optional deadline after which the message is dead-lettered instead of retried."""
 
+    @_builtins.property
+    def send_at(self) -> _timestamp_pb2.Timestamp:
+        """Do not deliver before this time (a scheduled send)."""
+
     def __init__(
         self,
         *,
@@ -326,14 +509,48 @@ class JobRecord(_message.Message):
         tags: _abc.Iterable[_builtins.str] | None = ...,
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         expires_at: _timestamp_pb2.Timestamp | None = ...,
+        recipients_ref: _builtins.str = ...,
+        recipient_count: _builtins.int = ...,
+        recipients_format: Global___RecipientsFormat.ValueType = ...,
+        send_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["accepted_at", b"accepted_at", "expires_at", b"expires_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["accepted_at", b"accepted_at", "expires_at", b"expires_at", "send_at", b"send_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_at", b"accepted_at", "envelope_from", b"envelope_from", "expires_at", b"expires_at", "job_id", b"job_id", "metadata", b"metadata", "payload_ref", b"payload_ref", "recipients", b"recipients", "tags", b"tags", "tenant_id", b"tenant_id", "tier", b"tier"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_at", b"accepted_at", "envelope_from", b"envelope_from", "expires_at", b"expires_at", "job_id", b"job_id", "metadata", b"metadata", "payload_ref", b"payload_ref", "recipient_count", b"recipient_count", "recipients", b"recipients", "recipients_format", b"recipients_format", "recipients_ref", b"recipients_ref", "send_at", b"send_at", "tags", b"tags", "tenant_id", b"tenant_id", "tier", b"tier"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___JobRecord: _TypeAlias = JobRecord  # noqa: Y015
+
+@_typing.final
+class JobBatch(_message.Message):
+    """JobBatch is the message on sluice.jobs.<tier>.<batch_id>: one job for a single send or
+    a blast, many for a batch of streamed sends (one JetStream publish per batch).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BATCH_ID_FIELD_NUMBER: _builtins.int
+    JOBS_FIELD_NUMBER: _builtins.int
+    batch_id: _builtins.str
+    """The batch id; equal to the job id when the batch holds one job."""
+    @_builtins.property
+    def jobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___JobRecord]:
+        """The jobs."""
+
+    def __init__(
+        self,
+        *,
+        batch_id: _builtins.str = ...,
+        jobs: _abc.Iterable[Global___JobRecord] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "jobs", b"jobs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobBatch: _TypeAlias = JobBatch  # noqa: Y015
 
 @_typing.final
 class DeliveryPointer(_message.Message):
@@ -342,6 +559,26 @@ class DeliveryPointer(_message.Message):
     """
 
     DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class SubstitutionsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
 
     DELIVERY_ID_FIELD_NUMBER: _builtins.int
     JOB_ID_FIELD_NUMBER: _builtins.int
@@ -354,6 +591,9 @@ class DeliveryPointer(_message.Message):
     ENVELOPE_FROM_FIELD_NUMBER: _builtins.int
     ACCEPTED_AT_FIELD_NUMBER: _builtins.int
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    RECIPIENT_NAME_FIELD_NUMBER: _builtins.int
+    SUBSTITUTIONS_FIELD_NUMBER: _builtins.int
+    INDEX_FIELD_NUMBER: _builtins.int
     delivery_id: _builtins.str
     """Unique id of this pointer: "<job_id>.<index>"."""
     job_id: _builtins.str
@@ -372,13 +612,23 @@ class DeliveryPointer(_message.Message):
     """URI of the Payload object."""
     envelope_from: _builtins.str
     """The envelope sender (MAIL FROM)."""
+    recipient_name: _builtins.str
+    """The recipient's display name (blasts)."""
+    index: _builtins.int
+    """The recipient's index within its job; events are keyed by (job_id, index)."""
     @_builtins.property
     def accepted_at(self) -> _timestamp_pb2.Timestamp:
-        """When ingest accepted the job."""
+        """When the message became due: acceptance, or send_at if later. Retry steps and the
+        horizon count from here.
+        """
 
     @_builtins.property
     def expires_at(self) -> _timestamp_pb2.Timestamp:
         """Optional deadline after which the message is dead-lettered instead of retried."""
+
+    @_builtins.property
+    def substitutions(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Values for {{name}} placeholders (blasts)."""
 
     def __init__(
         self,
@@ -394,10 +644,13 @@ class DeliveryPointer(_message.Message):
         envelope_from: _builtins.str = ...,
         accepted_at: _timestamp_pb2.Timestamp | None = ...,
         expires_at: _timestamp_pb2.Timestamp | None = ...,
+        recipient_name: _builtins.str = ...,
+        substitutions: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        index: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["accepted_at", b"accepted_at", "expires_at", b"expires_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_at", b"accepted_at", "delivery_id", b"delivery_id", "domain", b"domain", "envelope_from", b"envelope_from", "expires_at", b"expires_at", "job_id", b"job_id", "message_id", b"message_id", "payload_ref", b"payload_ref", "recipient", b"recipient", "tenant_id", b"tenant_id", "tier", b"tier"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_at", b"accepted_at", "delivery_id", b"delivery_id", "domain", b"domain", "envelope_from", b"envelope_from", "expires_at", b"expires_at", "index", b"index", "job_id", b"job_id", "message_id", b"message_id", "payload_ref", b"payload_ref", "recipient", b"recipient", "recipient_name", b"recipient_name", "substitutions", b"substitutions", "tenant_id", b"tenant_id", "tier", b"tier"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -472,6 +725,8 @@ class Event(_message.Message):
     MX_HOST_FIELD_NUMBER: _builtins.int
     TAGS_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
+    RECIPIENT_COUNT_FIELD_NUMBER: _builtins.int
+    RECIPIENTS_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     """Unique id of the event; also the webhook-id of its webhook."""
     type: Global___EventType.ValueType
@@ -490,6 +745,8 @@ class Event(_message.Message):
     """For bounces: the bounce category, e.g. "bad_mailbox"."""
     mx_host: _builtins.str
     """The MX host the deliverer talked to, if any."""
+    recipient_count: _builtins.int
+    """For job-level events (accepted): how many recipients the job has."""
     @_builtins.property
     def timestamp(self) -> _timestamp_pb2.Timestamp:
         """When it happened."""
@@ -505,6 +762,10 @@ class Event(_message.Message):
     @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Metadata given by the client."""
+
+    @_builtins.property
+    def recipients(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """For job-level events of a single send: its envelope recipients."""
 
     def __init__(
         self,
@@ -522,10 +783,12 @@ class Event(_message.Message):
         mx_host: _builtins.str = ...,
         tags: _abc.Iterable[_builtins.str] | None = ...,
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        recipient_count: _builtins.int = ...,
+        recipients: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["smtp_reply", b"smtp_reply", "timestamp", b"timestamp"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bounce_category", b"bounce_category", "event_id", b"event_id", "job_id", b"job_id", "message_id", b"message_id", "metadata", b"metadata", "mx_host", b"mx_host", "recipient", b"recipient", "smtp_reply", b"smtp_reply", "tags", b"tags", "tenant_id", b"tenant_id", "tier", b"tier", "timestamp", b"timestamp", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bounce_category", b"bounce_category", "event_id", b"event_id", "job_id", b"job_id", "message_id", b"message_id", "metadata", b"metadata", "mx_host", b"mx_host", "recipient", b"recipient", "recipient_count", b"recipient_count", "recipients", b"recipients", "smtp_reply", b"smtp_reply", "tags", b"tags", "tenant_id", b"tenant_id", "tier", b"tier", "timestamp", b"timestamp", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
