@@ -50,8 +50,10 @@ class NatsConfig:
     connect_timeout: Duration = Duration(2.0)
     # Stream and bucket replicas: 1 on a single node, 3 on a production cluster.
     replicas: int = 1
-    # Bytes the MAIL stream may hold before publishes are refused (ingest answers 429).
+    # Bytes the MAIL stream may hold before publishes are refused (the expander waits).
     mail_max_bytes: int = 8 * 1024**3
+    # Bytes the JOBS stream may hold before ingest answers 429 (a backlog of jobs).
+    jobs_max_bytes: int = 1024**3
     # How long dead letters are kept.
     dlq_max_age: Duration = Duration(30 * 86400.0)
     # How long events are kept.

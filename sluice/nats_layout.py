@@ -48,7 +48,9 @@ async def ensure_layout(js: JetStreamContext, cfg: Config) -> None:
             retention=js_api.RetentionPolicy.WORK_QUEUE,
             storage=js_api.StorageType.FILE,
             num_replicas=cfg.nats.replicas,
+            # A full backlog refuses new jobs (ingest answers 429) instead of dropping old.
             discard=js_api.DiscardPolicy.NEW,
+            max_bytes=cfg.nats.jobs_max_bytes,
             duplicate_window=120.0,
         ),
         js_api.StreamConfig(

@@ -78,9 +78,11 @@ async def webhook_receiver() -> AsyncIterator[WebhookReceiver]:
     await receiver.stop()
 
 
-def make_config(nats_url: str, dns_port: int, smtp_port: int) -> Config:
+def make_config(
+    nats_url: str, dns_port: int, smtp_port: int, overrides: dict[str, dict[str, Any]] | None = None
+) -> Config:
     sched = f"127.0.0.1:{free_port()}"
-    return config_mod.replace(
+    cfg = config_mod.replace(
         Config(),
         nats={"url": nats_url, "connect_timeout": "2s"},
         ingest={
@@ -101,6 +103,7 @@ def make_config(nats_url: str, dns_port: int, smtp_port: int) -> Config:
         retry={"ladder": ["1s", "2s"], "jitter": 0.0},
         webhooks={"allow_private_targets": True, "ladder": ["1s"], "timeout": "5s"},
     )
+    return config_mod.replace(cfg, **(overrides or {}))
 
 
 @dataclass
@@ -120,14 +123,28 @@ class Stack:
 
 
 @pytest.fixture
+def stack_overrides() -> dict[str, dict[str, Any]]:
+    """Config overrides for the `stack` fixture; a test module may redefine this."""
+    return {}
+
+
+@pytest.fixture
+def stack_services() -> tuple[str, ...]:
+    """Which services the `stack` fixture runs; a test module may redefine this."""
+    return ("ingest", "expander", "scheduler", "deliverer", "webhooks")
+
+
+@pytest.fixture
 async def stack(
     nats_server: NatsServer,
     dns_server: DnsServer,
     smtp: tuple[ScriptedSmtp, int],
     webhook_receiver: WebhookReceiver,
+    stack_overrides: dict[str, dict[str, Any]],
+    stack_services: tuple[str, ...],
 ) -> AsyncIterator[Stack]:
     handler, smtp_port = smtp
-    cfg = make_config(nats_server.url, dns_server.port, smtp_port)
+    cfg = make_config(nats_server.url, dns_server.port, smtp_port, stack_overrides)
     nc = await connect(cfg, "test-setup")
     js = nc.jetstream()
     await ensure_layout(js, cfg)
@@ -150,10 +167,10 @@ async def stack(
     api_key, _ = await tenants.create_key("acme")
     await nc.close()
     stop = asyncio.Event()
-    names = ("ingest", "expander", "scheduler", "deliverer", "webhooks")
-    tasks = [asyncio.create_task(service(n)(cfg, stop), name=n) for n in names]
+    tasks = [asyncio.create_task(service(n)(cfg, stop), name=n) for n in stack_services]
     st = Stack(cfg, api_key, "acme", handler, webhook_receiver, nats_server, stop, tasks)
-    await wait_for(lambda: _listening(cfg.ingest.http_listen), 10, "ingest to listen")
+    if "ingest" in stack_services:
+        await wait_for(lambda: _listening(cfg.ingest.http_listen), 10, "ingest to listen")
     yield st
     stop.set()
     done, pending = await asyncio.wait(tasks, timeout=15)

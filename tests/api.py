@@ -1,0 +1,83 @@
+"""Small helpers for tests that talk to a running stack."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import aiohttp
+
+from sluice.nats_layout import connect
+from sluice.tenants import TenantStore, now_ts
+from sluice.v1 import messages_pb2, tenant_pb2
+from tests.conftest import Stack
+
+
+async def call(
+    stack: Stack,
+    method: str,
+    path: str,
+    body: Any = None,
+    key: str | None = "default",
+    headers: dict[str, str] | None = None,
+    data: bytes | None = None,
+) -> tuple[int, Any, Any]:
+    h = dict(headers or {})
+    if key is not None:
+        h["Authorization"] = f"Bearer {stack.api_key if key == 'default' else key}"
+    async with (
+        aiohttp.ClientSession() as s,
+        s.request(
+            method,
+            f"{stack.http}{path}",
+            json=body if data is None else None,
+            data=io.BytesIO(data) if data is not None else None,
+            headers=h,
+        ) as resp,
+    ):
+        return resp.status, await resp.json(content_type=None), resp.headers
+
+
+async def add_tenant(
+    stack: Stack,
+    tenant_id: str,
+    domains: list[str],
+    rate_limit: int = 0,
+    tiers: list[messages_pb2.Tier.ValueType] | None = None,
+) -> str:
+    """Create a tenant and return a fresh API key for it."""
+    nc = await connect(stack.cfg, "test-tenants")
+    try:
+        store = TenantStore(nc.jetstream())
+        await store.put_tenant(
+            tenant_pb2.Tenant(
+                tenant_id=tenant_id,
+                allowed_from_domains=domains,
+                rate_limit=rate_limit,
+                created_at=now_ts(),
+            )
+        )
+        key, _ = await store.create_key(tenant_id, tiers)
+        return key
+    finally:
+        await nc.close()
+
+
+async def stream_messages(stack: Stack, stream: str) -> int:
+    nc = await connect(stack.cfg, "test")
+    try:
+        info = await nc.jetstream().stream_info(stream)
+        return int(info.state.messages)
+    finally:
+        await nc.close()
+
+
+def violations(body: dict[str, Any]) -> list[tuple[str, str]]:
+    for d in body.get("details", []):
+        if d.get("@type", "").endswith("BadRequest"):
+            return [(v["field"], v["description"]) for v in d["field_violations"]]
+    return []
+
+
+def reason(body: dict[str, Any]) -> str:
+    return str(body["details"][0]["reason"])
