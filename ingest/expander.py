@@ -30,7 +30,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js import api as js_api
 from nats.js.errors import APIError as JsApiError
-from nats.js.errors import KeyNotFoundError, NotFoundError
+from nats.js.errors import KeyNotFoundError
 
 from ingest.validate import normalise_domain
 from sluice import names
@@ -243,11 +243,15 @@ class Expander:
             return False
 
     async def _mark_done(self, batch_id: str) -> None:
+        """Record completion first: once markers are purged they no longer guard chunks."""
         await self._js.publish(
             f"$KV.{names.EXPANDER_BUCKET}.{batch_id}",
             b"done",
             headers={"Nats-TTL": f"{_DONE_TTL}s"},
         )
+        await self._purge_markers(batch_id)
+
+    async def _purge_markers(self, batch_id: str) -> None:
         await self._js.purge_stream(names.MAIL_STREAM, subject=f"sluice.mail.chunks.{batch_id}.>")
 
     async def handle(self, msg: Msg) -> None:
@@ -258,6 +262,8 @@ class Expander:
             await msg.term()
             return
         if await self._is_done(batch.batch_id):
+            # Done before a crash: the purge may not have happened yet (it is idempotent).
+            await self._purge_markers(batch.batch_id)
             await msg.ack_sync()
             return
         wait = max(
@@ -292,26 +298,24 @@ def _due(job: messages_pb2.JobRecord) -> Timestamp:
     return job.accepted_at
 
 
-async def ensure_consumer(js: JetStreamContext) -> None:
-    try:
-        await js.consumer_info(names.JOBS_STREAM, names.EXPANDER_CONSUMER)
-    except NotFoundError:
-        await js.add_consumer(
-            names.JOBS_STREAM,
-            js_api.ConsumerConfig(
-                durable_name=names.EXPANDER_CONSUMER,
-                ack_policy=js_api.AckPolicy.EXPLICIT,
-                ack_wait=30.0,
-                max_ack_pending=10_000,
-            ),
-        )
+async def ensure_consumer(js: JetStreamContext, cfg: Config) -> None:
+    """Create the expander's consumer, or update it to this config (create-or-update)."""
+    await js.add_consumer(
+        names.JOBS_STREAM,
+        js_api.ConsumerConfig(
+            durable_name=names.EXPANDER_CONSUMER,
+            ack_policy=js_api.AckPolicy.EXPLICIT,
+            ack_wait=cfg.expander.ack_wait,
+            max_ack_pending=10_000,
+        ),
+    )
 
 
 async def serve(cfg: Config, stop: asyncio.Event) -> None:
     nc = await connect(cfg, "sluice-expander")
     js = nc.jetstream()
     await ensure_layout(js, cfg)
-    await ensure_consumer(js)
+    await ensure_consumer(js, cfg)
     suppressions = Suppressions(js)
     await suppressions.start()
     expander = Expander(cfg, nc, js, open_store(cfg.store.url, js, cfg.nats.replicas), suppressions)

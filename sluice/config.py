@@ -100,6 +100,8 @@ class ExpanderConfig:
     """[expander] — fans job records out into delivery pointers."""
 
     concurrency: int = 4
+    # A batch held by an expander that died is redelivered after this long.
+    ack_wait: Duration = Duration(30.0)
 
 
 @dataclass(frozen=True)

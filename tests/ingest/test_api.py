@@ -110,7 +110,7 @@ async def test_grpc_blast_and_errors(stack: Stack) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as exc:
             await stub.SendBlast(req, metadata=auth)
         assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        trailers = dict(exc.value.trailing_metadata() or ())  # type: ignore[arg-type]
+        trailers: dict[str, Any] = dict(exc.value.trailing_metadata() or ())  # type: ignore[arg-type]
         st = status_pb2.Status.FromString(trailers["grpc-status-details-bin"])
         br = error_details_pb2.BadRequest()
         assert st.details[1].Unpack(br)

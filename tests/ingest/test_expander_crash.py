@@ -1,0 +1,208 @@
+"""The expander survives SIGKILL at any moment: after restarts (also with two expanders
+side by side) every recipient of a blast has exactly one pointer in MAIL, none missing and
+none duplicated; suppressed recipients get a `suppressed` event instead of a pointer."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+from nats.js import api as js_api
+
+from sluice import names
+from sluice.nats_layout import connect
+from sluice.suppressions import Suppressions
+from sluice.v1 import messages_pb2
+from tests.api import call
+from tests.conftest import Stack, wait_for
+
+RECIPIENTS = 12_000
+
+
+@pytest.fixture
+def stack_services() -> tuple[str, ...]:
+    return ("ingest",)  # the expander runs as a process the test kills
+
+
+@pytest.fixture
+def stack_overrides() -> dict[str, dict[str, Any]]:
+    return {"ingest": {"max_blast_recipients": RECIPIENTS}}
+
+
+def _blast(run: int) -> dict[str, Any]:
+    return {
+        "from": {"email": "news@acme.test"},
+        "subject": "run {{n}}",
+        "text": "hello",
+        "recipients": [
+            {"email": f"r{run}x{i}@d{i % 97}.test", "substitutions": {"n": str(i)}}
+            for i in range(RECIPIENTS)
+        ],
+    }
+
+
+async def _start_expander(stack: Stack, tmp: Path) -> asyncio.subprocess.Process:
+    # A short ack_wait: the batch a killed expander held comes back within 2 s.
+    env = dict(os.environ, SLUICE_NATS__URL=stack.cfg.nats.url, SLUICE_EXPANDER__ACK_WAIT="2s")
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "sluice.cli",
+        "--log-level",
+        "WARNING",
+        "expander",
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+
+
+async def _pointers(stack: Stack, job_id: str) -> Counter[str]:
+    """delivery_id -> how many pointers MAIL holds for it (read without consuming: a
+    work-queue stream needs explicit acks, so nothing is acked and the consumer is deleted)."""
+    nc = await connect(stack.cfg, "test-read")
+    js = nc.jetstream()
+    sub = await js.pull_subscribe(
+        "sluice.mail.bulk.>",
+        stream=names.MAIL_STREAM,
+        config=js_api.ConsumerConfig(
+            ack_policy=js_api.AckPolicy.EXPLICIT,
+            max_ack_pending=1_000_000,
+            ack_wait=300,
+            inactive_threshold=10,
+        ),
+    )
+    counts: Counter[str] = Counter()
+    try:
+        pending = (await sub.consumer_info()).num_pending or 0
+        while pending > 0:
+            msgs = await sub.fetch(min(1000, pending), timeout=5)
+            pending -= len(msgs)
+            for m in msgs:
+                p = messages_pb2.DeliveryPointer.FromString(m.data)
+                if p.job_id == job_id:
+                    counts[p.delivery_id] += 1
+    finally:
+        name = (await sub.consumer_info()).name
+        await sub.unsubscribe()
+        await js.delete_consumer(names.MAIL_STREAM, name)
+        await nc.close()
+    return counts
+
+
+async def _jobs_left(stack: Stack) -> int:
+    nc = await connect(stack.cfg, "test")
+    try:
+        return int((await nc.jetstream().stream_info(names.JOBS_STREAM)).state.messages)
+    finally:
+        await nc.close()
+
+
+@pytest.mark.timeout(300)
+async def test_sigkill_at_random_moments_never_loses_or_duplicates(
+    stack: Stack, tmp_path: Path
+) -> None:
+    rng = random.Random(20261128)
+    chunks = -(-RECIPIENTS // 999)
+    partial: list[bool] = []
+    for run in range(5):
+        status, body, _ = await call(stack, "POST", "/v1/blasts", _blast(run))
+        assert status == 202, body
+        job_id = body["job_id"]
+        kills = 0
+        # Kill one to three times at a random moment after the expansion has begun, then
+        # let one (or, in the last run, two side by side) finish the job.
+        for _ in range(rng.randint(1, 3)):
+            proc = await _start_expander(stack, tmp_path)
+            before = await _chunks_in(stack, job_id)
+            await wait_for(
+                lambda j=job_id, b=before: _chunks_grew(stack, j, b),
+                60,
+                "expansion to run",
+            )
+            await asyncio.sleep(rng.uniform(0.0, 0.15))
+            proc.send_signal(signal.SIGKILL)
+            await proc.wait()
+            kills += 1
+            partial.append(0 < await _chunks_in(stack, job_id) < chunks)
+        finishers = [await _start_expander(stack, tmp_path) for _ in range(2 if run == 4 else 1)]
+        try:
+            await wait_for(lambda: _jobs_left_zero(stack), 120, f"run {run}: job expanded")
+        finally:
+            for proc in finishers:
+                proc.send_signal(signal.SIGTERM)
+                await proc.wait()
+        counts = await _pointers(stack, job_id)
+        assert len(counts) == RECIPIENTS, f"run {run}: {RECIPIENTS - len(counts)} missing"
+        dupes = {d: c for d, c in counts.items() if c > 1}
+        assert dupes == {}, f"run {run}: duplicated pointers after {kills} kills"
+        # Markers are purged once the job is done.
+        nc = await connect(stack.cfg, "test")
+        info = await nc.jetstream().stream_info(
+            names.MAIL_STREAM, subjects_filter=f"sluice.mail.chunks.{job_id}.>"
+        )
+        await nc.close()
+        assert not info.state.subjects
+        # Empty MAIL for the next run.
+        nc = await connect(stack.cfg, "test")
+        await nc.jetstream().purge_stream(names.MAIL_STREAM)
+        await nc.close()
+
+    # The kills did land mid-expansion (not all before it began or after it ended).
+    assert sum(partial) >= 2, partial
+
+
+async def _chunks_in(stack: Stack, job_id: str) -> int:
+    nc = await connect(stack.cfg, "test")
+    try:
+        info = await nc.jetstream().stream_info(
+            names.MAIL_STREAM, subjects_filter=f"sluice.mail.chunks.{job_id}.>"
+        )
+        return len(info.state.subjects or {})
+    finally:
+        await nc.close()
+
+
+async def _chunks_grew(stack: Stack, job_id: str, before: int) -> bool:
+    """The expander made progress (or had nothing left to do)."""
+    return await _chunks_in(stack, job_id) > before or await _jobs_left(stack) == 0
+
+
+async def _jobs_left_zero(stack: Stack) -> bool:
+    return await _jobs_left(stack) == 0
+
+
+async def test_suppressed_recipients_get_an_event_not_a_pointer(
+    stack: Stack, tmp_path: Path
+) -> None:
+    nc = await connect(stack.cfg, "test")
+    js = nc.jetstream()
+    await Suppressions(js).add("acme", "R0X5@D5.test", "hard bounce")
+    await nc.close()
+    blast = _blast(0)
+    blast["recipients"] = blast["recipients"][:20]
+    status, body, _ = await call(stack, "POST", "/v1/blasts", blast)
+    assert status == 202
+    proc = await _start_expander(stack, tmp_path)
+    try:
+        await wait_for(lambda: _jobs_left_zero(stack), 60, "job expanded")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await proc.wait()
+    counts = await _pointers(stack, body["job_id"])
+    assert len(counts) == 19 and f"{body['job_id']}-5" not in counts
+    nc = await connect(stack.cfg, "test")
+    raw = await nc.jetstream().get_last_msg(
+        names.EVENTS_STREAM, f"sluice.events.acme.suppressed.{body['job_id']}.5"
+    )
+    await nc.close()
+    event = messages_pb2.Event.FromString(raw.data or b"")
+    assert event.recipient == "r0x5@d5.test"
+    assert event.message_id == f"{body['job_id']}.5@acme.test"
