@@ -29,6 +29,8 @@ from ingest.idempotency import Claim, IdempotencyStore, fingerprint
 from ingest.ratelimit import RateLimiter
 from ingest.status import StatusReader
 from ingest.validate import (
+    MAX_SUBSTITUTION,
+    all_valid,
     check_blast_recipient,
     normalise_domain,
     validate_blast_content,
@@ -48,6 +50,8 @@ log = logging.getLogger(__name__)
 _JS_STREAM_FULL = {10077, 10047, 10027}
 
 R = TypeVar("R", bound=Message)
+
+_RECIPIENT_KEYS = frozenset({"email", "name", "substitutions"})
 
 
 def new_job_id() -> str:
@@ -434,6 +438,20 @@ class IngestCore:
         if not isinstance(data, list):
             raise bad_request([("recipients", "must be a JSON array")])
         self._count_ok(len(data))
+        try:
+            if (
+                all(type(r) is dict and r.keys() <= _RECIPIENT_KEYS for r in data)
+                and all(type(r.get("substitutions", {})) is dict for r in data)
+                and all_valid(
+                    [r["email"] for r in data],
+                    [r["name"] for r in data if r.get("name")],
+                    [v for r in data if "substitutions" in r for v in r["substitutions"].values()],
+                    {},
+                )
+            ):
+                return data
+        except KeyError:
+            pass  # a recipient without email: the item-by-item pass names it
         out: list[tuple[str, str]] = []
         domains: dict[str, str | None] = {}
         allowed = {"email", "name", "substitutions"}
@@ -456,6 +474,17 @@ class IngestCore:
 
     def _check_proto_recipients(self, req: ingest_pb2.SendBlastRequest) -> None:
         self._count_ok(len(req.recipients))
+        recipients = req.recipients
+        # Reading proto maps is slow; a recipient whose whole encoding is within the value
+        # limit cannot hold a value over it, so only larger ones have their values read.
+        big = [r for r in recipients if r.ByteSize() > MAX_SUBSTITUTION]
+        if all_valid(
+            [r.email for r in recipients],
+            [r.name for r in recipients if r.name],
+            [v for r in big for v in r.substitutions.values()],
+            {},
+        ):
+            return
         out: list[tuple[str, str]] = []
         domains: dict[str, str | None] = {}
         for i, r in enumerate(req.recipients):

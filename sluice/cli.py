@@ -83,7 +83,7 @@ async def _keys(args: argparse.Namespace, store: TenantStore) -> int:
         if await store.get_tenant(args.tenant_id) is None:
             print(f"no tenant {args.tenant_id!r}", file=sys.stderr)
             return 1
-        api_key, record = await store.create_key(args.tenant_id, _tiers(args.tier))
+        api_key, record = await store.create_key(args.tenant_id, _tiers(args.tiers))
         print(api_key)
         print(f"key id {record.key_id}; the key is shown only once", file=sys.stderr)
         return 0
@@ -142,9 +142,15 @@ def _parser() -> argparse.ArgumentParser:
     ts.add_argument("tenant_id")
 
     k = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="action", required=True)
-    kc = k.add_parser("create")
-    kc.add_argument("tenant_id")
-    kc.add_argument("--tier", action="append", default=[], choices=tiers)
+    kc = k.add_parser("create", help="create a key; it is printed once, only its hash is kept")
+    kc.add_argument("--tenant", dest="tenant_id", required=True)
+    kc.add_argument(
+        "--tiers",
+        nargs="+",
+        default=[],
+        choices=tiers,
+        help="tiers this key may use (default: the tenant's)",
+    )
     k.add_parser("list")
     kr = k.add_parser("revoke")
     kr.add_argument("key_id")

@@ -437,4 +437,3 @@ class Client:
 
 async def _make(target: str, api_key: str, kwargs: dict[str, Any]) -> AsyncClient:
     return AsyncClient(target, api_key, **kwargs)
-

@@ -198,8 +198,24 @@ def _shorten(desc: Descriptor, data: dict[str, Any]) -> None:
                 _shorten(mdesc, value)
 
 
+# Field types whose JSON form is the Python value itself.
+_PLAIN = {
+    FieldDescriptor.TYPE_STRING,
+    FieldDescriptor.TYPE_BOOL,
+    FieldDescriptor.TYPE_INT32,
+    FieldDescriptor.TYPE_UINT32,
+    FieldDescriptor.TYPE_SINT32,
+    FieldDescriptor.TYPE_FIXED32,
+    FieldDescriptor.TYPE_SFIXED32,
+}
+
+
 def to_dict(msg: Message) -> dict[str, Any]:
     """The JSON form of a message: snake_case names, short enum names."""
+    fields = msg.ListFields()
+    if all(f.type in _PLAIN and not f.message_type for f, _ in fields):
+        # Flat messages (e.g. 100,000 message ids) skip json_format's per-value Python work.
+        return {f.name: list(v) if f.is_repeated else v for f, v in fields}
     data: dict[str, Any] = json_format.MessageToDict(msg, preserving_proto_field_name=True)
     _shorten(cast(Descriptor, msg.DESCRIPTOR), data)
     return data

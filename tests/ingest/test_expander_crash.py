@@ -48,10 +48,23 @@ def _blast(run: int) -> dict[str, Any]:
     }
 
 
+_started: list[asyncio.subprocess.Process] = []
+
+
+@pytest.fixture(autouse=True)
+async def _no_stray_expanders() -> Any:
+    yield
+    for proc in _started:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    _started.clear()
+
+
 async def _start_expander(stack: Stack, tmp: Path) -> asyncio.subprocess.Process:
     # A short ack_wait: the batch a killed expander held comes back within 2 s.
     env = dict(os.environ, SLUICE_NATS__URL=stack.cfg.nats.url, SLUICE_EXPANDER__ACK_WAIT="2s")
-    return await asyncio.create_subprocess_exec(
+    proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "sluice.cli",
@@ -62,6 +75,8 @@ async def _start_expander(stack: Stack, tmp: Path) -> asyncio.subprocess.Process
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.DEVNULL,
     )
+    _started.append(proc)
+    return proc
 
 
 async def _pointers(stack: Stack, job_id: str) -> Counter[str]:
