@@ -91,6 +91,14 @@ class Bench:
         ]
         self.channel = grpc.aio.insecure_channel(cfg.ingest.grpc_listen, opts)
         self.stub = ingest_pb2_grpc.IngestServiceStub(self.channel)
+        # Separate connections (distinct local subchannels), so that SO_REUSEPORT can spread
+        # the streams over several ingest processes.
+        self.channels = [
+            grpc.aio.insecure_channel(
+                cfg.ingest.grpc_listen, [*opts, ("grpc.use_local_subchannel_pool", 1)]
+            )
+            for _ in range(4)
+        ]
 
     async def blast_latency(self) -> None:
         async with aiohttp.ClientSession() as s:
@@ -147,29 +155,34 @@ class Bench:
             )
 
     async def stream(self, seconds: float = 10.0, streams: int = 4) -> None:
+        stubs = [ingest_pb2_grpc.IngestServiceStub(c) for c in self.channels]
         count = 0
         errors = 0
         start = time.perf_counter()
         msgs = [single_proto(i) for i in range(1000)]
 
-        async def one() -> None:
+        async def one(stub: ingest_pb2_grpc.IngestServiceAsyncStub) -> None:
             nonlocal count, errors
 
-            async def requests() -> AsyncIterator[ingest_pb2.SendStreamRequest]:
-                seq = 0
-                while time.perf_counter() - start < seconds:
-                    for m in msgs:
-                        seq += 1
-                        yield ingest_pb2.SendStreamRequest(sequence=seq, message=m)
+            frames = [
+                ingest_pb2.SendStreamRequest(sequence=i * 100, messages=msgs[i : i + 100])
+                for i in range(0, len(msgs), 100)
+            ]
 
-            async for resp in self.stub.SendStream(requests(), metadata=self.auth):
+            async def requests() -> AsyncIterator[ingest_pb2.SendStreamRequest]:
+                # Frames of 100 messages (the sequences only need to match results here).
+                while time.perf_counter() - start < seconds:
+                    for frame in frames:
+                        yield frame
+
+            async for resp in stub.SendStream(requests(), metadata=self.auth):
                 for r in resp.results:
                     if r.HasField("error"):
                         errors += 1
                     else:
                         count += 1
 
-        await asyncio.gather(*(one() for _ in range(streams)))
+        await asyncio.gather(*(one(stubs[i % len(stubs)]) for i in range(streams)))
         elapsed = time.perf_counter() - start
         print(
             f"stream: {streams} SendStreams, {count:,} accepted ({errors} errors) in "
@@ -227,6 +240,7 @@ class Bench:
 
 async def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--ingest-processes", type=int, default=1)
     ap.add_argument(
         "what",
         nargs="?",
@@ -235,7 +249,7 @@ async def main() -> None:
     )
     args = ap.parse_args()
     srv, tmp = start_nats()
-    proc = None
+    procs: list[asyncio.subprocess.Process] = []
     try:
         cfg = config_mod.replace(
             config_mod.Config(),
@@ -262,9 +276,18 @@ async def main() -> None:
             SLUICE_INGEST__HTTP_LISTEN=cfg.ingest.http_listen,
             SLUICE_INGEST__GRPC_LISTEN=cfg.ingest.grpc_listen,
         )
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "sluice.cli", "--log-level", "WARNING", "ingest", env=env
-        )
+        for _ in range(args.ingest_processes):
+            procs.append(
+                await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    "-m",
+                    "sluice.cli",
+                    "--log-level",
+                    "WARNING",
+                    "ingest",
+                    env=env,
+                )
+            )
         bench = Bench(cfg, key)
         for _ in range(100):
             try:
@@ -274,8 +297,8 @@ async def main() -> None:
                 await asyncio.sleep(0.1)
         print(machine())
         print(
-            "ingest: 1 process (uvloop); nats-server file storage; load generator in a "
-            "second process; no expander or deliverer running"
+            f"ingest: {args.ingest_processes} process(es) (uvloop, SO_REUSEPORT); nats-server "
+            "file storage; load generator in another process; no expander or deliverer"
         )
         todo: dict[str, Callable[[], Awaitable[Any]]] = {
             "blast-latency": bench.blast_latency,
@@ -286,9 +309,10 @@ async def main() -> None:
         for name, fn in todo.items():
             if args.what in ("all", name):
                 await fn()
-        await bench.channel.close(grace=None)
+        for channel in [bench.channel, *bench.channels]:
+            await channel.close(grace=None)
     finally:
-        if proc is not None:
+        for proc in procs:
             proc.terminate()
             await proc.wait()
         srv.stop()

@@ -87,26 +87,32 @@ def _stream(core: Any, cfg: IngestConfig) -> Callable[[AsyncIterator[Any], Ctx],
                 batch.append(await first)
             except StopAsyncIteration:
                 break
+            size = len(batch[0].messages) or 1
             loop = asyncio.get_running_loop()
             deadline = loop.time() + cfg.stream_linger
-            while len(batch) < cfg.stream_batch:
+            while size < cfg.stream_batch:
                 nxt = asyncio.ensure_future(it.__anext__())
                 try:
-                    batch.append(
-                        await asyncio.wait_for(
-                            asyncio.shield(nxt), max(0.0, deadline - loop.time())
-                        )
+                    frame = await asyncio.wait_for(
+                        asyncio.shield(nxt), max(0.0, deadline - loop.time())
                     )
+                    batch.append(frame)
+                    size += len(frame.messages) or 1
                 except TimeoutError:
                     pending = nxt  # carried into the next batch, never dropped
                     break
                 except StopAsyncIteration:
                     done = True
                     break
-            results = await core.send_batch(principal, [r.message for r in batch])
+            numbered = [
+                (frame.sequence + i, msg)
+                for frame in batch
+                for i, msg in enumerate(frame.messages or [frame.message])
+            ]
+            results = await core.send_batch(principal, [m for _, m in numbered])
             resp = ingest_pb2.SendStreamResponse()
-            for req, res in zip(batch, results, strict=True):
-                item = resp.results.add(sequence=req.sequence)
+            for (sequence, _), res in zip(numbered, results, strict=True):
+                item = resp.results.add(sequence=sequence)
                 if isinstance(res, ApiError):
                     item.error.CopyFrom(res.status())
                 else:

@@ -50,7 +50,8 @@ async def serve(cfg: Config, stop: asyncio.Event) -> None:
     runner = web.AppRunner(make_app(core, cfg.ingest.max_request_bytes), access_log=None)
     await runner.setup()
     host, port = split_hostport(cfg.ingest.http_listen)
-    site = web.TCPSite(runner, host, port)
+    # Several ingest processes may share the ports (SO_REUSEPORT; gRPC does this by default).
+    site = web.TCPSite(runner, host, port, reuse_port=True)
     await site.start()
     log.info("ingest: http on %s, grpc on %s", cfg.ingest.http_listen, cfg.ingest.grpc_listen)
     try:

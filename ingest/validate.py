@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from collections.abc import Mapping
@@ -54,6 +55,8 @@ RESERVED_HEADERS = frozenset(
 _MIME_TYPE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9!#$&^_.+-]*/[a-zA-Z0-9][a-zA-Z0-9!#$&^_.+-]*$")
 _CONTENT_ID = re.compile(r"^[\x21-\x3b\x3d\x3f-\x7e]{1,250}$")
 
+_TIERS = frozenset(messages_pb2.Tier.values())
+
 MAX_SUBSTITUTION = 1000
 MAX_SUBJECT = 998
 MAX_HEADER_VALUE = 998
@@ -61,8 +64,10 @@ MAX_TAGS = 20
 MAX_METADATA = 50
 
 
+@functools.lru_cache(maxsize=65536)
 def normalise_domain(domain: str) -> str:
-    """The lower-case IDNA A-label form of a domain; ValueError if it is not a mail domain."""
+    """The lower-case IDNA A-label form of a domain; ValueError if it is not a mail domain.
+    Cached: the same domains come again and again."""
     try:
         ascii_domain = domain.encode("idna").decode("ascii").lower()
     except UnicodeError as exc:
@@ -80,8 +85,28 @@ def normalise_domain(domain: str) -> str:
     return ascii_domain
 
 
+_VERDICTS: dict[str, str | None] = {}
+
+
 def check_address(email: str) -> str | None:
     """Why email is not a deliverable RFC 5321 mailbox, or None if it is."""
+    m = _FAST_ADDRESS.fullmatch(email)
+    if m is not None and len(email) <= 254 and len(m.group(1)) <= 64:
+        # The common case: a plain ASCII address; its domain's verdict is cached.
+        domain = m.group(2)
+        if domain not in _VERDICTS:
+            if len(_VERDICTS) > 100_000:
+                _VERDICTS.clear()
+            try:
+                normalise_domain(domain)
+                _VERDICTS[domain] = None
+            except ValueError as exc:
+                _VERDICTS[domain] = str(exc)
+        return _VERDICTS[domain]
+    return _check_address_slow(email)
+
+
+def _check_address_slow(email: str) -> str | None:
     if not email:
         return "is required"
     if _CONTROL.search(email) or "\r" in email or "\n" in email:
@@ -118,7 +143,7 @@ def check_address_fast(email: str, domains: dict[str, str | None]) -> str | None
     domain's verdict cached in `domains` (the caller's dict, e.g. per request)."""
     m = _FAST_ADDRESS.fullmatch(email)
     if m is None or len(email) > 254 or len(m.group(1)) > 64:
-        return check_address(email)
+        return _check_address_slow(email)
     domain = m.group(2)
     if domain not in domains:
         try:
@@ -286,7 +311,7 @@ def _content(req: Content, cfg: IngestConfig, out: list[tuple[str, str]]) -> Non
             out.append((f"tags[{i}]", "must be 1-128 characters without control characters"))
     if len(req.metadata) > MAX_METADATA:
         out.append(("metadata", f"at most {MAX_METADATA} entries"))
-    if req.tier not in messages_pb2.Tier.values():
+    if req.tier not in _TIERS:
         out.append(("tier", "unknown tier"))
     size = len(req.subject) + len(req.text.encode()) + len(req.html.encode())
     for i, att in enumerate(req.attachments):
