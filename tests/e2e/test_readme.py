@@ -70,6 +70,17 @@ async def test_readme_curl_examples(stack: Stack, dns_server: DnsServer) -> None
     assert error["code"] == 3
     assert error["message"] == "to[0].email: must be an address of the form local@domain"
 
+    (blast,) = [b for b in _blocks("sh") if "/v1/blasts" in b]
+    first_command = blast.split("\n# ")[0].replace("http://127.0.0.1:8080", stack.http)
+    dns_server.records["example.org"] = [("MX", f"10 {SMTP_HOST}.")]
+    code, out = await _run("sh", "-c", first_command, env=env)
+    assert code == 0, out
+    body = json.loads(out)
+    assert body["recipient_count"] == 2
+    await wait_for(lambda: stack.smtp.to("alan@example.org"), what="README blast")
+    (ada,) = await wait_for(lambda: stack.smtp.to("ada@example.net"), what="README blast")
+    assert ada.message["Subject"] == "Hi Ada"
+
 
 async def test_readme_python_example(stack: Stack, dns_server: DnsServer, tmp_path: Path) -> None:
     key = await _demo_key(stack, dns_server)
