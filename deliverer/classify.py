@@ -67,7 +67,8 @@ def parse_reply(code: int, message: str) -> Reply:
     return Reply(code, text, m.group(0) if m else "")
 
 
-def classify(reply: Reply) -> Outcome:
+def classify(reply: Reply, throttle: re.Pattern[str] | None = None) -> Outcome:
+    """The outcome of a reply; `throttle` adds configured throttling patterns."""
     if 200 <= reply.code < 300:
         return Delivered(reply)
     if 400 <= reply.code < 500:
@@ -75,6 +76,7 @@ def classify(reply: Reply) -> Outcome:
             reply.code == 421
             or reply.enhanced.startswith("4.7.")
             or bool(_THROTTLE_TEXT.search(reply.text))
+            or bool(throttle is not None and throttle.search(reply.text))
         )
         return Deferred(reply, "temporary failure", throttled)
     if 500 <= reply.code < 600:

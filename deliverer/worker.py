@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import socket
 import time
 from collections.abc import Sequence
@@ -64,6 +65,8 @@ class Deliverer:
         self._outcomes: list[scheduler_pb2.Outcome] = []
         self._subs: dict[str, JetStreamContext.PullSubscription] = {}
         self._parsed: dict[str, Sequence[messages_pb2.Payload]] = {}
+        patterns = cfg.deliverer.throttle_patterns
+        self._throttle = re.compile("|".join(f"(?:{p})" for p in patterns)) if patterns else None
 
     # -- the lease loop ------------------------------------------------------------------
 
@@ -102,7 +105,10 @@ class Deliverer:
             await self._flush_outcomes()
 
     async def _renew_loop(self, stop: asyncio.Event) -> None:
-        interval = max(0.2, self._cfg.scheduler.lease_ttl / 3)
+        # Renewals also bring a site's current queues (a new critical queue starts here).
+        interval = max(
+            0.1, min(self._cfg.scheduler.lease_ttl / 3, self._cfg.deliverer.renew_interval)
+        )
         while not stop.is_set():
             await asyncio.sleep(interval)
             await self._flush_outcomes()
@@ -121,6 +127,12 @@ class Deliverer:
                 if lost in self._work:
                     log.warning("lease %s lost; stopping work on it", lost)
                     self._work[lost].lost.set()
+            for renewed in resp.leases:
+                work = self._work.get(renewed.lease_id)
+                if work is not None and renewed.queues:
+                    del work.lease.queues[:]
+                    work.lease.queues.extend(renewed.queues)
+                    work.lease.expires_at.CopyFrom(renewed.expires_at)
 
     async def _flush_outcomes(self) -> None:
         if not self._outcomes:
@@ -237,7 +249,7 @@ class Deliverer:
                 conn = await self._connect(p.domain)
             await msg.in_progress()
             reply = await conn.send(p.envelope_from, p.recipient, data)
-            outcome = classify(reply)
+            outcome = classify(reply, self._throttle)
         except DnsPermanent as exc:
             outcome = Bounced(None, "bad_domain")
             log.info("delivery=%s: %s", p.delivery_id, exc)

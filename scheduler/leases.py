@@ -43,13 +43,21 @@ class LeaseTable:
         return [ls for ls in self._leases.values() if ls.deliverer_id == deliverer_id]
 
     def grant(
-        self, site_id: str, deliverer_id: str, limits: Limits, domains: list[str]
+        self,
+        site_id: str,
+        deliverer_id: str,
+        limits: Limits,
+        domains: list[str],
+        share: int | None = None,
     ) -> LeaseState | None:
-        """A new lease for the site's free connections, or None if there are none."""
+        """A new lease for up to `share` of the site's free connections, or None if there
+        are none."""
         self.expire()
         free = limits.max_connections - self.in_use(site_id)
         if free <= 0:
             return None
+        if share is not None:
+            free = min(free, share)
         lease = LeaseState(
             lease_id=f"lease_{secrets.token_hex(8)}",
             site_id=site_id,

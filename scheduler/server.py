@@ -42,7 +42,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         self, request: scheduler_pb2.RenewLeasesRequest, context: Ctx
     ) -> scheduler_pb2.RenewLeasesResponse:
         await self._need_id(request.deliverer_id, context)
-        return self._s.renew(request.deliverer_id, list(request.lease_ids))
+        return await self._s.renew(request.deliverer_id, list(request.lease_ids))
 
     async def ReleaseLeases(  # noqa: N802
         self, request: scheduler_pb2.ReleaseLeasesRequest, context: Ctx
@@ -55,8 +55,13 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         self, request: scheduler_pb2.ReportOutcomesRequest, context: Ctx
     ) -> scheduler_pb2.ReportOutcomesResponse:
         await self._need_id(request.deliverer_id, context)
-        self._s.report(list(request.outcomes))
+        await self._s.report(list(request.outcomes))
         return scheduler_pb2.ReportOutcomesResponse()
+
+    async def ListSites(  # noqa: N802
+        self, request: scheduler_pb2.ListSitesRequest, context: Ctx
+    ) -> scheduler_pb2.ListSitesResponse:
+        return await self._s.sites()
 
 
 async def serve(cfg: Config, stop: asyncio.Event) -> None:
@@ -64,6 +69,7 @@ async def serve(cfg: Config, stop: asyncio.Event) -> None:
     js = nc.jetstream()
     await ensure_layout(js, cfg)
     scheduler = Scheduler(cfg, js, load_rules(cfg.scheduler.shaping or None), Resolver(cfg.dns))
+    await scheduler.start()
     server = grpc.aio.server()
     scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(SchedulerServicer(scheduler), server)
     server.add_insecure_port(cfg.scheduler.listen)

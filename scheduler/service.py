@@ -1,18 +1,23 @@
-"""The scheduler's policy: group backlog into sites and grant leases, critical first."""
+"""The scheduler's policy: group backlog into sites and grant leases, critical first, within
+each site's (adapted) limits."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import Counter, defaultdict
 
 from google.protobuf.timestamp_pb2 import Timestamp
 from nats.js import JetStreamContext
+from nats.js.errors import KeyNotFoundError
 
+from scheduler.adaptive import Adaptive
 from scheduler.backlog import Queue, ensure_consumer, read_backlog
 from scheduler.leases import LeaseState, LeaseTable
-from scheduler.shaping import Rules
+from scheduler.shaping import Limits, Rules
+from sluice import names
 from sluice.config import Config
 from sluice.resolver import DnsError, Resolver
 from sluice.v1 import scheduler_pb2
@@ -20,6 +25,17 @@ from sluice.v1 import scheduler_pb2
 __all__ = ["Scheduler"]
 
 log = logging.getLogger(__name__)
+
+_ALIVE_KEY = "scheduler-alive"
+
+
+def _limits_proto(limits: Limits) -> scheduler_pb2.SiteLimits:
+    return scheduler_pb2.SiteLimits(
+        max_connections=limits.max_connections,
+        max_message_rate=limits.max_message_rate,
+        max_deliveries_per_connection=limits.max_deliveries_per_connection,
+        max_connection_rate=limits.max_connection_rate,
+    )
 
 
 class Scheduler:
@@ -29,12 +45,38 @@ class Scheduler:
         self._rules = rules
         self._resolver = resolver
         self.leases = LeaseTable(cfg.scheduler.lease_ttl)
+        self.adaptive = Adaptive(cfg.scheduler, js)
         self._backlog: dict[Queue, int] = {}
         self._backlog_at = 0.0
         self._sites: dict[str, tuple[float, str]] = {}
         self._cooldown: dict[str, float] = {}
+        self._last_decrease: dict[str, float] = {}
+        self._grace_until = 0.0
         self.outcomes: Counter[tuple[str, int]] = Counter()
         self._lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        """Restore adapted limits; if another scheduler was alive within one lease TTL, its
+        leases may still be in use: grant nothing until they have run out."""
+        await self.adaptive.load()
+        kv = await self._js.key_value(names.SITES_BUCKET)
+        try:
+            await kv.get(_ALIVE_KEY)
+            self._grace_until = time.monotonic() + self._cfg.scheduler.lease_ttl
+            log.info(
+                "a scheduler was alive recently: no new leases for %.0fs",
+                self._cfg.scheduler.lease_ttl,
+            )
+        except KeyNotFoundError:
+            pass
+        await self._heartbeat()
+
+    async def _heartbeat(self) -> None:
+        await self._js.publish(
+            f"$KV.{names.SITES_BUCKET}.{_ALIVE_KEY}",
+            b"1",
+            headers={"Nats-TTL": f"{max(1, math.ceil(self._cfg.scheduler.lease_ttl))}s"},
+        )
 
     async def refresh_backlog(self) -> None:
         self._backlog = await read_backlog(self._js)
@@ -56,27 +98,38 @@ class Scheduler:
         self._sites[domain] = (now + ttl, site)
         return site
 
+    async def _by_site(self) -> dict[str, list[Queue]]:
+        by_site: dict[str, list[Queue]] = defaultdict(list)
+        for q in self._backlog:
+            by_site[await self.site_of(q.domain)].append(q)
+        return by_site
+
+    def limits(self, site: str, domains: list[str]) -> Limits:
+        return self.adaptive.current(site, self._rules.limits(site, domains))
+
     async def acquire(self, deliverer_id: str, max_leases: int) -> list[scheduler_pb2.Lease]:
         async with self._lock:
-            if time.monotonic() - self._backlog_at > self._cfg.scheduler.backlog_interval:
-                await self.refresh_backlog()
-            by_site: dict[str, list[Queue]] = defaultdict(list)
-            for q in self._backlog:
-                by_site[await self.site_of(q.domain)].append(q)
-            held = {ls.site_id for ls in self.leases.held_by(deliverer_id)}
             now = time.monotonic()
+            if now < self._grace_until:
+                return []
+            if now - self._backlog_at > self._cfg.scheduler.backlog_interval:
+                await self.refresh_backlog()
+            by_site = await self._by_site()
             # Sites whose best queue is the highest tier come first.
             order = sorted(by_site, key=lambda s: min(q.tier for q in by_site[s]))
             granted: list[scheduler_pb2.Lease] = []
             for site in order:
                 if len(granted) >= max_leases:
                     break
-                if site in held or self._cooldown.get(site, 0.0) > now:
+                if self._cooldown.get(site, 0.0) > now or self.adaptive.suspended(site):
                     continue
                 queues = sorted(by_site[site], key=lambda q: (q.tier, q.key))
                 domains = sorted({q.domain for q in queues})
-                limits = self._rules.limits(site, domains)
-                lease = self.leases.grant(site, deliverer_id, limits, domains)
+                limits = self.limits(site, domains)
+                # A lease takes at most half the site's connections (rounded up), so that a
+                # second deliverer can share a busy site.
+                share = max(1, math.ceil(limits.max_connections / 2))
+                lease = self.leases.grant(site, deliverer_id, limits, domains, share)
                 if lease is None:
                     continue
                 granted.append(await self._to_proto(lease, queues))
@@ -90,14 +143,16 @@ class Scheduler:
                 )
             return granted
 
-    async def _to_proto(self, lease: LeaseState, queues: list[Queue]) -> scheduler_pb2.Lease:
-        lq = [
+    async def _queues(self, queues: list[Queue]) -> list[scheduler_pb2.LeaseQueue]:
+        return [
             scheduler_pb2.LeaseQueue(
                 tier=q.tier, key=q.key, consumer=await ensure_consumer(self._js, self._cfg, q)
             )
-            for q in queues
+            for q in sorted(queues, key=lambda q: (q.tier, q.key))
         ]
-        return self.describe(lease, lq)
+
+    async def _to_proto(self, lease: LeaseState, queues: list[Queue]) -> scheduler_pb2.Lease:
+        return self.describe(lease, await self._queues(queues))
 
     @staticmethod
     def describe(
@@ -105,26 +160,54 @@ class Scheduler:
     ) -> scheduler_pb2.Lease:
         expires = Timestamp()
         expires.FromNanoseconds(int(lease.expires_at * 1e9))
+        # The site's message rate is split between its leases by their connections.
+        rate = (
+            lease.limits.max_message_rate * lease.connections / max(1, lease.limits.max_connections)
+        )
         return scheduler_pb2.Lease(
             lease_id=lease.lease_id,
             site_id=lease.site_id,
             domains=lease.domains,
             queues=queues or [],
             max_connections=lease.connections,
-            max_message_rate=lease.limits.max_message_rate,
+            max_message_rate=rate,
             max_deliveries_per_connection=lease.limits.max_deliveries_per_connection,
             expires_at=expires,
         )
 
-    def renew(self, deliverer_id: str, lease_ids: list[str]) -> scheduler_pb2.RenewLeasesResponse:
-        resp = scheduler_pb2.RenewLeasesResponse()
-        for lease_id in lease_ids:
-            ls = self.leases.renew(deliverer_id, lease_id)
-            if ls is None:
-                resp.lost_lease_ids.append(lease_id)
-            else:
-                resp.leases.append(self.describe(ls))
-        return resp
+    async def renew(
+        self, deliverer_id: str, lease_ids: list[str]
+    ) -> scheduler_pb2.RenewLeasesResponse:
+        """Extend leases, with the site's current queues (a new critical queue shows up here);
+        leases over a site's adapted limit, or of a suspended site, are taken back."""
+        async with self._lock:
+            by_site = await self._by_site()
+            self._shrink()
+            resp = scheduler_pb2.RenewLeasesResponse()
+            for lease_id in lease_ids:
+                ls = self.leases.renew(deliverer_id, lease_id)
+                if ls is None:
+                    resp.lost_lease_ids.append(lease_id)
+                    continue
+                resp.leases.append(self.describe(ls, await self._queues(by_site[ls.site_id])))
+            return resp
+
+    def _shrink(self) -> None:
+        """Revoke the newest leases of sites now over their limit (or suspended)."""
+        per_site: dict[str, list[LeaseState]] = defaultdict(list)
+        for ls in self.leases.all():
+            per_site[ls.site_id].append(ls)
+        for site, leases in per_site.items():
+            limit = self.limits(site, leases[0].domains).max_connections
+            if self.adaptive.suspended(site):
+                limit = 0
+            leases.sort(key=lambda ls: ls.expires_at)
+            while leases and sum(ls.connections for ls in leases) > limit:
+                gone = leases.pop()
+                self.leases.release(gone.deliverer_id, gone.lease_id)
+                log.warning(
+                    "lease %s on site %s revoked: site limit is now %d", gone.lease_id, site, limit
+                )
 
     def release(self, deliverer_id: str, lease_ids: list[str]) -> None:
         for lease_id in lease_ids:
@@ -136,16 +219,71 @@ class Scheduler:
                     )
             self.leases.release(deliverer_id, lease_id)
 
-    def report(self, outcomes: list[scheduler_pb2.Outcome]) -> None:
+    async def report(self, outcomes: list[scheduler_pb2.Outcome]) -> None:
+        successes: Counter[str] = Counter()
         for o in outcomes:
             self.outcomes[(o.site_id, o.kind)] += 1
+            if o.kind == scheduler_pb2.OUTCOME_KIND_THROTTLED:
+                now = time.monotonic()
+                # One decrease per cooldown: a burst of 421s is one signal, not twenty.
+                if now - self._last_decrease.get(o.site_id, 0.0) >= (
+                    self._cfg.scheduler.throttle_cooldown
+                ):
+                    self._last_decrease[o.site_id] = now
+                    await self.adaptive.throttled(
+                        o.site_id, f"{o.reply.code} {o.reply.text}".strip()
+                    )
+            elif o.kind == scheduler_pb2.OUTCOME_KIND_DELIVERED:
+                successes[o.site_id] += 1
+        for site, n in successes.items():
+            await self.adaptive.succeeded(site, n)
+
+    async def sites(self) -> scheduler_pb2.ListSitesResponse:
+        async with self._lock:
+            by_site = await self._by_site()
+            for ls in self.leases.all():
+                by_site.setdefault(ls.site_id, [])
+            for site in self.adaptive.states:
+                by_site.setdefault(site, [])
+            resp = scheduler_pb2.ListSitesResponse()
+            for site, queues in by_site.items():
+                domains = sorted({q.domain for q in queues})
+                configured = self._rules.limits(site, domains)
+                leases = [ls for ls in self.leases.all() if ls.site_id == site]
+                tiers: Counter[names.Tier] = Counter()
+                for q in queues:
+                    tiers[q.tier] += self._backlog.get(q, 0)
+                status = scheduler_pb2.SiteStatus(
+                    site_id=site,
+                    domains=domains,
+                    configured=_limits_proto(configured),
+                    current=_limits_proto(self.adaptive.current(site, configured)),
+                    leases=len(leases),
+                    connections_in_use=sum(ls.connections for ls in leases),
+                    backlog=[
+                        scheduler_pb2.TierBacklog(tier=t, messages=n)
+                        for t, n in sorted(tiers.items())
+                    ],
+                )
+                st = self.adaptive.states.get(site)
+                if st is not None:
+                    status.reason = st.reason
+                    if st.suspended_until > time.time():
+                        status.suspended_until.FromNanoseconds(int(st.suspended_until * 1e9))
+                resp.sites.append(status)
+            resp.sites.sort(key=lambda s: -sum(b.messages for b in s.backlog))
+            return resp
 
     async def run_backlog(self, stop: asyncio.Event) -> None:
-        """Keep the backlog snapshot fresh."""
+        """Keep the backlog snapshot fresh and the liveness key alive."""
+        beats = 0.0
         while not stop.is_set():
             try:
                 async with self._lock:
                     await self.refresh_backlog()
+                if time.monotonic() - beats > self._cfg.scheduler.lease_ttl / 3:
+                    beats = time.monotonic()
+                    await self._heartbeat()
             except Exception as exc:
                 log.warning("backlog read failed: %r", exc)
             try:

@@ -114,6 +114,15 @@ class SchedulerConfig:
     backlog_interval: Duration = Duration(1.0)
     # Path of the shaping rules (TOML); empty means the built-in default.
     shaping: str = ""
+    # Each throttle report multiplies a site's limits by this.
+    throttle_decrease: float = 0.5
+    # Also suspend a throttled site this long (0: no suspension).
+    suspend_on_throttle: Duration = Duration(0.0)
+    # After this many successes in a row a throttled site gains recover_step of its limits.
+    recover_after: int = 20
+    recover_step: float = 0.1
+    # At most one decrease per site this often: a burst of 421s is one signal.
+    throttle_cooldown: Duration = Duration(5.0)
 
 
 @dataclass(frozen=True)
@@ -127,6 +136,10 @@ class DelivererConfig:
     max_leases: int = 16
     # SMTP connections one lease may use in this process (the lease caps it too).
     connections_per_lease: int = 4
+    # How often leases are renewed (and their queues refreshed); at most lease_ttl / 3.
+    renew_interval: Duration = Duration(1.0)
+    # Extra regular expressions that mark a 4xx reply as throttling (e.g. a provider code).
+    throttle_patterns: tuple[str, ...] = ()
     fetch_batch: int = 32
     idle_poll: Duration = Duration(0.5)
     connect_timeout: Duration = Duration(30.0)

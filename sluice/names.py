@@ -43,6 +43,8 @@ IDEMPOTENCY_BUCKET = "sluice_idempotency"
 EXPANDER_BUCKET = "sluice_expander"
 # Suppressed recipients: "<tenant>.<sha256 of the address>" -> reason.
 SUPPRESSIONS_BUCKET = "sluice_suppressions"
+# Adapted site limits and suspensions: sha256(site id) -> JSON state.
+SITES_BUCKET = "sluice_sites"
 
 EXPANDER_CONSUMER = "expander"
 WEBHOOKS_CONSUMER = "webhooks"

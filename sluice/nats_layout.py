@@ -103,6 +103,7 @@ async def ensure_layout(js: JetStreamContext, cfg: Config) -> None:
         names.IDEMPOTENCY_BUCKET,
         names.EXPANDER_BUCKET,
         names.SUPPRESSIONS_BUCKET,
+        names.SITES_BUCKET,
     ):
         try:
             await js.key_value(bucket)

@@ -384,3 +384,168 @@ class ReportOutcomesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReportOutcomesResponse: _TypeAlias = ReportOutcomesResponse  # noqa: Y015
+
+@_typing.final
+class ListSitesRequest(_message.Message):
+    """ListSitesRequest asks for the sites' state."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSitesRequest: _TypeAlias = ListSitesRequest  # noqa: Y015
+
+@_typing.final
+class SiteLimits(_message.Message):
+    """SiteLimits are a site's shaping limits."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAX_CONNECTIONS_FIELD_NUMBER: _builtins.int
+    MAX_MESSAGE_RATE_FIELD_NUMBER: _builtins.int
+    MAX_DELIVERIES_PER_CONNECTION_FIELD_NUMBER: _builtins.int
+    MAX_CONNECTION_RATE_FIELD_NUMBER: _builtins.int
+    max_connections: _builtins.int
+    """Concurrent SMTP connections."""
+    max_message_rate: _builtins.float
+    """Messages per second; 0 means unlimited."""
+    max_deliveries_per_connection: _builtins.int
+    """Messages per connection; 0 means unlimited."""
+    max_connection_rate: _builtins.float
+    """New connections per second; 0 means unlimited."""
+    def __init__(
+        self,
+        *,
+        max_connections: _builtins.int = ...,
+        max_message_rate: _builtins.float = ...,
+        max_deliveries_per_connection: _builtins.int = ...,
+        max_connection_rate: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_connection_rate", b"max_connection_rate", "max_connections", b"max_connections", "max_deliveries_per_connection", b"max_deliveries_per_connection", "max_message_rate", b"max_message_rate"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SiteLimits: _TypeAlias = SiteLimits  # noqa: Y015
+
+@_typing.final
+class TierBacklog(_message.Message):
+    """TierBacklog is the number of stored messages of one tier for a site."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TIER_FIELD_NUMBER: _builtins.int
+    MESSAGES_FIELD_NUMBER: _builtins.int
+    tier: _messages_pb2.Tier.ValueType
+    """The tier."""
+    messages: _builtins.int
+    """Messages stored (ready and deferred)."""
+    def __init__(
+        self,
+        *,
+        tier: _messages_pb2.Tier.ValueType = ...,
+        messages: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages", "tier", b"tier"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TierBacklog: _TypeAlias = TierBacklog  # noqa: Y015
+
+@_typing.final
+class SiteStatus(_message.Message):
+    """SiteStatus is one site's state."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SITE_ID_FIELD_NUMBER: _builtins.int
+    DOMAINS_FIELD_NUMBER: _builtins.int
+    CONFIGURED_FIELD_NUMBER: _builtins.int
+    CURRENT_FIELD_NUMBER: _builtins.int
+    LEASES_FIELD_NUMBER: _builtins.int
+    CONNECTIONS_IN_USE_FIELD_NUMBER: _builtins.int
+    BACKLOG_FIELD_NUMBER: _builtins.int
+    SUSPENDED_UNTIL_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    site_id: _builtins.str
+    """The site id."""
+    leases: _builtins.int
+    """Live leases."""
+    connections_in_use: _builtins.int
+    """Connections granted to live leases."""
+    reason: _builtins.str
+    """Why the limits were last changed (e.g. the throttling reply)."""
+    @_builtins.property
+    def domains(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Domains with backlog that belong to it."""
+
+    @_builtins.property
+    def configured(self) -> Global___SiteLimits:
+        """Limits from the shaping rules."""
+
+    @_builtins.property
+    def current(self) -> Global___SiteLimits:
+        """Limits now, after adaptive throttling."""
+
+    @_builtins.property
+    def backlog(self) -> _containers.RepeatedCompositeFieldContainer[Global___TierBacklog]:
+        """Backlog per tier."""
+
+    @_builtins.property
+    def suspended_until(self) -> _timestamp_pb2.Timestamp:
+        """Until when the site is suspended, if it is."""
+
+    def __init__(
+        self,
+        *,
+        site_id: _builtins.str = ...,
+        domains: _abc.Iterable[_builtins.str] | None = ...,
+        configured: Global___SiteLimits | None = ...,
+        current: Global___SiteLimits | None = ...,
+        leases: _builtins.int = ...,
+        connections_in_use: _builtins.int = ...,
+        backlog: _abc.Iterable[Global___TierBacklog] | None = ...,
+        suspended_until: _timestamp_pb2.Timestamp | None = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["configured", b"configured", "current", b"current", "suspended_until", b"suspended_until"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backlog", b"backlog", "configured", b"configured", "connections_in_use", b"connections_in_use", "current", b"current", "domains", b"domains", "leases", b"leases", "reason", b"reason", "site_id", b"site_id", "suspended_until", b"suspended_until"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SiteStatus: _TypeAlias = SiteStatus  # noqa: Y015
+
+@_typing.final
+class ListSitesResponse(_message.Message):
+    """ListSitesResponse lists the sites."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SITES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def sites(self) -> _containers.RepeatedCompositeFieldContainer[Global___SiteStatus]:
+        """The sites, busiest first."""
+
+    def __init__(
+        self,
+        *,
+        sites: _abc.Iterable[Global___SiteStatus] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["sites", b"sites"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSitesResponse: _TypeAlias = ListSitesResponse  # noqa: Y015

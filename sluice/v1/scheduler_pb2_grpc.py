@@ -56,6 +56,11 @@ class SchedulerServiceStub:
                 request_serializer=sluice_dot_v1_dot_scheduler__pb2.ReportOutcomesRequest.SerializeToString,
                 response_deserializer=sluice_dot_v1_dot_scheduler__pb2.ReportOutcomesResponse.FromString,
                 _registered_method=True)
+        self.ListSites = channel.unary_unary(
+                '/sluice.v1.SchedulerService/ListSites',
+                request_serializer=sluice_dot_v1_dot_scheduler__pb2.ListSitesRequest.SerializeToString,
+                response_deserializer=sluice_dot_v1_dot_scheduler__pb2.ListSitesResponse.FromString,
+                _registered_method=True)
 
 
 class SchedulerServiceServicer:
@@ -97,6 +102,14 @@ class SchedulerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListSites(self, request, context):
+        """ListSites shows every known site: configured and current limits, leases, connections in
+        use, backlog per tier, and any suspension with its reason. Errors: none.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -119,6 +132,11 @@ def add_SchedulerServiceServicer_to_server(servicer, server):
                     servicer.ReportOutcomes,
                     request_deserializer=sluice_dot_v1_dot_scheduler__pb2.ReportOutcomesRequest.FromString,
                     response_serializer=sluice_dot_v1_dot_scheduler__pb2.ReportOutcomesResponse.SerializeToString,
+            ),
+            'ListSites': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSites,
+                    request_deserializer=sluice_dot_v1_dot_scheduler__pb2.ListSitesRequest.FromString,
+                    response_serializer=sluice_dot_v1_dot_scheduler__pb2.ListSitesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -231,6 +249,33 @@ class SchedulerService:
             '/sluice.v1.SchedulerService/ReportOutcomes',
             sluice_dot_v1_dot_scheduler__pb2.ReportOutcomesRequest.SerializeToString,
             sluice_dot_v1_dot_scheduler__pb2.ReportOutcomesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSites(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sluice.v1.SchedulerService/ListSites',
+            sluice_dot_v1_dot_scheduler__pb2.ListSitesRequest.SerializeToString,
+            sluice_dot_v1_dot_scheduler__pb2.ListSitesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -53,6 +53,10 @@ class SchedulerServiceStub:
     """ReportOutcomes tells the scheduler how deliveries went, in batches; throttle replies
     feed the adaptive limits. Errors: INVALID_ARGUMENT (400) without a deliverer_id.
     """
+    ListSites: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.ListSitesRequest, _scheduler_pb2.ListSitesResponse]
+    """ListSites shows every known site: configured and current limits, leases, connections in
+    use, backlog per tier, and any suspension with its reason. Errors: none.
+    """
 
 @_typing.type_check_only
 class SchedulerServiceAsyncStub(SchedulerServiceStub):
@@ -78,6 +82,10 @@ class SchedulerServiceAsyncStub(SchedulerServiceStub):
     ReportOutcomes: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.ReportOutcomesRequest, _scheduler_pb2.ReportOutcomesResponse]  # type: ignore[assignment]
     """ReportOutcomes tells the scheduler how deliveries went, in batches; throttle replies
     feed the adaptive limits. Errors: INVALID_ARGUMENT (400) without a deliverer_id.
+    """
+    ListSites: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.ListSitesRequest, _scheduler_pb2.ListSitesResponse]  # type: ignore[assignment]
+    """ListSites shows every known site: configured and current limits, leases, connections in
+    use, backlog per tier, and any suspension with its reason. Errors: none.
     """
 
 class SchedulerServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -125,6 +133,16 @@ class SchedulerServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_scheduler_pb2.ReportOutcomesResponse, _abc.Awaitable[_scheduler_pb2.ReportOutcomesResponse]]:
         """ReportOutcomes tells the scheduler how deliveries went, in batches; throttle replies
         feed the adaptive limits. Errors: INVALID_ARGUMENT (400) without a deliverer_id.
+        """
+
+    @_abc_1.abstractmethod
+    def ListSites(
+        self,
+        request: _scheduler_pb2.ListSitesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_pb2.ListSitesResponse, _abc.Awaitable[_scheduler_pb2.ListSitesResponse]]:
+        """ListSites shows every known site: configured and current limits, leases, connections in
+        use, backlog per tier, and any suspension with its reason. Errors: none.
         """
 
 def add_SchedulerServiceServicer_to_server(servicer: SchedulerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
