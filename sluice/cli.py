@@ -98,6 +98,46 @@ async def _keys(args: argparse.Namespace, store: TenantStore) -> int:
     return 1
 
 
+async def _sites(cfg: Config) -> int:
+    """Print the scheduler's ListSites as a table."""
+    import grpc
+
+    from sluice.v1 import scheduler_pb2, scheduler_pb2_grpc
+
+    async with grpc.aio.insecure_channel(cfg.deliverer.scheduler) as channel:
+        stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
+        try:
+            resp = await stub.ListSites(scheduler_pb2.ListSitesRequest(), timeout=10)
+        except grpc.aio.AioRpcError as exc:
+            print(f"scheduler at {cfg.deliverer.scheduler}: {exc.code().name}", file=sys.stderr)
+            return 1
+    print(f"{'SITE':28} {'CONNS':>9} {'RATE/s':>13} {'LEASES':>6} {'BACKLOG c/t/b':>16}  STATE")
+    for s in resp.sites:
+        backlog = {int(b.tier): b.messages for b in s.backlog}
+        state = []
+        if s.HasField("suspended_until"):
+            state.append(f"suspended until {s.suspended_until.ToDatetime():%H:%M:%S}")
+        if s.reason:
+            state.append(s.reason)
+        rate = (
+            f"{s.current.max_message_rate:g}/{s.configured.max_message_rate:g}"
+            if s.configured.max_message_rate
+            else "-"
+        )
+        print(
+            f"{s.site_id[:28]:28} "
+            f"{s.connections_in_use:>3}/{s.current.max_connections}/"
+            f"{s.configured.max_connections:<3} {rate:>13} {s.leases:>6} "
+            f"{backlog.get(1, 0):>5}/{backlog.get(2, 0)}/{backlog.get(3, 0):<5}  "
+            f"{'; '.join(state)}"
+        )
+        if s.domains:
+            print(
+                f"{'':28} domains: {', '.join(s.domains[:8])}{' …' if len(s.domains) > 8 else ''}"
+            )
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sluice", description="Sluice email delivery platform")
     p.add_argument("--config", help="config file (default: $SLUICE_CONFIG or ./sluice.toml)")
@@ -109,6 +149,7 @@ def _parser() -> argparse.ArgumentParser:
     for name in SERVICES:
         sub.add_parser(name, help=f"run the {name} service")
     sub.add_parser("init", help="create the JetStream streams and buckets")
+    sub.add_parser("sites", help="per-site limits, leases, backlog and throttling (scheduler)")
     sink = sub.add_parser("sink", help="a catch-all SMTP sink with a DNS server pointing at it")
     sink.add_argument("--smtp-listen", default="0.0.0.0:25")
     sink.add_argument("--dns-listen", default="0.0.0.0:53")
@@ -184,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
         return 0
+    if cmd == "sites":
+        return asyncio.run(_sites(cfg))
     if cmd == "init":
 
         async def init() -> int:

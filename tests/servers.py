@@ -41,6 +41,13 @@ class ScriptedSmtp:
     received: list[Received] = field(default_factory=list)
     rcpt_attempts: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     ehlo_names: list[str] = field(default_factory=list)
+    # Seconds each DATA takes, per recipient domain (a slow destination).
+    data_delay: dict[str, float] = field(default_factory=dict)
+    # A reply for every RCPT to a domain while set, e.g. "421 4.7.0 rate limited".
+    domain_reply: dict[str, str] = field(default_factory=dict)
+    # Connections open now and the most ever open at once.
+    active: int = 0
+    max_active: int = 0
 
     async def handle_EHLO(  # noqa: N802
         self,
@@ -66,12 +73,18 @@ class ScriptedSmtp:
         queue = self.script.get(address)
         if queue:
             return queue.pop(0)
+        forced = self.domain_reply.get(address.rpartition("@")[2])
+        if forced:
+            return forced
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 OK"
 
     async def handle_DATA(  # noqa: N802
         self, server: SMTP, session: Session, envelope: Envelope
     ) -> str:
+        delay = self.data_delay.get(envelope.rcpt_tos[0].rpartition("@")[2], 0.0)
+        if delay:
+            await asyncio.sleep(delay)
         self.received.append(
             Received(
                 str(envelope.mail_from),
@@ -85,10 +98,27 @@ class ScriptedSmtp:
         return [r for r in self.received if rcpt in r.rcpt_tos]
 
 
+class _CountingSMTP(SMTP):
+    """aiosmtpd's SMTP, counting concurrent connections on the handler."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        handler: ScriptedSmtp = self.event_handler
+        handler.active += 1
+        handler.max_active = max(handler.max_active, handler.active)
+        super().connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        handler: ScriptedSmtp = self.event_handler
+        handler.active -= 1
+        super().connection_lost(exc)
+
+
 async def start_smtp(handler: ScriptedSmtp) -> tuple[asyncio.Server, int]:
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
-        lambda: SMTP(handler, hostname="mx.test", enable_SMTPUTF8=False), "127.0.0.1", 0
+        lambda: _CountingSMTP(handler, hostname="mx.test", enable_SMTPUTF8=False),
+        "127.0.0.1",
+        0,
     )
     port = int(server.sockets[0].getsockname()[1])
     return server, port
