@@ -58,6 +58,8 @@ class Adaptive:
             except KeyNotFoundError:
                 continue
             data = json.loads(entry.value or b"{}")
+            if not isinstance(data, dict) or "site_id" not in data:
+                continue  # the scheduler's liveness key shares the bucket
             self.states[data["site_id"]] = SiteState(
                 data["factor"], data["suspended_until"], data["reason"]
             )

@@ -1,0 +1,164 @@
+"""Failures: a deliverer killed with SIGKILL loses its leases and another finishes its work;
+a restarted scheduler keeps adapted limits (KV) and no site goes over its limit meanwhile."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from sluice.devdns import DnsServer
+from sluice.services import service
+from sluice.v1 import scheduler_pb2, scheduler_pb2_grpc
+from tests.api import call
+from tests.conftest import Stack, wait_for
+
+SHAPING = '[domain."cap.test"]\nmax_connections = 3\n'
+
+
+@pytest.fixture
+def stack_overrides(tmp_path: Path) -> dict[str, dict[str, Any]]:
+    shaping = tmp_path / "shaping.toml"
+    shaping.write_text(SHAPING)
+    return {
+        "scheduler": {
+            "shaping": str(shaping),
+            "lease_ttl": "2s",
+            "throttle_cooldown": "0s",
+            "recover_after": 1000,
+        },
+        "deliverer": {"renew_interval": "200ms", "ack_wait": "3s", "fetch_batch": 4},
+        "ingest": {"max_blast_recipients": 1000},
+    }
+
+
+@pytest.fixture
+def stack_services() -> tuple[str, ...]:
+    return ("ingest", "expander", "scheduler", "webhooks")  # deliverers come per test
+
+
+@pytest.fixture(autouse=True)
+def _mx(dns_server: DnsServer) -> None:
+    dns_server.records["cap.test"] = [("MX", "10 mx.cap.test.")]
+    dns_server.records["mx.cap.test"] = [("A", "127.0.0.1")]
+
+
+async def _blast(stack: Stack, n: int, prefix: str = "u") -> None:
+    status, body, _ = await call(
+        stack,
+        "POST",
+        "/v1/blasts",
+        {
+            "from": {"email": "news@acme.test"},
+            "subject": "s",
+            "text": "t",
+            "recipients": [{"email": f"{prefix}{i}@cap.test"} for i in range(n)],
+        },
+    )
+    assert status == 202, body
+
+
+async def _deliverer_process(stack: Stack, dns_port: int, smtp_port: int) -> Any:
+    cfg = stack.cfg
+    env = dict(
+        os.environ,
+        SLUICE_NATS__URL=cfg.nats.url,
+        SLUICE_DELIVERER__SCHEDULER=cfg.scheduler.listen,
+        SLUICE_DELIVERER__SMTP_PORT=str(smtp_port),
+        SLUICE_DELIVERER__RENEW_INTERVAL="200ms",
+        SLUICE_DELIVERER__IDLE_POLL="100ms",
+        SLUICE_DELIVERER__FETCH_BATCH="4",
+        SLUICE_SCHEDULER__LEASE_TTL="2s",
+        SLUICE_DNS__NAMESERVERS="127.0.0.1",
+        SLUICE_DNS__PORT=str(dns_port),
+        SLUICE_RETRY__LADDER="1s",
+    )
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "sluice.cli",
+        "--log-level",
+        "WARNING",
+        "deliverer",
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+
+
+async def test_sigkilled_deliverer_leases_expire_and_another_finishes(
+    stack: Stack, dns_server: DnsServer, smtp: Any
+) -> None:
+    _, smtp_port = smtp
+    stack.smtp.data_delay["cap.test"] = 0.02
+    first = await _deliverer_process(stack, dns_server.port, smtp_port)
+    second = None
+    try:
+        await _blast(stack, 300)
+        await wait_for(lambda: len(stack.smtp.received) >= 40, 60, "the first deliverer working")
+        first.send_signal(signal.SIGKILL)
+        await first.wait()
+        killed_at = len(stack.smtp.received)
+        assert killed_at < 300, "the kill came too late to prove anything"
+        second = await _deliverer_process(stack, dns_server.port, smtp_port)
+        await wait_for(
+            lambda: len({r.rcpt_tos[0] for r in stack.smtp.received}) == 300,
+            90,
+            "the second deliverer to finish",
+        )
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+                await proc.wait()
+    assert stack.smtp.max_active <= 3
+    # At-least-once: a message in flight at the kill may arrive twice, no more.
+    assert len(stack.smtp.received) - 300 <= 3 * 4
+
+
+async def test_restarted_scheduler_keeps_adapted_limits_and_the_cap(stack: Stack) -> None:
+    stack.smtp.data_delay["cap.test"] = 0.02
+    deliverer = asyncio.create_task(service("deliverer")(stack.cfg, stack.stop))
+    try:
+        stack.smtp.domain_reply["cap.test"] = "421 4.7.0 rate limited"
+        await _blast(stack, 20, prefix="t")
+
+        async def limit() -> int:
+            async with grpc.aio.insecure_channel(stack.cfg.scheduler.listen) as channel:
+                stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
+                resp = await stub.ListSites(
+                    scheduler_pb2.ListSitesRequest(), wait_for_ready=True, timeout=10
+                )
+            return next(
+                (s.current.max_connections for s in resp.sites if s.site_id == "mx.cap.test"), 3
+            )
+
+        await wait_for(lambda: _below(limit, 3), 30, "a throttled limit")
+        throttled = await limit()
+        stack.smtp.domain_reply.clear()
+        await _blast(stack, 200)
+        await wait_for(lambda: len(stack.smtp.received) >= 20, 60, "delivery under way")
+        # Restart the scheduler mid-run.
+        stack.tasks[2].cancel()
+        await asyncio.gather(stack.tasks[2], return_exceptions=True)
+        stack.tasks[2] = asyncio.create_task(service("scheduler")(stack.cfg, stack.stop))
+        assert await limit() == throttled, "adapted limits must survive a restart"
+        await wait_for(
+            lambda: len({r.rcpt_tos[0] for r in stack.smtp.received}) == 220,
+            120,
+            "all mail after the restart",
+        )
+        assert stack.smtp.max_active <= 3
+    finally:
+        deliverer.cancel()
+        await asyncio.gather(deliverer, return_exceptions=True)
+
+
+async def _below(limit: Any, cap: int) -> bool:
+    return bool(await limit() < cap)
