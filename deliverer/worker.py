@@ -40,10 +40,29 @@ _OUTCOME_KIND = {
 }
 
 
+class Pacer:
+    """Spaces events of all of a lease's connections `1/rate` apart (0: no limit)."""
+
+    def __init__(self) -> None:
+        self._next = 0.0
+
+    async def wait(self, rate: float) -> None:
+        if rate <= 0:
+            return
+        now = time.monotonic()
+        slot = max(now, self._next)
+        self._next = slot + 1.0 / rate
+        if slot > now:
+            await asyncio.sleep(slot - now)
+
+
 @dataclass
 class LeaseWork:
     lease: scheduler_pb2.Lease
     lost: asyncio.Event = field(default_factory=asyncio.Event)
+    messages: Pacer = field(default_factory=Pacer)
+    connections: Pacer = field(default_factory=Pacer)
+    batches: int = 0
 
 
 class Deliverer:
@@ -170,9 +189,18 @@ class Deliverer:
             self._subs[consumer] = sub
         return sub
 
-    async def _next_batch(self, lease: scheduler_pb2.Lease) -> list[Msg]:
-        """Messages from the highest tier with ready mail; [] when the lease is drained."""
-        for q in lease.queues:  # highest tier first (the scheduler orders them)
+    async def _next_batch(self, work: LeaseWork) -> list[Msg]:
+        """Messages from the highest tier with ready mail; [] when the lease is drained.
+
+        Strict tiers, except that with a bulk reserve of k, k batches out of ten look at the
+        bulk queues first, so bulk trickles out even under a steady stream of critical mail.
+        """
+        lease = work.lease
+        work.batches += 1
+        queues = list(lease.queues)  # highest tier first (the scheduler orders them)
+        if lease.bulk_reserve and work.batches % 10 < lease.bulk_reserve:
+            queues.sort(key=lambda q: q.tier != messages_pb2.TIER_BULK)
+        for q in queues:
             sub = await self._sub(q.consumer)
             try:
                 msgs = await sub.fetch(self._cfg.deliverer.fetch_batch, timeout=0.1)
@@ -185,10 +213,9 @@ class Deliverer:
     async def _connection_loop(self, work: LeaseWork, stop: asyncio.Event) -> None:
         lease = work.lease
         conn: SmtpConnection | None = None
-        rate = lease.max_message_rate
         try:
             while not stop.is_set() and not work.lost.is_set():
-                msgs = await self._next_batch(lease)
+                msgs = await self._next_batch(work)
                 if not msgs:
                     return
                 for i, msg in enumerate(msgs):
@@ -197,10 +224,9 @@ class Deliverer:
                         for rest in msgs[i:]:
                             await rest.nak()
                         return
-                    started = time.monotonic()
-                    conn = await self._deliver(msg, lease, conn)
-                    if rate > 0:
-                        await asyncio.sleep(max(0.0, 1.0 / rate - (time.monotonic() - started)))
+                    # The lease's message rate is shared by all of its connections.
+                    await work.messages.wait(lease.max_message_rate)
+                    conn = await self._deliver(msg, work, conn)
         finally:
             if conn is not None:
                 await conn.close()
@@ -208,8 +234,9 @@ class Deliverer:
     # -- one pointer -----------------------------------------------------------------------
 
     async def _deliver(
-        self, msg: Msg, lease: scheduler_pb2.Lease, conn: SmtpConnection | None
+        self, msg: Msg, work: LeaseWork, conn: SmtpConnection | None
     ) -> SmtpConnection | None:
+        lease = work.lease
         try:
             p = messages_pb2.DeliveryPointer.FromString(msg.data)
         except Exception:
@@ -246,6 +273,7 @@ class Deliverer:
             if conn is None or not conn.usable or self._spent(conn, lease):
                 if conn is not None:
                     await conn.close()
+                await work.connections.wait(lease.max_connection_rate)
                 conn = await self._connect(p.domain)
             await msg.in_progress()
             reply = await conn.send(p.envelope_from, p.recipient, data)

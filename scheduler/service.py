@@ -160,19 +160,19 @@ class Scheduler:
     ) -> scheduler_pb2.Lease:
         expires = Timestamp()
         expires.FromNanoseconds(int(lease.expires_at * 1e9))
-        # The site's message rate is split between its leases by their connections.
-        rate = (
-            lease.limits.max_message_rate * lease.connections / max(1, lease.limits.max_connections)
-        )
+        # The site's rates are split between its leases by their connections.
+        share = lease.connections / max(1, lease.limits.max_connections)
         return scheduler_pb2.Lease(
             lease_id=lease.lease_id,
             site_id=lease.site_id,
             domains=lease.domains,
             queues=queues or [],
             max_connections=lease.connections,
-            max_message_rate=rate,
+            max_message_rate=lease.limits.max_message_rate * share,
             max_deliveries_per_connection=lease.limits.max_deliveries_per_connection,
             expires_at=expires,
+            max_connection_rate=lease.limits.max_connection_rate * share,
+            bulk_reserve=lease.limits.bulk_reserve,
         )
 
     async def renew(

@@ -24,6 +24,8 @@ class Limits:
     max_message_rate: float = 0.0
     max_deliveries_per_connection: int = 100
     max_connection_rate: float = 0.0
+    # Out of every ten batches, how many go to bulk even while higher tiers wait (0: strict).
+    bulk_reserve: int = 0
 
 
 _LIMIT_KEYS = {f.name for f in dataclasses.fields(Limits)}
@@ -74,6 +76,8 @@ def _limit_values(table: dict[str, Any], where: str, extra: set[str]) -> dict[st
             raise ShapingError(f"{where}: unknown key {key!r}")
         if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
             raise ShapingError(f"{where}: {key} must be a non-negative number")
+        if key == "bulk_reserve" and value > 10:
+            raise ShapingError(f"{where}: bulk_reserve is out of 10 batches (0-10)")
         out[key] = type(getattr(Limits(), key))(value)
     return out
 

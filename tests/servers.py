@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from email.message import EmailMessage
@@ -48,6 +49,9 @@ class ScriptedSmtp:
     # Connections open now and the most ever open at once.
     active: int = 0
     max_active: int = 0
+    # When each connection was opened and each message arrived (time.monotonic()).
+    connected_at: list[float] = field(default_factory=list)
+    arrived_at: list[float] = field(default_factory=list)
 
     async def handle_EHLO(  # noqa: N802
         self,
@@ -85,6 +89,7 @@ class ScriptedSmtp:
         delay = self.data_delay.get(envelope.rcpt_tos[0].rpartition("@")[2], 0.0)
         if delay:
             await asyncio.sleep(delay)
+        self.arrived_at.append(time.monotonic())
         self.received.append(
             Received(
                 str(envelope.mail_from),
@@ -105,6 +110,7 @@ class _CountingSMTP(SMTP):
         handler: ScriptedSmtp = self.event_handler
         handler.active += 1
         handler.max_active = max(handler.max_active, handler.active)
+        handler.connected_at.append(time.monotonic())
         super().connection_made(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -97,6 +97,8 @@ class Lease(_message.Message):
     MAX_MESSAGE_RATE_FIELD_NUMBER: _builtins.int
     MAX_DELIVERIES_PER_CONNECTION_FIELD_NUMBER: _builtins.int
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    MAX_CONNECTION_RATE_FIELD_NUMBER: _builtins.int
+    BULK_RESERVE_FIELD_NUMBER: _builtins.int
     lease_id: _builtins.str
     """Unique id of the lease."""
     site_id: _builtins.str
@@ -107,6 +109,12 @@ class Lease(_message.Message):
     """Maximum messages per second under this lease; 0 means unlimited."""
     max_deliveries_per_connection: _builtins.int
     """Maximum messages per SMTP connection before reconnecting; 0 means unlimited."""
+    max_connection_rate: _builtins.float
+    """Maximum new SMTP connections per second under this lease; 0 means unlimited."""
+    bulk_reserve: _builtins.int
+    """Out of every ten batches, how many are taken from the bulk tier even while higher tiers
+    have mail (the site's bulk reserve); 0 means strict tiers.
+    """
     @_builtins.property
     def domains(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The recipient domains of this site with ready mail."""
@@ -130,10 +138,12 @@ class Lease(_message.Message):
         max_message_rate: _builtins.float = ...,
         max_deliveries_per_connection: _builtins.int = ...,
         expires_at: _timestamp_pb2.Timestamp | None = ...,
+        max_connection_rate: _builtins.float = ...,
+        bulk_reserve: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["domains", b"domains", "expires_at", b"expires_at", "lease_id", b"lease_id", "max_connections", b"max_connections", "max_deliveries_per_connection", b"max_deliveries_per_connection", "max_message_rate", b"max_message_rate", "queues", b"queues", "site_id", b"site_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bulk_reserve", b"bulk_reserve", "domains", b"domains", "expires_at", b"expires_at", "lease_id", b"lease_id", "max_connection_rate", b"max_connection_rate", "max_connections", b"max_connections", "max_deliveries_per_connection", b"max_deliveries_per_connection", "max_message_rate", b"max_message_rate", "queues", b"queues", "site_id", b"site_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
