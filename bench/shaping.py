@@ -1,0 +1,174 @@
+"""Shaping benchmark: N sites with M messages each, limits from a generated shaping file;
+prints the delivery rate and, per site, the most concurrent connections the receiving
+server ever saw against the site's limit.
+
+    .venv/bin/python -m bench.shaping [--sites N] [--messages M] [--deliverers D]
+
+Everything runs here: nats-server, the Sluice services as processes (ingest, expander,
+scheduler, D deliverers), a DNS server giving each site its own MX host, and an aiosmtpd
+sink that counts connections per site (by the domain of a connection's first RCPT).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from bench.common import machine, start_nats
+from sluice import config as config_mod
+from sluice.devdns import DnsServer
+from sluice.nats_layout import connect, ensure_layout
+from sluice.natsserver import free_port
+from sluice.tenants import TenantStore, now_ts
+from sluice.v1 import tenant_pb2
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.active: dict[str, int] = defaultdict(int)
+        self.peak: dict[str, int] = defaultdict(int)
+        self.delivered = 0
+        self.first = 0.0
+        self.last = 0.0
+
+    async def handle_RCPT(  # noqa: N802
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, _: Any
+    ) -> str:
+        domain = address.rpartition("@")[2]
+        if getattr(session, "site", None) is None:
+            session.site = domain  # type: ignore[attr-defined]
+            self.active[domain] += 1
+            self.peak[domain] = max(self.peak[domain], self.active[domain])
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:  # noqa: N802
+        await asyncio.sleep(0.002)  # a receiving server takes a little time
+        self.delivered += 1
+        self.last = time.monotonic()
+        self.first = self.first or self.last
+        return "250 OK"
+
+
+class CountingSMTP(SMTP):
+    def connection_lost(self, exc: Exception | None) -> None:
+        site = getattr(self.session, "site", None) if self.session else None
+        if site is not None:
+            self.event_handler.active[site] -= 1
+        super().connection_lost(exc)
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sites", type=int, default=10)
+    ap.add_argument("--messages", type=int, default=300)
+    ap.add_argument("--deliverers", type=int, default=2)
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="sluice-shaping-"))
+    srv, store_dir = start_nats()
+    sink = Sink()
+    loop = asyncio.get_running_loop()
+    smtp_server = await loop.create_server(lambda: CountingSMTP(sink), "127.0.0.1", 0)
+    smtp_port = smtp_server.sockets[0].getsockname()[1]
+    domains = [f"site{i}.test" for i in range(args.sites)]
+    limits = {d: 1 + i % 5 for i, d in enumerate(domains)}
+    records = {}
+    for d in domains:
+        records[d] = [("MX", f"10 mx.{d}.")]
+        records[f"mx.{d}"] = [("A", "127.0.0.1")]
+    dns = DnsServer(records)
+    dns_port = await dns.start()
+    shaping = tmp / "shaping.toml"
+    shaping.write_text(
+        "".join(f'[domain."{d}"]\nmax_connections = {n}\n\n' for d, n in limits.items())
+    )
+    http, sched = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    env = dict(
+        os.environ,
+        SLUICE_NATS__URL=srv.url,
+        SLUICE_INGEST__HTTP_LISTEN=http,
+        SLUICE_INGEST__GRPC_LISTEN=f"127.0.0.1:{free_port()}",
+        SLUICE_SCHEDULER__LISTEN=sched,
+        SLUICE_SCHEDULER__SHAPING=str(shaping),
+        SLUICE_DELIVERER__SCHEDULER=sched,
+        SLUICE_DELIVERER__SMTP_PORT=str(smtp_port),
+        SLUICE_DNS__NAMESERVERS="127.0.0.1",
+        SLUICE_DNS__PORT=str(dns_port),
+        SLUICE_INGEST__MAX_BLAST_RECIPIENTS="1000000",
+    )
+    cfg = config_mod.load(None, environ=env)
+    nc = await connect(cfg, "bench")
+    await ensure_layout(nc.jetstream(), cfg)
+    tenants = TenantStore(nc.jetstream())
+    await tenants.put_tenant(
+        tenant_pb2.Tenant(
+            tenant_id="bench", created_at=now_ts(), allowed_from_domains=["bench.test"]
+        )
+    )
+    key, _ = await tenants.create_key("bench")
+    await nc.close()
+    procs = []
+    for name in ["ingest", "expander", "scheduler", *["deliverer"] * args.deliverers]:
+        procs.append(
+            await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "sluice.cli", "--log-level", "WARNING", name, env=env
+            )
+        )
+    try:
+        total = args.sites * args.messages
+        body = {
+            "from": {"email": "news@bench.test"},
+            "subject": "s",
+            "text": "x" * 2000,
+            "recipients": [{"email": f"u{i}@{domains[i % args.sites]}"} for i in range(total)],
+        }
+        async with aiohttp.ClientSession() as s:
+            for _ in range(100):
+                try:
+                    async with s.post(
+                        f"http://{http}/v1/blasts",
+                        json=body,
+                        headers={"Authorization": f"Bearer {key}"},
+                    ) as r:
+                        assert r.status == 202, await r.text()
+                        break
+                except aiohttp.ClientConnectionError:
+                    await asyncio.sleep(0.2)
+        start = time.monotonic()
+        while sink.delivered < total and time.monotonic() - start < 600:
+            await asyncio.sleep(0.1)
+        elapsed = sink.last - sink.first
+        print(machine())
+        print(
+            f"shaping: {args.sites} sites x {args.messages} messages, {args.deliverers} "
+            f"deliverer processes: {sink.delivered} delivered in {elapsed:.1f} s = "
+            f"{sink.delivered / max(elapsed, 1e-9):,.0f} msgs/s"
+        )
+        over = 0
+        for d in domains:
+            flag = "  OVER LIMIT" if sink.peak[d] > limits[d] else ""
+            over += bool(flag)
+            print(f"  {d:14} limit {limits[d]}  most connections seen {sink.peak[d]}{flag}")
+        print(f"sites over their limit: {over}")
+    finally:
+        for p in procs:
+            p.terminate()
+            await p.wait()
+        smtp_server.close()
+        dns.close()
+        srv.stop()
+        store_dir.cleanup()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
