@@ -27,9 +27,13 @@ from sluice.config import Config
 from sluice.resolver import DnsPermanent, DnsTemporary, Resolver
 from sluice.retry import next_delay
 from sluice.store import PayloadNotFound, PayloadStore, StoreError
+from sluice.suppressions import Suppressions
 from sluice.v1 import messages_pb2, scheduler_pb2, scheduler_pb2_grpc
 
-__all__ = ["Deliverer"]
+__all__ = ["SUPPRESS_CATEGORIES", "Deliverer"]
+
+# Hard bounces that suppress the address for the tenant (SES/Postmark behaviour).
+SUPPRESS_CATEGORIES = frozenset({"bad_mailbox", "bad_domain"})
 
 log = logging.getLogger(__name__)
 
@@ -374,6 +378,12 @@ class Deliverer:
                     reply.text if reply else reason,
                 )
             case Bounced(category=category):
+                if category in SUPPRESS_CATEGORIES and reply is not None:
+                    # A mailbox that does not exist stays suppressed for this tenant: later
+                    # sends to it get a `suppressed` event instead of another bounce.
+                    await Suppressions(self._js).add(
+                        p.tenant_id, p.recipient, f"{category}: {reply.code} {reply.text}"[:300]
+                    )
                 await self._dead_letter(
                     msg,
                     p,

@@ -230,3 +230,19 @@ async def test_send_with_nats_down_answers_503_never_202(stack: Stack) -> None:
     status, body, _ = await post(stack, message())
     assert status == 503, body
     assert body["details"][0]["reason"] == "NOT_DURABLE"
+
+
+async def test_a_hard_bounce_suppresses_the_address_for_later_sends(stack: Stack) -> None:
+    stack.smtp.script["bob@mail.test"] = ["550 5.1.1 User unknown"]
+    status, first, _ = await post(stack, message(tier="transactional"))
+    assert status == 202
+    bounced = await wait_for(lambda: stack.hooks.of_type("message.bounced"), what="the bounce")
+    assert bounced[0].verified and bounced[0].verified["data"]["job_id"] == first["job_id"]
+    status, second, _ = await post(stack, message(tier="transactional"))
+    assert status == 202
+    suppressed = await wait_for(
+        lambda: stack.hooks.of_type("message.suppressed"),
+        what="a suppressed event for the second send",
+    )
+    assert suppressed[0].verified and suppressed[0].verified["data"]["job_id"] == second["job_id"]
+    assert stack.smtp.rcpt_attempts["bob@mail.test"] == 1, "the suppressed send reached SMTP"
