@@ -15,6 +15,7 @@ from email.headerregistry import Address as HeaderAddress
 from email.message import EmailMessage
 from email.policy import SMTP
 from email.utils import format_datetime
+from urllib.parse import quote
 
 from sluice.v1 import messages_pb2
 
@@ -41,7 +42,26 @@ def _fmt(addr: messages_pb2.Address) -> str:
     return str(HeaderAddress(display_name=addr.name, username=local, domain=domain))
 
 
-def build_message(payload: messages_pb2.Payload, pointer: messages_pb2.DeliveryPointer) -> bytes:
+def unsubscribe_link(template: str, pointer: messages_pb2.DeliveryPointer) -> str:
+    """The tenant's unsubscribe URL for this recipient: {{recipient}} and {{message_id}}
+    are filled in URL-encoded; without placeholders they are appended as query parameters."""
+    values = {
+        "recipient": quote(pointer.recipient, safe=""),
+        "message_id": quote(pointer.message_id, safe=""),
+    }
+    if "{{" in template:
+        return render(template, values)
+    sep = "&" if "?" in template else "?"
+    return f"{template}{sep}recipient={values['recipient']}&message_id={values['message_id']}"
+
+
+def build_message(
+    payload: messages_pb2.Payload,
+    pointer: messages_pb2.DeliveryPointer,
+    unsubscribe_url: str = "",
+) -> bytes:
+    """RFC 5322 bytes for one recipient. With an unsubscribe URL (bulk mail of a tenant that
+    has one), List-Unsubscribe and RFC 8058 one-click List-Unsubscribe-Post are added."""
     subs = pointer.substitutions
     msg = EmailMessage(policy=SMTP)
     msg["From"] = _fmt(getattr(payload, "from"))
@@ -58,6 +78,9 @@ def build_message(payload: messages_pb2.Payload, pointer: messages_pb2.DeliveryP
     msg["Message-ID"] = f"<{pointer.message_id}>"
     for name, value in payload.headers.items():
         msg[name] = value
+    if unsubscribe_url:
+        msg["List-Unsubscribe"] = f"<{unsubscribe_link(unsubscribe_url, pointer)}>"
+        msg["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
     text = render(payload.text, subs)
     body_html = render(payload.html, subs, escape=True)
     if text and body_html:

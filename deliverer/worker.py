@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import re
@@ -28,7 +29,8 @@ from sluice.resolver import DnsPermanent, DnsTemporary, Resolver
 from sluice.retry import next_delay
 from sluice.store import PayloadNotFound, PayloadStore, StoreError
 from sluice.suppressions import Suppressions
-from sluice.v1 import messages_pb2, scheduler_pb2, scheduler_pb2_grpc
+from sluice.tenants import TenantStore
+from sluice.v1 import messages_pb2, scheduler_pb2, scheduler_pb2_grpc, tenant_pb2
 
 __all__ = ["SUPPRESS_CATEGORIES", "Deliverer"]
 
@@ -42,6 +44,14 @@ _OUTCOME_KIND = {
     Deferred: scheduler_pb2.OUTCOME_KIND_DEFERRED,
     Bounced: scheduler_pb2.OUTCOME_KIND_BOUNCED,
 }
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
 
 
 class Pacer:
@@ -88,6 +98,7 @@ class Deliverer:
         self._outcomes: list[scheduler_pb2.Outcome] = []
         self._subs: dict[str, JetStreamContext.PullSubscription] = {}
         self._parsed: dict[str, Sequence[messages_pb2.Payload]] = {}
+        self._tenants: dict[str, tuple[float, tenant_pb2.Tenant | None]] = {}
         patterns = cfg.deliverer.throttle_patterns
         self._throttle = re.compile("|".join(f"(?:{p})" for p in patterns)) if patterns else None
 
@@ -271,7 +282,11 @@ class Deliverer:
             log.warning("payload %s unreadable (%s); handing back", p.payload_ref, exc)
             await msg.nak(delay=5.0)
             return conn
-        data = build_message(payload, p)
+        unsubscribe = ""
+        if p.tier == messages_pb2.TIER_BULK:
+            tenant = await self._tenant(p.tenant_id)
+            unsubscribe = tenant.unsubscribe_url if tenant is not None else ""
+        data = build_message(payload, p, unsubscribe)
         outcome: Outcome
         try:
             if conn is None or not conn.usable or self._spent(conn, lease):
@@ -280,7 +295,7 @@ class Deliverer:
                 await work.connections.wait(lease.max_connection_rate)
                 conn = await self._connect(p.domain)
             await msg.in_progress()
-            reply = await conn.send(p.envelope_from, p.recipient, data)
+            reply = await conn.send(self._mail_from(p), p.recipient, data)
             outcome = classify(reply, self._throttle)
         except DnsPermanent as exc:
             outcome = Bounced(None, "bad_domain")
@@ -308,6 +323,18 @@ class Deliverer:
                 self._parsed.pop(next(iter(self._parsed)))
         return parsed[int(fragment) if fragment else 0]
 
+    async def _tenant(self, tenant_id: str) -> tenant_pb2.Tenant | None:
+        now = time.monotonic()
+        hit = self._tenants.get(tenant_id)
+        if hit is None or hit[0] < now:
+            hit = (now + 30.0, await TenantStore(self._js).get_tenant(tenant_id))
+            self._tenants[tenant_id] = hit
+        return hit[1]
+
+    def _mail_from(self, p: messages_pb2.DeliveryPointer) -> str:
+        verp = self._cfg.deliverer.verp_domain
+        return f"bounce+{p.delivery_id}@{verp}" if verp else p.envelope_from
+
     def _spent(self, conn: SmtpConnection, lease: scheduler_pb2.Lease) -> bool:
         limit = lease.max_deliveries_per_connection
         return bool(limit) and conn.deliveries >= limit
@@ -315,9 +342,13 @@ class Deliverer:
     async def _connect(self, domain: str) -> SmtpConnection:
         """A connection to the first reachable MX host of domain (preference order)."""
         errors: list[str] = []
+        route = self._resolver.route(domain)
+        port = (route[1] if route else None) or self._cfg.deliverer.smtp_port
         for mx in self._resolver.in_order(await self._resolver.mx(domain)):
             try:
-                addresses = await self._resolver.addresses(mx.host)
+                addresses = (
+                    [mx.host] if _is_ip(mx.host) else await self._resolver.addresses(mx.host)
+                )
             except (DnsPermanent, DnsTemporary) as exc:
                 errors.append(str(exc))
                 continue
@@ -325,7 +356,7 @@ class Deliverer:
                 conn = SmtpConnection(
                     mx.host,
                     address,
-                    self._cfg.deliverer.smtp_port,
+                    port,
                     self._cfg.deliverer.ehlo_name,
                     self._cfg.deliverer.connect_timeout,
                     self._cfg.deliverer.command_timeout,

@@ -140,6 +140,9 @@ class DelivererConfig:
     renew_interval: Duration = Duration(1.0)
     # Extra regular expressions that mark a 4xx reply as throttling (e.g. a provider code).
     throttle_patterns: tuple[str, ...] = ()
+    # VERP: MAIL FROM becomes bounce+<delivery id>@<verp_domain>, so a bounce report names
+    # the message and recipient. Empty: MAIL FROM is the From address.
+    verp_domain: str = ""
     fetch_batch: int = 32
     idle_poll: Duration = Duration(0.5)
     connect_timeout: Duration = Duration(30.0)
@@ -158,6 +161,9 @@ class DnsConfig:
     nameservers: tuple[str, ...] = ()
     port: int = 53
     timeout: Duration = Duration(5.0)
+    # Route overrides, "domain=host[:port]" ("*" for every domain): a smart host or a test
+    # server instead of the MX lookup.
+    routes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,21 @@ class MxHost:
     host: str
 
 
+def parse_routes(routes: tuple[str, ...]) -> dict[str, tuple[str, int | None]]:
+    """ "example.com=relay.example.net:2525" entries as {domain: (host, port)}."""
+    out: dict[str, tuple[str, int | None]] = {}
+    for entry in routes:
+        domain, sep, target = entry.partition("=")
+        host, _, port = target.strip().rpartition(":") if ":" in target else (target, "", "")
+        if not sep or not domain.strip() or not (host or target).strip():
+            raise ValueError(f"route {entry!r}: use domain=host[:port]")
+        out[domain.strip().lower()] = (
+            (host or target).strip().lower(),
+            int(port) if port else None,
+        )
+    return out
+
+
 class Resolver:
     """MX and address lookups with a TTL cache."""
 
@@ -51,9 +66,19 @@ class Resolver:
         self._resolver.timeout = cfg.timeout
         self._mx: dict[str, tuple[float, list[MxHost]]] = {}
         self._addr: dict[str, tuple[float, list[str]]] = {}
+        self._routes = parse_routes(cfg.routes)
+
+    def route(self, domain: str) -> tuple[str, int | None] | None:
+        """The (host, port) a route override sends this domain's mail to, if any ("*" matches
+        every domain); the port is None when the route names none."""
+        return self._routes.get(domain.lower()) or self._routes.get("*")
 
     async def mx(self, domain: str) -> list[MxHost]:
-        """MX hosts by preference (lowest first); implicit MX if there are none."""
+        """MX hosts by preference (lowest first); implicit MX if there are none. A route
+        override replaces the lookup (like Postfix's transport map)."""
+        route = self.route(domain)
+        if route is not None:
+            return [MxHost(0, route[0])]
         now = time.monotonic()
         cached = self._mx.get(domain)
         if cached and cached[0] > now:

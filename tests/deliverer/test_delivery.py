@@ -1,0 +1,68 @@
+"""Deliverer behaviour against real DNS and SMTP: route overrides, VERP, List-Unsubscribe."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from sluice.nats_layout import connect
+from sluice.resolver import parse_routes
+from sluice.tenants import TenantStore
+from tests.api import call
+from tests.conftest import Stack, wait_for
+from tests.servers import ScriptedSmtp
+
+
+@pytest.fixture
+def stack_overrides(smtp: tuple[ScriptedSmtp, int]) -> dict[str, dict[str, Any]]:
+    return {
+        "dns": {"routes": [f"routed.test=127.0.0.1:{smtp[1]}"]},
+        "deliverer": {"verp_domain": "bounces.acme.test"},
+    }
+
+
+def test_parse_routes() -> None:
+    assert parse_routes(("Example.com=relay.example.net:2525", "*=smarthost")) == {
+        "example.com": ("relay.example.net", 2525),
+        "*": ("smarthost", None),
+    }
+    with pytest.raises(ValueError, match="domain=host"):
+        parse_routes(("nonsense",))
+
+
+async def test_route_override_and_verp(stack: Stack) -> None:
+    # routed.test has no DNS records at all: only the route can deliver it.
+    status, body, _ = await call(
+        stack,
+        "POST",
+        "/v1/send",
+        {"from": {"email": "a@acme.test"}, "to": [{"email": "x@routed.test"}], "text": "hi"},
+    )
+    assert status == 202, body
+    (got,) = await wait_for(lambda: stack.smtp.to("x@routed.test"), what="routed mail")
+    assert got.mail_from == f"bounce+{body['job_id']}-0@bounces.acme.test"
+
+
+async def test_list_unsubscribe_on_bulk_only(stack: Stack) -> None:
+    nc = await connect(stack.cfg, "test")
+    store = TenantStore(nc.jetstream())
+    tenant = await store.get_tenant("acme")
+    assert tenant is not None
+    tenant.unsubscribe_url = "https://acme.test/unsub?u={{recipient}}&m={{message_id}}"
+    await store.put_tenant(tenant)
+    await nc.close()
+    for tier, to in (("bulk", "news@mail.test"), ("transactional", "receipt@mail.test")):
+        status, _, _ = await call(
+            stack,
+            "POST",
+            "/v1/send",
+            {"from": {"email": "a@acme.test"}, "to": [{"email": to}], "text": "x", "tier": tier},
+        )
+        assert status == 202
+    (news,) = await wait_for(lambda: stack.smtp.to("news@mail.test"), what="bulk mail")
+    (receipt,) = await wait_for(lambda: stack.smtp.to("receipt@mail.test"), what="receipt")
+    link = news.message["List-Unsubscribe"]
+    assert link.startswith("<https://acme.test/unsub?u=news%40mail.test&m=job_")
+    assert news.message["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+    assert receipt.message["List-Unsubscribe"] is None
