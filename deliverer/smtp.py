@@ -32,6 +32,7 @@ class SmtpConnection:
         ehlo_name: str,
         connect_timeout: float,
         command_timeout: float,
+        require_tls: bool = False,
     ) -> None:
         self.host = host
         self.deliveries = 0
@@ -40,8 +41,10 @@ class SmtpConnection:
             port=port,
             local_hostname=ehlo_name,
             timeout=command_timeout,
-            # Opportunistic STARTTLS: upgrade when offered; MX certificates are not verified.
-            start_tls=None,
+            # STARTTLS whenever offered (opportunistic), or required for some domains (then a
+            # server that does not offer it is a temporary failure). Like most MTAs, MX
+            # certificates are not verified: the aim is encryption, not authentication.
+            start_tls=True if require_tls else None,
             validate_certs=False,
         )
         self._connect_timeout = connect_timeout

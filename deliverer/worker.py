@@ -99,6 +99,7 @@ class Deliverer:
         self._subs: dict[str, JetStreamContext.PullSubscription] = {}
         self._parsed: dict[str, Sequence[messages_pb2.Payload]] = {}
         self._tenants: dict[str, tuple[float, tenant_pb2.Tenant | None]] = {}
+        self._require_tls = frozenset(d.lower() for d in cfg.deliverer.require_tls_domains)
         patterns = cfg.deliverer.throttle_patterns
         self._throttle = re.compile("|".join(f"(?:{p})" for p in patterns)) if patterns else None
 
@@ -360,6 +361,7 @@ class Deliverer:
                     self._cfg.deliverer.ehlo_name,
                     self._cfg.deliverer.connect_timeout,
                     self._cfg.deliverer.command_timeout,
+                    require_tls=domain in self._require_tls,
                 )
                 try:
                     await conn.open()

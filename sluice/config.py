@@ -140,6 +140,8 @@ class DelivererConfig:
     renew_interval: Duration = Duration(1.0)
     # Extra regular expressions that mark a 4xx reply as throttling (e.g. a provider code).
     throttle_patterns: tuple[str, ...] = ()
+    # Domains whose mail must go over STARTTLS (not offered: a temporary failure).
+    require_tls_domains: tuple[str, ...] = ()
     # VERP: MAIL FROM becomes bounce+<delivery id>@<verp_domain>, so a bounce report names
     # the message and recipient. Empty: MAIL FROM is the From address.
     verp_domain: str = ""

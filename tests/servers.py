@@ -9,10 +9,13 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
+import ssl
+import subprocess
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from email.message import EmailMessage
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -25,6 +28,7 @@ class Received:
     mail_from: str
     rcpt_tos: list[str]
     data: bytes
+    tls: bool = False
 
     @property
     def message(self) -> EmailMessage:
@@ -95,6 +99,7 @@ class ScriptedSmtp:
                 str(envelope.mail_from),
                 list(envelope.rcpt_tos),
                 bytes(envelope.original_content or b""),
+                session.ssl is not None,
             )
         )
         return "250 2.0.0 Queued"
@@ -119,10 +124,15 @@ class _CountingSMTP(SMTP):
         super().connection_lost(exc)
 
 
-async def start_smtp(handler: ScriptedSmtp) -> tuple[asyncio.Server, int]:
+async def start_smtp(
+    handler: ScriptedSmtp, tls_context: ssl.SSLContext | None = None
+) -> tuple[asyncio.Server, int]:
+    """A scripted SMTP server on a free port; with a TLS context it offers STARTTLS."""
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
-        lambda: _CountingSMTP(handler, hostname="mx.test", enable_SMTPUTF8=False),
+        lambda: _CountingSMTP(
+            handler, hostname="mx.test", enable_SMTPUTF8=False, tls_context=tls_context
+        ),
         "127.0.0.1",
         0,
     )
@@ -177,3 +187,31 @@ class WebhookReceiver:
 
     def of_type(self, event_type: str) -> list[WebhookCall]:
         return [c for c in self.calls if c.verified and c.verified.get("type") == event_type]
+
+
+def self_signed_context(directory: Path, name: str = "mx.tls.test") -> ssl.SSLContext:
+    """A server TLS context with a fresh self-signed certificate (made with openssl)."""
+    key, cert = directory / "key.pem", directory / "cert.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            f"/CN={name}",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    return ctx

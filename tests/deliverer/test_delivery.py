@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,14 +13,34 @@ from sluice.resolver import parse_routes
 from sluice.tenants import TenantStore
 from tests.api import call
 from tests.conftest import Stack, wait_for
-from tests.servers import ScriptedSmtp
+from tests.servers import ScriptedSmtp, self_signed_context, start_smtp
 
 
 @pytest.fixture
-def stack_overrides(smtp: tuple[ScriptedSmtp, int]) -> dict[str, dict[str, Any]]:
+async def tls_smtp(tmp_path: Path) -> AsyncIterator[tuple[ScriptedSmtp, int]]:
+    handler = ScriptedSmtp()
+    server, port = await start_smtp(handler, self_signed_context(tmp_path))
+    yield handler, port
+    server.close()
+
+
+@pytest.fixture
+def stack_overrides(
+    smtp: tuple[ScriptedSmtp, int], tls_smtp: tuple[ScriptedSmtp, int]
+) -> dict[str, dict[str, Any]]:
     return {
-        "dns": {"routes": [f"routed.test=127.0.0.1:{smtp[1]}"]},
-        "deliverer": {"verp_domain": "bounces.acme.test"},
+        "dns": {
+            "routes": [
+                f"routed.test=127.0.0.1:{smtp[1]}",
+                f"tls.test=127.0.0.1:{tls_smtp[1]}",
+                f"musttls.test=127.0.0.1:{tls_smtp[1]}",
+                f"plain.test=127.0.0.1:{smtp[1]}",
+            ]
+        },
+        "deliverer": {
+            "verp_domain": "bounces.acme.test",
+            "require_tls_domains": ["musttls.test", "plain.test"],
+        },
     }
 
 
@@ -66,3 +88,32 @@ async def test_list_unsubscribe_on_bulk_only(stack: Stack) -> None:
     assert link.startswith("<https://acme.test/unsub?u=news%40mail.test&m=job_")
     assert news.message["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
     assert receipt.message["List-Unsubscribe"] is None
+
+
+async def test_starttls_opportunistic_and_required(
+    stack: Stack, tls_smtp: tuple[ScriptedSmtp, int]
+) -> None:
+    tls_server, _ = tls_smtp
+    for to in ("a@tls.test", "b@musttls.test", "c@plain.test", "d@routed.test"):
+        status, _, _ = await call(
+            stack,
+            "POST",
+            "/v1/send",
+            {"from": {"email": "a@acme.test"}, "to": [{"email": to}], "text": "x"},
+        )
+        assert status == 202
+    (opportunistic,) = await wait_for(lambda: tls_server.to("a@tls.test"), what="TLS mail")
+    (required,) = await wait_for(lambda: tls_server.to("b@musttls.test"), what="required")
+    (plain,) = await wait_for(lambda: stack.smtp.to("d@routed.test"), what="plain mail")
+    assert opportunistic.tls and required.tls and not plain.tls
+    # plain.test requires TLS but its server does not offer it: deferred, never sent.
+    deferred = await wait_for(
+        lambda: [
+            c
+            for c in stack.hooks.of_type("message.deferred")
+            if c.verified and c.verified["data"]["recipient"] == "c@plain.test"
+        ],
+        what="a deferral for the server without STARTTLS",
+    )
+    assert deferred
+    assert stack.smtp.to("c@plain.test") == []
