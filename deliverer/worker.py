@@ -20,6 +20,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 
 from deliverer.classify import Bounced, Deferred, Delivered, Outcome, Reply, classify
+from deliverer.dkim_sign import DkimError, key_for, sign
 from deliverer.mime import build_message
 from deliverer.outcomes import publish_dead_letter, publish_event
 from deliverer.smtp import ConnectionLost, SmtpConnection
@@ -283,11 +284,17 @@ class Deliverer:
             log.warning("payload %s unreadable (%s); handing back", p.payload_ref, exc)
             await msg.nak(delay=5.0)
             return conn
+        tenant = await self._tenant(p.tenant_id)
         unsubscribe = ""
-        if p.tier == messages_pb2.TIER_BULK:
-            tenant = await self._tenant(p.tenant_id)
-            unsubscribe = tenant.unsubscribe_url if tenant is not None else ""
+        if p.tier == messages_pb2.TIER_BULK and tenant is not None:
+            unsubscribe = tenant.unsubscribe_url
         data = build_message(payload, p, unsubscribe)
+        dkim_key = key_for(tenant, getattr(payload, "from").email.rpartition("@")[2].lower())
+        if dkim_key is not None:
+            try:
+                data = sign(data, dkim_key)
+            except DkimError as exc:
+                log.warning("delivery=%s sent unsigned: %s", p.delivery_id, exc)
         outcome: Outcome
         try:
             if conn is None or not conn.usable or self._spent(conn, lease):

@@ -71,6 +71,24 @@ async def _tenants(args: argparse.Namespace, store: TenantStore) -> int:
             print(f"{t.tenant_id}\t{','.join(t.allowed_from_domains)}\t{t.name}")
         return 0
     tenant_or_none = await store.get_tenant(args.tenant_id)
+    if args.action == "dkim":
+        if tenant_or_none is None:
+            print(f"no tenant {args.tenant_id!r}", file=sys.stderr)
+            return 1
+        keys = [k for k in tenant_or_none.dkim_keys if k.domain != args.domain.lower()]
+        del tenant_or_none.dkim_keys[:]
+        tenant_or_none.dkim_keys.extend(keys)
+        tenant_or_none.dkim_keys.add(
+            domain=args.domain.lower(),
+            selector=args.selector,
+            private_key_pem=Path(args.key_file).read_text(),
+        )
+        await store.put_tenant(tenant_or_none)
+        print(
+            f"{args.tenant_id}: {args.domain} signed with selector {args.selector}; publish "
+            f"its public key at {args.selector}._domainkey.{args.domain}"
+        )
+        return 0
     if tenant_or_none is None:
         print(f"no tenant {args.tenant_id!r}", file=sys.stderr)
         return 1
@@ -181,6 +199,11 @@ def _parser() -> argparse.ArgumentParser:
     t.add_parser("list")
     ts = t.add_parser("show")
     ts.add_argument("tenant_id")
+    td = t.add_parser("dkim", help="set the DKIM key the tenant signs one From domain with")
+    td.add_argument("tenant_id")
+    td.add_argument("--domain", required=True)
+    td.add_argument("--selector", required=True)
+    td.add_argument("--key-file", required=True, help="RSA private key, PEM")
 
     k = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="action", required=True)
     kc = k.add_parser("create", help="create a key; it is printed once, only its hash is kept")

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import dkim
+import dns.resolver
 import pytest
 
 from sluice.nats_layout import connect
@@ -117,3 +122,65 @@ async def test_starttls_opportunistic_and_required(
     )
     assert deferred
     assert stack.smtp.to("c@plain.test") == []
+
+
+@pytest.fixture
+def dkim_key(tmp_path: Path) -> tuple[str, str]:
+    """(private key PEM, public key base64 DER) made with openssl."""
+    key = tmp_path / "dkim.pem"
+    subprocess.run(
+        ["openssl", "genrsa", "-traditional", "-out", str(key), "2048"],
+        check=True,
+        capture_output=True,
+    )
+    public = subprocess.run(
+        ["openssl", "rsa", "-in", str(key), "-pubout", "-outform", "DER"],
+        check=True,
+        capture_output=True,
+    ).stdout
+    return key.read_text(), base64.b64encode(public).decode()
+
+
+async def test_dkim_signature_verifies_at_the_receiver(
+    stack: Stack, dns_server: Any, dkim_key: tuple[str, str]
+) -> None:
+    pem, public = dkim_key
+    txt = f"v=DKIM1; k=rsa; p={public}"
+    dns_server.records["s1._domainkey.acme.test"] = [
+        ("TXT", " ".join(f'"{txt[i : i + 200]}"' for i in range(0, len(txt), 200)))
+    ]
+    nc = await connect(stack.cfg, "test")
+    store = TenantStore(nc.jetstream())
+    tenant = await store.get_tenant("acme")
+    assert tenant is not None
+    tenant.dkim_keys.add(domain="acme.test", selector="s1", private_key_pem=pem)
+    await store.put_tenant(tenant)
+    await nc.close()
+
+    status, _, _ = await call(
+        stack,
+        "POST",
+        "/v1/send",
+        {
+            "from": {"email": "a@acme.test"},
+            "to": [{"email": "signed@mail.test"}],
+            "subject": "signed",
+            "text": "hello",
+        },
+    )
+    assert status == 202
+    (got,) = await wait_for(lambda: stack.smtp.to("signed@mail.test"), what="signed mail")
+    assert got.message["DKIM-Signature"] is not None
+
+    resolver = dns.resolver.Resolver(configure=False)
+    resolver.nameservers = ["127.0.0.1"]
+    resolver.port = dns_server.port
+
+    def lookup(name: bytes, timeout: int = 5) -> bytes:
+        answer = resolver.resolve(name.decode().rstrip("."), "TXT")
+        return b"".join(b"".join(r.strings) for r in answer)
+
+    # The receiver's check, with the public key from the test DNS server.
+    assert await asyncio.to_thread(dkim.verify, got.data, dnsfunc=lookup) is True
+    tampered = got.data.replace(b"hello", b"jello")
+    assert await asyncio.to_thread(dkim.verify, tampered, dnsfunc=lookup) is False
