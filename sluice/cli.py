@@ -81,7 +81,7 @@ async def _tenants(args: argparse.Namespace, store: TenantStore) -> int:
         tenant_or_none.dkim_keys.add(
             domain=args.domain.lower(),
             selector=args.selector,
-            private_key_pem=Path(args.key_file).read_text(),
+            private_key_pem=await asyncio.to_thread(Path(args.key_file).read_text),
         )
         await store.put_tenant(tenant_or_none)
         print(
