@@ -162,3 +162,32 @@ async def test_restarted_scheduler_keeps_adapted_limits_and_the_cap(stack: Stack
 
 async def _below(limit: Any, cap: int) -> bool:
     return bool(await limit() < cap)
+
+
+async def test_sigterm_drains_without_loss_or_duplicates(
+    stack: Stack, dns_server: DnsServer, smtp: Any
+) -> None:
+    _, smtp_port = smtp
+    stack.smtp.data_delay["cap.test"] = 0.05
+    first = await _deliverer_process(stack, dns_server.port, smtp_port)
+    second = None
+    try:
+        await _blast(stack, 150)
+        await wait_for(lambda: len(stack.smtp.received) >= 20, 60, "delivery under way")
+        first.send_signal(signal.SIGTERM)
+        code = await asyncio.wait_for(first.wait(), 30)
+        assert code == 0, "SIGTERM must exit cleanly after the transactions in hand"
+        drained_at = len(stack.smtp.received)
+        assert drained_at < 150, "the drain came too late to prove anything"
+        second = await _deliverer_process(stack, dns_server.port, smtp_port)
+        await wait_for(lambda: len(stack.smtp.received) >= 150, 90, "the rest delivered")
+        await asyncio.sleep(1.0)
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+                await proc.wait()
+    recipients = [r.rcpt_tos[0] for r in stack.smtp.received]
+    # Graceful: the transactions in hand were finished and acknowledged, the rest handed
+    # back un-acked — every message exactly once.
+    assert len(recipients) == len(set(recipients)) == 150
