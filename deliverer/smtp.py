@@ -62,35 +62,62 @@ class SmtpConnection:
             raise ConnectionLost(f"{self.host}: connect failed: {exc}") from exc
 
     async def send(self, mail_from: str, recipient: str, data: bytes) -> Reply:
-        """One transaction for one recipient: the reply that decided it.
+        """One transaction for one recipient: the reply that decided it."""
+        return (await self.send_many(mail_from, [recipient], data))[recipient]
 
-        A 4xx/5xx at MAIL or RCPT is returned (after RSET) rather than raised.
+    async def send_many(
+        self, mail_from: str, recipients: list[str], data: bytes
+    ) -> dict[str, Reply]:
+        """One transaction for several recipients of the same message: each recipient's
+        deciding reply (its RCPT reply if refused there, else the DATA reply).
+
+        A 4xx/5xx is returned rather than raised; RSET follows only an aborted transaction.
         """
+        replies: dict[str, Reply] = {}
         try:
             try:
                 await self._smtp.mail(mail_from)
-                await self._smtp.rcpt(recipient)
+            except aiosmtplib.SMTPResponseException as exc:
+                reply = parse_reply(exc.code, exc.message)
+                await self._abort(exc.code)
+                return dict.fromkeys(recipients, reply)
+            accepted = []
+            for rcpt in recipients:
+                try:
+                    await self._smtp.rcpt(rcpt)
+                    accepted.append(rcpt)
+                except aiosmtplib.SMTPResponseException as exc:
+                    replies[rcpt] = parse_reply(exc.code, exc.message)
+                    if exc.code == 421:  # the server is closing: the rest fail the same way
+                        await self.close()
+                        return {r: replies.get(r, replies[rcpt]) for r in recipients}
+            if not accepted:
+                await self._abort(0)
+                return replies
+            try:
+                resp = await self._smtp.data(data)
+                reply = parse_reply(resp.code, resp.message)
+                self.deliveries += 1
             except aiosmtplib.SMTPResponseException as exc:
                 reply = parse_reply(exc.code, exc.message)
                 if exc.code == 421:
                     await self.close()
-                else:
-                    await self._smtp.rset()
-                return reply
-            try:
-                resp = await self._smtp.data(data)
-            except aiosmtplib.SMTPResponseException as exc:
-                if exc.code == 421:
-                    await self.close()
-                return parse_reply(exc.code, exc.message)
         except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError) as exc:
             await self.close()
             raise ConnectionLost(f"{self.host}: {exc}") from exc
         except (aiosmtplib.SMTPException, OSError) as exc:
             await self.close()
             raise ConnectionLost(f"{self.host}: {exc}") from exc
-        self.deliveries += 1
-        return parse_reply(resp.code, resp.message)
+        for rcpt in accepted:
+            replies[rcpt] = reply
+        return replies
+
+    async def _abort(self, code: int) -> None:
+        """End an aborted transaction: RSET, or close after 421 (the server is leaving)."""
+        if code == 421:
+            await self.close()
+        else:
+            await self._smtp.rset()
 
     async def close(self) -> None:
         if self._smtp.is_connected:

@@ -35,6 +35,9 @@ from sluice.v1 import messages_pb2, scheduler_pb2, scheduler_pb2_grpc, tenant_pb
 
 __all__ = ["SUPPRESS_CATEGORIES", "Deliverer"]
 
+# At most this many recipients in one SMTP transaction (RFC 5321 4.5.3.1.8: servers take 100).
+_MAX_RCPTS = 50
+
 # Hard bounces that suppress the address for the tenant (SES/Postmark behaviour).
 SUPPRESS_CATEGORIES = frozenset({"bad_mailbox", "bad_domain"})
 
@@ -78,6 +81,9 @@ class LeaseWork:
     messages: Pacer = field(default_factory=Pacer)
     connections: Pacer = field(default_factory=Pacer)
     batches: int = 0
+    # One pull at a time per lease: concurrent pulls would split a message's pointers
+    # (one transaction for several recipients) and contend at the server for nothing.
+    fetching: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 class Deliverer:
@@ -232,86 +238,152 @@ class Deliverer:
         conn: SmtpConnection | None = None
         try:
             while not stop.is_set() and not work.lost.is_set():
-                msgs = await self._next_batch(work)
+                async with work.fetching:
+                    msgs = await self._next_batch(work)
                 if not msgs:
                     return
-                for i, msg in enumerate(msgs):
+                groups = self._groups(msgs)
+                for i, group in enumerate(groups):
                     if stop.is_set() or work.lost.is_set():
                         # Hand the rest back at once, un-delayed.
-                        for rest in msgs[i:]:
-                            await rest.nak()
+                        for rest in groups[i:]:
+                            for msg, _ in rest:
+                                await msg.nak()
                         return
                     # The lease's message rate is shared by all of its connections.
-                    await work.messages.wait(lease.max_message_rate)
-                    conn = await self._deliver(msg, work, conn)
+                    for _ in group:
+                        await work.messages.wait(lease.max_message_rate)
+                    conn = await self._deliver(group, work, conn)
         finally:
             if conn is not None:
                 await conn.close()
 
     # -- one pointer -----------------------------------------------------------------------
 
+    def _groups(
+        self, msgs: list[Msg]
+    ) -> list[list[tuple[Msg, messages_pb2.DeliveryPointer | None]]]:
+        """Consecutive pointers of the same message go in one transaction (several RCPT TO),
+        unless something in the message differs per recipient (VERP return path,
+        substitutions, a bulk List-Unsubscribe link)."""
+        groups: list[list[tuple[Msg, messages_pb2.DeliveryPointer | None]]] = []
+        for msg in msgs:
+            try:
+                p: messages_pb2.DeliveryPointer | None = messages_pb2.DeliveryPointer.FromString(
+                    msg.data
+                )
+            except Exception:
+                p = None
+            last = groups[-1] if groups else None
+            if (
+                p is not None
+                and last is not None
+                and last[0][1] is not None
+                and last[0][1].message_id == p.message_id
+                and len(last) < _MAX_RCPTS
+                and self._groupable(p)
+            ):
+                last.append((msg, p))
+            else:
+                groups.append([(msg, p)])
+        return groups
+
+    def _groupable(self, p: messages_pb2.DeliveryPointer) -> bool:
+        return (
+            not self._cfg.deliverer.verp_domain
+            and not p.substitutions
+            and p.tier != messages_pb2.TIER_BULK
+        )
+
     async def _deliver(
-        self, msg: Msg, work: LeaseWork, conn: SmtpConnection | None
+        self,
+        group: list[tuple[Msg, messages_pb2.DeliveryPointer | None]],
+        work: LeaseWork,
+        conn: SmtpConnection | None,
     ) -> SmtpConnection | None:
+        """Deliver one pointer, or several pointers of one message in one transaction."""
         lease = work.lease
-        try:
-            p = messages_pb2.DeliveryPointer.FromString(msg.data)
-        except Exception:
-            log.error("undecodable pointer terminated (seq %s)", msg.metadata.sequence.stream)
-            await msg.term()
+        items: list[tuple[Msg, messages_pb2.DeliveryPointer, int, float, float]] = []
+        for msg, p in group:
+            if p is None:
+                log.error("undecodable pointer terminated (seq %s)", msg.metadata.sequence.stream)
+                await msg.term()
+                continue
+            attempt = msg.metadata.num_delivered or 1
+            age = time.time() - p.accepted_at.ToNanoseconds() / 1e9
+            horizon = self._cfg.horizon(names.tier_token(p.tier))
+            if p.HasField("expires_at"):
+                horizon = min(
+                    horizon, (p.expires_at.ToNanoseconds() - p.accepted_at.ToNanoseconds()) / 1e9
+                )
+            if age >= horizon:
+                await self._dead_letter(
+                    msg, p, attempt, messages_pb2.DEAD_LETTER_REASON_EXPIRED, None, ""
+                )
+                continue
+            items.append((msg, p, attempt, age, horizon))
+        if not items:
             return conn
-        attempt = msg.metadata.num_delivered or 1
-        tier = names.tier_token(p.tier)
-        age = time.time() - p.accepted_at.ToNanoseconds() / 1e9
-        horizon = self._cfg.horizon(tier)
-        if p.HasField("expires_at"):
-            horizon = min(
-                horizon, (p.expires_at.ToNanoseconds() - p.accepted_at.ToNanoseconds()) / 1e9
-            )
-        if age >= horizon:
-            await self._dead_letter(
-                msg, p, attempt, messages_pb2.DEAD_LETTER_REASON_EXPIRED, None, ""
-            )
-            return conn
+        first = items[0][1]
         try:
-            payload = await self._payload(p.payload_ref)
+            payload = await self._payload(first.payload_ref)
         except PayloadNotFound:
-            await self._dead_letter(
-                msg, p, attempt, messages_pb2.DEAD_LETTER_REASON_EXPIRED, None, "payload_missing"
-            )
+            for msg, p, attempt, _, _ in items:
+                await self._dead_letter(
+                    msg,
+                    p,
+                    attempt,
+                    messages_pb2.DEAD_LETTER_REASON_EXPIRED,
+                    None,
+                    "payload_missing",
+                )
             return conn
         except StoreError as exc:
-            log.warning("payload %s unreadable (%s); handing back", p.payload_ref, exc)
-            await msg.nak(delay=5.0)
+            log.warning("payload %s unreadable (%s); handing back", first.payload_ref, exc)
+            for msg, *_ in items:
+                await msg.nak(delay=5.0)
             return conn
-        tenant = await self._tenant(p.tenant_id)
+        tenant = await self._tenant(first.tenant_id)
         unsubscribe = ""
-        if p.tier == messages_pb2.TIER_BULK and tenant is not None:
+        if first.tier == messages_pb2.TIER_BULK and tenant is not None:
             unsubscribe = tenant.unsubscribe_url
-        data = build_message(payload, p, unsubscribe)
+        data = build_message(payload, first, unsubscribe)
         dkim_key = key_for(tenant, getattr(payload, "from").email.rpartition("@")[2].lower())
         if dkim_key is not None:
             try:
                 data = sign(data, dkim_key)
             except DkimError as exc:
-                log.warning("delivery=%s sent unsigned: %s", p.delivery_id, exc)
-        outcome: Outcome
+                log.warning("delivery=%s sent unsigned: %s", first.delivery_id, exc)
+        outcomes: dict[str, Outcome] = {}
         try:
             if conn is None or not conn.usable or self._spent(conn, lease):
                 if conn is not None:
                     await conn.close()
                 await work.connections.wait(lease.max_connection_rate)
-                conn = await self._connect(p.domain)
-            await msg.in_progress()
-            reply = await conn.send(self._mail_from(p), p.recipient, data)
-            outcome = classify(reply, self._throttle)
+                conn = await self._connect(first.domain)
+            for msg, *_ in items:
+                await msg.in_progress()
+            replies = await conn.send_many(
+                self._mail_from(first), [p.recipient for _, p, *_ in items], data
+            )
+            outcomes = {r: classify(reply, self._throttle) for r, reply in replies.items()}
         except DnsPermanent as exc:
-            outcome = Bounced(None, "bad_domain")
-            log.info("delivery=%s: %s", p.delivery_id, exc)
+            outcomes = {p.recipient: Bounced(None, "bad_domain") for _, p, *_ in items}
+            log.info("delivery=%s: %s", first.delivery_id, exc)
         except (DnsTemporary, ConnectionLost) as exc:
-            outcome = Deferred(None, str(exc))
+            outcomes = {p.recipient: Deferred(None, str(exc)) for _, p, *_ in items}
             conn = None
-        await self._settle(msg, p, attempt, age, horizon, outcome, lease, conn.host if conn else "")
+        for msg, p, attempt, age, horizon in items:
+            await self._settle(
+                msg,
+                p,
+                attempt,
+                age,
+                horizon,
+                outcomes[p.recipient],
+                lease,
+                conn.host if conn else "",
+            )
         return conn
 
     async def _payload(self, ref: str) -> messages_pb2.Payload:

@@ -70,7 +70,8 @@ async def serve(cfg: Config, stop: asyncio.Event) -> None:
     await ensure_layout(js, cfg)
     scheduler = Scheduler(cfg, js, load_rules(cfg.scheduler.shaping or None), Resolver(cfg.dns))
     await scheduler.start()
-    server = grpc.aio.server()
+    # One scheduler per address: a second one must fail to bind, not share the port.
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(SchedulerServicer(scheduler), server)
     server.add_insecure_port(cfg.scheduler.listen)
     await server.start()

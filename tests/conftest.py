@@ -15,7 +15,7 @@ from sluice import config as config_mod
 from sluice.config import Config
 from sluice.devdns import DnsServer
 from sluice.nats_layout import connect, ensure_layout
-from sluice.natsserver import NatsServer, free_port
+from sluice.natsserver import NatsServer, free_ports
 from sluice.services import service
 from sluice.tenants import TenantStore, new_webhook_secret, now_ts
 from sluice.v1 import tenant_pb2
@@ -81,13 +81,14 @@ async def webhook_receiver() -> AsyncIterator[WebhookReceiver]:
 def make_config(
     nats_url: str, dns_port: int, smtp_port: int, overrides: dict[str, dict[str, Any]] | None = None
 ) -> Config:
-    sched = f"127.0.0.1:{free_port()}"
+    sched_port, http_port, grpc_port = free_ports(3)
+    sched = f"127.0.0.1:{sched_port}"
     cfg = config_mod.replace(
         Config(),
         nats={"url": nats_url, "connect_timeout": "2s"},
         ingest={
-            "http_listen": f"127.0.0.1:{free_port()}",
-            "grpc_listen": f"127.0.0.1:{free_port()}",
+            "http_listen": f"127.0.0.1:{http_port}",
+            "grpc_listen": f"127.0.0.1:{grpc_port}",
             "publish_timeout": "2s",
         },
         scheduler={"listen": sched, "backlog_interval": "0.2s", "lease_ttl": "5s"},

@@ -3,6 +3,7 @@ scheduler lease -> deliverer (real DNS, real SMTP) -> events -> signed webhooks.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import aiohttp
@@ -11,6 +12,7 @@ from google.rpc import error_details_pb2, status_pb2
 
 from sluice import names
 from sluice.nats_layout import connect
+from sluice.services import service
 from sluice.v1 import ingest_pb2, ingest_pb2_grpc, messages_pb2
 from tests.conftest import Stack, wait_for
 
@@ -246,3 +248,50 @@ async def test_a_hard_bounce_suppresses_the_address_for_later_sends(stack: Stack
     )
     assert suppressed[0].verified and suppressed[0].verified["data"]["job_id"] == second["job_id"]
     assert stack.smtp.rcpt_attempts["bob@mail.test"] == 1, "the suppressed send reached SMTP"
+
+
+async def test_recipients_of_one_message_share_a_transaction(stack: Stack) -> None:
+    # Queue the message before any deliverer pulls (concurrent pulls may split a message's
+    # pointers between connections; grouping is an optimisation, not a guarantee).
+    stack.tasks[2].cancel()  # the scheduler
+    await asyncio.gather(stack.tasks[2], return_exceptions=True)
+    stack.smtp.script["nobody@mail.test"] = ["550 5.1.1 User unknown"]
+    status, body, _ = await post(
+        stack,
+        message(
+            tier="transactional",
+            to=[{"email": "bob@mail.test"}, {"email": "nobody@mail.test"}],
+            cc=[{"email": "carol@mail.test"}],
+            bcc=[{"email": "dave@other.test"}],
+        ),
+    )
+    assert status == 202, body
+    await wait_for(_mail_count(stack, 4), what="4 pointers queued")
+    stack.tasks[2] = asyncio.create_task(service("scheduler")(stack.cfg, stack.stop))
+    await wait_for(lambda: len(stack.smtp.received) >= 2, what="two transactions")
+    await asyncio.sleep(0.5)
+    mail_test = [r for r in stack.smtp.received if r.rcpt_tos[0].endswith("@mail.test")]
+    assert len(mail_test) == 1, "one transaction for the mail.test recipients"
+    assert sorted(mail_test[0].rcpt_tos) == ["bob@mail.test", "carol@mail.test"]
+    assert stack.smtp.to("dave@other.test")
+    bounced = await wait_for(lambda: stack.hooks.of_type("message.bounced"), what="a bounce")
+    assert bounced[0].verified and bounced[0].verified["data"]["recipient"] == "nobody@mail.test"
+    delivered = await wait_for(
+        lambda: (
+            len(stack.hooks.of_type("message.delivered")) == 3
+            and stack.hooks.of_type("message.delivered")
+        ),
+        what="3 delivered",
+    )
+    assert {c.verified["data"]["recipient"] for c in delivered if c.verified} == {
+        "bob@mail.test",
+        "carol@mail.test",
+        "dave@other.test",
+    }
+
+
+def _mail_count(stack: Stack, n: int) -> Any:
+    async def check() -> bool:
+        return await stream_count(stack, names.MAIL_STREAM) == n
+
+    return check
