@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -35,7 +36,7 @@ from ingest.validate import (
     validate_blast_content,
     validate_send,
 )
-from sluice import names
+from sluice import deadletters, names
 from sluice.config import Config
 from sluice.store import PayloadStore, StoreError
 from sluice.tenants import now_ts
@@ -357,6 +358,38 @@ class IngestCore:
     ) -> ingest_pb2.GetJobResponse:
         principal = await self.authenticate(authorization)
         return await self._status.job(principal[1].tenant_id, req.job_id)
+
+    # -- dead letters -----------------------------------------------------------------------
+
+    async def list_dead_letters(
+        self, authorization: str | None, req: ingest_pb2.ListDeadLettersRequest
+    ) -> ingest_pb2.ListDeadLettersResponse:
+        principal = await self.authenticate(authorization)
+        size = min(req.page_size or 100, 1000)
+        try:
+            after = int(req.page_token) if req.page_token else 0
+        except ValueError as exc:
+            raise bad_request([("page_token", "is not a token from a previous page")]) from exc
+        entries, next_seq = await deadletters.list_page(
+            self._js, principal[1].tenant_id, size, after
+        )
+        return ingest_pb2.ListDeadLettersResponse(
+            dead_letters=[
+                ingest_pb2.DeadLetterEntry(delivery_id=d, dead_letter=dl) for _, d, dl in entries
+            ],
+            next_page_token=str(next_seq) if next_seq else "",
+        )
+
+    async def replay_dead_letter(
+        self, authorization: str | None, req: ingest_pb2.ReplayDeadLetterRequest
+    ) -> ingest_pb2.ReplayDeadLetterResponse:
+        principal = await self.authenticate(authorization)
+        if not re.fullmatch(
+            r"[A-Za-z0-9_-]{1,100}", req.delivery_id
+        ) or not await deadletters.replay(self._js, principal[1].tenant_id, req.delivery_id):
+            raise ApiError(grpc.StatusCode.NOT_FOUND, "NOT_FOUND", "dead letter not found")
+        log.info("replayed dead letter %s for tenant %s", req.delivery_id, principal[1].tenant_id)
+        return ingest_pb2.ReplayDeadLetterResponse(delivery_id=req.delivery_id)
 
     # -- SendBlast ----------------------------------------------------------------------
 

@@ -4,8 +4,11 @@ sluice dev                          the whole stack locally (see sluice/dev.py)
 sluice ingest|expander|scheduler|deliverer|webhooks
                                     one service, from sluice.toml + SLUICE_* variables
 sluice init                         create the JetStream streams and buckets
-sluice tenants create|list|show     tenants (NATS KV sluice_tenants)
+sluice tenants create|list|show|dkim tenants (NATS KV sluice_tenants)
 sluice keys create|list|revoke      API keys (NATS KV sluice_keys)
+sluice dlq list|show|replay         dead letters
+sluice sites                        per-site limits, leases, backlog (asks the scheduler)
+sluice sink                         a catch-all SMTP sink with a DNS server (compose stack)
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from sluice import __version__, jsonpb
+from nats.js import JetStreamContext
+
+from sluice import __version__, deadletters, jsonpb
 from sluice import config as config_mod
 from sluice.config import Config, ConfigError
 from sluice.nats_layout import connect, ensure_layout
@@ -41,6 +46,40 @@ async def _with_tenants(cfg: Config, fn: Callable[[TenantStore], Awaitable[int]]
         return await fn(TenantStore(js))
     finally:
         await nc.close()
+
+
+async def _with_js(cfg: Config, fn: Callable[[JetStreamContext], Awaitable[int]]) -> int:
+    nc = await connect(cfg, "sluice-cli")
+    try:
+        js = nc.jetstream()
+        await ensure_layout(js, cfg)
+        return await fn(js)
+    finally:
+        await nc.close()
+
+
+async def _dlq(args: argparse.Namespace, js: JetStreamContext) -> int:
+    if args.action == "list":
+        entries, _ = await deadletters.list_page(js, args.tenant, args.limit)
+        for _, delivery_id, dl in entries:
+            reply = f"{dl.last_reply.code} {dl.last_reply.text}" if dl.last_reply.code else ""
+            print(
+                f"{delivery_id}\t{dl.pointer.tenant_id}\t{dl.pointer.recipient}\t"
+                f"{messages_pb2.DeadLetterReason.Name(dl.reason)}\t{reply}"
+            )
+        return 0
+    if args.action == "show":
+        found = await deadletters.get(js, args.tenant, args.delivery_id)
+        if found is None:
+            print(f"no dead letter {args.delivery_id!r} for {args.tenant!r}", file=sys.stderr)
+            return 1
+        _print(found[1])
+        return 0
+    if await deadletters.replay(js, args.tenant, args.delivery_id):
+        print(f"replayed {args.delivery_id}")
+        return 0
+    print(f"no dead letter {args.delivery_id!r} for {args.tenant!r}", file=sys.stderr)
+    return 1
 
 
 def _print(msg: Any) -> None:
@@ -205,6 +244,15 @@ def _parser() -> argparse.ArgumentParser:
     td.add_argument("--selector", required=True)
     td.add_argument("--key-file", required=True, help="RSA private key, PEM")
 
+    d = sub.add_parser("dlq", help="dead letters").add_subparsers(dest="action", required=True)
+    dl = d.add_parser("list")
+    dl.add_argument("--tenant", help="only this tenant's")
+    dl.add_argument("--limit", type=int, default=100)
+    for name in ("show", "replay"):
+        dp = d.add_parser(name)
+        dp.add_argument("delivery_id")
+        dp.add_argument("--tenant", required=True)
+
     k = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="action", required=True)
     kc = k.add_parser("create", help="create a key; it is printed once, only its hash is kept")
     kc.add_argument("--tenant", dest="tenant_id", required=True)
@@ -261,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(init())
     if cmd == "tenants":
         return asyncio.run(_with_tenants(cfg, lambda s: _tenants(args, s)))
+    if cmd == "dlq":
+        return asyncio.run(_with_js(cfg, lambda js: _dlq(args, js)))
     if cmd == "keys":
         return asyncio.run(_with_tenants(cfg, lambda s: _keys(args, s)))
     return 2  # pragma: no cover

@@ -61,6 +61,16 @@ class IngestServiceStub:
                 request_serializer=sluice_dot_v1_dot_ingest__pb2.GetJobRequest.SerializeToString,
                 response_deserializer=sluice_dot_v1_dot_ingest__pb2.GetJobResponse.FromString,
                 _registered_method=True)
+        self.ListDeadLetters = channel.unary_unary(
+                '/sluice.v1.IngestService/ListDeadLetters',
+                request_serializer=sluice_dot_v1_dot_ingest__pb2.ListDeadLettersRequest.SerializeToString,
+                response_deserializer=sluice_dot_v1_dot_ingest__pb2.ListDeadLettersResponse.FromString,
+                _registered_method=True)
+        self.ReplayDeadLetter = channel.unary_unary(
+                '/sluice.v1.IngestService/ReplayDeadLetter',
+                request_serializer=sluice_dot_v1_dot_ingest__pb2.ReplayDeadLetterRequest.SerializeToString,
+                response_deserializer=sluice_dot_v1_dot_ingest__pb2.ReplayDeadLetterResponse.FromString,
+                _registered_method=True)
 
 
 class IngestServiceServicer:
@@ -115,6 +125,23 @@ class IngestServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListDeadLetters(self, request, context):
+        """ListDeadLetters lists the tenant's dead letters, oldest first, a page at a time.
+        Errors: UNAUTHENTICATED (401), INVALID_ARGUMENT (400) for a bad page token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReplayDeadLetter(self, request, context):
+        """ReplayDeadLetter queues a dead letter for delivery again, with a fresh retry horizon,
+        and removes it from the dead-letter queue. Errors: NOT_FOUND (404) for an unknown id or
+        another tenant's, UNAUTHENTICATED (401).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_IngestServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -142,6 +169,16 @@ def add_IngestServiceServicer_to_server(servicer, server):
                     servicer.GetJob,
                     request_deserializer=sluice_dot_v1_dot_ingest__pb2.GetJobRequest.FromString,
                     response_serializer=sluice_dot_v1_dot_ingest__pb2.GetJobResponse.SerializeToString,
+            ),
+            'ListDeadLetters': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDeadLetters,
+                    request_deserializer=sluice_dot_v1_dot_ingest__pb2.ListDeadLettersRequest.FromString,
+                    response_serializer=sluice_dot_v1_dot_ingest__pb2.ListDeadLettersResponse.SerializeToString,
+            ),
+            'ReplayDeadLetter': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReplayDeadLetter,
+                    request_deserializer=sluice_dot_v1_dot_ingest__pb2.ReplayDeadLetterRequest.FromString,
+                    response_serializer=sluice_dot_v1_dot_ingest__pb2.ReplayDeadLetterResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -281,6 +318,60 @@ class IngestService:
             '/sluice.v1.IngestService/GetJob',
             sluice_dot_v1_dot_ingest__pb2.GetJobRequest.SerializeToString,
             sluice_dot_v1_dot_ingest__pb2.GetJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDeadLetters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sluice.v1.IngestService/ListDeadLetters',
+            sluice_dot_v1_dot_ingest__pb2.ListDeadLettersRequest.SerializeToString,
+            sluice_dot_v1_dot_ingest__pb2.ListDeadLettersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReplayDeadLetter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sluice.v1.IngestService/ReplayDeadLetter',
+            sluice_dot_v1_dot_ingest__pb2.ReplayDeadLetterRequest.SerializeToString,
+            sluice_dot_v1_dot_ingest__pb2.ReplayDeadLetterResponse.FromString,
             options,
             channel_credentials,
             insecure,

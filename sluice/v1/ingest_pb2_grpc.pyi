@@ -62,6 +62,15 @@ class IngestServiceStub:
     """GetJob returns how many of a job's recipients are in each state. Errors: NOT_FOUND
     (404) for an unknown id or another tenant's, UNAUTHENTICATED (401).
     """
+    ListDeadLetters: _grpc.UnaryUnaryMultiCallable[_ingest_pb2.ListDeadLettersRequest, _ingest_pb2.ListDeadLettersResponse]
+    """ListDeadLetters lists the tenant's dead letters, oldest first, a page at a time.
+    Errors: UNAUTHENTICATED (401), INVALID_ARGUMENT (400) for a bad page token.
+    """
+    ReplayDeadLetter: _grpc.UnaryUnaryMultiCallable[_ingest_pb2.ReplayDeadLetterRequest, _ingest_pb2.ReplayDeadLetterResponse]
+    """ReplayDeadLetter queues a dead letter for delivery again, with a fresh retry horizon,
+    and removes it from the dead-letter queue. Errors: NOT_FOUND (404) for an unknown id or
+    another tenant's, UNAUTHENTICATED (401).
+    """
 
 @_typing.type_check_only
 class IngestServiceAsyncStub(IngestServiceStub):
@@ -96,6 +105,15 @@ class IngestServiceAsyncStub(IngestServiceStub):
     GetJob: _aio.UnaryUnaryMultiCallable[_ingest_pb2.GetJobRequest, _ingest_pb2.GetJobResponse]  # type: ignore[assignment]
     """GetJob returns how many of a job's recipients are in each state. Errors: NOT_FOUND
     (404) for an unknown id or another tenant's, UNAUTHENTICATED (401).
+    """
+    ListDeadLetters: _aio.UnaryUnaryMultiCallable[_ingest_pb2.ListDeadLettersRequest, _ingest_pb2.ListDeadLettersResponse]  # type: ignore[assignment]
+    """ListDeadLetters lists the tenant's dead letters, oldest first, a page at a time.
+    Errors: UNAUTHENTICATED (401), INVALID_ARGUMENT (400) for a bad page token.
+    """
+    ReplayDeadLetter: _aio.UnaryUnaryMultiCallable[_ingest_pb2.ReplayDeadLetterRequest, _ingest_pb2.ReplayDeadLetterResponse]  # type: ignore[assignment]
+    """ReplayDeadLetter queues a dead letter for delivery again, with a fresh retry horizon,
+    and removes it from the dead-letter queue. Errors: NOT_FOUND (404) for an unknown id or
+    another tenant's, UNAUTHENTICATED (401).
     """
 
 class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -158,6 +176,27 @@ class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_ingest_pb2.GetJobResponse, _abc.Awaitable[_ingest_pb2.GetJobResponse]]:
         """GetJob returns how many of a job's recipients are in each state. Errors: NOT_FOUND
         (404) for an unknown id or another tenant's, UNAUTHENTICATED (401).
+        """
+
+    @_abc_1.abstractmethod
+    def ListDeadLetters(
+        self,
+        request: _ingest_pb2.ListDeadLettersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ingest_pb2.ListDeadLettersResponse, _abc.Awaitable[_ingest_pb2.ListDeadLettersResponse]]:
+        """ListDeadLetters lists the tenant's dead letters, oldest first, a page at a time.
+        Errors: UNAUTHENTICATED (401), INVALID_ARGUMENT (400) for a bad page token.
+        """
+
+    @_abc_1.abstractmethod
+    def ReplayDeadLetter(
+        self,
+        request: _ingest_pb2.ReplayDeadLetterRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ingest_pb2.ReplayDeadLetterResponse, _abc.Awaitable[_ingest_pb2.ReplayDeadLetterResponse]]:
+        """ReplayDeadLetter queues a dead letter for delivery again, with a fresh retry horizon,
+        and removes it from the dead-letter queue. Errors: NOT_FOUND (404) for an unknown id or
+        another tenant's, UNAUTHENTICATED (401).
         """
 
 def add_IngestServiceServicer_to_server(servicer: IngestServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

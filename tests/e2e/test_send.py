@@ -295,3 +295,32 @@ def _mail_count(stack: Stack, n: int) -> Any:
         return await stream_count(stack, names.MAIL_STREAM) == n
 
     return check
+
+
+async def test_dead_letters_can_be_listed_and_replayed(stack: Stack) -> None:
+    stack.smtp.script["bob@mail.test"] = ["550 5.2.1 Mailbox disabled"]  # not a suppressor
+    status, body, _ = await post(stack, message(tier="transactional"))
+    assert status == 202
+    await wait_for(lambda: stack.hooks.of_type("message.bounced"), what="the bounce")
+    delivery_id = f"{body['job_id']}-0"
+    async with aiohttp.ClientSession() as s:
+        auth = {"Authorization": f"Bearer {stack.api_key}"}
+        async with s.get(f"{stack.http}/v1/dead-letters", headers=auth) as r:
+            listed = await r.json()
+        assert r.status == 200, listed
+        (entry,) = listed["dead_letters"]
+        assert entry["delivery_id"] == delivery_id
+        assert entry["dead_letter"]["reason"] == "bounced"
+        assert entry["dead_letter"]["pointer"]["recipient"] == "bob@mail.test"
+        async with s.post(
+            f"{stack.http}/v1/dead-letters/{delivery_id}:replay", json={}, headers=auth
+        ) as r:
+            assert r.status == 200, await r.text()
+        (got,) = await wait_for(lambda: stack.smtp.to("bob@mail.test"), what="the replay")
+        assert got.message["Message-ID"] == f"<{body['message_id']}>"
+        async with s.get(f"{stack.http}/v1/dead-letters", headers=auth) as r:
+            assert (await r.json()).get("dead_letters", []) == []
+        async with s.post(
+            f"{stack.http}/v1/dead-letters/{delivery_id}:replay", json={}, headers=auth
+        ) as r:
+            assert r.status == 404
