@@ -8,6 +8,7 @@ from typing import Any
 
 import grpc
 
+from scheduler.reaper import Reaper
 from scheduler.service import Scheduler
 from scheduler.shaping import load_rules
 from sluice.config import Config
@@ -77,9 +78,12 @@ async def serve(cfg: Config, stop: asyncio.Event) -> None:
     await server.start()
     log.info("scheduler: grpc on %s", cfg.scheduler.listen)
     backlog = asyncio.create_task(scheduler.run_backlog(stop))
+    # The scheduler process also runs the reaper (MaxDeliver-exhausted mail -> dead letters).
+    reaper = asyncio.create_task(Reaper(js).run(stop, cfg.scheduler.sweep_interval))
     try:
         await stop.wait()
     finally:
         backlog.cancel()
+        reaper.cancel()
         await server.stop(grace=2)
         await nc.close()

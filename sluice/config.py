@@ -123,6 +123,8 @@ class SchedulerConfig:
     recover_step: float = 0.1
     # At most one decrease per site this often: a burst of 421s is one signal.
     throttle_cooldown: Duration = Duration(5.0)
+    # How often the reaper sweeps for messages a MAX_DELIVERIES advisory missed.
+    sweep_interval: Duration = Duration(300.0)
 
 
 @dataclass(frozen=True)

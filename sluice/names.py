@@ -47,6 +47,10 @@ SUPPRESSIONS_BUCKET = "sluice_suppressions"
 SITES_BUCKET = "sluice_sites"
 
 EXPANDER_CONSUMER = "expander"
+REAPER_CONSUMER = "reaper"
+# Captures MAX_DELIVERIES advisories of the MAIL stream's consumers (they are at-most-once).
+ADVISORIES_STREAM = "ADVISORIES"
+ADVISORIES_SUBJECTS = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.MAIL.>"
 WEBHOOKS_CONSUMER = "webhooks"
 
 JOBS_SUBJECTS = "sluice.jobs.>"

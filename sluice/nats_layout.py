@@ -86,6 +86,14 @@ async def ensure_layout(js: JetStreamContext, cfg: Config) -> None:
             # Dead letters are written create-only, one per subject.
             max_msgs_per_subject=1,
         ),
+        js_api.StreamConfig(
+            name=names.ADVISORIES_STREAM,
+            subjects=[names.ADVISORIES_SUBJECTS],
+            retention=js_api.RetentionPolicy.WORK_QUEUE,
+            storage=js_api.StorageType.FILE,
+            num_replicas=cfg.nats.replicas,
+            max_age=7 * 86400.0,
+        ),
     ]
     for stream in streams:
         assert stream.name is not None
