@@ -199,6 +199,8 @@ class WebhooksConfig:
     # Allow loopback and private targets (tests, `sluice dev`); off in production.
     allow_private_targets: bool = False
     concurrency: int = 16
+    # POSTs in flight per endpoint: a hanging endpoint holds at most this many workers.
+    per_endpoint_concurrency: int = 4
 
 
 @dataclass(frozen=True)

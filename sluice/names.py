@@ -47,6 +47,10 @@ SUPPRESSIONS_BUCKET = "sluice_suppressions"
 SITES_BUCKET = "sluice_sites"
 
 EXPANDER_CONSUMER = "expander"
+# Per-endpoint webhook deliveries (fanned out from EVENTS).
+WEBHOOKS_STREAM = "WEBHOOKS"
+WEBHOOKS_SUBJECTS = "sluice.webhooks.>"
+WEBHOOK_DELIVERY_CONSUMER = "webhook_delivery"
 REAPER_CONSUMER = "reaper"
 # Captures MAX_DELIVERIES advisories of the MAIL stream's consumers (they are at-most-once).
 ADVISORIES_STREAM = "ADVISORIES"
@@ -134,3 +138,8 @@ def event_subject(tenant_id: str, event_type: EventType, job_id: str, index: int
 def dlq_subject(tenant_id: str, delivery_id: str) -> str:
     """One subject per dead letter, so that a create-only publish cannot duplicate it."""
     return f"sluice.dlq.{tenant_id}.{delivery_id}"
+
+
+def webhook_subject(tenant_id: str, endpoint_id: str) -> str:
+    token = re.sub(r"[^A-Za-z0-9_-]", "_", endpoint_id) or "_"
+    return f"sluice.webhooks.{tenant_id}.{token}"

@@ -87,6 +87,14 @@ async def ensure_layout(js: JetStreamContext, cfg: Config) -> None:
             max_msgs_per_subject=1,
         ),
         js_api.StreamConfig(
+            name=names.WEBHOOKS_STREAM,
+            subjects=[names.WEBHOOKS_SUBJECTS],
+            retention=js_api.RetentionPolicy.WORK_QUEUE,
+            storage=js_api.StorageType.FILE,
+            num_replicas=cfg.nats.replicas,
+            duplicate_window=120.0,
+        ),
+        js_api.StreamConfig(
             name=names.ADVISORIES_STREAM,
             subjects=[names.ADVISORIES_SUBJECTS],
             retention=js_api.RetentionPolicy.WORK_QUEUE,

@@ -1,7 +1,11 @@
 """The webhook worker: consumes EVENTS and POSTs each to the tenant's subscribed endpoints.
 
-A 2xx is success. Timeouts, 408, 429 and 5xx are retried on a ladder (a NAK with delay) until
-the webhook horizon; other 4xx stop. Loopback and private targets are refused unless allowed.
+Each event is first fanned out into one WebhookDelivery per subscribed endpoint (stream
+WEBHOOKS), so every (event, endpoint) pair is retried on its own and a slow or failing
+endpoint never delays another: at most `per_endpoint_concurrency` POSTs per endpoint are in
+flight, the rest wait their turn without holding a worker. A 2xx is success. Timeouts, 408,
+429 and 5xx are retried on a ladder (a NAK with delay) until the webhook horizon; other 4xx
+stop. Loopback and private targets are refused unless allowed.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import json
 import logging
 import socket
 import time
+from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -20,7 +25,6 @@ from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js import api as js_api
-from nats.js.errors import NotFoundError
 
 from sluice import jsonpb, names
 from sluice.config import Config
@@ -73,6 +77,7 @@ class WebhookSender:
         self._tenants = TenantStore(js)
         self._http = session
         self._tenant_cache: dict[str, tuple[float, tenant_pb2.Tenant | None]] = {}
+        self._in_flight: dict[str, int] = {}
 
     async def _tenant(self, tenant_id: str) -> tenant_pb2.Tenant | None:
         now = time.monotonic()
@@ -119,87 +124,144 @@ class WebhookSender:
         )
         return not retry
 
-    async def handle(self, msg: Msg) -> None:
+    async def fan_out(self, msg: Msg) -> None:
+        """One EVENTS message in: one WebhookDelivery per subscribed endpoint out."""
         try:
             event = messages_pb2.Event.FromString(msg.data)
         except Exception:
             await msg.term()
             return
         tenant = await self._tenant(event.tenant_id)
-        endpoints = [
-            e
-            for e in (tenant.webhooks if tenant else [])
-            if not e.event_types or event.type in e.event_types
-        ]
-        body = event_body(event)
-        results = await asyncio.gather(*(self.post(e, event, body) for e in endpoints))
-        if all(results):
+        for e in tenant.webhooks if tenant else []:
+            if e.event_types and event.type not in e.event_types:
+                continue
+            delivery = messages_pb2.WebhookDelivery(event=event, endpoint_id=e.id)
+            await self._js.publish(
+                names.webhook_subject(event.tenant_id, e.id),
+                delivery.SerializeToString(),
+                stream=names.WEBHOOKS_STREAM,
+                headers={"Nats-Msg-Id": f"{event.event_id}.{e.id}"},
+            )
+        await msg.ack()
+
+    async def deliver(self, msg: Msg) -> None:
+        """POST one event to one endpoint; retried on its own ladder until the horizon."""
+        try:
+            delivery = messages_pb2.WebhookDelivery.FromString(msg.data)
+        except Exception:
+            await msg.term()
+            return
+        event = delivery.event
+        tenant = await self._tenant(event.tenant_id)
+        endpoint = next(
+            (e for e in (tenant.webhooks if tenant else []) if e.id == delivery.endpoint_id), None
+        )
+        if endpoint is None:  # the endpoint was removed since
+            await msg.ack()
+            return
+        key = f"{event.tenant_id}/{endpoint.id}"
+        if self._in_flight.get(key, 0) >= self._cfg.webhooks.per_endpoint_concurrency:
+            await msg.nak(delay=1.0)  # its turn comes; it does not hold a worker meanwhile
+            return
+        self._in_flight[key] = self._in_flight.get(key, 0) + 1
+        try:
+            done = await self.post(endpoint, event, event_body(event))
+        finally:
+            self._in_flight[key] -= 1
+        if done:
             await msg.ack()
             return
         age = time.time() - event.timestamp.ToNanoseconds() / 1e9
         if age > self._cfg.webhooks.horizon:
-            log.warning("webhook %s: horizon passed, giving up", event.event_id)
+            log.warning("webhook %s to %s: horizon passed, giving up", event.event_id, endpoint.url)
             await msg.term()
             return
         await msg.nak(delay=next_delay(age, self._cfg.webhooks.ladder, 0.1))
 
 
-async def ensure_consumer(js: JetStreamContext) -> None:
+async def ensure_consumers(js: JetStreamContext) -> None:
+    await js.add_consumer(
+        names.EVENTS_STREAM,
+        js_api.ConsumerConfig(
+            durable_name=names.WEBHOOKS_CONSUMER,
+            ack_policy=js_api.AckPolicy.EXPLICIT,
+            ack_wait=60.0,
+            max_ack_pending=10_000,
+            max_deliver=-1,
+            deliver_policy=js_api.DeliverPolicy.ALL,
+        ),
+    )
+    await js.add_consumer(
+        names.WEBHOOKS_STREAM,
+        js_api.ConsumerConfig(
+            durable_name=names.WEBHOOK_DELIVERY_CONSUMER,
+            ack_policy=js_api.AckPolicy.EXPLICIT,
+            ack_wait=120.0,
+            max_ack_pending=100_000,
+            max_deliver=-1,
+        ),
+    )
+
+
+async def _pump(
+    sub: JetStreamContext.PullSubscription,
+    handle: Any,
+    limit: int,
+    stop: asyncio.Event,
+    name: str,
+) -> None:
+    """Fetch and handle messages with at most `limit` in flight."""
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def one(msg: Msg) -> None:
+        try:
+            await handle(msg)
+        except Exception:
+            log.exception("%s handling failed", name)
+            await msg.nak(delay=5.0)
+
     try:
-        await js.consumer_info(names.EVENTS_STREAM, names.WEBHOOKS_CONSUMER)
-    except NotFoundError:
-        await js.add_consumer(
-            names.EVENTS_STREAM,
-            js_api.ConsumerConfig(
-                durable_name=names.WEBHOOKS_CONSUMER,
-                ack_policy=js_api.AckPolicy.EXPLICIT,
-                ack_wait=120.0,
-                max_ack_pending=10_000,
-                max_deliver=-1,
-                deliver_policy=js_api.DeliverPolicy.ALL,
-            ),
-        )
+        while not stop.is_set():
+            free = limit - len(tasks)
+            if free <= 0:
+                await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                continue
+            try:
+                msgs = await sub.fetch(free, timeout=0.5)
+            except (TimeoutError, NatsTimeoutError):
+                continue
+            except Exception as exc:
+                log.warning("%s fetch failed: %r", name, exc)
+                await asyncio.sleep(0.5)
+                continue
+            for msg in msgs:
+                task = asyncio.create_task(one(msg))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+    finally:
+        if tasks:
+            with contextlib.suppress(Exception):
+                await asyncio.wait(tasks, timeout=10)
 
 
 async def serve(cfg: Config, stop: asyncio.Event) -> None:
     nc = await connect(cfg, "sluice-webhooks")
     js = nc.jetstream()
     await ensure_layout(js, cfg)
-    await ensure_consumer(js)
-    sub = await js.pull_subscribe_bind(names.WEBHOOKS_CONSUMER, names.EVENTS_STREAM)
-    sem = asyncio.Semaphore(cfg.webhooks.concurrency)
-    tasks: set[asyncio.Task[None]] = set()
-
-    async def one(msg: Msg) -> None:
-        async with sem:
-            try:
-                await sender.handle(msg)
-            except Exception:
-                log.exception("webhook handling failed")
-                await msg.nak(delay=5.0)
-
+    await ensure_consumers(js)
+    events = await js.pull_subscribe_bind(names.WEBHOOKS_CONSUMER, names.EVENTS_STREAM)
+    deliveries = await js.pull_subscribe_bind(
+        names.WEBHOOK_DELIVERY_CONSUMER, names.WEBHOOKS_STREAM
+    )
     async with aiohttp.ClientSession() as session:
         sender = WebhookSender(cfg, js, session)
         log.info("webhooks: running")
         try:
-            while not stop.is_set():
-                try:
-                    msgs = await sub.fetch(cfg.webhooks.concurrency, timeout=0.5)
-                except (TimeoutError, NatsTimeoutError):
-                    continue
-                except Exception as exc:
-                    log.warning("webhooks fetch failed: %r", exc)
-                    await asyncio.sleep(0.5)
-                    continue
-                for msg in msgs:
-                    task = asyncio.create_task(one(msg))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-                # Bounded: do not fetch more than we can work on.
-                while len(tasks) >= cfg.webhooks.concurrency:
-                    await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.gather(
+                _pump(events, sender.fan_out, 64, stop, "webhook fan-out"),
+                _pump(
+                    deliveries, sender.deliver, cfg.webhooks.concurrency, stop, "webhook delivery"
+                ),
+            )
         finally:
-            if tasks:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait(tasks, timeout=10)
             await nc.close()
