@@ -33,6 +33,7 @@ class SmtpConnection:
         connect_timeout: float,
         command_timeout: float,
         require_tls: bool = False,
+        data_timeout: float | None = None,
     ) -> None:
         self.host = host
         self.deliveries = 0
@@ -48,6 +49,8 @@ class SmtpConnection:
             validate_certs=False,
         )
         self._connect_timeout = connect_timeout
+        # RFC 5321 4.5.3.2: the end of DATA may take longer (10 min) than other commands.
+        self._data_timeout = data_timeout or command_timeout
 
     @property
     def usable(self) -> bool:
@@ -74,9 +77,19 @@ class SmtpConnection:
         A 4xx/5xx is returned rather than raised; RSET follows only an aborted transaction.
         """
         replies: dict[str, Reply] = {}
+        extensions = self._smtp.esmtp_extensions
+        limit = int(extensions.get("size") or 0) if "size" in extensions else 0
+        if limit and len(data) > limit:
+            # The server said how much it takes (SIZE, RFC 1870): do not send what it refuses.
+            reply = Reply(
+                552, f"5.3.4 message is {len(data)} bytes, the server takes {limit}", "5.3.4"
+            )
+            return dict.fromkeys(recipients, reply)
         try:
             try:
-                await self._smtp.mail(mail_from)
+                await self._smtp.mail(
+                    mail_from, options=[f"SIZE={len(data)}"] if "size" in extensions else None
+                )
             except aiosmtplib.SMTPResponseException as exc:
                 reply = parse_reply(exc.code, exc.message)
                 await self._abort(exc.code)
@@ -95,7 +108,7 @@ class SmtpConnection:
                 await self._abort(0)
                 return replies
             try:
-                resp = await self._smtp.data(data)
+                resp = await self._smtp.data(data, timeout=self._data_timeout)
                 reply = parse_reply(resp.code, resp.message)
                 self.deliveries += 1
             except aiosmtplib.SMTPResponseException as exc:

@@ -441,6 +441,7 @@ class Deliverer:
                     self._cfg.deliverer.connect_timeout,
                     self._cfg.deliverer.command_timeout,
                     require_tls=domain in self._require_tls,
+                    data_timeout=self._cfg.deliverer.data_timeout,
                 )
                 try:
                     await conn.open()

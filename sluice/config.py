@@ -150,8 +150,9 @@ class DelivererConfig:
     fetch_batch: int = 32
     idle_poll: Duration = Duration(0.5)
     connect_timeout: Duration = Duration(30.0)
-    # RFC 5321 4.5.3.2 suggests minutes; one timeout covers each command for now.
+    # RFC 5321 4.5.3.2: 5 minutes for the greeting and MAIL/RCPT, 10 for the end of DATA.
     command_timeout: Duration = Duration(300.0)
+    data_timeout: Duration = Duration(600.0)
     # Pointers are redelivered by JetStream if not acknowledged within this time.
     ack_wait: Duration = Duration(60.0)
     payload_cache_size: int = 256

@@ -125,13 +125,19 @@ class _CountingSMTP(SMTP):
 
 
 async def start_smtp(
-    handler: ScriptedSmtp, tls_context: ssl.SSLContext | None = None
+    handler: ScriptedSmtp,
+    tls_context: ssl.SSLContext | None = None,
+    data_size_limit: int = 33554432,
 ) -> tuple[asyncio.Server, int]:
     """A scripted SMTP server on a free port; with a TLS context it offers STARTTLS."""
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
         lambda: _CountingSMTP(
-            handler, hostname="mx.test", enable_SMTPUTF8=False, tls_context=tls_context
+            handler,
+            hostname="mx.test",
+            enable_SMTPUTF8=False,
+            tls_context=tls_context,
+            data_size_limit=data_size_limit,
         ),
         "127.0.0.1",
         0,

@@ -30,8 +30,19 @@ async def tls_smtp(tmp_path: Path) -> AsyncIterator[tuple[ScriptedSmtp, int]]:
 
 
 @pytest.fixture
+async def small_smtp() -> AsyncIterator[tuple[ScriptedSmtp, int]]:
+    """A server that advertises SIZE 2000."""
+    handler = ScriptedSmtp()
+    server, port = await start_smtp(handler, data_size_limit=2000)
+    yield handler, port
+    server.close()
+
+
+@pytest.fixture
 def stack_overrides(
-    smtp: tuple[ScriptedSmtp, int], tls_smtp: tuple[ScriptedSmtp, int]
+    smtp: tuple[ScriptedSmtp, int],
+    tls_smtp: tuple[ScriptedSmtp, int],
+    small_smtp: tuple[ScriptedSmtp, int],
 ) -> dict[str, dict[str, Any]]:
     return {
         "dns": {
@@ -40,11 +51,14 @@ def stack_overrides(
                 f"tls.test=127.0.0.1:{tls_smtp[1]}",
                 f"musttls.test=127.0.0.1:{tls_smtp[1]}",
                 f"plain.test=127.0.0.1:{smtp[1]}",
+                f"small.test=127.0.0.1:{small_smtp[1]}",
+                f"slowdata.test=127.0.0.1:{smtp[1]}",
             ]
         },
         "deliverer": {
             "verp_domain": "bounces.acme.test",
             "require_tls_domains": ["musttls.test", "plain.test"],
+            "data_timeout": "500ms",
         },
     }
 
@@ -184,3 +198,44 @@ async def test_dkim_signature_verifies_at_the_receiver(
     assert await asyncio.to_thread(dkim.verify, got.data, dnsfunc=lookup) is True
     tampered = got.data.replace(b"hello", b"jello")
     assert await asyncio.to_thread(dkim.verify, tampered, dnsfunc=lookup) is False
+
+
+async def test_size_limit_is_respected_and_data_timeout_defers(
+    stack: Stack, small_smtp: tuple[ScriptedSmtp, int]
+) -> None:
+    small, _ = small_smtp
+    stack.smtp.data_delay["slowdata.test"] = 2.0
+    for to, text in (
+        ("big@small.test", "x" * 5000),
+        ("fits@small.test", "short"),
+        ("slow@slowdata.test", "x"),
+    ):
+        status, _, _ = await call(
+            stack,
+            "POST",
+            "/v1/send",
+            {"from": {"email": "a@acme.test"}, "to": [{"email": to}], "text": text},
+        )
+        assert status == 202
+    await wait_for(lambda: small.to("fits@small.test"), what="the message within SIZE")
+    bounced = await wait_for(
+        lambda: [
+            c
+            for c in stack.hooks.of_type("message.bounced")
+            if c.verified and c.verified["data"]["recipient"] == "big@small.test"
+        ],
+        what="the oversize bounce",
+    )
+    assert bounced[0].verified and bounced[0].verified["data"]["bounce_category"] == (
+        "message_too_big"
+    )
+    assert small.rcpt_attempts["big@small.test"] == 0, "an oversize message was offered"
+    deferred = await wait_for(
+        lambda: [
+            c
+            for c in stack.hooks.of_type("message.deferred")
+            if c.verified and c.verified["data"]["recipient"] == "slow@slowdata.test"
+        ],
+        what="a DATA timeout deferral",
+    )
+    assert deferred
