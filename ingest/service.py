@@ -478,14 +478,12 @@ class IngestCore:
                     [r["email"] for r in data],
                     [r["name"] for r in data if r.get("name")],
                     [v for r in data if "substitutions" in r for v in r["substitutions"].values()],
-                    {},
                 )
             ):
                 return data
         except KeyError:
             pass  # a recipient without email: the item-by-item pass names it
         out: list[tuple[str, str]] = []
-        domains: dict[str, str | None] = {}
         allowed = {"email", "name", "substitutions"}
         for i, r in enumerate(data):
             if not isinstance(r, dict):
@@ -495,9 +493,7 @@ class IngestCore:
                 for k in r:
                     if k not in allowed:
                         out.append((f"recipients[{i}].{k}", "unknown field"))
-            check_blast_recipient(
-                i, r.get("email"), r.get("name"), r.get("substitutions"), domains, out
-            )
+            check_blast_recipient(i, r.get("email"), r.get("name"), r.get("substitutions"), out)
             if len(out) >= 100:
                 break
         if out:
@@ -514,13 +510,11 @@ class IngestCore:
             [r.email for r in recipients],
             [r.name for r in recipients if r.name],
             [v for r in big for v in r.substitutions.values()],
-            {},
         ):
             return
         out: list[tuple[str, str]] = []
-        domains: dict[str, str | None] = {}
         for i, r in enumerate(req.recipients):
-            check_blast_recipient(i, r.email, r.name, r.substitutions, domains, out)
+            check_blast_recipient(i, r.email, r.name, r.substitutions, out)
             if len(out) >= 100:
                 break
         if out:

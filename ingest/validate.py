@@ -12,8 +12,10 @@ from sluice.config import IngestConfig
 from sluice.v1 import ingest_pb2, messages_pb2
 
 __all__ = [
+    "all_valid",
     "check_address",
-    "check_address_fast",
+    "check_blast_recipient",
+    "domain_problem",
     "normalise_domain",
     "validate_blast_content",
     "validate_send",
@@ -85,24 +87,22 @@ def normalise_domain(domain: str) -> str:
     return ascii_domain
 
 
-_VERDICTS: dict[str, str | None] = {}
+@functools.lru_cache(maxsize=65536)
+def domain_problem(domain: str) -> str | None:
+    """Why domain is not a mail domain, or None; cached, bad domains included."""
+    try:
+        normalise_domain(domain)
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 def check_address(email: str) -> str | None:
     """Why email is not a deliverable RFC 5321 mailbox, or None if it is."""
     m = _FAST_ADDRESS.fullmatch(email)
     if m is not None and len(email) <= 254 and len(m.group(1)) <= 64:
-        # The common case: a plain ASCII address; its domain's verdict is cached.
-        domain = m.group(2)
-        if domain not in _VERDICTS:
-            if len(_VERDICTS) > 100_000:
-                _VERDICTS.clear()
-            try:
-                normalise_domain(domain)
-                _VERDICTS[domain] = None
-            except ValueError as exc:
-                _VERDICTS[domain] = str(exc)
-        return _VERDICTS[domain]
+        # The common case: a plain ASCII address, checked with one regex.
+        return domain_problem(m.group(2))
     return _check_address_slow(email)
 
 
@@ -138,22 +138,6 @@ _FAST_ADDRESS = re.compile(
 )
 
 
-def check_address_fast(email: str, domains: dict[str, str | None]) -> str | None:
-    """check_address for bulk lists: one regex for plain ASCII addresses, and each
-    domain's verdict cached in `domains` (the caller's dict, e.g. per request)."""
-    m = _FAST_ADDRESS.fullmatch(email)
-    if m is None or len(email) > 254 or len(m.group(1)) > 64:
-        return _check_address_slow(email)
-    domain = m.group(2)
-    if domain not in domains:
-        try:
-            normalise_domain(domain)
-            domains[domain] = None
-        except ValueError as exc:
-            domains[domain] = str(exc)
-    return domains[domain]
-
-
 # All addresses of a list at once: a simple character-class pass over the newline-joined
 # list (the nested dot-atom regex costs 6x more); dot placement and each distinct domain are
 # checked separately below.
@@ -163,9 +147,7 @@ _FAST_LINES = re.compile(
 _BAD_DOTS = ("..", ".@", "@.", "\n.", ".\n")
 
 
-def all_valid(
-    emails: list[Any], names: list[Any], values: list[Any], domains: dict[str, str | None]
-) -> bool:
+def all_valid(emails: list[Any], names: list[Any], values: list[Any]) -> bool:
     """True when every address, display name and substitution value is valid; checked in
     bulk (a few C-level passes instead of per-item Python). False means "look closer": the
     caller then checks item by item to name each violation."""
@@ -181,15 +163,8 @@ def all_valid(
         or max(map(len, emails)) > 254
     ):
         return False
-    for domain in {e[e.rindex("@") + 1 :] for e in emails}:
-        if domain not in domains:
-            try:
-                normalise_domain(domain)
-                domains[domain] = None
-            except ValueError as exc:
-                domains[domain] = str(exc)
-        if domains[domain] is not None:
-            return False
+    if any(domain_problem(d) for d in {e[e.rindex("@") + 1 :] for e in emails}):
+        return False
     if names and (
         not all(type(x) is str for x in names)
         or _CONTROL.search("".join(names))
@@ -249,13 +224,12 @@ def check_blast_recipient(
     email: Any,
     name: Any,
     substitutions: Any,
-    domains: dict[str, str | None],
     out: list[tuple[str, str]],
 ) -> None:
     """One blast recipient, as decoded JSON or proto fields; problems appended to out."""
     if not isinstance(email, str):
         out.append((f"recipients[{i}].email", "must be a string"))
-    elif (why := check_address_fast(email, domains)) is not None:
+    elif (why := check_address(email)) is not None:
         out.append((f"recipients[{i}].email", why))
     if name:
         if not isinstance(name, str):
