@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from sluice.v1 import messages_pb2
+
 __all__ = ["Bounced", "Deferred", "Delivered", "Outcome", "Reply", "classify", "parse_reply"]
 
 
@@ -17,6 +19,9 @@ class Reply:
     code: int
     text: str
     enhanced: str = ""
+
+    def proto(self) -> messages_pb2.SmtpReply:
+        return messages_pb2.SmtpReply(code=self.code, enhanced_code=self.enhanced, text=self.text)
 
 
 @dataclass(frozen=True)

@@ -22,10 +22,10 @@ from nats.js import JetStreamContext
 from deliverer.classify import Bounced, Deferred, Delivered, Outcome, Reply, classify
 from deliverer.dkim_sign import DkimError, key_for, sign
 from deliverer.mime import build_message
-from deliverer.outcomes import publish_dead_letter, publish_event
 from deliverer.smtp import ConnectionLost, SmtpConnection
 from sluice import names
 from sluice.config import Config
+from sluice.outcomes import publish_dead_letter, publish_event
 from sluice.resolver import DnsPermanent, DnsTemporary, Resolver
 from sluice.retry import next_delay
 from sluice.store import PayloadNotFound, PayloadStore, StoreError
@@ -465,8 +465,8 @@ class Deliverer:
         self._report(lease, p, outcome)
         match outcome:
             case Delivered():
-                await publish_event(
-                    self._js, p, messages_pb2.EVENT_TYPE_DELIVERED, attempt, reply, mx_host=mx_host
+                await self._event(
+                    p, messages_pb2.EVENT_TYPE_DELIVERED, attempt, reply, mx_host=mx_host
                 )
                 await msg.ack_sync()
                 log.info(
@@ -479,8 +479,8 @@ class Deliverer:
                 delay = next_delay(age, self._cfg.retry.ladder, self._cfg.retry.jitter)
                 # Never wait past the horizon: the next attempt then dead-letters on time.
                 delay = max(0.0, min(delay, horizon - age + 0.05))
-                await publish_event(
-                    self._js, p, messages_pb2.EVENT_TYPE_DEFERRED, attempt, reply, mx_host=mx_host
+                await self._event(
+                    p, messages_pb2.EVENT_TYPE_DEFERRED, attempt, reply, mx_host=mx_host
                 )
                 await msg.nak(delay=delay)
                 log.info(
@@ -507,6 +507,20 @@ class Deliverer:
                     mx_host,
                 )
 
+    async def _event(
+        self,
+        p: messages_pb2.DeliveryPointer,
+        event_type: messages_pb2.EventType.ValueType,
+        attempt: int,
+        reply: Reply | None,
+        category: str = "",
+        mx_host: str = "",
+    ) -> None:
+        event_id = f"evt_{p.delivery_id}_{names.event_token(event_type)}_{attempt}"
+        await publish_event(
+            self._js, p, event_type, event_id, reply.proto() if reply else None, category, mx_host
+        )
+
     async def _dead_letter(
         self,
         msg: Msg,
@@ -518,13 +532,13 @@ class Deliverer:
         mx_host: str = "",
     ) -> None:
         """DLQ record first, then the event, then TERM: a crash in between repeats, never loses."""
-        await publish_dead_letter(self._js, p, reason, attempt, reply)
+        await publish_dead_letter(self._js, p, reason, attempt, reply.proto() if reply else None)
         event_type = (
             messages_pb2.EVENT_TYPE_BOUNCED
             if reason == messages_pb2.DEAD_LETTER_REASON_BOUNCED
             else messages_pb2.EVENT_TYPE_FAILED
         )
-        await publish_event(self._js, p, event_type, attempt, reply, category, mx_host)
+        await self._event(p, event_type, attempt, reply, category, mx_host)
         await msg.term()
         log.info(
             "dead-lettered delivery=%s to=%s reason=%s category=%s",
@@ -549,10 +563,6 @@ class Deliverer:
                 tier=p.tier,
                 tenant_id=p.tenant_id,
                 kind=kind,
-                reply=messages_pb2.SmtpReply(
-                    code=reply.code, enhanced_code=reply.enhanced, text=reply.text
-                )
-                if reply
-                else None,
+                reply=reply.proto() if reply else None,
             )
         )

@@ -19,18 +19,15 @@ from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js import api as js_api
-from nats.js.errors import APIError as JsApiError
 from nats.js.errors import NotFoundError
 
 from sluice import names
-from sluice.tenants import now_ts
+from sluice.outcomes import publish_dead_letter, publish_event
 from sluice.v1 import messages_pb2
 
 __all__ = ["Reaper"]
 
 log = logging.getLogger(__name__)
-
-_WRONG_LAST_SEQUENCE = 10071
 
 
 class Reaper:
@@ -56,38 +53,15 @@ class Reaper:
         if raw.subject is None or raw.subject.startswith("sluice.mail.chunks."):
             return False
         pointer = messages_pb2.DeliveryPointer.FromString(raw.data or b"")
-        dead = messages_pb2.DeadLetter(
-            pointer=pointer,
-            reason=messages_pb2.DEAD_LETTER_REASON_MAX_DELIVERIES,
-            dead_at=now_ts(),
-            attempts=attempts,
+        await publish_dead_letter(
+            self._js, pointer, messages_pb2.DEAD_LETTER_REASON_MAX_DELIVERIES, attempts
         )
-        try:
-            await self._js.publish(
-                names.dlq_subject(pointer.tenant_id, pointer.delivery_id),
-                dead.SerializeToString(),
-                stream=names.DLQ_STREAM,
-                headers={"Nats-Expected-Last-Subject-Sequence": "0"},
-            )
-        except JsApiError as exc:
-            if exc.err_code != _WRONG_LAST_SEQUENCE:
-                raise
-        event = messages_pb2.Event(
-            event_id=f"evt_{pointer.delivery_id}_failed_max",
-            type=messages_pb2.EVENT_TYPE_FAILED,
-            tenant_id=pointer.tenant_id,
-            job_id=pointer.job_id,
-            message_id=pointer.message_id,
-            recipient=pointer.recipient,
-            tier=pointer.tier,
-            timestamp=now_ts(),
-            bounce_category="max_deliveries",
-        )
-        await self._js.publish(
-            names.event_subject(pointer.tenant_id, event.type, pointer.job_id, pointer.index),
-            event.SerializeToString(),
-            stream=names.EVENTS_STREAM,
-            headers={"Nats-Msg-Id": event.event_id},
+        await publish_event(
+            self._js,
+            pointer,
+            messages_pb2.EVENT_TYPE_FAILED,
+            f"evt_{pointer.delivery_id}_failed_max",
+            category="max_deliveries",
         )
         try:
             await self._js.delete_msg(names.MAIL_STREAM, stream_seq)

@@ -1,4 +1,8 @@
-"""What the deliverer writes to NATS about a pointer: events and dead letters."""
+"""What is written to NATS when a pointer's fate is known: its events and its dead letter.
+
+Used by the deliverer (delivered, deferred, bounced, horizon passed) and by the scheduler's
+reaper (MaxDeliver spent), so both write the same records the same way.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,6 @@ import logging
 from nats.js import JetStreamContext
 from nats.js.errors import APIError as JsApiError
 
-from deliverer.classify import Reply
 from sluice import names
 from sluice.tenants import now_ts
 from sluice.v1 import messages_pb2
@@ -20,24 +23,18 @@ log = logging.getLogger(__name__)
 _JS_WRONG_LAST_SEQUENCE = 10071
 
 
-def smtp_reply(reply: Reply | None) -> messages_pb2.SmtpReply | None:
-    if reply is None:
-        return None
-    return messages_pb2.SmtpReply(code=reply.code, enhanced_code=reply.enhanced, text=reply.text)
-
-
 async def publish_event(
     js: JetStreamContext,
     p: messages_pb2.DeliveryPointer,
     event_type: messages_pb2.EventType.ValueType,
-    attempt: int,
-    reply: Reply | None = None,
+    event_id: str,
+    reply: messages_pb2.SmtpReply | None = None,
     category: str = "",
     mx_host: str = "",
 ) -> None:
-    token = names.event_token(event_type)
+    """Publish one event about p; event_id also deduplicates it (Nats-Msg-Id)."""
     event = messages_pb2.Event(
-        event_id=f"evt_{p.delivery_id}_{token}_{attempt}",
+        event_id=event_id,
         type=event_type,
         tenant_id=p.tenant_id,
         job_id=p.job_id,
@@ -47,7 +44,7 @@ async def publish_event(
         timestamp=now_ts(),
         bounce_category=category,
         mx_host=mx_host,
-        smtp_reply=smtp_reply(reply),
+        smtp_reply=reply,
     )
     await js.publish(
         names.event_subject(p.tenant_id, event_type, p.job_id, p.index),
@@ -62,13 +59,13 @@ async def publish_dead_letter(
     p: messages_pb2.DeliveryPointer,
     reason: messages_pb2.DeadLetterReason.ValueType,
     attempts: int,
-    reply: Reply | None = None,
+    reply: messages_pb2.SmtpReply | None = None,
 ) -> None:
     """Write the dead letter create-only; a repeat (after a crash) is not a duplicate."""
     record = messages_pb2.DeadLetter(
         pointer=p,
         reason=reason,
-        last_reply=smtp_reply(reply),
+        last_reply=reply,
         dead_at=now_ts(),
         attempts=attempts,
     )
