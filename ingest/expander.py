@@ -26,7 +26,6 @@ import orjson
 from google.protobuf.timestamp_pb2 import Timestamp
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js import api as js_api
 from nats.js.errors import APIError as JsApiError
@@ -36,6 +35,7 @@ from ingest.validate import normalise_domain
 from sluice import names
 from sluice.atomic import MAX_BATCH, publish_atomic
 from sluice.config import Config
+from sluice.consume import consume
 from sluice.nats_layout import connect, ensure_layout
 from sluice.store import PayloadStore, open_store
 from sluice.suppressions import Suppressions
@@ -320,36 +320,11 @@ async def serve(cfg: Config, stop: asyncio.Event) -> None:
     await suppressions.start()
     expander = Expander(cfg, nc, js, open_store(cfg.store.url, js, cfg.nats.replicas), suppressions)
     sub = await js.pull_subscribe_bind(names.EXPANDER_CONSUMER, names.JOBS_STREAM)
-    tasks: set[asyncio.Task[None]] = set()
-
-    async def one(msg: Msg) -> None:
-        try:
-            await expander.handle(msg)
-        except Exception as exc:
-            log.warning("expansion failed (%r); retrying", exc)
-            await msg.nak(delay=1.0)
-
     log.info("expander: running")
     try:
-        while not stop.is_set():
-            free = cfg.expander.concurrency - len(tasks)
-            if free <= 0:
-                await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-                continue
-            try:
-                msgs = await sub.fetch(free, timeout=0.5)
-            except (TimeoutError, NatsTimeoutError):
-                continue
-            except Exception as exc:
-                log.warning("expander fetch failed: %r", exc)
-                await asyncio.sleep(0.5)
-                continue
-            for msg in msgs:
-                task = asyncio.create_task(one(msg))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
+        await consume(
+            sub, expander.handle, cfg.expander.concurrency, stop, "expansion", retry_delay=1.0
+        )
     finally:
-        if tasks:
-            await asyncio.wait(tasks, timeout=10)
         await suppressions.stop()
         await nc.close()

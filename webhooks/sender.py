@@ -11,23 +11,21 @@ stop. Loopback and private targets are refused unless allowed.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import json
 import logging
 import socket
 import time
-from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
 from nats.aio.msg import Msg
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js import api as js_api
 
 from sluice import jsonpb, names
 from sluice.config import Config
+from sluice.consume import consume
 from sluice.nats_layout import connect, ensure_layout
 from sluice.retry import next_delay
 from sluice.tenants import TenantStore
@@ -203,47 +201,6 @@ async def ensure_consumers(js: JetStreamContext) -> None:
     )
 
 
-async def _pump(
-    sub: JetStreamContext.PullSubscription,
-    handle: Any,
-    limit: int,
-    stop: asyncio.Event,
-    name: str,
-) -> None:
-    """Fetch and handle messages with at most `limit` in flight."""
-    tasks: set[asyncio.Task[None]] = set()
-
-    async def one(msg: Msg) -> None:
-        try:
-            await handle(msg)
-        except Exception:
-            log.exception("%s handling failed", name)
-            await msg.nak(delay=5.0)
-
-    try:
-        while not stop.is_set():
-            free = limit - len(tasks)
-            if free <= 0:
-                await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-                continue
-            try:
-                msgs = await sub.fetch(free, timeout=0.5)
-            except (TimeoutError, NatsTimeoutError):
-                continue
-            except Exception as exc:
-                log.warning("%s fetch failed: %r", name, exc)
-                await asyncio.sleep(0.5)
-                continue
-            for msg in msgs:
-                task = asyncio.create_task(one(msg))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-    finally:
-        if tasks:
-            with contextlib.suppress(Exception):
-                await asyncio.wait(tasks, timeout=10)
-
-
 async def serve(cfg: Config, stop: asyncio.Event) -> None:
     nc = await connect(cfg, "sluice-webhooks")
     js = nc.jetstream()
@@ -258,8 +215,8 @@ async def serve(cfg: Config, stop: asyncio.Event) -> None:
         log.info("webhooks: running")
         try:
             await asyncio.gather(
-                _pump(events, sender.fan_out, 64, stop, "webhook fan-out"),
-                _pump(
+                consume(events, sender.fan_out, 64, stop, "webhook fan-out"),
+                consume(
                     deliveries, sender.deliver, cfg.webhooks.concurrency, stop, "webhook delivery"
                 ),
             )
