@@ -30,8 +30,8 @@ from sluice.resolver import DnsPermanent, DnsTemporary, Resolver
 from sluice.retry import next_delay
 from sluice.store import PayloadNotFound, PayloadStore, StoreError
 from sluice.suppressions import Suppressions
-from sluice.tenants import TenantStore
-from sluice.v1 import messages_pb2, scheduler_pb2, scheduler_pb2_grpc, tenant_pb2
+from sluice.tenants import TenantCache, TenantStore
+from sluice.v1 import messages_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 __all__ = ["SUPPRESS_CATEGORIES", "Deliverer"]
 
@@ -105,7 +105,7 @@ class Deliverer:
         self._outcomes: list[scheduler_pb2.Outcome] = []
         self._subs: dict[str, JetStreamContext.PullSubscription] = {}
         self._parsed: dict[str, Sequence[messages_pb2.Payload]] = {}
-        self._tenants: dict[str, tuple[float, tenant_pb2.Tenant | None]] = {}
+        self._tenants = TenantCache(TenantStore(js), 30.0)
         self._require_tls = frozenset(d.lower() for d in cfg.deliverer.require_tls_domains)
         patterns = cfg.deliverer.throttle_patterns
         self._throttle = re.compile("|".join(f"(?:{p})" for p in patterns)) if patterns else None
@@ -343,7 +343,7 @@ class Deliverer:
             for msg, *_ in items:
                 await msg.nak(delay=5.0)
             return conn
-        tenant = await self._tenant(first.tenant_id)
+        tenant = await self._tenants.get(first.tenant_id)
         unsubscribe = ""
         if first.tier == messages_pb2.TIER_BULK and tenant is not None:
             unsubscribe = tenant.unsubscribe_url
@@ -402,14 +402,6 @@ class Deliverer:
             if len(self._parsed) > self._cfg.deliverer.payload_cache_size:
                 self._parsed.pop(next(iter(self._parsed)))
         return parsed[int(fragment) if fragment else 0]
-
-    async def _tenant(self, tenant_id: str) -> tenant_pb2.Tenant | None:
-        now = time.monotonic()
-        hit = self._tenants.get(tenant_id)
-        if hit is None or hit[0] < now:
-            hit = (now + 30.0, await TenantStore(self._js).get_tenant(tenant_id))
-            self._tenants[tenant_id] = hit
-        return hit[1]
 
     def _mail_from(self, p: messages_pb2.DeliveryPointer) -> str:
         verp = self._cfg.deliverer.verp_domain

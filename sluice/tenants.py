@@ -19,6 +19,7 @@ from sluice import names
 from sluice.v1 import messages_pb2, tenant_pb2
 
 __all__ = [
+    "TenantCache",
     "TenantStore",
     "hash_key",
     "new_api_key",
@@ -133,3 +134,20 @@ class TenantStore:
                 await kv.put(digest, record.SerializeToString())
                 return True
         return False
+
+
+class TenantCache:
+    """Tenants read through a short-lived cache (changes show within `ttl` seconds)."""
+
+    def __init__(self, store: TenantStore, ttl: float) -> None:
+        self._store = store
+        self._ttl = ttl
+        self._cache: dict[str, tuple[float, tenant_pb2.Tenant | None]] = {}
+
+    async def get(self, tenant_id: str) -> tenant_pb2.Tenant | None:
+        now = time.monotonic()
+        hit = self._cache.get(tenant_id)
+        if hit is None or hit[0] <= now:
+            hit = (now + self._ttl, await self._store.get_tenant(tenant_id))
+            self._cache[tenant_id] = hit
+        return hit[1]

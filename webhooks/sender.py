@@ -28,7 +28,7 @@ from sluice.config import Config
 from sluice.consume import consume
 from sluice.nats_layout import connect, ensure_layout
 from sluice.retry import next_delay
-from sluice.tenants import TenantStore
+from sluice.tenants import TenantCache, TenantStore
 from sluice.v1 import messages_pb2, tenant_pb2
 from webhooks.signing import signature_headers
 
@@ -72,19 +72,9 @@ class WebhookSender:
     def __init__(self, cfg: Config, js: JetStreamContext, session: aiohttp.ClientSession) -> None:
         self._cfg = cfg
         self._js = js
-        self._tenants = TenantStore(js)
+        self._tenants = TenantCache(TenantStore(js), 5.0)
         self._http = session
-        self._tenant_cache: dict[str, tuple[float, tenant_pb2.Tenant | None]] = {}
         self._in_flight: dict[str, int] = {}
-
-    async def _tenant(self, tenant_id: str) -> tenant_pb2.Tenant | None:
-        now = time.monotonic()
-        hit = self._tenant_cache.get(tenant_id)
-        if hit and hit[0] > now:
-            return hit[1]
-        tenant = await self._tenants.get_tenant(tenant_id)
-        self._tenant_cache[tenant_id] = (now + 5.0, tenant)
-        return tenant
 
     async def post(
         self, endpoint: tenant_pb2.WebhookEndpoint, event: messages_pb2.Event, body: bytes
@@ -129,7 +119,7 @@ class WebhookSender:
         except Exception:
             await msg.term()
             return
-        tenant = await self._tenant(event.tenant_id)
+        tenant = await self._tenants.get(event.tenant_id)
         for e in tenant.webhooks if tenant else []:
             if e.event_types and event.type not in e.event_types:
                 continue
@@ -150,7 +140,7 @@ class WebhookSender:
             await msg.term()
             return
         event = delivery.event
-        tenant = await self._tenant(event.tenant_id)
+        tenant = await self._tenants.get(event.tenant_id)
         endpoint = next(
             (e for e in (tenant.webhooks if tenant else []) if e.id == delivery.endpoint_id), None
         )
