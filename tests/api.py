@@ -81,3 +81,27 @@ def violations(body: dict[str, Any]) -> list[tuple[str, str]]:
 
 def reason(body: dict[str, Any]) -> str:
     return str(body["details"][0]["reason"])
+
+
+async def blast(
+    stack: Stack,
+    emails: list[str],
+    tier: str = "bulk",
+    key: str = "default",
+    sender: str = "news@acme.test",
+) -> None:
+    """A small blast to these addresses; it must be accepted."""
+    status, body, _ = await call(
+        stack,
+        "POST",
+        "/v1/blasts",
+        {
+            "from": {"email": sender},
+            "subject": "s",
+            "text": "t",
+            "tier": tier,
+            "recipients": [{"email": e} for e in emails],
+        },
+        key=key,
+    )
+    assert status == 202, body

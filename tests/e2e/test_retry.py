@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from tests.api import call
+from tests.api import blast
 from tests.conftest import Stack, wait_for
 
 
@@ -17,27 +17,11 @@ def stack_overrides() -> dict[str, dict[str, Any]]:
     return {"retry": {"ladder": ["60s"]}, "ingest": {"max_blast_recipients": 1000}}
 
 
-async def _blast(stack: Stack, emails: list[str]) -> None:
-    status, body, _ = await call(
-        stack,
-        "POST",
-        "/v1/blasts",
-        {
-            "from": {"email": "news@acme.test"},
-            "subject": "s",
-            "text": "t",
-            "tier": "bulk",
-            "recipients": [{"email": e} for e in emails],
-        },
-    )
-    assert status == 202, body
-
-
 async def test_deferred_mail_does_not_block_fresh_mail_or_other_domains(stack: Stack) -> None:
     for i in range(200):
         stack.smtp.script[f"busy{i}@mail.test"] = ["450 4.2.1 Mailbox busy"]
     stack.smtp.domain_reply["other.test"] = "451 4.3.0 Temporary local problem"
-    await _blast(
+    await blast(
         stack, [f"busy{i}@mail.test" for i in range(200)] + [f"x{i}@other.test" for i in range(50)]
     )
     await wait_for(
@@ -46,7 +30,7 @@ async def test_deferred_mail_does_not_block_fresh_mail_or_other_domains(stack: S
         "every busy mailbox tried once and deferred",
     )
     # Fresh mail to mail.test while 200 of its own and 50 of other.test wait on the ladder.
-    await _blast(stack, [f"fresh{i}@mail.test" for i in range(20)])
+    await blast(stack, [f"fresh{i}@mail.test" for i in range(20)])
     await wait_for(
         lambda: sum(1 for r in stack.smtp.received if r.rcpt_tos[0].startswith("fresh")) == 20,
         60,

@@ -14,6 +14,7 @@ from sluice import names
 from sluice.nats_layout import connect
 from sluice.services import service
 from sluice.v1 import ingest_pb2, ingest_pb2_grpc, messages_pb2
+from tests.api import stream_messages
 from tests.conftest import Stack, wait_for
 
 
@@ -38,15 +39,6 @@ async def post(stack: Stack, body: Any, key: str | None = "default") -> tuple[in
         s.post(f"{stack.http}/v1/send", json=body, headers=headers) as resp,
     ):
         return resp.status, await resp.json(), resp.headers
-
-
-async def stream_count(stack: Stack, stream: str) -> int:
-    nc = await connect(stack.cfg, "test")
-    try:
-        info = await nc.jetstream().stream_info(stream)
-        return int(info.state.messages)
-    finally:
-        await nc.close()
 
 
 async def test_send_is_accepted_and_delivered_with_right_headers(stack: Stack) -> None:
@@ -81,13 +73,13 @@ async def test_send_is_accepted_and_delivered_with_right_headers(stack: Stack) -
     assert recipients == {"bob@mail.test", "carol@other.test"}
     assert all(c.verified and c.verified["data"]["tier"] == "critical" for c in delivered)
     # Work-queue streams are empty once everything is settled.
-    assert await stream_count(stack, names.JOBS_STREAM) == 0
+    assert await stream_messages(stack, names.JOBS_STREAM) == 0
     assert await wait_for(_mail_empty(stack), what="MAIL drained")
 
 
 def _mail_empty(stack: Stack) -> Any:
     async def check() -> bool:
-        return await stream_count(stack, names.MAIL_STREAM) == 0
+        return await stream_messages(stack, names.MAIL_STREAM) == 0
 
     return check
 
@@ -107,7 +99,7 @@ async def test_temporary_failure_is_retried_then_delivered(stack: Stack) -> None
     assert data["smtp_reply"]["code"] == 450
     assert data["smtp_reply"]["enhanced_code"] == "4.2.1"
     await wait_for(lambda: stack.hooks.of_type("message.delivered"), what="delivered webhook")
-    assert await stream_count(stack, names.DLQ_STREAM) == 0
+    assert await stream_messages(stack, names.DLQ_STREAM) == 0
 
 
 async def test_permanent_failure_dead_letters_and_signs_webhook(stack: Stack) -> None:
@@ -185,7 +177,7 @@ async def test_bad_token_and_bad_body_are_refused_and_enqueue_nothing(stack: Sta
     assert body["details"][0]["reason"] == "FROM_DOMAIN_NOT_ALLOWED"
 
     for stream in (names.JOBS_STREAM, names.MAIL_STREAM):
-        assert await stream_count(stack, stream) == 0
+        assert await stream_messages(stack, stream) == 0
     assert stack.smtp.received == []
 
 
@@ -292,7 +284,7 @@ async def test_recipients_of_one_message_share_a_transaction(stack: Stack) -> No
 
 def _mail_count(stack: Stack, n: int) -> Any:
     async def check() -> bool:
-        return await stream_count(stack, names.MAIL_STREAM) == n
+        return await stream_messages(stack, names.MAIL_STREAM) == n
 
     return check
 

@@ -16,7 +16,7 @@ import pytest
 from sluice.devdns import DnsServer
 from sluice.services import service
 from sluice.v1 import scheduler_pb2, scheduler_pb2_grpc
-from tests.api import call
+from tests.api import blast
 from tests.conftest import Stack, wait_for
 
 SHAPING = '[domain."cap.test"]\nmax_connections = 3\n'
@@ -47,21 +47,6 @@ def stack_services() -> tuple[str, ...]:
 def _mx(dns_server: DnsServer) -> None:
     dns_server.records["cap.test"] = [("MX", "10 mx.cap.test.")]
     dns_server.records["mx.cap.test"] = [("A", "127.0.0.1")]
-
-
-async def _blast(stack: Stack, n: int, prefix: str = "u") -> None:
-    status, body, _ = await call(
-        stack,
-        "POST",
-        "/v1/blasts",
-        {
-            "from": {"email": "news@acme.test"},
-            "subject": "s",
-            "text": "t",
-            "recipients": [{"email": f"{prefix}{i}@cap.test"} for i in range(n)],
-        },
-    )
-    assert status == 202, body
 
 
 async def _deliverer_process(stack: Stack, dns_port: int, smtp_port: int) -> Any:
@@ -100,7 +85,7 @@ async def test_sigkilled_deliverer_leases_expire_and_another_finishes(
     first = await _deliverer_process(stack, dns_server.port, smtp_port)
     second = None
     try:
-        await _blast(stack, 300)
+        await blast(stack, [f"u{i}@cap.test" for i in range(300)])
         await wait_for(lambda: len(stack.smtp.received) >= 40, 60, "the first deliverer working")
         first.send_signal(signal.SIGKILL)
         await first.wait()
@@ -127,7 +112,7 @@ async def test_restarted_scheduler_keeps_adapted_limits_and_the_cap(stack: Stack
     deliverer = asyncio.create_task(service("deliverer")(stack.cfg, stack.stop))
     try:
         stack.smtp.domain_reply["cap.test"] = "421 4.7.0 rate limited"
-        await _blast(stack, 20, prefix="t")
+        await blast(stack, [f"t{i}@cap.test" for i in range(20)])
 
         async def limit() -> int:
             async with grpc.aio.insecure_channel(stack.cfg.scheduler.listen) as channel:
@@ -142,7 +127,7 @@ async def test_restarted_scheduler_keeps_adapted_limits_and_the_cap(stack: Stack
         await wait_for(lambda: _below(limit, 3), 30, "a throttled limit")
         throttled = await limit()
         stack.smtp.domain_reply.clear()
-        await _blast(stack, 200)
+        await blast(stack, [f"u{i}@cap.test" for i in range(200)])
         await wait_for(lambda: len(stack.smtp.received) >= 20, 60, "delivery under way")
         # Restart the scheduler mid-run.
         stack.tasks[2].cancel()
@@ -172,7 +157,7 @@ async def test_sigterm_drains_without_loss_or_duplicates(
     first = await _deliverer_process(stack, dns_server.port, smtp_port)
     second = None
     try:
-        await _blast(stack, 150)
+        await blast(stack, [f"u{i}@cap.test" for i in range(150)])
         await wait_for(lambda: len(stack.smtp.received) >= 20, 60, "delivery under way")
         first.send_signal(signal.SIGTERM)
         code = await asyncio.wait_for(first.wait(), 30)

@@ -14,7 +14,7 @@ import pytest
 
 from sluice.devdns import DnsServer
 from sluice.v1 import scheduler_pb2, scheduler_pb2_grpc
-from tests.api import add_tenant, call
+from tests.api import add_tenant, blast, call
 from tests.conftest import Stack, wait_for
 
 SHAPING = """
@@ -90,29 +90,6 @@ def _mx_records(dns_server: DnsServer) -> None:
     for domain in ("a.test", "b.test"):
         dns_server.records[domain] = [("MX", "10 mx.shared.test.")]
     dns_server.records["mx.shared.test"] = [("A", "127.0.0.1")]
-
-
-async def blast(
-    stack: Stack,
-    emails: list[str],
-    tier: str = "bulk",
-    key: str = "default",
-    sender: str = "news@acme.test",
-) -> None:
-    status, body, _ = await call(
-        stack,
-        "POST",
-        "/v1/blasts",
-        {
-            "from": {"email": sender},
-            "subject": "s",
-            "text": "t",
-            "tier": tier,
-            "recipients": [{"email": e} for e in emails],
-        },
-        key=key,
-    )
-    assert status == 202, body
 
 
 def arrivals(stack: Stack) -> list[str]:
