@@ -160,21 +160,31 @@ class Deliverer:
             try:
                 resp = await self._scheduler.RenewLeases(
                     scheduler_pb2.RenewLeasesRequest(deliverer_id=self.deliverer_id, lease_ids=ids),
-                    timeout=5.0,
+                    timeout=min(5.0, interval * 3),
                 )
             except grpc.aio.AioRpcError as exc:
                 log.warning("lease renewal failed: %s", exc.code().name)
-                continue
+                resp = scheduler_pb2.RenewLeasesResponse()
+            for renewed in resp.leases:
+                work = self._work.get(renewed.lease_id)
+                if work is not None:
+                    work.lease.expires_at.CopyFrom(renewed.expires_at)
+                    if renewed.queues:
+                        del work.lease.queues[:]
+                        work.lease.queues.extend(renewed.queues)
+            # A lease that could not be renewed ends at its expiry, scheduler or not: the
+            # scheduler may already have given its connections to someone else.
+            now = time.time()
+            for work in list(self._work.values()):
+                if not work.lost.is_set() and work.lease.expires_at.ToNanoseconds() / 1e9 <= now:
+                    log.warning(
+                        "lease %s expired unrenewed; stopping work on it", work.lease.lease_id
+                    )
+                    work.lost.set()
             for lost in resp.lost_lease_ids:
                 if lost in self._work:
                     log.warning("lease %s lost; stopping work on it", lost)
                     self._work[lost].lost.set()
-            for renewed in resp.leases:
-                work = self._work.get(renewed.lease_id)
-                if work is not None and renewed.queues:
-                    del work.lease.queues[:]
-                    work.lease.queues.extend(renewed.queues)
-                    work.lease.expires_at.CopyFrom(renewed.expires_at)
 
     async def _flush_outcomes(self) -> None:
         if not self._outcomes:

@@ -176,3 +176,23 @@ async def test_sigterm_drains_without_loss_or_duplicates(
     # Graceful: the transactions in hand were finished and acknowledged, the rest handed
     # back un-acked — every message exactly once.
     assert len(recipients) == len(set(recipients)) == 150
+
+
+async def test_a_lease_that_cannot_be_renewed_ends_at_its_expiry(stack: Stack) -> None:
+    stack.smtp.data_delay["cap.test"] = 0.05
+    deliverer = asyncio.create_task(service("deliverer")(stack.cfg, stack.stop))
+    try:
+        await blast(stack, [f"u{i}@cap.test" for i in range(500)])
+        await wait_for(lambda: len(stack.smtp.received) >= 10, 60, "delivery under way")
+        # The scheduler goes away: nobody can renew, and the leases run out (2 s TTL).
+        stack.tasks[2].cancel()
+        await asyncio.gather(stack.tasks[2], return_exceptions=True)
+        await asyncio.sleep(4.0)
+        stopped_at = len(stack.smtp.received)
+        await asyncio.sleep(2.0)
+        assert len(stack.smtp.received) == stopped_at < 500, (
+            "a deliverer kept delivering on a lease it could not renew"
+        )
+    finally:
+        deliverer.cancel()
+        await asyncio.gather(deliverer, return_exceptions=True)
