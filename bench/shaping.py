@@ -3,6 +3,12 @@ prints the delivery rate and, per site, the most concurrent connections the rece
 server ever saw against the site's limit.
 
     .venv/bin/python -m bench.shaping [--sites N] [--messages M] [--deliverers D]
+    .venv/bin/python -m bench.shaping --zipf-domains 10000 --total 30000 [--zipf 1.0]
+
+The second form sends one blast of --total messages over that many domains (each its own
+site, 5 connections), drawn Zipf-distributed, and also prints the CPU time the Sluice
+processes spent per message and the most mail consumers JetStream ever held: run it with
+10 and with 10000 domains to compare the per-message cost.
 
 Everything runs here: nats-server, the Sluice services as processes (ingest, expander,
 scheduler, D deliverers), a DNS server giving each site its own MX host, and an aiosmtpd
@@ -14,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import random
 import sys
 import tempfile
 import time
@@ -73,6 +80,9 @@ async def main() -> None:
     ap.add_argument("--sites", type=int, default=10)
     ap.add_argument("--messages", type=int, default=300)
     ap.add_argument("--deliverers", type=int, default=2)
+    ap.add_argument("--zipf-domains", type=int, default=0)
+    ap.add_argument("--zipf", type=float, default=1.0)
+    ap.add_argument("--total", type=int, default=30_000)
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="sluice-shaping-"))
     srv, store_dir = start_nats()
@@ -80,8 +90,16 @@ async def main() -> None:
     loop = asyncio.get_running_loop()
     smtp_server = await loop.create_server(lambda: CountingSMTP(sink), "127.0.0.1", 0)
     smtp_port = smtp_server.sockets[0].getsockname()[1]
-    domains = [f"site{i}.test" for i in range(args.sites)]
-    limits = {d: 1 + i % 5 for i, d in enumerate(domains)}
+    if args.zipf_domains:
+        domains = [f"d{i}.zipf.test" for i in range(args.zipf_domains)]
+        limits = dict.fromkeys(domains, 5)
+        rng = random.Random(7)
+        weights = [1 / (k + 1) ** args.zipf for k in range(len(domains))]
+        rcpt_domains = rng.choices(domains, weights, k=args.total)
+    else:
+        domains = [f"site{i}.test" for i in range(args.sites)]
+        limits = {d: 1 + i % 5 for i, d in enumerate(domains)}
+        rcpt_domains = [domains[i % args.sites] for i in range(args.sites * args.messages)]
     records = {}
     for d in domains:
         records[d] = [("MX", f"10 mx.{d}.")]
@@ -90,7 +108,9 @@ async def main() -> None:
     dns_port = await dns.start()
     shaping = tmp / "shaping.toml"
     shaping.write_text(
-        "".join(f'[domain."{d}"]\nmax_connections = {n}\n\n' for d, n in limits.items())
+        "[default]\nmax_connections = 5\n\n"
+        if args.zipf_domains
+        else "".join(f'[domain."{d}"]\nmax_connections = {n}\n\n' for d, n in limits.items())
     )
     http, sched = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     env = dict(
@@ -125,12 +145,12 @@ async def main() -> None:
             )
         )
     try:
-        total = args.sites * args.messages
+        total = len(rcpt_domains)
         body = {
             "from": {"email": "news@bench.test"},
             "subject": "s",
             "text": "x" * 2000,
-            "recipients": [{"email": f"u{i}@{domains[i % args.sites]}"} for i in range(total)],
+            "recipients": [{"email": f"u{i}@{d}"} for i, d in enumerate(rcpt_domains)],
         }
         async with aiohttp.ClientSession() as s:
             for _ in range(100):
@@ -145,21 +165,37 @@ async def main() -> None:
                 except aiohttp.ClientConnectionError:
                     await asyncio.sleep(0.2)
         start = time.monotonic()
-        while sink.delivered < total and time.monotonic() - start < 600:
-            await asyncio.sleep(0.1)
+        nc = await connect(cfg, "bench-consumers")
+        most_consumers = 0
+        while sink.delivered < total and time.monotonic() - start < 900:
+            infos = await nc.jetstream().consumers_info("MAIL")
+            most_consumers = max(most_consumers, sum(i.name.startswith("mail_") for i in infos))
+            await asyncio.sleep(0.5)
+        await nc.close()
         elapsed = sink.last - sink.first
+        cpu = {p.pid: _cpu_seconds(p.pid) for p in procs}
         print(machine())
-        print(
-            f"shaping: {args.sites} sites x {args.messages} messages, {args.deliverers} "
-            f"deliverer processes: {sink.delivered} delivered in {elapsed:.1f} s = "
-            f"{sink.delivered / max(elapsed, 1e-9):,.0f} msgs/s"
+        what = (
+            f"{len(set(rcpt_domains))} of {args.zipf_domains} domains (Zipf s={args.zipf}), "
+            f"{total} messages"
+            if args.zipf_domains
+            else f"{args.sites} sites x {args.messages} messages"
         )
-        over = 0
-        for d in domains:
+        print(
+            f"shaping: {what}, {args.deliverers} deliverer processes: {sink.delivered} "
+            f"delivered in {elapsed:.1f} s = {sink.delivered / max(elapsed, 1e-9):,.0f} msgs/s"
+        )
+        names = ["ingest", "expander", "scheduler", *["deliverer"] * args.deliverers]
+        for name, p in zip(names, procs, strict=True):
+            print(f"  {name:10} CPU {cpu[p.pid]:7.1f} s = {cpu[p.pid] / total * 1e3:.2f} ms/msg")
+        print(f"  all        CPU {sum(cpu.values()) / total * 1e3:.2f} ms/msg")
+        print(f"most mail consumers at once: {most_consumers}")
+        over = [d for d in domains if sink.peak[d] > limits[d]]
+        busiest = sorted(domains, key=lambda d: -sink.peak[d])[:10]
+        for d in busiest if args.zipf_domains else domains:
             flag = "  OVER LIMIT" if sink.peak[d] > limits[d] else ""
-            over += bool(flag)
             print(f"  {d:14} limit {limits[d]}  most connections seen {sink.peak[d]}{flag}")
-        print(f"sites over their limit: {over}")
+        print(f"sites over their limit: {len(over)}")
     finally:
         for p in procs:
             p.terminate()
@@ -168,6 +204,12 @@ async def main() -> None:
         dns.close()
         srv.stop()
         store_dir.cleanup()
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a live process, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import contextlib
 import ipaddress
 import logging
 import os
+import random
 import re
 import socket
 import time
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 
 import grpc
 from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 
@@ -81,6 +83,9 @@ class LeaseWork:
     messages: Pacer = field(default_factory=Pacer)
     connections: Pacer = field(default_factory=Pacer)
     batches: int = 0
+    # Whose turn it is, per tier: tenants take turns (round robin, a fetch each), and so do
+    # the queues of one tenant.
+    turns: dict[tuple[int, str], int] = field(default_factory=dict)
     # One pull at a time per lease: concurrent pulls would split a message's pointers
     # (one transaction for several recipients) and contend at the server for nothing.
     fetching: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -102,6 +107,9 @@ class Deliverer:
         self._scheduler = scheduler
         self.deliverer_id = f"{socket.gethostname()}-{os.getpid()}-{id(self):x}"
         self._work: dict[str, LeaseWork] = {}
+        # One-connection leases on the sites of mail taken from hash-bucket lanes.
+        self._domain_leases: dict[str, LeaseWork] = {}
+        self._site_of: dict[str, str] = {}  # domain -> site, as the scheduler named it
         self._outcomes: list[scheduler_pb2.Outcome] = []
         self._subs: dict[str, JetStreamContext.PullSubscription] = {}
         self._parsed: dict[str, Sequence[messages_pb2.Payload]] = {}
@@ -154,7 +162,7 @@ class Deliverer:
         while not stop.is_set():
             await asyncio.sleep(interval)
             await self._flush_outcomes()
-            ids = list(self._work)
+            ids = list(self._work) + list(self._domain_leases)
             if not ids:
                 continue
             try:
@@ -166,7 +174,7 @@ class Deliverer:
                 log.warning("lease renewal failed: %s", exc.code().name)
                 resp = scheduler_pb2.RenewLeasesResponse()
             for renewed in resp.leases:
-                work = self._work.get(renewed.lease_id)
+                work = self._work.get(renewed.lease_id) or self._domain_leases.get(renewed.lease_id)
                 if work is not None:
                     work.lease.expires_at.CopyFrom(renewed.expires_at)
                     if renewed.queues:
@@ -175,16 +183,17 @@ class Deliverer:
             # A lease that could not be renewed ends at its expiry, scheduler or not: the
             # scheduler may already have given its connections to someone else.
             now = time.time()
-            for work in list(self._work.values()):
+            for work in [*self._work.values(), *self._domain_leases.values()]:
                 if not work.lost.is_set() and work.lease.expires_at.ToNanoseconds() / 1e9 <= now:
                     log.warning(
                         "lease %s expired unrenewed; stopping work on it", work.lease.lease_id
                     )
                     work.lost.set()
             for lost in resp.lost_lease_ids:
-                if lost in self._work:
+                work = self._work.get(lost) or self._domain_leases.get(lost)
+                if work is not None:
                     log.warning("lease %s lost; stopping work on it", lost)
-                    self._work[lost].lost.set()
+                    work.lost.set()
 
     async def _flush_outcomes(self) -> None:
         if not self._outcomes:
@@ -201,8 +210,9 @@ class Deliverer:
     async def _work_lease(self, work: LeaseWork, stop: asyncio.Event) -> None:
         lease = work.lease
         n = max(1, min(lease.max_connections, self._cfg.deliverer.connections_per_lease))
+        loop = self._bucket_loop if lease.lane else self._connection_loop
         try:
-            await asyncio.gather(*(self._connection_loop(work, stop) for _ in range(n)))
+            await asyncio.gather(*(loop(work, stop) for _ in range(n)))
         except Exception:
             log.exception("lease %s failed", lease.lease_id)
         finally:
@@ -227,19 +237,53 @@ class Deliverer:
 
         Strict tiers, except that with a bulk reserve of k, k batches out of ten look at the
         bulk queues first, so bulk trickles out even under a steady stream of critical mail.
+        Within a tier, tenants take turns a fetch at a time (deficit round robin with a
+        quantum of `fetch_batch` messages), so one tenant's blast cannot crowd out another
+        tenant's mail to the same site.
         """
         lease = work.lease
         work.batches += 1
-        queues = list(lease.queues)  # highest tier first (the scheduler orders them)
+        tiers = sorted({q.tier for q in lease.queues})
         if lease.bulk_reserve and work.batches % 10 < lease.bulk_reserve:
-            queues.sort(key=lambda q: q.tier != messages_pb2.TIER_BULK)
-        for q in queues:
-            sub = await self._sub(q.consumer)
+            tiers.sort(key=lambda t: t != messages_pb2.TIER_BULK)
+        for tier in tiers:
+            by_tenant: dict[str, list[scheduler_pb2.LeaseQueue]] = {}
+            for q in lease.queues:
+                if q.tier == tier:
+                    by_tenant.setdefault(q.tenant_id, []).append(q)
+            tenants = sorted(by_tenant)
+            first = work.turns.get((tier, ""), 0)
+            for i in range(len(tenants)):
+                tenant = tenants[(first + i) % len(tenants)]
+                msgs = await self._fetch_turn(work, tier, tenant, by_tenant[tenant])
+                if msgs:
+                    work.turns[(tier, "")] = first + i + 1  # the next tenant goes next
+                    return msgs
+        return []
+
+    async def _fetch_turn(
+        self,
+        work: LeaseWork,
+        tier: int,
+        tenant: str,
+        queues: list[scheduler_pb2.LeaseQueue],
+    ) -> list[Msg]:
+        """One fetch from the first of a tenant's queues (in turn) with ready mail."""
+        first = work.turns.get((tier, tenant), 0)
+        for i in range(len(queues)):
+            q = queues[(first + i) % len(queues)]
             try:
+                sub = await self._sub(q.consumer)
                 msgs = await sub.fetch(self._cfg.deliverer.fetch_batch, timeout=0.1)
             except (TimeoutError, NatsTimeoutError):
                 continue
+            except NatsError as exc:
+                # e.g. the scheduler deleted an idle consumer: bind again next time.
+                log.info("queue %s unavailable: %r", q.consumer, exc)
+                self._subs.pop(q.consumer, None)
+                continue
             if msgs:
+                work.turns[(tier, tenant)] = first + i + 1
                 return msgs
         return []
 
@@ -255,10 +299,7 @@ class Deliverer:
                 groups = self._groups(msgs)
                 for i, group in enumerate(groups):
                     if stop.is_set() or work.lost.is_set():
-                        # Hand the rest back at once, un-delayed.
-                        for rest in groups[i:]:
-                            for msg, _ in rest:
-                                await msg.nak()
+                        await self._hand_back(groups[i:])
                         return
                     # The lease's message rate is shared by all of its connections.
                     for _ in group:
@@ -267,6 +308,89 @@ class Deliverer:
         finally:
             if conn is not None:
                 await conn.close()
+
+    async def _bucket_loop(self, work: LeaseWork, stop: asyncio.Event) -> None:
+        """A connection of a hash-bucket lease. Its mail is for many sites, so the site of
+        each domain is leased (one connection) before delivering to it; the mail of a site
+        at its limit goes back for a moment (retry steps come from age, none is used up)."""
+        held: LeaseWork | None = None
+        conn: SmtpConnection | None = None
+        try:
+            while not stop.is_set() and not work.lost.is_set():
+                async with work.fetching:
+                    msgs = await self._next_batch(work)
+                if not msgs:
+                    return
+                groups = self._groups(msgs)
+                # Several messages to one domain go through one connection.
+                groups.sort(key=lambda g: g[0][1].domain if g[0][1] is not None else "")
+                for i, group in enumerate(groups):
+                    if stop.is_set() or work.lost.is_set():
+                        await self._hand_back(groups[i:])
+                        return
+                    p = group[0][1]
+                    if p is None:
+                        conn = await self._deliver(group, work, conn)  # terminates it
+                        continue
+                    if held is not None and (
+                        held.lost.is_set() or self._site_of.get(p.domain) != held.lease.site_id
+                    ):
+                        if conn is not None:
+                            await conn.close()
+                            conn = None
+                        await self._release_domain_lease(held)
+                        held = None
+                    if held is None:
+                        held = await self._acquire_domain_lease(p.domain)
+                    if held is None:
+                        # The site is at its limit (or suspended): back in a moment.
+                        for msg, _ in group:
+                            await msg.nak(delay=1.0 + random.random())
+                        continue
+                    for _ in group:
+                        await held.messages.wait(held.lease.max_message_rate)
+                    conn = await self._deliver(group, held, conn)
+        finally:
+            if conn is not None:
+                await conn.close()
+            if held is not None:
+                await self._release_domain_lease(held)
+
+    async def _acquire_domain_lease(self, domain: str) -> LeaseWork | None:
+        try:
+            resp = await self._scheduler.AcquireLeases(
+                scheduler_pb2.AcquireLeasesRequest(deliverer_id=self.deliverer_id, domain=domain),
+                timeout=5.0,
+            )
+        except grpc.aio.AioRpcError as exc:
+            log.warning("scheduler unavailable: %s", exc.code().name)
+            return None
+        if not resp.leases:
+            return None
+        lease = resp.leases[0]
+        self._site_of[domain] = lease.site_id
+        work = LeaseWork(lease)
+        self._domain_leases[lease.lease_id] = work
+        return work
+
+    async def _release_domain_lease(self, work: LeaseWork) -> None:
+        self._domain_leases.pop(work.lease.lease_id, None)
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await self._scheduler.ReleaseLeases(
+                scheduler_pb2.ReleaseLeasesRequest(
+                    deliverer_id=self.deliverer_id, lease_ids=[work.lease.lease_id]
+                ),
+                timeout=5.0,
+            )
+
+    @staticmethod
+    async def _hand_back(
+        groups: list[list[tuple[Msg, messages_pb2.DeliveryPointer | None]]],
+    ) -> None:
+        """Give pointers back at once, un-delayed (a drain or a lost lease)."""
+        for group in groups:
+            for msg, _ in group:
+                await msg.nak()
 
     # -- one pointer -----------------------------------------------------------------------
 

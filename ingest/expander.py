@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +37,7 @@ from sluice import names
 from sluice.atomic import MAX_BATCH, publish_atomic
 from sluice.config import Config
 from sluice.consume import consume
+from sluice.lanes import Lanes
 from sluice.nats_layout import connect, ensure_layout
 from sluice.store import PayloadStore, open_store
 from sluice.suppressions import Suppressions
@@ -76,12 +78,14 @@ class Expander:
         js: JetStreamContext,
         store: PayloadStore,
         suppressions: Suppressions,
+        lanes: Lanes,
     ) -> None:
         self._cfg = cfg
         self._nc = nc
         self._js = js
         self._store = store
         self._suppressions = suppressions
+        self._lanes = lanes
         self._keys: dict[str, tuple[str, str]] = {}
 
     def _domain(self, email: str) -> tuple[str, str]:
@@ -120,7 +124,7 @@ class Expander:
             for i, r in enumerate(recipients)
         ]
 
-    def _pointer(self, item: Item) -> tuple[str, bytes]:
+    def _pointer(self, item: Item, busy: frozenset[str]) -> tuple[str, bytes]:
         job = item.job
         domain, key = self._domain(item.email)
         p = messages_pb2.DeliveryPointer(
@@ -140,7 +144,8 @@ class Expander:
         )
         if job.HasField("expires_at"):
             p.expires_at.CopyFrom(job.expires_at)
-        return names.mail_subject(job.tier, key), p.SerializeToString()
+        lane = self._lanes.lane(key, key in busy)
+        return names.mail_subject(job.tier, lane, key, job.tenant_id), p.SerializeToString()
 
     def _suppressed_event(self, item: Item) -> tuple[str, bytes, dict[str, str]]:
         job = item.job
@@ -165,7 +170,9 @@ class Expander:
         )
         return {int(s.rsplit(".", 1)[1]) for s in (info.state.subjects or {})}
 
-    async def _commit_chunk(self, batch_id: str, k: int, items: list[Item]) -> int:
+    async def _commit_chunk(
+        self, batch_id: str, k: int, items: list[Item], busy: frozenset[str]
+    ) -> int:
         """Commit chunk k once; returns pointers published (0 if it was already in)."""
         msgs: list[tuple[str, bytes, dict[str, str] | None]] = [
             (
@@ -179,7 +186,7 @@ class Expander:
             if self._suppressions.suppressed(item.job.tenant_id, item.email):
                 events.append(self._suppressed_event(item))
             else:
-                subject, data = self._pointer(item)
+                subject, data = self._pointer(item, busy)
                 msgs.append((subject, data, None))
         for subject, data, headers in events:
             await self._js.publish(subject, data, stream=names.EVENTS_STREAM, headers=headers)
@@ -196,6 +203,12 @@ class Expander:
         items: list[Item] = []
         for job in batch.jobs:
             items.extend(await self._items(job))
+        # Domains with many recipients in this batch get (or keep) dedicated queues.
+        per_domain = Counter(self._domain(item.email)[1] for item in items)
+        busy = frozenset(
+            key for key, n in per_domain.items() if n >= self._cfg.expander.dedicated_threshold
+        )
+        await self._lanes.promote(busy)
         chunks = [items[i : i + CHUNK] for i in range(0, len(items), CHUNK)]
         done = await self._committed_chunks(batch.batch_id)
         todo = [k for k in range(len(chunks)) if k not in done]
@@ -205,7 +218,7 @@ class Expander:
         async def one(k: int) -> None:
             nonlocal published
             async with sem:
-                published += await self._commit_chunk(batch.batch_id, k, chunks[k])
+                published += await self._commit_chunk(batch.batch_id, k, chunks[k], busy)
                 if progress is not None:
                     await progress()
 
@@ -318,7 +331,10 @@ async def serve(cfg: Config, stop: asyncio.Event) -> None:
     await ensure_consumer(js, cfg)
     suppressions = Suppressions(js)
     await suppressions.start()
-    expander = Expander(cfg, nc, js, open_store(cfg.store.url, js, cfg.nats.replicas), suppressions)
+    lanes = Lanes(js, cfg.expander.buckets, cfg.expander.dedicated_ttl)
+    await lanes.start()
+    store = open_store(cfg.store.url, js, cfg.nats.replicas)
+    expander = Expander(cfg, nc, js, store, suppressions, lanes)
     sub = await js.pull_subscribe_bind(names.EXPANDER_CONSUMER, names.JOBS_STREAM)
     log.info("expander: running")
     try:
@@ -326,5 +342,6 @@ async def serve(cfg: Config, stop: asyncio.Event) -> None:
             sub, expander.handle, cfg.expander.concurrency, stop, "expansion", retry_delay=1.0
         )
     finally:
+        await lanes.stop()
         await suppressions.stop()
         await nc.close()

@@ -1,9 +1,17 @@
-"""The backlog per mail queue, read from JetStream, and the consumers that drain it."""
+"""The backlog per mail queue, read from JetStream, and the consumers that drain it.
+
+Subjects are sluice.mail.<tier>.<lane>.<domain key>.<tenant>. A queue (one durable consumer)
+is one tenant's mail of one tier in one lane, and in the dedicated lane "d" of one domain:
+the number of consumers follows busy domains and active tenants, not every domain a blast
+touches. Consumers with nothing stored on their subjects are deleted after a while.
+"""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import time
+from collections import Counter
+from dataclasses import dataclass, field
 
 from nats.js import JetStreamContext
 from nats.js import api as js_api
@@ -12,7 +20,7 @@ from nats.js.errors import NotFoundError
 from sluice import names
 from sluice.config import Config
 
-__all__ = ["Queue", "ensure_consumer", "read_backlog"]
+__all__ = ["Backlog", "Consumers", "Queue", "read_backlog"]
 
 log = logging.getLogger(__name__)
 
@@ -20,45 +28,117 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Queue:
     tier: names.Tier
-    key: str
+    lane: str
+    key: str  # the domain key in the dedicated lane; "" for a hash-bucket queue
+    tenant: str
+
+    @property
+    def bucket(self) -> bool:
+        return self.lane != names.DEDICATED_LANE
 
     @property
     def domain(self) -> str:
         return names.key_domain(self.key)
 
+    @property
+    def consumer(self) -> str:
+        return names.mail_consumer(self.tier, self.lane, self.key, self.tenant)
 
-async def read_backlog(js: JetStreamContext) -> dict[Queue, int]:
-    """Messages stored per queue (ready and deferred alike)."""
+    @property
+    def filter(self) -> str:
+        return names.mail_filter(self.tier, self.lane, self.key, self.tenant)
+
+
+@dataclass
+class Backlog:
+    """Messages stored (ready and deferred alike) per queue and per (tier, domain key)."""
+
+    queues: dict[Queue, int] = field(default_factory=dict)
+    domains: Counter[tuple[names.Tier, str]] = field(default_factory=Counter)
+    # Domain keys with mail in hash-bucket lanes (their sites keep a connection for it).
+    bucketed: set[str] = field(default_factory=set)
+
+
+async def read_backlog(js: JetStreamContext) -> Backlog:
     info = await js.stream_info(names.MAIL_STREAM, subjects_filter=names.MAIL_SUBJECTS)
-    out: dict[Queue, int] = {}
+    out = Backlog()
     for subject, count in (info.state.subjects or {}).items():
         parts = subject.split(".")
-        if len(parts) != 4 or count <= 0:
-            continue
+        if len(parts) != 6 or count <= 0:
+            continue  # chunk markers have five tokens
         try:
-            out[Queue(names.tier_from_token(parts[2]), parts[3])] = count
+            tier = names.tier_from_token(parts[2])
         except KeyError:
             continue
+        lane, key, tenant = parts[3], parts[4], parts[5]
+        bucket = lane != names.DEDICATED_LANE
+        q = Queue(tier, lane, "" if bucket else key, tenant)
+        out.queues[q] = out.queues.get(q, 0) + count
+        out.domains[(tier, key)] += count
+        if bucket:
+            out.bucketed.add(key)
     return out
 
 
-async def ensure_consumer(js: JetStreamContext, cfg: Config, q: Queue) -> str:
-    """The durable pull consumer of a queue, created if missing."""
-    durable = names.mail_consumer(q.tier, q.key)
-    try:
-        await js.consumer_info(names.MAIL_STREAM, durable)
-    except NotFoundError:
-        await js.add_consumer(
-            names.MAIL_STREAM,
-            js_api.ConsumerConfig(
-                durable_name=durable,
-                filter_subject=names.mail_subject(q.tier, q.key),
-                ack_policy=js_api.AckPolicy.EXPLICIT,
-                ack_wait=cfg.deliverer.ack_wait,
-                max_deliver=cfg.retry.max_deliver,
-                # NAK-delayed messages count against this; keep it far above the ready work.
-                max_ack_pending=10_000,
-            ),
-        )
-        log.info("created consumer %s", durable)
-    return durable
+class Consumers:
+    """The durable pull consumers of the mail queues: created on demand (cached), deleted
+    when nothing has been stored on their subjects for `[scheduler] consumer_idle`.
+
+    Only a consumer with nothing stored is deleted, so no NAK-delayed message loses its
+    delay and no MaxDeliver-spent message comes back through a new consumer.
+    """
+
+    def __init__(self, js: JetStreamContext, cfg: Config) -> None:
+        self._js = js
+        self._cfg = cfg
+        self._known: set[str] = set()
+        self._empty_since: dict[str, float] = {}
+
+    async def ensure(self, q: Queue) -> str:
+        durable = q.consumer
+        if durable in self._known:
+            return durable
+        try:
+            await self._js.consumer_info(names.MAIL_STREAM, durable)
+        except NotFoundError:
+            await self._js.add_consumer(
+                names.MAIL_STREAM,
+                js_api.ConsumerConfig(
+                    durable_name=durable,
+                    filter_subject=q.filter,
+                    ack_policy=js_api.AckPolicy.EXPLICIT,
+                    ack_wait=self._cfg.deliverer.ack_wait,
+                    max_deliver=self._cfg.retry.max_deliver,
+                    # NAK-delayed messages count against this; keep it far above ready work.
+                    max_ack_pending=10_000,
+                ),
+            )
+            log.info("created consumer %s", durable)
+        self._known.add(durable)
+        return durable
+
+    async def collect(self, backlog: Backlog, leased: set[str]) -> int:
+        """Delete consumers that have had nothing stored for `consumer_idle`; returns how
+        many were deleted."""
+        now = time.monotonic()
+        busy = {q.consumer for q, n in backlog.queues.items() if n > 0} | leased
+        deleted = 0
+        for info in await self._js.consumers_info(names.MAIL_STREAM):
+            name = info.name
+            if not name.startswith("mail_") or name in busy:
+                self._empty_since.pop(name, None)
+                continue
+            if info.num_pending or info.num_ack_pending:
+                continue  # stored after the backlog was read
+            since = self._empty_since.setdefault(name, now)
+            if now - since < self._cfg.scheduler.consumer_idle:
+                continue
+            try:
+                await self._js.delete_consumer(names.MAIL_STREAM, name)
+                deleted += 1
+                log.info("deleted idle consumer %s", name)
+            except NotFoundError:
+                pass
+            self._known.discard(name)
+            self._empty_since.pop(name, None)
+        return deleted

@@ -20,6 +20,9 @@ class LeaseState:
     limits: Limits
     expires_at: float
     domains: list[str] = field(default_factory=list)
+    # "site": a site's dedicated queues; "lane": a hash-bucket lane (site_id "lane:<lane>");
+    # "domain": one connection on a site for mail taken from a lane.
+    kind: str = "site"
 
 
 class LeaseTable:
@@ -49,11 +52,13 @@ class LeaseTable:
         limits: Limits,
         domains: list[str],
         share: int | None = None,
+        kind: str = "site",
+        reserve: int = 0,
     ) -> LeaseState | None:
-        """A new lease for up to `share` of the site's free connections, or None if there
-        are none."""
+        """A new lease for up to `share` of the site's free connections, keeping `reserve`
+        of them free, or None if there are none."""
         self.expire()
-        free = limits.max_connections - self.in_use(site_id)
+        free = limits.max_connections - reserve - self.in_use(site_id)
         if free <= 0:
             return None
         if share is not None:
@@ -66,6 +71,7 @@ class LeaseTable:
             limits=limits,
             expires_at=time.time() + self.ttl,
             domains=domains,
+            kind=kind,
         )
         self._leases[lease.lease_id] = lease
         return lease

@@ -36,6 +36,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         self, request: scheduler_pb2.AcquireLeasesRequest, context: Ctx
     ) -> scheduler_pb2.AcquireLeasesResponse:
         await self._need_id(request.deliverer_id, context)
+        if request.domain:
+            leases = await self._s.acquire_domain(request.deliverer_id, request.domain)
+            return scheduler_pb2.AcquireLeasesResponse(leases=leases)
         leases = await self._s.acquire(request.deliverer_id, max(1, request.max_leases))
         return scheduler_pb2.AcquireLeasesResponse(leases=leases)
 

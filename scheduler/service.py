@@ -14,7 +14,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError
 
 from scheduler.adaptive import Adaptive
-from scheduler.backlog import Queue, ensure_consumer, read_backlog
+from scheduler.backlog import Backlog, Consumers, Queue, read_backlog
 from scheduler.leases import LeaseState, LeaseTable
 from scheduler.shaping import Limits, Rules
 from sluice import names
@@ -46,7 +46,8 @@ class Scheduler:
         self._resolver = resolver
         self.leases = LeaseTable(cfg.scheduler.lease_ttl)
         self.adaptive = Adaptive(cfg.scheduler, js)
-        self._backlog: dict[Queue, int] = {}
+        self._backlog = Backlog()
+        self.consumers = Consumers(js, cfg)
         self._backlog_at = 0.0
         self._sites: dict[str, tuple[float, str]] = {}
         self._cooldown: dict[str, float] = {}
@@ -99,13 +100,25 @@ class Scheduler:
         return site
 
     async def _by_site(self) -> dict[str, list[Queue]]:
+        """Dedicated queues grouped by site."""
         by_site: dict[str, list[Queue]] = defaultdict(list)
-        for q in self._backlog:
-            by_site[await self.site_of(q.domain)].append(q)
+        for q in self._backlog.queues:
+            if not q.bucket:
+                by_site[await self.site_of(q.domain)].append(q)
         return by_site
+
+    def _by_lane(self) -> dict[str, list[Queue]]:
+        by_lane: dict[str, list[Queue]] = defaultdict(list)
+        for q in self._backlog.queues:
+            if q.bucket:
+                by_lane[q.lane].append(q)
+        return by_lane
 
     def limits(self, site: str, domains: list[str]) -> Limits:
         return self.adaptive.current(site, self._rules.limits(site, domains))
+
+    async def _bucketed_sites(self) -> set[str]:
+        return {await self.site_of(names.key_domain(k)) for k in self._backlog.bucketed}
 
     async def acquire(self, deliverer_id: str, max_leases: int) -> list[scheduler_pb2.Lease]:
         async with self._lock:
@@ -115,21 +128,39 @@ class Scheduler:
             if now - self._backlog_at > self._cfg.scheduler.backlog_interval:
                 await self.refresh_backlog()
             by_site = await self._by_site()
-            # Sites whose best queue is the highest tier come first.
-            order = sorted(by_site, key=lambda s: min(q.tier for q in by_site[s]))
+            by_lane = self._by_lane()
+            bucketed = await self._bucketed_sites()
+            # Sites and lanes whose best queue is the highest tier come first.
+            work: list[tuple[int, str, str]] = [
+                (min(q.tier for q in qs), "site", site) for site, qs in by_site.items()
+            ]
+            work += [(min(q.tier for q in qs), "lane", lane) for lane, qs in by_lane.items()]
+            work.sort()
             granted: list[scheduler_pb2.Lease] = []
-            for site in order:
+            for _, kind, name in work:
                 if len(granted) >= max_leases:
                     break
-                if self._cooldown.get(site, 0.0) > now or self.adaptive.suspended(site):
+                if self._cooldown.get(f"lane:{name}" if kind == "lane" else name, 0.0) > now:
                     continue
-                queues = sorted(by_site[site], key=lambda q: (q.tier, q.key))
+                if kind == "lane":
+                    lease = self._grant_lane(deliverer_id, name)
+                    if lease is not None:
+                        granted.append(await self._to_proto(lease, by_lane[name]))
+                    continue
+                site = name
+                if self.adaptive.suspended(site):
+                    continue
+                queues = by_site[site]
                 domains = sorted({q.domain for q in queues})
                 limits = self.limits(site, domains)
                 # A lease takes at most half the site's connections (rounded up), so that a
-                # second deliverer can share a busy site.
+                # second deliverer can share a busy site; a site that also has mail in hash
+                # buckets keeps a connection for it.
                 share = max(1, math.ceil(limits.max_connections / 2))
-                lease = self.leases.grant(site, deliverer_id, limits, domains, share)
+                reserve = 1 if site in bucketed and limits.max_connections > 1 else 0
+                lease = self.leases.grant(
+                    site, deliverer_id, limits, domains, share, reserve=reserve
+                )
                 if lease is None:
                     continue
                 granted.append(await self._to_proto(lease, queues))
@@ -143,12 +174,38 @@ class Scheduler:
                 )
             return granted
 
+    def _grant_lane(self, deliverer_id: str, lane: str) -> LeaseState | None:
+        """A hash-bucket lane goes to one deliverer at a time; the sites of its domains are
+        leased one connection at a time as its mail is delivered (acquire_domain)."""
+        n = self._cfg.scheduler.bucket_connections
+        limits = Limits(max_connections=n, max_deliveries_per_connection=0)
+        lease = self.leases.grant(f"lane:{lane}", deliverer_id, limits, [], n, kind="lane")
+        if lease is not None:
+            log.info("lease %s: lane=%s deliverer=%s", lease.lease_id, lane, deliverer_id)
+        return lease
+
+    async def acquire_domain(self, deliverer_id: str, domain: str) -> list[scheduler_pb2.Lease]:
+        """One connection on a domain's site, for mail taken from a hash-bucket lane."""
+        async with self._lock:
+            if time.monotonic() < self._grace_until:
+                return []
+            site = await self.site_of(domain)
+            if self.adaptive.suspended(site):
+                return []
+            limits = self.limits(site, [domain])
+            lease = self.leases.grant(site, deliverer_id, limits, [domain], 1, kind="domain")
+            return [] if lease is None else [self.describe(lease)]
+
     async def _queues(self, queues: list[Queue]) -> list[scheduler_pb2.LeaseQueue]:
         return [
             scheduler_pb2.LeaseQueue(
-                tier=q.tier, key=q.key, consumer=await ensure_consumer(self._js, self._cfg, q)
+                tier=q.tier,
+                key=q.key,
+                lane=q.lane,
+                tenant_id=q.tenant,
+                consumer=await self.consumers.ensure(q),
             )
-            for q in sorted(queues, key=lambda q: (q.tier, q.key))
+            for q in sorted(queues, key=lambda q: (q.tier, q.tenant, q.key))
         ]
 
     async def _to_proto(self, lease: LeaseState, queues: list[Queue]) -> scheduler_pb2.Lease:
@@ -173,15 +230,17 @@ class Scheduler:
             expires_at=expires,
             max_connection_rate=lease.limits.max_connection_rate * share,
             bulk_reserve=lease.limits.bulk_reserve,
+            lane=lease.site_id.removeprefix("lane:") if lease.kind == "lane" else "",
         )
 
     async def renew(
         self, deliverer_id: str, lease_ids: list[str]
     ) -> scheduler_pb2.RenewLeasesResponse:
-        """Extend leases, with the site's current queues (a new critical queue shows up here);
+        """Extend leases, with their current queues (a new critical queue shows up here);
         leases over a site's adapted limit, or of a suspended site, are taken back."""
         async with self._lock:
             by_site = await self._by_site()
+            by_lane = self._by_lane()
             self._shrink()
             resp = scheduler_pb2.RenewLeasesResponse()
             for lease_id in lease_ids:
@@ -189,14 +248,21 @@ class Scheduler:
                 if ls is None:
                     resp.lost_lease_ids.append(lease_id)
                     continue
-                resp.leases.append(self.describe(ls, await self._queues(by_site[ls.site_id])))
+                if ls.kind == "lane":
+                    queues = by_lane.get(ls.site_id.removeprefix("lane:"), [])
+                elif ls.kind == "site":
+                    queues = by_site.get(ls.site_id, [])
+                else:
+                    queues = []
+                resp.leases.append(self.describe(ls, await self._queues(queues)))
             return resp
 
     def _shrink(self) -> None:
         """Revoke the newest leases of sites now over their limit (or suspended)."""
         per_site: dict[str, list[LeaseState]] = defaultdict(list)
         for ls in self.leases.all():
-            per_site[ls.site_id].append(ls)
+            if ls.kind != "lane":
+                per_site[ls.site_id].append(ls)
         for site, leases in per_site.items():
             limit = self.limits(site, leases[0].domains).max_connections
             if self.adaptive.suspended(site):
@@ -212,8 +278,12 @@ class Scheduler:
     def release(self, deliverer_id: str, lease_ids: list[str]) -> None:
         for lease_id in lease_ids:
             for ls in self.leases.all():
-                if ls.lease_id == lease_id and ls.deliverer_id == deliverer_id:
-                    # A released site had nothing ready; do not hand it straight back.
+                if (
+                    ls.lease_id == lease_id
+                    and ls.deliverer_id == deliverer_id
+                    and ls.kind != "domain"
+                ):
+                    # A released site or lane had nothing ready; do not hand it straight back.
                     self._cooldown[ls.site_id] = (
                         time.monotonic() + self._cfg.scheduler.backlog_interval
                     )
@@ -240,29 +310,30 @@ class Scheduler:
 
     async def sites(self) -> scheduler_pb2.ListSitesResponse:
         async with self._lock:
-            by_site = await self._by_site()
-            for ls in self.leases.all():
-                by_site.setdefault(ls.site_id, [])
-            for site in self.adaptive.states:
-                by_site.setdefault(site, [])
+            # Backlog per site and tier, dedicated and hash-bucket lanes alike.
+            tiers: dict[str, Counter[names.Tier]] = defaultdict(Counter)
+            domains: dict[str, set[str]] = defaultdict(set)
+            for (tier, key), n in self._backlog.domains.items():
+                site = await self.site_of(names.key_domain(key))
+                tiers[site][tier] += n
+                domains[site].add(names.key_domain(key))
+            known = set(tiers) | set(self.adaptive.states)
+            known |= {ls.site_id for ls in self.leases.all() if ls.kind != "lane"}
             resp = scheduler_pb2.ListSitesResponse()
-            for site, queues in by_site.items():
-                domains = sorted({q.domain for q in queues})
-                configured = self._rules.limits(site, domains)
+            for site in known:
+                site_domains = sorted(domains.get(site, ()))
+                configured = self._rules.limits(site, site_domains)
                 leases = [ls for ls in self.leases.all() if ls.site_id == site]
-                tiers: Counter[names.Tier] = Counter()
-                for q in queues:
-                    tiers[q.tier] += self._backlog.get(q, 0)
                 status = scheduler_pb2.SiteStatus(
                     site_id=site,
-                    domains=domains,
+                    domains=site_domains,
                     configured=_limits_proto(configured),
                     current=_limits_proto(self.adaptive.current(site, configured)),
                     leases=len(leases),
                     connections_in_use=sum(ls.connections for ls in leases),
                     backlog=[
                         scheduler_pb2.TierBacklog(tier=t, messages=n)
-                        for t, n in sorted(tiers.items())
+                        for t, n in sorted(tiers.get(site, Counter()).items())
                     ],
                 )
                 st = self.adaptive.states.get(site)
@@ -275,18 +346,36 @@ class Scheduler:
             return resp
 
     async def run_backlog(self, stop: asyncio.Event) -> None:
-        """Keep the backlog snapshot fresh and the liveness key alive."""
-        beats = 0.0
+        """Keep the backlog snapshot fresh and the liveness key alive; delete idle consumers."""
+        beats = collected = 0.0
         while not stop.is_set():
             try:
                 async with self._lock:
                     await self.refresh_backlog()
-                if time.monotonic() - beats > self._cfg.scheduler.lease_ttl / 3:
-                    beats = time.monotonic()
+                now = time.monotonic()
+                if now - beats > self._cfg.scheduler.lease_ttl / 3:
+                    beats = now
                     await self._heartbeat()
+                if now - collected > self._cfg.scheduler.consumer_idle / 4:
+                    collected = now
+                    async with self._lock:
+                        leased = await self._leased_consumers()
+                        await self.consumers.collect(self._backlog, leased)
             except Exception as exc:
                 log.warning("backlog read failed: %r", exc)
             try:
                 await asyncio.wait_for(stop.wait(), self._cfg.scheduler.backlog_interval)
             except TimeoutError:
                 pass
+
+    async def _leased_consumers(self) -> set[str]:
+        """Consumers of queues a live lease covers (deliverers may be bound to them)."""
+        by_site = await self._by_site()
+        by_lane = self._by_lane()
+        out: set[str] = set()
+        for ls in self.leases.all():
+            if ls.kind == "site":
+                out |= {q.consumer for q in by_site.get(ls.site_id, [])}
+            elif ls.kind == "lane":
+                out |= {q.consumer for q in by_lane.get(ls.site_id.removeprefix("lane:"), [])}
+        return out

@@ -6,7 +6,7 @@ sluice ingest|expander|scheduler|deliverer|webhooks
 sluice init                         create the JetStream streams and buckets
 sluice tenants create|list|show|dkim tenants (NATS KV sluice_tenants)
 sluice keys create|list|revoke      API keys (NATS KV sluice_keys)
-sluice dlq list|show|replay         dead letters
+sluice dlq list|show|replay|webhooks dead letters (mail; webhook deliveries)
 sluice sites                        per-site limits, leases, backlog (asks the scheduler)
 sluice sink                         a catch-all SMTP sink with a DNS server (compose stack)
 """
@@ -23,7 +23,7 @@ from typing import Any
 
 from nats.js import JetStreamContext
 
-from sluice import __version__, deadletters, jsonpb
+from sluice import __version__, deadletters, jsonpb, names
 from sluice import config as config_mod
 from sluice.config import Config, ConfigError
 from sluice.nats_layout import connect, ensure_layout
@@ -59,6 +59,8 @@ async def _with_js(cfg: Config, fn: Callable[[JetStreamContext], Awaitable[int]]
 
 
 async def _dlq(args: argparse.Namespace, js: JetStreamContext) -> int:
+    if args.action == "webhooks":
+        return await _webhook_dlq(args, js)
     if args.action == "list":
         entries, _ = await deadletters.list_page(js, args.tenant, args.limit)
         for _, delivery_id, dl in entries:
@@ -80,6 +82,20 @@ async def _dlq(args: argparse.Namespace, js: JetStreamContext) -> int:
         return 0
     print(f"no dead letter {args.delivery_id!r} for {args.tenant!r}", file=sys.stderr)
     return 1
+
+
+async def _webhook_dlq(args: argparse.Namespace, js: JetStreamContext) -> int:
+    from webhooks import deadletters as webhook_deadletters
+
+    if args.replay:
+        if await webhook_deadletters.replay(js, args.tenant, args.replay):
+            print(f"replayed {args.replay}")
+            return 0
+        print(f"no webhook dead letter {args.replay!r} for {args.tenant!r}", file=sys.stderr)
+        return 1
+    for dead_id, d in await webhook_deadletters.list_all(js, args.tenant, args.limit):
+        print(f"{dead_id}\t{d.endpoint_id}\t{d.event.event_id}\t{names.event_token(d.event.type)}")
+    return 0
 
 
 def _print(msg: Any) -> None:
@@ -252,6 +268,10 @@ def _parser() -> argparse.ArgumentParser:
         dp = d.add_parser(name)
         dp.add_argument("delivery_id")
         dp.add_argument("--tenant", required=True)
+    dw = d.add_parser("webhooks", help="webhook deliveries that ran out of retries")
+    dw.add_argument("--tenant", required=True)
+    dw.add_argument("--limit", type=int, default=1000)
+    dw.add_argument("--replay", metavar="ID", help="queue this one again (an id from the list)")
 
     k = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="action", required=True)
     kc = k.add_parser("create", help="create a key; it is printed once, only its hash is kept")

@@ -102,6 +102,13 @@ class ExpanderConfig:
     concurrency: int = 4
     # A batch held by an expander that died is redelivered after this long.
     ack_wait: Duration = Duration(30.0)
+    # Hash-bucket lanes for domains without dedicated queues (the scheduler finds lanes from
+    # the stored subjects, so changing this lets old lanes drain).
+    buckets: int = 16
+    # A domain with at least this many recipients in one job gets dedicated queues...
+    dedicated_threshold: int = 200
+    # ...for this long after its last such job (KV sluice_lanes).
+    dedicated_ttl: Duration = Duration(3600.0)
 
 
 @dataclass(frozen=True)
@@ -125,6 +132,11 @@ class SchedulerConfig:
     throttle_cooldown: Duration = Duration(5.0)
     # How often the reaper sweeps for messages a MAX_DELIVERIES advisory missed.
     sweep_interval: Duration = Duration(300.0)
+    # Connections a hash-bucket lease runs (each domain's site is leased on top, one
+    # connection at a time, so site limits hold).
+    bucket_connections: int = 4
+    # A mail consumer with nothing stored on its subjects and no lease is deleted after this.
+    consumer_idle: Duration = Duration(60.0)
 
 
 @dataclass(frozen=True)

@@ -82,8 +82,10 @@ async def replay(js: JetStreamContext, tenant_id: str, delivery_id: str) -> bool
     pointer.CopyFrom(dead.pointer)
     pointer.accepted_at.CopyFrom(now_ts())
     pointer.ClearField("expires_at")
+    # A replay is one message: a hash-bucket lane (the scheduler finds every lane).
+    key = names.domain_key(pointer.domain)
     await js.publish(
-        names.mail_subject(pointer.tier, names.domain_key(pointer.domain)),
+        names.mail_subject(pointer.tier, names.bucket_lane(key, 16), key, pointer.tenant_id),
         pointer.SerializeToString(),
         stream=names.MAIL_STREAM,
         headers={"Nats-Msg-Id": f"replay-{delivery_id}-{seq}"},

@@ -5,7 +5,9 @@ These are wire contracts (docs/nats.md); change them deliberately.
 
 from __future__ import annotations
 
+import hashlib
 import re
+import zlib
 from typing import TypeAlias
 
 from sluice.v1 import messages_pb2
@@ -20,12 +22,14 @@ __all__ = [
     "TENANTS_BUCKET",
     "TIERS",
     "WEBHOOKS_CONSUMER",
+    "bucket_lane",
     "dlq_subject",
     "domain_key",
     "event_subject",
     "event_token",
     "job_subject",
     "mail_consumer",
+    "mail_filter",
     "mail_subject",
     "tier_from_token",
     "tier_token",
@@ -61,6 +65,8 @@ JOBS_SUBJECTS = "sluice.jobs.>"
 MAIL_SUBJECTS = "sluice.mail.>"
 EVENTS_SUBJECTS = "sluice.events.>"
 DLQ_SUBJECTS = "sluice.dlq.>"
+# Webhook deliveries that ran out of retries (also in the DLQ stream, one per subject).
+WEBHOOK_DLQ_SUBJECTS = "sluice.webhook_dlq.>"
 
 Tier: TypeAlias = messages_pb2.Tier.ValueType
 EventType: TypeAlias = messages_pb2.EventType.ValueType
@@ -114,13 +120,36 @@ def job_subject(tier: Tier, batch_id: str) -> str:
     return f"sluice.jobs.{tier_token(tier)}.{batch_id}"
 
 
-def mail_subject(tier: Tier, key: str) -> str:
-    return f"sluice.mail.{tier_token(tier)}.{key}"
+# Mail lanes. A busy domain (many recipients in one job, or listed in KV `sluice_lanes`) has
+# its own queues, lane "d"; every other domain goes to one of a fixed set of hash buckets,
+# lanes "b00".."bNN", so the number of consumers does not grow with the number of domains.
+DEDICATED_LANE = "d"
+LANES_BUCKET = "sluice_lanes"
 
 
-def mail_consumer(tier: Tier, key: str) -> str:
-    """The durable pull consumer for one mail queue."""
-    return f"mail_{tier_token(tier)}_{key}"
+def bucket_lane(key: str, buckets: int) -> str:
+    """The hash-bucket lane of a domain key (stable across processes and releases)."""
+    return f"b{zlib.crc32(key.encode()) % max(1, buckets):02d}"
+
+
+def mail_subject(tier: Tier, lane: str, key: str, tenant_id: str) -> str:
+    """sluice.mail.<tier>.<lane>.<domain key>.<tenant>: the tenant token lets deliverers share
+    a site fairly between tenants; the domain token keeps per-domain backlog visible."""
+    return f"sluice.mail.{tier_token(tier)}.{lane}.{key}.{tenant_id}"
+
+
+def mail_filter(tier: Tier, lane: str, key: str, tenant_id: str) -> str:
+    """The filter of a queue: one domain of one tenant (dedicated lane), or every domain of
+    a bucket lane of one tenant (key "")."""
+    return f"sluice.mail.{tier_token(tier)}.{lane}.{key or '*'}.{tenant_id}"
+
+
+def mail_consumer(tier: Tier, lane: str, key: str, tenant_id: str) -> str:
+    """The durable pull consumer of a queue (long domain keys are hashed to fit)."""
+    if len(key) > 64:
+        key = hashlib.sha256(key.encode()).hexdigest()[:24]
+    name = f"mail_{tier_token(tier)}_{lane}_{tenant_id}"
+    return f"{name}_{key}" if key else name
 
 
 def event_token(event_type: EventType) -> str:
@@ -141,5 +170,13 @@ def dlq_subject(tenant_id: str, delivery_id: str) -> str:
 
 
 def webhook_subject(tenant_id: str, endpoint_id: str) -> str:
-    token = re.sub(r"[^A-Za-z0-9_-]", "_", endpoint_id) or "_"
-    return f"sluice.webhooks.{tenant_id}.{token}"
+    return f"sluice.webhooks.{tenant_id}.{_token(endpoint_id)}"
+
+
+def webhook_dlq_subject(tenant_id: str, endpoint_id: str, event_id: str) -> str:
+    """One subject per (event, endpoint) that ran out of retries."""
+    return f"sluice.webhook_dlq.{tenant_id}.{_token(endpoint_id)}.{_token(event_id)}"
+
+
+def _token(value: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", value) or "_"

@@ -78,7 +78,7 @@ async def ensure_layout(js: JetStreamContext, cfg: Config) -> None:
         ),
         js_api.StreamConfig(
             name=names.DLQ_STREAM,
-            subjects=[names.DLQ_SUBJECTS],
+            subjects=[names.DLQ_SUBJECTS, names.WEBHOOK_DLQ_SUBJECTS],
             retention=js_api.RetentionPolicy.LIMITS,
             storage=js_api.StorageType.FILE,
             num_replicas=cfg.nats.replicas,
@@ -120,6 +120,7 @@ async def ensure_layout(js: JetStreamContext, cfg: Config) -> None:
         names.EXPANDER_BUCKET,
         names.SUPPRESSIONS_BUCKET,
         names.SITES_BUCKET,
+        names.LANES_BUCKET,
     ):
         try:
             await js.key_value(bucket)

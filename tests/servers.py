@@ -45,6 +45,8 @@ class ScriptedSmtp:
     script: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
     received: list[Received] = field(default_factory=list)
     rcpt_attempts: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    # When each RCPT for an address came (time.monotonic()).
+    rcpt_times: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     ehlo_names: list[str] = field(default_factory=list)
     # Seconds each DATA takes, per recipient domain (a slow destination).
     data_delay: dict[str, float] = field(default_factory=dict)
@@ -78,6 +80,7 @@ class ScriptedSmtp:
         rcpt_options: list[str],
     ) -> str:
         self.rcpt_attempts[address] += 1
+        self.rcpt_times[address].append(time.monotonic())
         queue = self.script.get(address)
         if queue:
             return queue.pop(0)

@@ -4,8 +4,9 @@ Each event is first fanned out into one WebhookDelivery per subscribed endpoint 
 WEBHOOKS), so every (event, endpoint) pair is retried on its own and a slow or failing
 endpoint never delays another: at most `per_endpoint_concurrency` POSTs per endpoint are in
 flight, the rest wait their turn without holding a worker. A 2xx is success. Timeouts, 408,
-429 and 5xx are retried on a ladder (a NAK with delay) until the webhook horizon; other 4xx
-stop. Loopback and private targets are refused unless allowed.
+429 and 5xx are retried on a ladder (a NAK with delay) until the webhook horizon, then
+dead-lettered (replayable: webhooks/deadletters.py); other 4xx stop. Loopback and private
+targets are refused unless allowed.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from sluice.nats_layout import connect, ensure_layout
 from sluice.retry import next_delay
 from sluice.tenants import TenantCache, TenantStore
 from sluice.v1 import messages_pb2, tenant_pb2
+from webhooks import deadletters
 from webhooks.signing import signature_headers
 
 __all__ = ["WebhookSender", "event_body", "serve"]
@@ -159,10 +161,15 @@ class WebhookSender:
         if done:
             await msg.ack()
             return
-        age = time.time() - event.timestamp.ToNanoseconds() / 1e9
+        since = max(event.timestamp.ToNanoseconds(), delivery.replayed_at.ToNanoseconds())
+        age = time.time() - since / 1e9
         if age > self._cfg.webhooks.horizon:
-            log.warning("webhook %s to %s: horizon passed, giving up", event.event_id, endpoint.url)
+            # Dead letter first, then TERM: a crash in between repeats, never loses.
+            await deadletters.dead_letter(self._js, delivery)
             await msg.term()
+            log.warning(
+                "webhook %s to %s: horizon passed, dead-lettered", event.event_id, endpoint.url
+            )
             return
         await msg.nak(delay=next_delay(age, self._cfg.webhooks.ladder, 0.1))
 

@@ -851,21 +851,27 @@ class WebhookDelivery(_message.Message):
 
     EVENT_FIELD_NUMBER: _builtins.int
     ENDPOINT_ID_FIELD_NUMBER: _builtins.int
+    REPLAYED_AT_FIELD_NUMBER: _builtins.int
     endpoint_id: _builtins.str
     """The endpoint's id within the tenant."""
     @_builtins.property
     def event(self) -> Global___Event:
         """The event."""
 
+    @_builtins.property
+    def replayed_at(self) -> _timestamp_pb2.Timestamp:
+        """Set when replayed from the webhook dead letters: the retry horizon counts from here."""
+
     def __init__(
         self,
         *,
         event: Global___Event | None = ...,
         endpoint_id: _builtins.str = ...,
+        replayed_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "replayed_at", b"replayed_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoint_id", b"endpoint_id", "event", b"event"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoint_id", b"endpoint_id", "event", b"event", "replayed_at", b"replayed_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

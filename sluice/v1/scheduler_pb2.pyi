@@ -62,22 +62,32 @@ class LeaseQueue(_message.Message):
     TIER_FIELD_NUMBER: _builtins.int
     KEY_FIELD_NUMBER: _builtins.int
     CONSUMER_FIELD_NUMBER: _builtins.int
+    LANE_FIELD_NUMBER: _builtins.int
+    TENANT_ID_FIELD_NUMBER: _builtins.int
     tier: _messages_pb2.Tier.ValueType
     """The tier of the queue."""
     key: _builtins.str
-    """The subject key token (sluice.mail.<tier>.<key>)."""
+    """The domain key token (sluice.mail.<tier>.<lane>.<key>.<tenant>); empty for a
+    hash-bucket queue, which holds many domains.
+    """
     consumer: _builtins.str
     """The durable pull consumer to fetch from."""
+    lane: _builtins.str
+    """The lane: "d" (one domain's own queue) or a hash bucket ("b00".."bNN")."""
+    tenant_id: _builtins.str
+    """The tenant whose mail the queue holds; deliverers take turns between tenants."""
     def __init__(
         self,
         *,
         tier: _messages_pb2.Tier.ValueType = ...,
         key: _builtins.str = ...,
         consumer: _builtins.str = ...,
+        lane: _builtins.str = ...,
+        tenant_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["consumer", b"consumer", "key", b"key", "tier", b"tier"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consumer", b"consumer", "key", b"key", "lane", b"lane", "tenant_id", b"tenant_id", "tier", b"tier"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -99,6 +109,7 @@ class Lease(_message.Message):
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
     MAX_CONNECTION_RATE_FIELD_NUMBER: _builtins.int
     BULK_RESERVE_FIELD_NUMBER: _builtins.int
+    LANE_FIELD_NUMBER: _builtins.int
     lease_id: _builtins.str
     """Unique id of the lease."""
     site_id: _builtins.str
@@ -114,6 +125,10 @@ class Lease(_message.Message):
     bulk_reserve: _builtins.int
     """Out of every ten batches, how many are taken from the bulk tier even while higher tiers
     have mail (the site's bulk reserve); 0 means strict tiers.
+    """
+    lane: _builtins.str
+    """Set on a hash-bucket lease: its queues hold mail for many sites, and the holder must
+    lease each domain's site (AcquireLeasesRequest.domain) before delivering to it.
     """
     @_builtins.property
     def domains(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -140,10 +155,11 @@ class Lease(_message.Message):
         expires_at: _timestamp_pb2.Timestamp | None = ...,
         max_connection_rate: _builtins.float = ...,
         bulk_reserve: _builtins.int = ...,
+        lane: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bulk_reserve", b"bulk_reserve", "domains", b"domains", "expires_at", b"expires_at", "lease_id", b"lease_id", "max_connection_rate", b"max_connection_rate", "max_connections", b"max_connections", "max_deliveries_per_connection", b"max_deliveries_per_connection", "max_message_rate", b"max_message_rate", "queues", b"queues", "site_id", b"site_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bulk_reserve", b"bulk_reserve", "domains", b"domains", "expires_at", b"expires_at", "lane", b"lane", "lease_id", b"lease_id", "max_connection_rate", b"max_connection_rate", "max_connections", b"max_connections", "max_deliveries_per_connection", b"max_deliveries_per_connection", "max_message_rate", b"max_message_rate", "queues", b"queues", "site_id", b"site_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -157,19 +173,25 @@ class AcquireLeasesRequest(_message.Message):
 
     DELIVERER_ID_FIELD_NUMBER: _builtins.int
     MAX_LEASES_FIELD_NUMBER: _builtins.int
+    DOMAIN_FIELD_NUMBER: _builtins.int
     deliverer_id: _builtins.str
     """A stable id of the calling deliverer process."""
     max_leases: _builtins.int
     """How many new leases the caller can work at once."""
+    domain: _builtins.str
+    """When set: one lease of one connection on this domain's site, for mail taken from a
+    hash-bucket lease (no queues); empty when the site is at its limit or suspended.
+    """
     def __init__(
         self,
         *,
         deliverer_id: _builtins.str = ...,
         max_leases: _builtins.int = ...,
+        domain: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deliverer_id", b"deliverer_id", "max_leases", b"max_leases"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deliverer_id", b"deliverer_id", "domain", b"domain", "max_leases", b"max_leases"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

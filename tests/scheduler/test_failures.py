@@ -49,7 +49,7 @@ def _mx(dns_server: DnsServer) -> None:
     dns_server.records["mx.cap.test"] = [("A", "127.0.0.1")]
 
 
-async def _deliverer_process(stack: Stack, dns_port: int, smtp_port: int) -> Any:
+async def deliverer_process(stack: Stack, dns_port: int, smtp_port: int) -> Any:
     cfg = stack.cfg
     env = dict(
         os.environ,
@@ -82,7 +82,7 @@ async def test_sigkilled_deliverer_leases_expire_and_another_finishes(
 ) -> None:
     _, smtp_port = smtp
     stack.smtp.data_delay["cap.test"] = 0.02
-    first = await _deliverer_process(stack, dns_server.port, smtp_port)
+    first = await deliverer_process(stack, dns_server.port, smtp_port)
     second = None
     try:
         await blast(stack, [f"u{i}@cap.test" for i in range(300)])
@@ -91,7 +91,7 @@ async def test_sigkilled_deliverer_leases_expire_and_another_finishes(
         await first.wait()
         killed_at = len(stack.smtp.received)
         assert killed_at < 300, "the kill came too late to prove anything"
-        second = await _deliverer_process(stack, dns_server.port, smtp_port)
+        second = await deliverer_process(stack, dns_server.port, smtp_port)
         await wait_for(
             lambda: len({r.rcpt_tos[0] for r in stack.smtp.received}) == 300,
             90,
@@ -154,7 +154,7 @@ async def test_sigterm_drains_without_loss_or_duplicates(
 ) -> None:
     _, smtp_port = smtp
     stack.smtp.data_delay["cap.test"] = 0.05
-    first = await _deliverer_process(stack, dns_server.port, smtp_port)
+    first = await deliverer_process(stack, dns_server.port, smtp_port)
     second = None
     try:
         await blast(stack, [f"u{i}@cap.test" for i in range(150)])
@@ -164,7 +164,7 @@ async def test_sigterm_drains_without_loss_or_duplicates(
         assert code == 0, "SIGTERM must exit cleanly after the transactions in hand"
         drained_at = len(stack.smtp.received)
         assert drained_at < 150, "the drain came too late to prove anything"
-        second = await _deliverer_process(stack, dns_server.port, smtp_port)
+        second = await deliverer_process(stack, dns_server.port, smtp_port)
         await wait_for(lambda: len(stack.smtp.received) >= 150, 90, "the rest delivered")
         await asyncio.sleep(1.0)
     finally:

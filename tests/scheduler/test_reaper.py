@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from scheduler.backlog import Queue, ensure_consumer
+from scheduler.backlog import Consumers, Queue
 from scheduler.reaper import Reaper
 from sluice import config as config_mod
 from sluice import names
@@ -36,8 +36,12 @@ async def _exhaust(nats_server: NatsServer) -> tuple[object, object]:
         tier=messages_pb2.TIER_BULK,
         accepted_at=now_ts(),
     )
-    await js.publish(names.mail_subject(pointer.tier, "mail_test"), pointer.SerializeToString())
-    consumer = await ensure_consumer(js, cfg, Queue(messages_pb2.TIER_BULK, "mail_test"))
+    queue = Queue(messages_pb2.TIER_BULK, "d", "mail_test", "acme")
+    await js.publish(
+        names.mail_subject(pointer.tier, queue.lane, queue.key, queue.tenant),
+        pointer.SerializeToString(),
+    )
+    consumer = await Consumers(js, cfg).ensure(queue)
     sub = await js.pull_subscribe_bind(consumer, names.MAIL_STREAM)
     for _ in range(2):
         (msg,) = await sub.fetch(1, timeout=5)  # delivered, never acknowledged

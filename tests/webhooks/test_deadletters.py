@@ -1,0 +1,124 @@
+"""A webhook delivery that keeps failing is dead-lettered at the horizon, listed by
+`sluice dlq webhooks`, and delivered (signed) once replayed to a healthy endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from aiohttp import web
+from standardwebhooks.webhooks import Webhook
+
+from sluice.nats_layout import connect
+from sluice.tenants import TenantStore, new_webhook_secret, now_ts
+from sluice.v1 import messages_pb2, tenant_pb2
+from tests.api import call
+from tests.conftest import Stack, wait_for
+
+
+@pytest.fixture
+def stack_overrides() -> dict[str, dict[str, Any]]:
+    return {"webhooks": {"ladder": ["200ms"], "horizon": "2s"}}
+
+
+class Flaky:
+    def __init__(self) -> None:
+        self.healthy = False
+        self.failures = 0
+        self.received: list[tuple[dict[str, str], bytes]] = []
+
+    async def handle(self, request: web.Request) -> web.Response:
+        if not self.healthy:
+            self.failures += 1
+            return web.Response(status=503)
+        self.received.append((dict(request.headers), await request.read()))
+        return web.Response(status=204)
+
+
+@pytest.fixture
+async def flaky() -> AsyncIterator[tuple[Flaky, str]]:
+    f = Flaky()
+    app = web.Application()
+    app.router.add_post("/hook", f.handle)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    yield f, f"http://127.0.0.1:{port}/hook"
+    await runner.cleanup()
+
+
+def _sluice(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, SLUICE_NATS__URL=stack.cfg.nats.url)
+    return subprocess.run(
+        [sys.executable, "-m", "sluice.cli", "--log-level", "WARNING", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+async def test_failing_webhook_is_dead_lettered_and_replayable(
+    stack: Stack, flaky: tuple[Flaky, str]
+) -> None:
+    f, url = flaky
+    secret = new_webhook_secret()
+    nc = await connect(stack.cfg, "test")
+    store = TenantStore(nc.jetstream())
+    await store.put_tenant(
+        tenant_pb2.Tenant(
+            tenant_id="flaky",
+            allowed_from_domains=["flaky.test"],
+            created_at=now_ts(),
+            webhooks=[
+                tenant_pb2.WebhookEndpoint(
+                    id="main",
+                    url=url,
+                    secrets=[secret],
+                    event_types=[messages_pb2.EVENT_TYPE_DELIVERED],
+                )
+            ],
+        )
+    )
+    key, _ = await store.create_key("flaky")
+    await nc.close()
+    status, body, _ = await call(
+        stack,
+        "POST",
+        "/v1/send",
+        {"from": {"email": "a@flaky.test"}, "to": [{"email": "x@mail.test"}], "text": "x"},
+        key=key,
+    )
+    assert status == 202
+
+    async def dead() -> list[str]:
+        out = await asyncio.to_thread(_sluice, stack, "dlq", "webhooks", "--tenant", "flaky")
+        assert out.returncode == 0, out.stderr
+        return out.stdout.splitlines()
+
+    (line,) = await wait_for(dead, 30, "the webhook dead letter")
+    dead_id, endpoint_id, event_id, event_type = line.split("\t")
+    assert (endpoint_id, event_type) == ("main", "delivered")
+    assert f.failures >= 2, "it was not retried before being dead-lettered"
+    failures = f.failures
+    await asyncio.sleep(0.6)
+    assert f.failures == failures, "retried after it was dead-lettered"
+    f.healthy = True
+    out = await asyncio.to_thread(
+        _sluice, stack, "dlq", "webhooks", "--tenant", "flaky", "--replay", dead_id
+    )
+    assert out.returncode == 0, out.stderr
+    await wait_for(lambda: f.received, 20, "the replayed webhook")
+    headers, payload = f.received[0]
+    verified = Webhook(secret).verify(payload, headers)
+    assert verified["data"]["event_id"] == event_id == headers["webhook-id"]
+    assert json.loads(payload)["data"]["message_id"] == body["message_id"]
+    assert await dead() == [], "the replayed dead letter is still listed"
