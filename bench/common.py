@@ -8,7 +8,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from sluice.natsserver import NatsServer
+from sluice.natsserver import NatsServer, nats_server_binary
 
 
 def machine() -> str:
@@ -21,7 +21,9 @@ def machine() -> str:
     except OSError:
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    nats = subprocess.run(["nats-server", "--version"], capture_output=True, text=True).stdout
+    nats = subprocess.run(
+        [nats_server_binary(), "--version"], capture_output=True, text=True
+    ).stdout
     return (
         f"{platform.node()}: {os.cpu_count()} cores ({cpu}), {mem:.0f} GiB, "
         f"Python {platform.python_version()}, {nats.strip() or 'nats-server ?'}"

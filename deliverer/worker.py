@@ -12,8 +12,9 @@ import random
 import re
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Coroutine, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from nats.aio.msg import Msg
@@ -39,6 +40,9 @@ __all__ = ["SUPPRESS_CATEGORIES", "Deliverer"]
 
 # At most this many recipients in one SMTP transaction (RFC 5321 4.5.3.1.8: servers take 100).
 _MAX_RCPTS = 50
+
+# Transactions whose settling (events, acks) may still be in flight per process.
+_SETTLING = 256
 
 # Hard bounces that suppress the address for the tenant (SES/Postmark behaviour).
 SUPPRESS_CATEGORIES = frozenset({"bad_mailbox", "bad_domain"})
@@ -110,6 +114,7 @@ class Deliverer:
         # One-connection leases on the sites of mail taken from hash-bucket lanes.
         self._domain_leases: dict[str, LeaseWork] = {}
         self._site_of: dict[str, str] = {}  # domain -> site, as the scheduler named it
+        self._settling: set[asyncio.Future[Any]] = set()
         self._outcomes: list[scheduler_pb2.Outcome] = []
         self._subs: dict[str, JetStreamContext.PullSubscription] = {}
         self._parsed: dict[str, Sequence[messages_pb2.Payload]] = {}
@@ -150,6 +155,7 @@ class Deliverer:
             # Drain: each lease worker finishes the transaction in hand and hands back the rest.
             if tasks:
                 await asyncio.wait(tasks, timeout=self._cfg.deliverer.command_timeout)
+            await self.settle_all()
         finally:
             renewer.cancel()
             await self._flush_outcomes()
@@ -374,11 +380,16 @@ class Deliverer:
         return work
 
     async def _release_domain_lease(self, work: LeaseWork) -> None:
+        """Give a one-connection lease back without waiting for the answer (if it is lost,
+        the lease simply expires)."""
         self._domain_leases.pop(work.lease.lease_id, None)
+        await self._background(self._release(work.lease.lease_id))
+
+    async def _release(self, lease_id: str) -> None:
         with contextlib.suppress(grpc.aio.AioRpcError):
             await self._scheduler.ReleaseLeases(
                 scheduler_pb2.ReleaseLeasesRequest(
-                    deliverer_id=self.deliverer_id, lease_ids=[work.lease.lease_id]
+                    deliverer_id=self.deliverer_id, lease_ids=[lease_id]
                 ),
                 timeout=5.0,
             )
@@ -495,10 +506,9 @@ class Deliverer:
                     await conn.close()
                 await work.connections.wait(lease.max_connection_rate)
                 conn = await self._connect(first.domain)
-            for msg, *_ in items:
-                await msg.in_progress()
-            replies = await conn.send_many(
-                self._mail_from(first), [p.recipient for _, p, *_ in items], data
+            replies = await self._keep_alive(
+                [msg for msg, *_ in items],
+                conn.send_many(self._mail_from(first), [p.recipient for _, p, *_ in items], data),
             )
             outcomes = {r: classify(reply, self._throttle) for r, reply in replies.items()}
         except DnsPermanent as exc:
@@ -507,18 +517,56 @@ class Deliverer:
         except (DnsTemporary, ConnectionLost) as exc:
             outcomes = {p.recipient: Deferred(None, str(exc)) for _, p, *_ in items}
             conn = None
-        for msg, p, attempt, age, horizon in items:
-            await self._settle(
-                msg,
-                p,
-                attempt,
-                age,
-                horizon,
-                outcomes[p.recipient],
-                lease,
-                conn.host if conn else "",
+        host = conn.host if conn else ""
+        # Settling (event, then ack / nak / dead letter) runs in the background, so the
+        # connection goes on with the next transaction meanwhile; a crash before the ack
+        # means a redelivery, which at-least-once allows.
+        await self._background(
+            asyncio.gather(
+                *(
+                    self._settle(msg, p, attempt, age, horizon, outcomes[p.recipient], lease, host)
+                    for msg, p, attempt, age, horizon in items
+                )
             )
+        )
         return conn
+
+    async def _keep_alive(
+        self, msgs: list[Msg], send: Coroutine[Any, Any, dict[str, Reply]]
+    ) -> dict[str, Reply]:
+        """Run an SMTP transaction, telling JetStream the pointers are in progress every
+        third of ack_wait while it lasts (a slow DATA must not look like a dead deliverer)."""
+        task = asyncio.ensure_future(send)
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=self._cfg.deliverer.ack_wait / 3)
+                if done:
+                    return task.result()
+                for msg in msgs:
+                    await msg.in_progress()
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+
+    async def _background(self, work: Awaitable[Any]) -> None:
+        """Run `work` in the background, at most _SETTLING at once (then wait for room)."""
+        while len(self._settling) >= _SETTLING:
+            await asyncio.wait(self._settling, return_when=asyncio.FIRST_COMPLETED)
+        task = asyncio.ensure_future(work)
+        self._settling.add(task)
+        task.add_done_callback(self._settled)
+
+    def _settled(self, task: asyncio.Future[Any]) -> None:
+        self._settling.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("settling failed (the pointer comes back): %r", task.exception())
+
+    async def settle_all(self) -> None:
+        """Wait for every background settle (a drain)."""
+        while self._settling:
+            await asyncio.wait(set(self._settling))
 
     async def _payload(self, ref: str) -> messages_pb2.Payload:
         """The payload a ref points at; "<uri>#<i>" is payload i of a streamed batch.

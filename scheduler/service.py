@@ -47,6 +47,8 @@ class Scheduler:
         self.leases = LeaseTable(cfg.scheduler.lease_ttl)
         self.adaptive = Adaptive(cfg.scheduler, js)
         self._backlog = Backlog()
+        self._bucketed: set[str] = set()
+        self._bucketed_for: Backlog | None = None
         self.consumers = Consumers(js, cfg)
         self._backlog_at = 0.0
         self._sites: dict[str, tuple[float, str]] = {}
@@ -118,7 +120,13 @@ class Scheduler:
         return self.adaptive.current(site, self._rules.limits(site, domains))
 
     async def _bucketed_sites(self) -> set[str]:
-        return {await self.site_of(names.key_domain(k)) for k in self._backlog.bucketed}
+        """Sites with mail in hash buckets (computed once per backlog read)."""
+        if self._bucketed_for is not self._backlog:
+            self._bucketed = {
+                await self.site_of(names.key_domain(k)) for k in self._backlog.bucketed
+            }
+            self._bucketed_for = self._backlog
+        return self._bucketed
 
     async def acquire(self, deliverer_id: str, max_leases: int) -> list[scheduler_pb2.Lease]:
         async with self._lock:
