@@ -216,20 +216,13 @@ class Deliverer:
     async def _work_lease(self, work: LeaseWork, stop: asyncio.Event) -> None:
         lease = work.lease
         n = max(1, min(lease.max_connections, self._cfg.deliverer.connections_per_lease))
-        loop = self._bucket_loop if lease.lane else self._connection_loop
         try:
-            await asyncio.gather(*(loop(work, stop) for _ in range(n)))
+            await asyncio.gather(*(self._connection_loop(work, stop) for _ in range(n)))
         except Exception:
             log.exception("lease %s failed", lease.lease_id)
         finally:
             self._work.pop(lease.lease_id, None)
-            with contextlib.suppress(grpc.aio.AioRpcError):
-                await self._scheduler.ReleaseLeases(
-                    scheduler_pb2.ReleaseLeasesRequest(
-                        deliverer_id=self.deliverer_id, lease_ids=[lease.lease_id]
-                    ),
-                    timeout=5.0,
-                )
+            await self._release(lease.lease_id)
 
     async def _sub(self, consumer: str) -> JetStreamContext.PullSubscription:
         sub = self._subs.get(consumer)
@@ -294,32 +287,13 @@ class Deliverer:
         return []
 
     async def _connection_loop(self, work: LeaseWork, stop: asyncio.Event) -> None:
-        lease = work.lease
-        conn: SmtpConnection | None = None
-        try:
-            while not stop.is_set() and not work.lost.is_set():
-                async with work.fetching:
-                    msgs = await self._next_batch(work)
-                if not msgs:
-                    return
-                groups = self._groups(msgs)
-                for i, group in enumerate(groups):
-                    if stop.is_set() or work.lost.is_set():
-                        await self._hand_back(groups[i:])
-                        return
-                    # The lease's message rate is shared by all of its connections.
-                    for _ in group:
-                        await work.messages.wait(lease.max_message_rate)
-                    conn = await self._deliver(group, work, conn)
-        finally:
-            if conn is not None:
-                await conn.close()
+        """One connection of a lease: fetch, deliver, repeat until drained or stopped.
 
-    async def _bucket_loop(self, work: LeaseWork, stop: asyncio.Event) -> None:
-        """A connection of a hash-bucket lease. Its mail is for many sites, so the site of
-        each domain is leased (one connection) before delivering to it; the mail of a site
-        at its limit goes back for a moment (retry steps come from age, none is used up)."""
-        held: LeaseWork | None = None
+        A hash-bucket lease's mail is for many sites, so there the site of each domain is
+        leased (one connection) before delivering to it, and the mail of a site at its limit
+        goes back for a moment (retry steps come from age, none is used up)."""
+        bucket = bool(work.lease.lane)
+        held: LeaseWork | None = None  # bucket leases: the site lease of the domain in hand
         conn: SmtpConnection | None = None
         try:
             while not stop.is_set() and not work.lost.is_set():
@@ -328,39 +302,49 @@ class Deliverer:
                 if not msgs:
                     return
                 groups = self._groups(msgs)
-                # Several messages to one domain go through one connection.
-                groups.sort(key=lambda g: g[0][1].domain if g[0][1] is not None else "")
+                if bucket:
+                    # Several messages to one domain go through one connection.
+                    groups.sort(key=lambda g: g[0][1].domain if g[0][1] is not None else "")
                 for i, group in enumerate(groups):
                     if stop.is_set() or work.lost.is_set():
                         await self._hand_back(groups[i:])
                         return
+                    site = work
                     p = group[0][1]
-                    if p is None:
-                        conn = await self._deliver(group, work, conn)  # terminates it
-                        continue
-                    if held is not None and (
-                        held.lost.is_set() or self._site_of.get(p.domain) != held.lease.site_id
-                    ):
-                        if conn is not None:
-                            await conn.close()
-                            conn = None
-                        await self._release_domain_lease(held)
-                        held = None
-                    if held is None:
-                        held = await self._acquire_domain_lease(p.domain)
-                    if held is None:
-                        # The site is at its limit (or suspended): back in a moment.
-                        for msg, _ in group:
-                            await msg.nak(delay=1.0 + random.random())
-                        continue
+                    if bucket and p is not None:  # (an undecodable pointer is terminated)
+                        held, conn = await self._domain_site(p.domain, held, conn)
+                        if held is None:
+                            # The site is at its limit (or suspended): back in a moment.
+                            for msg, _ in group:
+                                await msg.nak(delay=1.0 + random.random())
+                            continue
+                        site = held
+                    # A lease's message rate is shared by all of its connections.
                     for _ in group:
-                        await held.messages.wait(held.lease.max_message_rate)
-                    conn = await self._deliver(group, held, conn)
+                        await site.messages.wait(site.lease.max_message_rate)
+                    conn = await self._deliver(group, site, conn)
         finally:
             if conn is not None:
                 await conn.close()
             if held is not None:
                 await self._release_domain_lease(held)
+
+    async def _domain_site(
+        self, domain: str, held: LeaseWork | None, conn: SmtpConnection | None
+    ) -> tuple[LeaseWork | None, SmtpConnection | None]:
+        """The site lease to deliver to `domain` under, and the connection to use: the one
+        held if it covers the domain's site, else a new one (None if the site is full)."""
+        if held is not None and (
+            held.lost.is_set() or self._site_of.get(domain) != held.lease.site_id
+        ):
+            if conn is not None:
+                await conn.close()
+                conn = None
+            await self._release_domain_lease(held)
+            held = None
+        if held is None:
+            held = await self._acquire_domain_lease(domain)
+        return held, conn
 
     async def _acquire_domain_lease(self, domain: str) -> LeaseWork | None:
         try:
