@@ -38,7 +38,8 @@ from sluice.atomic import MAX_BATCH, publish_atomic
 from sluice.config import Config
 from sluice.consume import consume
 from sluice.lanes import Lanes
-from sluice.nats_layout import connect, ensure_layout
+from sluice.nats_layout import connect, ensure_layout, kv_put_ttl
+from sluice.outcomes import WRONG_LAST_SEQUENCE
 from sluice.store import PayloadStore, open_store
 from sluice.suppressions import Suppressions
 from sluice.tenants import now_ts
@@ -49,7 +50,6 @@ __all__ = ["Expander", "serve"]
 log = logging.getLogger(__name__)
 
 CHUNK = MAX_BATCH - 1  # pointers per chunk; the marker is the batch's thousandth message
-_WRONG_LAST_SEQUENCE = 10071
 _IN_FLIGHT = 4  # chunks committed concurrently per batch (the server allows 50 per stream)
 _DONE_TTL = 7 * 86400
 
@@ -193,7 +193,7 @@ class Expander:
         try:
             await publish_atomic(self._nc, msgs)
         except JsApiError as exc:
-            if exc.err_code == _WRONG_LAST_SEQUENCE:
+            if exc.err_code == WRONG_LAST_SEQUENCE:
                 return 0  # committed before (an earlier attempt or another expander)
             raise
         return len(msgs) - 1
@@ -257,11 +257,7 @@ class Expander:
 
     async def _mark_done(self, batch_id: str) -> None:
         """Record completion first: once markers are purged they no longer guard chunks."""
-        await self._js.publish(
-            f"$KV.{names.EXPANDER_BUCKET}.{batch_id}",
-            b"done",
-            headers={"Nats-TTL": f"{_DONE_TTL}s"},
-        )
+        await kv_put_ttl(self._js, names.EXPANDER_BUCKET, batch_id, b"done", _DONE_TTL)
         await self._purge_markers(batch_id)
 
     async def _purge_markers(self, batch_id: str) -> None:

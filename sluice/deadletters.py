@@ -8,6 +8,7 @@ dead-lettered again.
 
 from __future__ import annotations
 
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js import api as js_api
 from nats.js.errors import NotFoundError
@@ -16,7 +17,7 @@ from sluice import names
 from sluice.tenants import now_ts
 from sluice.v1 import messages_pb2
 
-__all__ = ["get", "list_page", "replay"]
+__all__ = ["get", "list_page", "read_page", "replay"]
 
 
 async def list_page(
@@ -25,6 +26,23 @@ async def list_page(
     """Up to page_size (stream sequence, delivery id, dead letter), oldest first, after
     after_seq; and the sequence to continue after (0 when there is no more)."""
     subject = f"sluice.dlq.{tenant_id}.>" if tenant_id else names.DLQ_SUBJECTS
+    msgs, next_seq = await read_page(js, subject, page_size, after_seq)
+    return [
+        (
+            m.metadata.sequence.stream,
+            m.subject.rsplit(".", 1)[1],
+            messages_pb2.DeadLetter.FromString(m.data),
+        )
+        for m in msgs
+    ], next_seq
+
+
+async def read_page(
+    js: JetStreamContext, subject: str, page_size: int, after_seq: int = 0
+) -> tuple[list[Msg], int]:
+    """Up to page_size messages of the DLQ stream on `subject`, oldest first, after
+    after_seq; and the sequence to continue after (0 when there is no more). Read with a
+    throwaway consumer, deleted afterwards."""
     config = js_api.ConsumerConfig(
         ack_policy=js_api.AckPolicy.NONE,
         inactive_threshold=30.0,
@@ -39,20 +57,13 @@ async def list_page(
     try:
         info = await sub.consumer_info()
         pending = info.num_pending or 0
-        out: list[tuple[int, str, messages_pb2.DeadLetter]] = []
+        out: list[Msg] = []
         while pending > 0 and len(out) < page_size:
             msgs = await sub.fetch(min(page_size - len(out), pending), timeout=5.0)
             pending -= len(msgs)
-            for m in msgs:
-                out.append(
-                    (
-                        m.metadata.sequence.stream,
-                        m.subject.rsplit(".", 1)[1],
-                        messages_pb2.DeadLetter.FromString(m.data),
-                    )
-                )
+            out += msgs
         more = pending > 0
-        return out, (out[-1][0] if out and more else 0)
+        return out, (out[-1].metadata.sequence.stream if out and more else 0)
     finally:
         await sub.unsubscribe()
         try:

@@ -15,12 +15,12 @@ from sluice import names
 from sluice.tenants import now_ts
 from sluice.v1 import messages_pb2
 
-__all__ = ["publish_dead_letter", "publish_event"]
+__all__ = ["WRONG_LAST_SEQUENCE", "publish_create_only", "publish_dead_letter", "publish_event"]
 
 log = logging.getLogger(__name__)
 
-# JetStream: "wrong last sequence" — the create-only dead letter already exists.
-_JS_WRONG_LAST_SEQUENCE = 10071
+# JetStream: "wrong last sequence" — a create-only publish found its subject taken.
+WRONG_LAST_SEQUENCE = 10071
 
 
 async def publish_event(
@@ -69,14 +69,20 @@ async def publish_dead_letter(
         dead_at=now_ts(),
         attempts=attempts,
     )
+    subject = names.dlq_subject(p.tenant_id, p.delivery_id)
+    if not await publish_create_only(js, subject, record.SerializeToString(), names.DLQ_STREAM):
+        log.info("dead letter for %s already written", p.delivery_id)
+
+
+async def publish_create_only(js: JetStreamContext, subject: str, data: bytes, stream: str) -> bool:
+    """Publish to a subject that must hold one message; False if it already does (a repeat
+    after a crash is then not a duplicate)."""
     try:
         await js.publish(
-            names.dlq_subject(p.tenant_id, p.delivery_id),
-            record.SerializeToString(),
-            stream=names.DLQ_STREAM,
-            headers={"Nats-Expected-Last-Subject-Sequence": "0"},
+            subject, data, stream=stream, headers={"Nats-Expected-Last-Subject-Sequence": "0"}
         )
     except JsApiError as exc:
-        if exc.err_code != _JS_WRONG_LAST_SEQUENCE:
+        if exc.err_code != WRONG_LAST_SEQUENCE:
             raise
-        log.info("dead letter for %s already written", p.delivery_id)
+        return False
+    return True

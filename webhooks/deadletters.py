@@ -8,19 +8,17 @@ from __future__ import annotations
 import logging
 
 from nats.js import JetStreamContext
-from nats.js import api as js_api
-from nats.js.errors import APIError as JsApiError
 from nats.js.errors import NotFoundError
 
 from sluice import names
+from sluice.deadletters import read_page
+from sluice.outcomes import publish_create_only
 from sluice.tenants import now_ts
 from sluice.v1 import messages_pb2
 
 __all__ = ["dead_letter", "list_all", "replay"]
 
 log = logging.getLogger(__name__)
-
-_WRONG_LAST_SEQUENCE = 10071
 
 
 def _subject(d: messages_pb2.WebhookDelivery) -> str:
@@ -29,16 +27,9 @@ def _subject(d: messages_pb2.WebhookDelivery) -> str:
 
 async def dead_letter(js: JetStreamContext, delivery: messages_pb2.WebhookDelivery) -> None:
     """Write it create-only: a repeat after a crash is not a duplicate."""
-    try:
-        await js.publish(
-            _subject(delivery),
-            delivery.SerializeToString(),
-            stream=names.DLQ_STREAM,
-            headers={"Nats-Expected-Last-Subject-Sequence": "0"},
-        )
-    except JsApiError as exc:
-        if exc.err_code != _WRONG_LAST_SEQUENCE:
-            raise
+    await publish_create_only(
+        js, _subject(delivery), delivery.SerializeToString(), names.DLQ_STREAM
+    )
 
 
 async def list_all(
@@ -47,26 +38,11 @@ async def list_all(
     """Up to `limit` (id, delivery) of a tenant, oldest first; the id is
     "<endpoint>.<event id>" as replay takes it."""
     prefix = f"sluice.webhook_dlq.{tenant_id}."
-    sub = await js.pull_subscribe(
-        f"{prefix}>",
-        stream=names.DLQ_STREAM,
-        config=js_api.ConsumerConfig(
-            ack_policy=js_api.AckPolicy.NONE, mem_storage=True, inactive_threshold=30.0
-        ),
-    )
-    try:
-        pending = (await sub.consumer_info()).num_pending or 0
-        out: list[tuple[str, messages_pb2.WebhookDelivery]] = []
-        while pending > 0 and len(out) < limit:
-            msgs = await sub.fetch(min(limit - len(out), pending), timeout=5.0)
-            pending -= len(msgs)
-            out += [
-                (m.subject.removeprefix(prefix), messages_pb2.WebhookDelivery.FromString(m.data))
-                for m in msgs
-            ]
-        return out
-    finally:
-        await sub.unsubscribe()
+    msgs, _ = await read_page(js, f"{prefix}>", limit)
+    return [
+        (m.subject.removeprefix(prefix), messages_pb2.WebhookDelivery.FromString(m.data))
+        for m in msgs
+    ]
 
 
 async def replay(js: JetStreamContext, tenant_id: str, dead_id: str) -> bool:
