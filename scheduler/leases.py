@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from scheduler.shaping import Limits
 
-__all__ = ["LeaseState", "LeaseTable"]
+__all__ = ["LANE_PREFIX", "LeaseState", "LeaseTable"]
 
 
 @dataclass
@@ -23,6 +23,15 @@ class LeaseState:
     # "site": a site's dedicated queues; "lane": a hash-bucket lane (site_id "lane:<lane>");
     # "domain": one connection on a site for mail taken from a lane.
     kind: str = "site"
+
+    @property
+    def lane(self) -> str:
+        """The hash-bucket lane of a lane lease ("" for the other kinds)."""
+        return self.site_id.removeprefix(LANE_PREFIX) if self.kind == "lane" else ""
+
+
+# The site id under which a hash-bucket lane's lease is kept.
+LANE_PREFIX = "lane:"
 
 
 class LeaseTable:

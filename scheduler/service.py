@@ -15,10 +15,11 @@ from nats.js.errors import KeyNotFoundError
 
 from scheduler.adaptive import Adaptive
 from scheduler.backlog import Backlog, Consumers, Queue, read_backlog
-from scheduler.leases import LeaseState, LeaseTable
+from scheduler.leases import LANE_PREFIX, LeaseState, LeaseTable
 from scheduler.shaping import Limits, Rules
 from sluice import names
 from sluice.config import Config
+from sluice.nats_layout import kv_put_ttl
 from sluice.resolver import DnsError, Resolver
 from sluice.v1 import scheduler_pb2
 
@@ -75,10 +76,8 @@ class Scheduler:
         await self._heartbeat()
 
     async def _heartbeat(self) -> None:
-        await self._js.publish(
-            f"$KV.{names.SITES_BUCKET}.{_ALIVE_KEY}",
-            b"1",
-            headers={"Nats-TTL": f"{max(1, math.ceil(self._cfg.scheduler.lease_ttl))}s"},
+        await kv_put_ttl(
+            self._js, names.SITES_BUCKET, _ALIVE_KEY, b"1", self._cfg.scheduler.lease_ttl
         )
 
     async def refresh_backlog(self) -> None:
@@ -148,7 +147,7 @@ class Scheduler:
             for _, kind, name in work:
                 if len(granted) >= max_leases:
                     break
-                if self._cooldown.get(f"lane:{name}" if kind == "lane" else name, 0.0) > now:
+                if self._cooldown.get(LANE_PREFIX + name if kind == "lane" else name, 0.0) > now:
                     continue
                 if kind == "lane":
                     lease = self._grant_lane(deliverer_id, name)
@@ -187,7 +186,7 @@ class Scheduler:
         leased one connection at a time as its mail is delivered (acquire_domain)."""
         n = self._cfg.scheduler.bucket_connections
         limits = Limits(max_connections=n, max_deliveries_per_connection=0)
-        lease = self.leases.grant(f"lane:{lane}", deliverer_id, limits, [], n, kind="lane")
+        lease = self.leases.grant(LANE_PREFIX + lane, deliverer_id, limits, [], n, kind="lane")
         if lease is not None:
             log.info("lease %s: lane=%s deliverer=%s", lease.lease_id, lane, deliverer_id)
         return lease
@@ -238,7 +237,7 @@ class Scheduler:
             expires_at=expires,
             max_connection_rate=lease.limits.max_connection_rate * share,
             bulk_reserve=lease.limits.bulk_reserve,
-            lane=lease.site_id.removeprefix("lane:") if lease.kind == "lane" else "",
+            lane=lease.lane,
         )
 
     async def renew(
@@ -256,12 +255,7 @@ class Scheduler:
                 if ls is None:
                     resp.lost_lease_ids.append(lease_id)
                     continue
-                if ls.kind == "lane":
-                    queues = by_lane.get(ls.site_id.removeprefix("lane:"), [])
-                elif ls.kind == "site":
-                    queues = by_site.get(ls.site_id, [])
-                else:
-                    queues = []
+                queues = _lease_queues(ls, by_site, by_lane)
                 resp.leases.append(self.describe(ls, await self._queues(queues)))
             return resp
 
@@ -380,10 +374,15 @@ class Scheduler:
         """Consumers of queues a live lease covers (deliverers may be bound to them)."""
         by_site = await self._by_site()
         by_lane = self._by_lane()
-        out: set[str] = set()
-        for ls in self.leases.all():
-            if ls.kind == "site":
-                out |= {q.consumer for q in by_site.get(ls.site_id, [])}
-            elif ls.kind == "lane":
-                out |= {q.consumer for q in by_lane.get(ls.site_id.removeprefix("lane:"), [])}
-        return out
+        return {q.consumer for ls in self.leases.all() for q in _lease_queues(ls, by_site, by_lane)}
+
+
+def _lease_queues(
+    ls: LeaseState, by_site: dict[str, list[Queue]], by_lane: dict[str, list[Queue]]
+) -> list[Queue]:
+    """The queues a lease covers now: its site's, its lane's, or none (a domain lease)."""
+    if ls.kind == "site":
+        return by_site.get(ls.site_id, [])
+    if ls.kind == "lane":
+        return by_lane.get(ls.lane, [])
+    return []

@@ -10,59 +10,36 @@ with the number of domains a blast touches (docs/scheduling.md).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Iterable
 
 from nats.js import JetStreamContext
-from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from sluice import names
+from sluice.kvmirror import KvMirror
+from sluice.nats_layout import kv_put_ttl
 
 __all__ = ["Lanes"]
 
 log = logging.getLogger(__name__)
 
 
-class Lanes:
+class Lanes(KvMirror):
     def __init__(self, js: JetStreamContext, buckets: int, ttl: float) -> None:
-        self._js = js
+        super().__init__(js, names.LANES_BUCKET)
         self._buckets = buckets
         self._ttl = ttl
-        self._busy: dict[str, float] = {}  # domain key -> when the entry lapses
-        self._task: asyncio.Task[None] | None = None
 
-    async def start(self) -> None:
-        kv = await self._js.key_value(names.LANES_BUCKET)
-        watcher = await kv.watchall()
-        ready = asyncio.Event()
-        self._task = asyncio.create_task(self._follow(watcher, ready))
-        await asyncio.wait_for(ready.wait(), 30)
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def _follow(self, watcher: KeyValue.KeyWatcher, ready: asyncio.Event) -> None:
-        async for entry in watcher:
-            if entry is None:  # the initial values have all arrived
-                ready.set()
-                continue
-            if entry.operation in (KV_DEL, KV_PURGE):
-                self._busy.pop(entry.key, None)
-                continue
-            try:
-                self._busy[entry.key] = float(entry.value or b"0")
-            except ValueError:
-                continue
+    def _until(self, key: str) -> float:
+        """When the domain's dedicated queues lapse (0: it has none)."""
+        try:
+            return float(self.values.get(key, b"0"))
+        except ValueError:
+            return 0.0
 
     def dedicated(self, key: str) -> bool:
-        until = self._busy.get(key)
-        return until is not None and until > time.time()
+        return self._until(key) > time.time()
 
     def lane(self, key: str, busy: bool = False) -> str:
         if busy or self.dedicated(key):
@@ -73,13 +50,9 @@ class Lanes:
         """Give these domains dedicated queues from now on (for `ttl`, renewed by use)."""
         now = time.time()
         for key in keys:
-            if self._busy.get(key, 0.0) > now + self._ttl / 2:
+            if self._until(key) > now + self._ttl / 2:
                 continue  # registered recently enough
-            until = now + self._ttl
-            self._busy[key] = until
-            await self._js.publish(
-                f"$KV.{names.LANES_BUCKET}.{key}",
-                f"{until:.0f}".encode(),
-                headers={"Nats-TTL": f"{int(self._ttl)}s"},
-            )
+            value = f"{now + self._ttl:.0f}".encode()
+            self.values[key] = value  # at once, before the watch brings it back
+            await kv_put_ttl(self._js, names.LANES_BUCKET, key, value, self._ttl)
             log.info("domain %s has dedicated queues", names.key_domain(key))

@@ -7,6 +7,7 @@ start in any order. docs/nats.md describes the layout.
 from __future__ import annotations
 
 import logging
+import math
 
 import nats
 from nats.aio.client import Client as NatsClient
@@ -127,3 +128,11 @@ async def ensure_layout(js: JetStreamContext, cfg: Config) -> None:
         except BucketNotFoundError:
             await js.create_key_value(bucket=bucket, history=5, replicas=cfg.nats.replicas)
             log.info("created KV bucket %s", bucket)
+
+
+async def kv_put_ttl(js: JetStreamContext, bucket: str, key: str, value: bytes, ttl: float) -> None:
+    """Put a KV entry that the server removes after `ttl` seconds (per-message TTL; nats-py's
+    KV API has no TTL argument)."""
+    await js.publish(
+        f"$KV.{bucket}.{key}", value, headers={"Nats-TTL": f"{max(1, math.ceil(ttl))}s"}
+    )

@@ -7,15 +7,13 @@ value the reason. Readers keep an in-memory copy fed by a KV watch, so checking 
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hashlib
 import logging
 
 from nats.js import JetStreamContext
-from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from sluice import names
+from sluice.kvmirror import KvMirror
 
 __all__ = ["Suppressions", "suppression_key"]
 
@@ -26,37 +24,12 @@ def suppression_key(tenant_id: str, email: str) -> str:
     return f"{tenant_id}.{hashlib.sha256(email.strip().lower().encode()).hexdigest()[:40]}"
 
 
-class Suppressions:
+class Suppressions(KvMirror):
     def __init__(self, js: JetStreamContext) -> None:
-        self._js = js
-        self._keys: set[str] = set()
-        self._task: asyncio.Task[None] | None = None
-        self.ready = asyncio.Event()
-
-    async def start(self) -> None:
-        kv = await self._js.key_value(names.SUPPRESSIONS_BUCKET)
-        watcher = await kv.watchall()
-        self._task = asyncio.create_task(self._follow(watcher))
-        await asyncio.wait_for(self.ready.wait(), 30)
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def _follow(self, watcher: KeyValue.KeyWatcher) -> None:
-        async for entry in watcher:
-            if entry is None:  # the initial values have all arrived
-                self.ready.set()
-                continue
-            if entry.operation in (KV_DEL, KV_PURGE):
-                self._keys.discard(entry.key)
-            else:
-                self._keys.add(entry.key)
+        super().__init__(js, names.SUPPRESSIONS_BUCKET)
 
     def suppressed(self, tenant_id: str, email: str) -> bool:
-        return bool(self._keys) and suppression_key(tenant_id, email) in self._keys
+        return bool(self.values) and suppression_key(tenant_id, email) in self.values
 
     async def add(self, tenant_id: str, email: str, reason: str) -> None:
         kv = await self._js.key_value(names.SUPPRESSIONS_BUCKET)
