@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 from typing import Any
 
 import aiohttp
@@ -105,3 +108,14 @@ async def blast(
         key=key,
     )
     assert status == 202, body
+
+
+def sluice_cli(nats_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run the `sluice` CLI against a NATS server, as a user would."""
+    return subprocess.run(
+        [sys.executable, "-m", "sluice.cli", "--log-level", "WARNING", *args],
+        env=dict(os.environ, SLUICE_NATS__URL=nats_url),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )

@@ -13,10 +13,12 @@ import ssl
 import subprocess
 import time
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from aiohttp import web
 from aiosmtpd.smtp import SMTP, Envelope, Session
@@ -149,6 +151,23 @@ async def start_smtp(
     return server, port
 
 
+async def start_hook_server(
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+) -> tuple[web.AppRunner, str]:
+    """An HTTP server on a free loopback port answering POST /hook with `handler`; returns
+    its runner (clean it up) and the URL."""
+    app = web.Application()
+    app.router.add_post("/hook", handler)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    server = site._server
+    assert server is not None
+    port = int(server.sockets[0].getsockname()[1])  # type: ignore[attr-defined]
+    return runner, f"http://127.0.0.1:{port}/hook"
+
+
 @dataclass
 class WebhookCall:
     headers: dict[str, str]
@@ -179,16 +198,9 @@ class WebhookReceiver:
         return web.Response(status=204)
 
     async def start(self) -> str:
-        app = web.Application()
-        app.router.add_post("/hook", self._handle)
-        self.runner = web.AppRunner(app, access_log=None)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        server = site._server
-        assert server is not None
-        self.port = int(server.sockets[0].getsockname()[1])  # type: ignore[attr-defined]
-        return f"http://127.0.0.1:{self.port}/hook"
+        self.runner, url = await start_hook_server(self._handle)
+        self.port = urlsplit(url).port or 0
+        return url
 
     async def stop(self) -> None:
         if self.runner is not None:

@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 
 from sluice.natsserver import NatsServer
+from tests.api import sluice_cli
 
 
 def _sluice(nats: NatsServer, *args: str) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, SLUICE_NATS__URL=nats.url)
-    return subprocess.run(
-        [sys.executable, "-m", "sluice.cli", "--log-level", "WARNING", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return sluice_cli(nats.url, *args)
 
 
 def test_tenants_and_keys(nats_server: NatsServer) -> None:

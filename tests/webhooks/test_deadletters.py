@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
-import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -18,8 +16,9 @@ from standardwebhooks.webhooks import Webhook
 from sluice.nats_layout import connect
 from sluice.tenants import TenantStore, new_webhook_secret, now_ts
 from sluice.v1 import messages_pb2, tenant_pb2
-from tests.api import call
+from tests.api import call, sluice_cli
 from tests.conftest import Stack, wait_for
+from tests.servers import start_hook_server
 
 
 @pytest.fixture
@@ -44,26 +43,13 @@ class Flaky:
 @pytest.fixture
 async def flaky() -> AsyncIterator[tuple[Flaky, str]]:
     f = Flaky()
-    app = web.Application()
-    app.router.add_post("/hook", f.handle)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    yield f, f"http://127.0.0.1:{port}/hook"
+    runner, url = await start_hook_server(f.handle)
+    yield f, url
     await runner.cleanup()
 
 
 def _sluice(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, SLUICE_NATS__URL=stack.cfg.nats.url)
-    return subprocess.run(
-        [sys.executable, "-m", "sluice.cli", "--log-level", "WARNING", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return sluice_cli(stack.cfg.nats.url, *args)
 
 
 async def test_failing_webhook_is_dead_lettered_and_replayable(

@@ -15,6 +15,7 @@ from sluice.tenants import TenantStore, new_webhook_secret, now_ts
 from sluice.v1 import tenant_pb2
 from tests.api import call
 from tests.conftest import Stack, wait_for
+from tests.servers import start_hook_server
 
 
 @pytest.fixture
@@ -42,14 +43,8 @@ class Hanging:
 @pytest.fixture
 async def hanging() -> AsyncIterator[tuple[Hanging, str]]:
     h = Hanging()
-    app = web.Application()
-    app.router.add_post("/hook", h.handle)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    yield h, f"http://127.0.0.1:{port}/hook"
+    runner, url = await start_hook_server(h.handle)
+    yield h, url
     await runner.cleanup()
 
 
