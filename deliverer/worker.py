@@ -8,7 +8,6 @@ import contextlib
 import ipaddress
 import logging
 import os
-import random
 import re
 import socket
 import time
@@ -30,7 +29,7 @@ from sluice import names
 from sluice.config import Config
 from sluice.outcomes import publish_dead_letter, publish_event
 from sluice.resolver import DnsPermanent, DnsTemporary, Resolver
-from sluice.retry import next_delay
+from sluice.retry import busy_delay, next_delay
 from sluice.store import PayloadNotFound, PayloadStore, StoreError
 from sluice.suppressions import Suppressions
 from sluice.tenants import TenantCache, TenantStore
@@ -316,7 +315,7 @@ class Deliverer:
                         if held is None:
                             # The site is at its limit (or suspended): back in a moment.
                             for msg, _ in group:
-                                await msg.nak(delay=1.0 + random.random())
+                                await msg.nak(delay=busy_delay(msg.metadata.num_delivered or 1))
                             continue
                         site = held
                     # A lease's message rate is shared by all of its connections.
