@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-__all__ = ["BUSY_DELAY_CAP", "busy_delay", "next_delay"]
+__all__ = ["BUSY_DELAY_CAP", "FAST_HANDBACKS", "busy_delay", "next_delay"]
 
 
 def next_delay(age: float, ladder: Sequence[float], jitter: float = 0.0) -> float:
@@ -31,15 +31,18 @@ def next_delay(age: float, ladder: Sequence[float], jitter: float = 0.0) -> floa
 
 # Longest wait of a pointer handed back because its site is at its limit.
 BUSY_DELAY_CAP = 1800.0
+# Handbacks that wait only about a second (contention for a site is usually short).
+FAST_HANDBACKS = 20
 
 
 def busy_delay(num_delivered: int, jitter: float = 0.5) -> float:
     """Seconds to hand a pointer back for when its site has no free connection.
 
-    Each handback counts as a JetStream delivery, so the wait doubles with the delivery
-    count (1 s, 2 s, 4 s, ... up to BUSY_DELAY_CAP): a site that stays busy for days uses up
-    fewer than 160 deliveries in 72 hours, well inside `[retry] max_deliver` (200), and a
-    short busy spell still costs only seconds.
+    Each handback counts as a JetStream delivery. The first FAST_HANDBACKS wait about a
+    second (a site is rarely busy for long); after that the wait doubles (2 s, 4 s, ... up to
+    BUSY_DELAY_CAP), so a site that stays busy for days uses up fewer than 180 deliveries in
+    72 hours, inside `[retry] max_deliver` (200).
     """
-    base = min(BUSY_DELAY_CAP, 2.0 ** min(max(num_delivered, 1) - 1, 16))
+    over = max(num_delivered, 1) - FAST_HANDBACKS
+    base = 1.0 if over <= 0 else min(BUSY_DELAY_CAP, 2.0 ** min(over, 16))
     return base * (1.0 + random.uniform(0.0, jitter))

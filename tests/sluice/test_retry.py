@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from sluice.config import Config
-from sluice.retry import BUSY_DELAY_CAP, busy_delay, next_delay
+from sluice.retry import BUSY_DELAY_CAP, FAST_HANDBACKS, busy_delay, next_delay
 
 LADDER = [60.0, 300.0, 900.0]
 
@@ -31,7 +31,8 @@ def test_busy_handbacks_never_spend_max_deliver_within_the_horizon() -> None:
         deliveries += 1
         waited += busy_delay(deliveries, jitter=0.0)
     assert deliveries < cfg.retry.max_deliver, deliveries
-    # Short busy spells cost seconds, and the wait is bounded.
-    assert busy_delay(1, jitter=0.0) == 1.0 and busy_delay(2, jitter=0.0) == 2.0
+    # Short busy spells cost about a second a time, and the wait is bounded.
+    assert busy_delay(1, jitter=0.0) == busy_delay(FAST_HANDBACKS, jitter=0.0) == 1.0
+    assert busy_delay(FAST_HANDBACKS + 1, jitter=0.0) == 2.0
     assert busy_delay(10_000, jitter=0.0) == BUSY_DELAY_CAP
     assert 1.0 <= busy_delay(1) <= 1.5
