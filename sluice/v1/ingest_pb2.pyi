@@ -772,3 +772,157 @@ class ReplayDeadLetterResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReplayDeadLetterResponse: _TypeAlias = ReplayDeadLetterResponse  # noqa: Y015
+
+@_typing.final
+class ListSuppressionsRequest(_message.Message):
+    """ListSuppressionsRequest asks for a page of suppressions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """At most this many (default 100, at most 1000)."""
+    page_token: _builtins.str
+    """The next_page_token of the previous page; empty for the first."""
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSuppressionsRequest: _TypeAlias = ListSuppressionsRequest  # noqa: Y015
+
+@_typing.final
+class ListSuppressionsResponse(_message.Message):
+    """ListSuppressionsResponse is a page of suppressions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUPPRESSIONS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Pass to get the next page; empty on the last."""
+    @_builtins.property
+    def suppressions(self) -> _containers.RepeatedCompositeFieldContainer[_messages_pb2.Suppression]:
+        """The entries, ordered by address."""
+
+    def __init__(
+        self,
+        *,
+        suppressions: _abc.Iterable[_messages_pb2.Suppression] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "suppressions", b"suppressions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSuppressionsResponse: _TypeAlias = ListSuppressionsResponse  # noqa: Y015
+
+@_typing.final
+class AddSuppressionRequest(_message.Message):
+    """AddSuppressionRequest suppresses one recipient."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EMAIL_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    email: _builtins.str
+    """The recipient address."""
+    reason: _builtins.str
+    """Why (free text, at most 300 characters); "manual" when empty."""
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp:
+        """When the entry lapses; unset means never. Must be in the future."""
+
+    def __init__(
+        self,
+        *,
+        email: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["email", b"email", "expires_at", b"expires_at", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AddSuppressionRequest: _TypeAlias = AddSuppressionRequest  # noqa: Y015
+
+@_typing.final
+class AddSuppressionResponse(_message.Message):
+    """AddSuppressionResponse is the entry as stored."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUPPRESSION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def suppression(self) -> _messages_pb2.Suppression:
+        """The suppression."""
+
+    def __init__(
+        self,
+        *,
+        suppression: _messages_pb2.Suppression | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["suppression", b"suppression"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["suppression", b"suppression"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AddSuppressionResponse: _TypeAlias = AddSuppressionResponse  # noqa: Y015
+
+@_typing.final
+class RemoveSuppressionRequest(_message.Message):
+    """RemoveSuppressionRequest names a suppressed recipient."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EMAIL_FIELD_NUMBER: _builtins.int
+    email: _builtins.str
+    """The recipient address."""
+    def __init__(
+        self,
+        *,
+        email: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["email", b"email"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RemoveSuppressionRequest: _TypeAlias = RemoveSuppressionRequest  # noqa: Y015
+
+@_typing.final
+class RemoveSuppressionResponse(_message.Message):
+    """RemoveSuppressionResponse confirms the removal."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EMAIL_FIELD_NUMBER: _builtins.int
+    email: _builtins.str
+    """The recipient address, no longer suppressed."""
+    def __init__(
+        self,
+        *,
+        email: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["email", b"email"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RemoveSuppressionResponse: _TypeAlias = RemoveSuppressionResponse  # noqa: Y015

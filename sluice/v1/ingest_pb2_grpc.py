@@ -71,6 +71,21 @@ class IngestServiceStub:
                 request_serializer=sluice_dot_v1_dot_ingest__pb2.ReplayDeadLetterRequest.SerializeToString,
                 response_deserializer=sluice_dot_v1_dot_ingest__pb2.ReplayDeadLetterResponse.FromString,
                 _registered_method=True)
+        self.ListSuppressions = channel.unary_unary(
+                '/sluice.v1.IngestService/ListSuppressions',
+                request_serializer=sluice_dot_v1_dot_ingest__pb2.ListSuppressionsRequest.SerializeToString,
+                response_deserializer=sluice_dot_v1_dot_ingest__pb2.ListSuppressionsResponse.FromString,
+                _registered_method=True)
+        self.AddSuppression = channel.unary_unary(
+                '/sluice.v1.IngestService/AddSuppression',
+                request_serializer=sluice_dot_v1_dot_ingest__pb2.AddSuppressionRequest.SerializeToString,
+                response_deserializer=sluice_dot_v1_dot_ingest__pb2.AddSuppressionResponse.FromString,
+                _registered_method=True)
+        self.RemoveSuppression = channel.unary_unary(
+                '/sluice.v1.IngestService/RemoveSuppression',
+                request_serializer=sluice_dot_v1_dot_ingest__pb2.RemoveSuppressionRequest.SerializeToString,
+                response_deserializer=sluice_dot_v1_dot_ingest__pb2.RemoveSuppressionResponse.FromString,
+                _registered_method=True)
 
 
 class IngestServiceServicer:
@@ -142,6 +157,32 @@ class IngestServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListSuppressions(self, request, context):
+        """ListSuppressions lists the tenant's suppressed recipients, ordered by address, a page
+        at a time. Expired entries are not listed. Errors: UNAUTHENTICATED (401),
+        INVALID_ARGUMENT (400) for a bad page token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AddSuppression(self, request, context):
+        """AddSuppression suppresses a recipient for the tenant (replacing an existing entry):
+        later sends to it are not attempted and produce a `suppressed` event. Errors:
+        INVALID_ARGUMENT (400) naming the field, UNAUTHENTICATED (401).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveSuppression(self, request, context):
+        """RemoveSuppression lets the tenant mail a recipient again. Errors: NOT_FOUND (404) when
+        the recipient is not suppressed, UNAUTHENTICATED (401).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_IngestServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -179,6 +220,21 @@ def add_IngestServiceServicer_to_server(servicer, server):
                     servicer.ReplayDeadLetter,
                     request_deserializer=sluice_dot_v1_dot_ingest__pb2.ReplayDeadLetterRequest.FromString,
                     response_serializer=sluice_dot_v1_dot_ingest__pb2.ReplayDeadLetterResponse.SerializeToString,
+            ),
+            'ListSuppressions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSuppressions,
+                    request_deserializer=sluice_dot_v1_dot_ingest__pb2.ListSuppressionsRequest.FromString,
+                    response_serializer=sluice_dot_v1_dot_ingest__pb2.ListSuppressionsResponse.SerializeToString,
+            ),
+            'AddSuppression': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddSuppression,
+                    request_deserializer=sluice_dot_v1_dot_ingest__pb2.AddSuppressionRequest.FromString,
+                    response_serializer=sluice_dot_v1_dot_ingest__pb2.AddSuppressionResponse.SerializeToString,
+            ),
+            'RemoveSuppression': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveSuppression,
+                    request_deserializer=sluice_dot_v1_dot_ingest__pb2.RemoveSuppressionRequest.FromString,
+                    response_serializer=sluice_dot_v1_dot_ingest__pb2.RemoveSuppressionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -372,6 +428,87 @@ class IngestService:
             '/sluice.v1.IngestService/ReplayDeadLetter',
             sluice_dot_v1_dot_ingest__pb2.ReplayDeadLetterRequest.SerializeToString,
             sluice_dot_v1_dot_ingest__pb2.ReplayDeadLetterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSuppressions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sluice.v1.IngestService/ListSuppressions',
+            sluice_dot_v1_dot_ingest__pb2.ListSuppressionsRequest.SerializeToString,
+            sluice_dot_v1_dot_ingest__pb2.ListSuppressionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddSuppression(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sluice.v1.IngestService/AddSuppression',
+            sluice_dot_v1_dot_ingest__pb2.AddSuppressionRequest.SerializeToString,
+            sluice_dot_v1_dot_ingest__pb2.AddSuppressionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveSuppression(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sluice.v1.IngestService/RemoveSuppression',
+            sluice_dot_v1_dot_ingest__pb2.RemoveSuppressionRequest.SerializeToString,
+            sluice_dot_v1_dot_ingest__pb2.RemoveSuppressionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -71,6 +71,20 @@ class IngestServiceStub:
     and removes it from the dead-letter queue. Errors: NOT_FOUND (404) for an unknown id or
     another tenant's, UNAUTHENTICATED (401).
     """
+    ListSuppressions: _grpc.UnaryUnaryMultiCallable[_ingest_pb2.ListSuppressionsRequest, _ingest_pb2.ListSuppressionsResponse]
+    """ListSuppressions lists the tenant's suppressed recipients, ordered by address, a page
+    at a time. Expired entries are not listed. Errors: UNAUTHENTICATED (401),
+    INVALID_ARGUMENT (400) for a bad page token.
+    """
+    AddSuppression: _grpc.UnaryUnaryMultiCallable[_ingest_pb2.AddSuppressionRequest, _ingest_pb2.AddSuppressionResponse]
+    """AddSuppression suppresses a recipient for the tenant (replacing an existing entry):
+    later sends to it are not attempted and produce a `suppressed` event. Errors:
+    INVALID_ARGUMENT (400) naming the field, UNAUTHENTICATED (401).
+    """
+    RemoveSuppression: _grpc.UnaryUnaryMultiCallable[_ingest_pb2.RemoveSuppressionRequest, _ingest_pb2.RemoveSuppressionResponse]
+    """RemoveSuppression lets the tenant mail a recipient again. Errors: NOT_FOUND (404) when
+    the recipient is not suppressed, UNAUTHENTICATED (401).
+    """
 
 @_typing.type_check_only
 class IngestServiceAsyncStub(IngestServiceStub):
@@ -114,6 +128,20 @@ class IngestServiceAsyncStub(IngestServiceStub):
     """ReplayDeadLetter queues a dead letter for delivery again, with a fresh retry horizon,
     and removes it from the dead-letter queue. Errors: NOT_FOUND (404) for an unknown id or
     another tenant's, UNAUTHENTICATED (401).
+    """
+    ListSuppressions: _aio.UnaryUnaryMultiCallable[_ingest_pb2.ListSuppressionsRequest, _ingest_pb2.ListSuppressionsResponse]  # type: ignore[assignment]
+    """ListSuppressions lists the tenant's suppressed recipients, ordered by address, a page
+    at a time. Expired entries are not listed. Errors: UNAUTHENTICATED (401),
+    INVALID_ARGUMENT (400) for a bad page token.
+    """
+    AddSuppression: _aio.UnaryUnaryMultiCallable[_ingest_pb2.AddSuppressionRequest, _ingest_pb2.AddSuppressionResponse]  # type: ignore[assignment]
+    """AddSuppression suppresses a recipient for the tenant (replacing an existing entry):
+    later sends to it are not attempted and produce a `suppressed` event. Errors:
+    INVALID_ARGUMENT (400) naming the field, UNAUTHENTICATED (401).
+    """
+    RemoveSuppression: _aio.UnaryUnaryMultiCallable[_ingest_pb2.RemoveSuppressionRequest, _ingest_pb2.RemoveSuppressionResponse]  # type: ignore[assignment]
+    """RemoveSuppression lets the tenant mail a recipient again. Errors: NOT_FOUND (404) when
+    the recipient is not suppressed, UNAUTHENTICATED (401).
     """
 
 class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -197,6 +225,38 @@ class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
         """ReplayDeadLetter queues a dead letter for delivery again, with a fresh retry horizon,
         and removes it from the dead-letter queue. Errors: NOT_FOUND (404) for an unknown id or
         another tenant's, UNAUTHENTICATED (401).
+        """
+
+    @_abc_1.abstractmethod
+    def ListSuppressions(
+        self,
+        request: _ingest_pb2.ListSuppressionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ingest_pb2.ListSuppressionsResponse, _abc.Awaitable[_ingest_pb2.ListSuppressionsResponse]]:
+        """ListSuppressions lists the tenant's suppressed recipients, ordered by address, a page
+        at a time. Expired entries are not listed. Errors: UNAUTHENTICATED (401),
+        INVALID_ARGUMENT (400) for a bad page token.
+        """
+
+    @_abc_1.abstractmethod
+    def AddSuppression(
+        self,
+        request: _ingest_pb2.AddSuppressionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ingest_pb2.AddSuppressionResponse, _abc.Awaitable[_ingest_pb2.AddSuppressionResponse]]:
+        """AddSuppression suppresses a recipient for the tenant (replacing an existing entry):
+        later sends to it are not attempted and produce a `suppressed` event. Errors:
+        INVALID_ARGUMENT (400) naming the field, UNAUTHENTICATED (401).
+        """
+
+    @_abc_1.abstractmethod
+    def RemoveSuppression(
+        self,
+        request: _ingest_pb2.RemoveSuppressionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ingest_pb2.RemoveSuppressionResponse, _abc.Awaitable[_ingest_pb2.RemoveSuppressionResponse]]:
+        """RemoveSuppression lets the tenant mail a recipient again. Errors: NOT_FOUND (404) when
+        the recipient is not suppressed, UNAUTHENTICATED (401).
         """
 
 def add_IngestServiceServicer_to_server(servicer: IngestServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -140,6 +140,34 @@ DEAD_LETTER_REASON_MAX_DELIVERIES: DeadLetterReason.ValueType  # 3
 """DEAD_LETTER_REASON_MAX_DELIVERIES: the server's MaxDeliver backstop was spent."""
 Global___DeadLetterReason: _TypeAlias = DeadLetterReason  # noqa: Y015
 
+class _SuppressionSource:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SuppressionSourceEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SuppressionSource.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SUPPRESSION_SOURCE_UNSPECIFIED: _SuppressionSource.ValueType  # 0
+    """SUPPRESSION_SOURCE_UNSPECIFIED is never written."""
+    SUPPRESSION_SOURCE_BOUNCE: _SuppressionSource.ValueType  # 1
+    """SUPPRESSION_SOURCE_BOUNCE: a permanent failure (bad mailbox, bad domain) or a soft one
+    that suppresses for a while (mailbox full).
+    """
+    SUPPRESSION_SOURCE_MANUAL: _SuppressionSource.ValueType  # 2
+    """SUPPRESSION_SOURCE_MANUAL: added through the API or the CLI."""
+
+class SuppressionSource(_SuppressionSource, metaclass=_SuppressionSourceEnumTypeWrapper):
+    """SuppressionSource says who suppressed a recipient."""
+
+SUPPRESSION_SOURCE_UNSPECIFIED: SuppressionSource.ValueType  # 0
+"""SUPPRESSION_SOURCE_UNSPECIFIED is never written."""
+SUPPRESSION_SOURCE_BOUNCE: SuppressionSource.ValueType  # 1
+"""SUPPRESSION_SOURCE_BOUNCE: a permanent failure (bad mailbox, bad domain) or a soft one
+that suppresses for a while (mailbox full).
+"""
+SUPPRESSION_SOURCE_MANUAL: SuppressionSource.ValueType  # 2
+"""SUPPRESSION_SOURCE_MANUAL: added through the API or the CLI."""
+Global___SuppressionSource: _TypeAlias = SuppressionSource  # noqa: Y015
+
 @_typing.final
 class Address(_message.Message):
     """Address is a mailbox with an optional display name."""
@@ -876,3 +904,47 @@ class WebhookDelivery(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WebhookDelivery: _TypeAlias = WebhookDelivery  # noqa: Y015
+
+@_typing.final
+class Suppression(_message.Message):
+    """Suppression is one recipient a tenant does not mail (KV sluice_suppressions, key
+    "<tenant>.<sha256 of the lower-cased address, 40 hex>").
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EMAIL_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    email: _builtins.str
+    """The address, lower-cased."""
+    reason: _builtins.str
+    """Why, e.g. "bad_mailbox: 550 5.1.1 no such user" or free text."""
+    source: Global___SuppressionSource.ValueType
+    """Who added it."""
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp:
+        """When it was added."""
+
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp:
+        """When it lapses; unset means never."""
+
+    def __init__(
+        self,
+        *,
+        email: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        source: Global___SuppressionSource.ValueType = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "expires_at", b"expires_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "email", b"email", "expires_at", b"expires_at", "reason", b"reason", "source", b"source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Suppression: _TypeAlias = Suppression  # noqa: Y015
