@@ -25,26 +25,22 @@ from deliverer.classify import Bounced, Deferred, Delivered, Outcome, Reply, cla
 from deliverer.dkim_sign import DkimError, key_for, sign
 from deliverer.mime import build_message
 from deliverer.smtp import ConnectionLost, SmtpConnection
-from sluice import names
+from sluice import names, suppressions
 from sluice.config import Config
 from sluice.outcomes import publish_dead_letter, publish_event
 from sluice.resolver import DnsPermanent, DnsTemporary, Resolver
 from sluice.retry import busy_delay, next_delay
 from sluice.store import PayloadNotFound, PayloadStore, StoreError
-from sluice.suppressions import Suppressions
 from sluice.tenants import TenantCache, TenantStore
 from sluice.v1 import messages_pb2, scheduler_pb2, scheduler_pb2_grpc
 
-__all__ = ["SUPPRESS_CATEGORIES", "Deliverer"]
+__all__ = ["Deliverer"]
 
 # At most this many recipients in one SMTP transaction (RFC 5321 4.5.3.1.8: servers take 100).
 _MAX_RCPTS = 50
 
 # Transactions whose settling (events, acks) may still be in flight per process.
 _SETTLING = 256
-
-# Hard bounces that suppress the address for the tenant (SES/Postmark behaviour).
-SUPPRESS_CATEGORIES = frozenset({"bad_mailbox", "bad_domain"})
 
 log = logging.getLogger(__name__)
 
@@ -648,12 +644,7 @@ class Deliverer:
                     reply.text if reply else reason,
                 )
             case Bounced(category=category):
-                if category in SUPPRESS_CATEGORIES and reply is not None:
-                    # A mailbox that does not exist stays suppressed for this tenant: later
-                    # sends to it get a `suppressed` event instead of another bounce.
-                    await Suppressions(self._js).add(
-                        p.tenant_id, p.recipient, f"{category}: {reply.code} {reply.text}"[:300]
-                    )
+                await self._suppress(p, category, reply)
                 await self._dead_letter(
                     msg,
                     p,
@@ -663,6 +654,23 @@ class Deliverer:
                     category,
                     mx_host,
                 )
+
+    async def _suppress(
+        self, p: messages_pb2.DeliveryPointer, category: str, reply: Reply | None
+    ) -> None:
+        """A mailbox that does not exist stays suppressed for this tenant, a full one for a
+        while: later sends to it get a `suppressed` event instead of another bounce."""
+        rules = self._cfg.suppression
+        if reply is None or category not in (*rules.hard_categories, *rules.soft_categories):
+            return
+        await suppressions.put(
+            self._js,
+            p.tenant_id,
+            p.recipient,
+            f"{category}: {reply.code} {reply.text}",
+            messages_pb2.SUPPRESSION_SOURCE_BOUNCE,
+            ttl=None if category in rules.hard_categories else rules.soft_ttl,
+        )
 
     async def _event(
         self,

@@ -75,6 +75,9 @@ def _handler(core: Any, route: HttpRoute, max_bytes: int) -> Any:
     async def handle(request: web.Request) -> web.Response:
         try:
             data = await _decode_body(request, route, max_bytes) if route.body else {}
+            if route.body != "*":
+                # Fields bound neither to the path nor to the body come from the query.
+                data.update(request.query)
             data.update(request.match_info)
             extra: dict[str, Any] = {}
             if is_blast:

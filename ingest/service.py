@@ -31,12 +31,13 @@ from ingest.status import StatusReader
 from ingest.validate import (
     MAX_SUBSTITUTION,
     all_valid,
+    check_address,
     check_blast_recipient,
     normalise_domain,
     validate_blast_content,
     validate_send,
 )
-from sluice import deadletters, names
+from sluice import deadletters, names, suppressions
 from sluice.config import Config
 from sluice.store import PayloadStore, StoreError
 from sluice.tenants import now_ts
@@ -390,6 +391,60 @@ class IngestCore:
             raise ApiError(grpc.StatusCode.NOT_FOUND, "NOT_FOUND", "dead letter not found")
         log.info("replayed dead letter %s for tenant %s", req.delivery_id, principal[1].tenant_id)
         return ingest_pb2.ReplayDeadLetterResponse(delivery_id=req.delivery_id)
+
+    # -- suppressions ----------------------------------------------------------------------
+
+    async def list_suppressions(
+        self, authorization: str | None, req: ingest_pb2.ListSuppressionsRequest
+    ) -> ingest_pb2.ListSuppressionsResponse:
+        principal = await self.authenticate(authorization)
+        size = min(req.page_size or 100, 1000)
+        entries = await suppressions.list_tenant(self._js, principal[1].tenant_id)
+        # The page token is the last address of the previous page (entries are ordered).
+        after = req.page_token
+        if after:
+            entries = [e for e in entries if e.email > after]
+        page = entries[:size]
+        return ingest_pb2.ListSuppressionsResponse(
+            suppressions=page,
+            next_page_token=page[-1].email if len(entries) > size else "",
+        )
+
+    async def add_suppression(
+        self, authorization: str | None, req: ingest_pb2.AddSuppressionRequest
+    ) -> ingest_pb2.AddSuppressionResponse:
+        principal = await self.authenticate(authorization)
+        problems: list[tuple[str, str]] = []
+        if (problem := check_address(req.email)) is not None:
+            problems.append(("email", problem))
+        if len(req.reason) > 300:
+            problems.append(("reason", "is longer than 300 characters"))
+        ttl: float | None = None
+        if req.HasField("expires_at"):
+            ttl = req.expires_at.ToNanoseconds() / 1e9 - time.time()
+            if ttl <= 0:
+                problems.append(("expires_at", "must be in the future"))
+        if problems:
+            raise bad_request(problems)
+        entry = await suppressions.put(
+            self._js,
+            principal[1].tenant_id,
+            req.email,
+            req.reason or "manual",
+            messages_pb2.SUPPRESSION_SOURCE_MANUAL,
+            ttl,
+        )
+        log.info("suppressed %s for tenant %s", entry.email, principal[1].tenant_id)
+        return ingest_pb2.AddSuppressionResponse(suppression=entry)
+
+    async def remove_suppression(
+        self, authorization: str | None, req: ingest_pb2.RemoveSuppressionRequest
+    ) -> ingest_pb2.RemoveSuppressionResponse:
+        principal = await self.authenticate(authorization)
+        if not await suppressions.remove(self._js, principal[1].tenant_id, req.email):
+            raise ApiError(grpc.StatusCode.NOT_FOUND, "NOT_FOUND", "recipient is not suppressed")
+        log.info("unsuppressed %s for tenant %s", req.email, principal[1].tenant_id)
+        return ingest_pb2.RemoveSuppressionResponse(email=suppressions.normalise(req.email))
 
     # -- SendBlast ----------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ sluice init                         create the JetStream streams and buckets
 sluice tenants create|list|show|dkim tenants (NATS KV sluice_tenants)
 sluice keys create|list|revoke      API keys (NATS KV sluice_keys)
 sluice dlq list|show|replay|webhooks dead letters (mail; webhook deliveries)
+sluice suppressions list|add|remove recipients a tenant does not mail
 sluice sites                        per-site limits, leases, backlog (asks the scheduler)
 sluice sink                         a catch-all SMTP sink with a DNS server (compose stack)
 """
@@ -23,7 +24,7 @@ from typing import Any
 
 from nats.js import JetStreamContext
 
-from sluice import __version__, deadletters, jsonpb, names
+from sluice import __version__, deadletters, jsonpb, names, suppressions
 from sluice import config as config_mod
 from sluice.config import Config, ConfigError
 from sluice.nats_layout import connect, ensure_layout
@@ -96,6 +97,29 @@ async def _webhook_dlq(args: argparse.Namespace, js: JetStreamContext) -> int:
     for dead_id, d in await webhook_deadletters.list_all(js, args.tenant, args.limit):
         print(f"{dead_id}\t{d.endpoint_id}\t{d.event.event_id}\t{names.event_token(d.event.type)}")
     return 0
+
+
+async def _suppressions(args: argparse.Namespace, js: JetStreamContext) -> int:
+    if args.action == "list":
+        for e in await suppressions.list_tenant(js, args.tenant):
+            expires = e.expires_at.ToJsonString() if e.HasField("expires_at") else "never"
+            source = messages_pb2.SuppressionSource.Name(e.source).removeprefix(
+                "SUPPRESSION_SOURCE_"
+            )
+            print(f"{e.email}\t{source.lower()}\t{expires}\t{e.reason}")
+        return 0
+    if args.action == "add":
+        ttl = config_mod.parse_duration(args.expires_in) if args.expires_in else None
+        entry = await suppressions.put(
+            js, args.tenant, args.email, args.reason, messages_pb2.SUPPRESSION_SOURCE_MANUAL, ttl
+        )
+        _print(entry)
+        return 0
+    if await suppressions.remove(js, args.tenant, args.email):
+        print(f"removed {suppressions.normalise(args.email)}")
+        return 0
+    print(f"{args.email!r} is not suppressed for {args.tenant!r}", file=sys.stderr)
+    return 1
 
 
 def _print(msg: Any) -> None:
@@ -273,6 +297,19 @@ def _parser() -> argparse.ArgumentParser:
     dw.add_argument("--limit", type=int, default=1000)
     dw.add_argument("--replay", metavar="ID", help="queue this one again (an id from the list)")
 
+    s = sub.add_parser("suppressions", help="recipients a tenant does not mail")
+    sa = s.add_subparsers(dest="action", required=True)
+    sl = sa.add_parser("list", help="live entries, ordered by address")
+    sl.add_argument("--tenant", required=True)
+    sadd = sa.add_parser("add", help="suppress a recipient (replaces an existing entry)")
+    sadd.add_argument("email")
+    sadd.add_argument("--tenant", required=True)
+    sadd.add_argument("--reason", default="manual")
+    sadd.add_argument("--expires-in", metavar="DURATION", help='e.g. "3d"; default: never')
+    sr = sa.add_parser("remove", help="let the tenant mail the recipient again")
+    sr.add_argument("email")
+    sr.add_argument("--tenant", required=True)
+
     k = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="action", required=True)
     kc = k.add_parser("create", help="create a key; it is printed once, only its hash is kept")
     kc.add_argument("--tenant", dest="tenant_id", required=True)
@@ -331,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(_with_tenants(cfg, lambda s: _tenants(args, s)))
     if cmd == "dlq":
         return asyncio.run(_with_js(cfg, lambda js: _dlq(args, js)))
+    if cmd == "suppressions":
+        return asyncio.run(_with_js(cfg, lambda js: _suppressions(args, js)))
     if cmd == "keys":
         return asyncio.run(_with_tenants(cfg, lambda s: _keys(args, s)))
     return 2  # pragma: no cover

@@ -225,6 +225,17 @@ class TelemetryConfig:
 
 
 @dataclass(frozen=True)
+class SuppressionConfig:
+    """[suppression] — which bounces suppress a recipient for its tenant, and for how long."""
+
+    # Bounce categories that suppress until the entry is removed (SES/Postmark behaviour).
+    hard_categories: tuple[str, ...] = ("bad_mailbox", "bad_domain")
+    # Bounce categories that suppress for `soft_ttl` only (the mailbox may be emptied).
+    soft_categories: tuple[str, ...] = ("mailbox_full",)
+    soft_ttl: Duration = Duration(3 * 86400.0)
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration; every section is optional in the file."""
 
@@ -237,7 +248,9 @@ class Config:
     dns: DnsConfig = field(default_factory=DnsConfig)
     retry: RetryConfig = field(default_factory=RetryConfig)
     webhooks: WebhooksConfig = field(default_factory=WebhooksConfig)
+    suppression: SuppressionConfig = field(default_factory=SuppressionConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
 
     def horizon(self, tier_token: str) -> float:
         """The retry horizon of a tier ("critical", "transactional", "bulk")."""

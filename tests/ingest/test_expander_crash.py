@@ -16,9 +16,8 @@ from typing import Any
 import pytest
 from nats.js import api as js_api
 
-from sluice import names
+from sluice import names, suppressions
 from sluice.nats_layout import connect
-from sluice.suppressions import Suppressions
 from sluice.v1 import messages_pb2
 from tests.api import call
 from tests.conftest import Stack, wait_for
@@ -199,7 +198,9 @@ async def test_suppressed_recipients_get_an_event_not_a_pointer(
 ) -> None:
     nc = await connect(stack.cfg, "test")
     js = nc.jetstream()
-    await Suppressions(js).add("acme", "R0X5@D5.test", "hard bounce")
+    await suppressions.put(
+        js, "acme", "R0X5@D5.test", "hard bounce", messages_pb2.SUPPRESSION_SOURCE_MANUAL
+    )
     await nc.close()
     blast = _blast(0)
     blast["recipients"] = blast["recipients"][:20]
