@@ -27,7 +27,7 @@ from sluice.v1 import messages_pb2
 async def enqueue_blast(cfg: Config, n: int, domains: int) -> None:
     nc = await connect(cfg, "bench")
     js = nc.jetstream()
-    store = open_store(cfg.store.url, js)
+    store = open_store(cfg.store, js)
     job_id = f"job_{time.time_ns() // 1_000_000:012x}{os.urandom(6).hex()}"
     payload = messages_pb2.Payload(subject="Hi {{name}}", text="x" * 2000)
     getattr(payload, "from").email = "news@bench.test"

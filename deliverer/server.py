@@ -24,7 +24,7 @@ async def serve(cfg: Config, stop: asyncio.Event) -> None:
     js = nc.jetstream()
     await ensure_layout(js, cfg)
     # The deliverer caches parsed payloads itself (one read per blast or batch).
-    store = open_store(cfg.store.url, js, cfg.nats.replicas)
+    store = open_store(cfg.store, js, cfg.nats.replicas)
     async with grpc.aio.insecure_channel(cfg.deliverer.scheduler) as channel:
         stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
         deliverer = Deliverer(cfg, js, store, Resolver(cfg.dns), stub)
@@ -32,4 +32,5 @@ async def serve(cfg: Config, stop: asyncio.Event) -> None:
         try:
             await deliverer.run(stop)
         finally:
+            await store.close()
             await nc.close()

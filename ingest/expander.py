@@ -329,7 +329,7 @@ async def serve(cfg: Config, stop: asyncio.Event) -> None:
     await suppressions.start()
     lanes = Lanes(js, cfg.expander.buckets, cfg.expander.dedicated_ttl)
     await lanes.start()
-    store = open_store(cfg.store.url, js, cfg.nats.replicas)
+    store = open_store(cfg.store, js, cfg.nats.replicas)
     expander = Expander(cfg, nc, js, store, suppressions, lanes)
     sub = await js.pull_subscribe_bind(names.EXPANDER_CONSUMER, names.JOBS_STREAM)
     log.info("expander: running")
@@ -340,4 +340,5 @@ async def serve(cfg: Config, stop: asyncio.Event) -> None:
     finally:
         await lanes.stop()
         await suppressions.stop()
+        await store.close()
         await nc.close()

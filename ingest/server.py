@@ -31,11 +31,12 @@ async def serve(cfg: Config, stop: asyncio.Event) -> None:
     nc = await connect(cfg, "sluice-ingest")
     js = nc.jetstream()
     await ensure_layout(js, cfg)
+    store = open_store(cfg.store, js, cfg.nats.replicas)
     core = IngestCore(
         cfg,
         nc,
         js,
-        open_store(cfg.store.url, js, cfg.nats.replicas),
+        store,
         Authenticator(TenantStore(js), cfg.ingest.key_cache_ttl),
     )
     server = grpc.aio.server(
@@ -59,4 +60,5 @@ async def serve(cfg: Config, stop: asyncio.Event) -> None:
     finally:
         await runner.cleanup()
         await server.stop(grace=5)
+        await store.close()
         await nc.close()

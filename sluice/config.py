@@ -62,9 +62,27 @@ class NatsConfig:
 
 @dataclass(frozen=True)
 class StoreConfig:
-    """[store] — where payloads live: `nats-os://<bucket>` (embedded default)."""
+    """[store] — where payloads live: `nats-os://<bucket>` (embedded default) or `s3://<bucket>`.
 
+    Payloads are read by their URI whatever `url` says, so switching stores keeps queued mail
+    deliverable (the s3_* keys are used for `s3://` reads too).
+    """
+
+    # Where new payloads are written: "nats-os://<bucket>" (a JetStream object store) or
+    # "s3://<bucket>" (S3 or an S3-compatible server; the bucket must exist).
     url: str = "nats-os://sluice_payloads"
+    # Payloads older than this are removed: the NATS bucket's TTL, set by Sluice (0: never).
+    # For S3 set a lifecycle rule of the same age (docs/storage.md). Keep it above
+    # dlq_max_age + max_schedule_ahead + the longest horizon so a replay finds its payload.
+    max_age: Duration = Duration(40 * 86400.0)
+    # S3 endpoint, e.g. "http://minio:9000"; empty: AWS's endpoint for s3_region.
+    s3_endpoint_url: str = ""
+    s3_region: str = "us-east-1"
+    # Static credentials; empty: the AWS default chain (AWS_* variables, instance role).
+    s3_access_key_id: str = ""
+    s3_secret_access_key: str = ""
+    # Path-style URLs (http://host/bucket/key), as MinIO and most self-hosted servers need.
+    s3_path_style: bool = False
 
 
 @dataclass(frozen=True)
