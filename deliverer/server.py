@@ -9,6 +9,7 @@ import grpc
 
 from deliverer.worker import Deliverer
 from sluice.config import Config
+from sluice.health import ServiceHealth, nats_problems
 from sluice.nats_layout import connect, ensure_layout
 from sluice.resolver import Resolver
 from sluice.store import open_store
@@ -29,8 +30,11 @@ async def serve(cfg: Config, stop: asyncio.Event) -> None:
         stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
         deliverer = Deliverer(cfg, js, store, Resolver(cfg.dns), stub)
         log.info("deliverer %s: scheduler at %s", deliverer.deliverer_id, cfg.deliverer.scheduler)
+        health = ServiceHealth("deliverer", lambda: nats_problems(nc))
         try:
+            await health.start(cfg.telemetry, stop)
             await deliverer.run(stop)
         finally:
+            await health.close()
             await store.close()
             await nc.close()

@@ -149,7 +149,8 @@ class Deliverer:
                         await asyncio.wait_for(stop.wait(), self._cfg.deliverer.idle_poll)
             # Drain: each lease worker finishes the transaction in hand and hands back the rest.
             if tasks:
-                await asyncio.wait(tasks, timeout=self._cfg.deliverer.command_timeout)
+                bound = min(self._cfg.deliverer.command_timeout, self._cfg.shutdown.drain_timeout)
+                await asyncio.wait(tasks, timeout=bound)
             await self.settle_all()
         finally:
             renewer.cancel()

@@ -37,6 +37,7 @@ from sluice import names
 from sluice.atomic import MAX_BATCH, publish_atomic
 from sluice.config import Config
 from sluice.consume import consume
+from sluice.health import ServiceHealth, nats_problems
 from sluice.lanes import Lanes
 from sluice.nats_layout import connect, ensure_layout, kv_put_ttl
 from sluice.outcomes import WRONG_LAST_SEQUENCE
@@ -332,12 +333,23 @@ async def serve(cfg: Config, stop: asyncio.Event) -> None:
     store = open_store(cfg.store, js, cfg.nats.replicas)
     expander = Expander(cfg, nc, js, store, suppressions, lanes)
     sub = await js.pull_subscribe_bind(names.EXPANDER_CONSUMER, names.JOBS_STREAM)
+    health = ServiceHealth(
+        "expander", lambda: nats_problems(nc, [(names.JOBS_STREAM, names.EXPANDER_CONSUMER)])
+    )
     log.info("expander: running")
     try:
+        await health.start(cfg.telemetry, stop)
         await consume(
-            sub, expander.handle, cfg.expander.concurrency, stop, "expansion", retry_delay=1.0
+            sub,
+            expander.handle,
+            cfg.expander.concurrency,
+            stop,
+            "expansion",
+            retry_delay=1.0,
+            drain=cfg.shutdown.drain_timeout,
         )
     finally:
+        await health.close()
         await lanes.stop()
         await suppressions.stop()
         await store.close()

@@ -13,6 +13,7 @@ from ingest.grpc_api import servicer_handler
 from ingest.http_api import make_app
 from ingest.service import IngestCore
 from sluice.config import Config
+from sluice.health import ServiceHealth, nats_problems
 from sluice.nats_layout import connect, ensure_layout
 from sluice.store import open_store
 from sluice.tenants import TenantStore
@@ -46,9 +47,15 @@ async def serve(cfg: Config, stop: asyncio.Event) -> None:
         ]
     )
     server.add_generic_rpc_handlers((servicer_handler(core, cfg.ingest),))
+    health = ServiceHealth("ingest", lambda: nats_problems(nc))
+    health.add_to(server, "sluice.v1.IngestService")
     server.add_insecure_port(cfg.ingest.grpc_listen)
     await server.start()
-    runner = web.AppRunner(make_app(core, cfg.ingest.max_request_bytes), access_log=None)
+    runner = web.AppRunner(
+        make_app(core, cfg.ingest.max_request_bytes),
+        access_log=None,
+        shutdown_timeout=cfg.shutdown.drain_timeout,
+    )
     await runner.setup()
     host, port = split_hostport(cfg.ingest.http_listen)
     # Several ingest processes may share the ports (SO_REUSEPORT; gRPC does this by default).
@@ -56,9 +63,12 @@ async def serve(cfg: Config, stop: asyncio.Event) -> None:
     await site.start()
     log.info("ingest: http on %s, grpc on %s", cfg.ingest.http_listen, cfg.ingest.grpc_listen)
     try:
+        await health.start(cfg.telemetry, stop)
         await stop.wait()
     finally:
-        await runner.cleanup()
-        await server.stop(grace=5)
+        # Drain both edges at once: no new requests; those in hand end (a 202 once JetStream
+        # has the job, or an error) within drain_timeout.
+        await asyncio.gather(runner.cleanup(), server.stop(grace=cfg.shutdown.drain_timeout))
+        await health.close()
         await store.close()
         await nc.close()

@@ -12,6 +12,7 @@ from scheduler.reaper import Reaper
 from scheduler.service import Scheduler
 from scheduler.shaping import load_rules
 from sluice.config import Config
+from sluice.health import ServiceHealth, nats_problems
 from sluice.nats_layout import connect, ensure_layout
 from sluice.resolver import Resolver
 from sluice.v1 import scheduler_pb2, scheduler_pb2_grpc
@@ -77,6 +78,8 @@ async def serve(cfg: Config, stop: asyncio.Event) -> None:
     # One scheduler per address: a second one must fail to bind, not share the port.
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(SchedulerServicer(scheduler), server)
+    health = ServiceHealth("scheduler", lambda: nats_problems(nc))
+    health.add_to(server, "sluice.v1.SchedulerService")
     server.add_insecure_port(cfg.scheduler.listen)
     await server.start()
     log.info("scheduler: grpc on %s", cfg.scheduler.listen)
@@ -84,9 +87,11 @@ async def serve(cfg: Config, stop: asyncio.Event) -> None:
     # The scheduler process also runs the reaper (MaxDeliver-exhausted mail -> dead letters).
     reaper = asyncio.create_task(Reaper(js).run(stop, cfg.scheduler.sweep_interval))
     try:
+        await health.start(cfg.telemetry, stop)
         await stop.wait()
     finally:
         backlog.cancel()
         reaper.cancel()
         await server.stop(grace=2)
+        await health.close()
         await nc.close()

@@ -240,6 +240,23 @@ class TelemetryConfig:
 
     exporter: str = "none"
     service_namespace: str = "sluice"
+    # Where this process serves /healthz, /readyz and /metrics (docs/health.md), e.g.
+    # "0.0.0.0:9090"; empty: off. One address per process (`sluice dev` picks a free one).
+    ops_listen: str = ""
+    # Where this process serves the gRPC health service (grpc.health.v1) for all its
+    # services; empty: off. Ingest and the scheduler also serve it on their own gRPC ports.
+    health_grpc_listen: str = ""
+
+
+@dataclass(frozen=True)
+class ShutdownConfig:
+    """[shutdown] — how a process stops on SIGTERM/SIGINT."""
+
+    # The longest a service waits for the work in hand (requests, jobs, webhook POSTs, SMTP
+    # transactions) before it stops regardless; unfinished work is not acknowledged, so
+    # JetStream redelivers it. Keep it below the orchestrator's grace period (Kubernetes
+    # terminationGracePeriodSeconds, 30 s by default).
+    drain_timeout: Duration = Duration(20.0)
 
 
 @dataclass(frozen=True)

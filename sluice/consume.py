@@ -1,7 +1,7 @@
 """The worker loop shared by the pull consumers that handle messages one by one (the
 expander, webhooks): fetch as much as there is room for, handle each in its own task with
 at most `limit` in flight, hand a message back with a delay when its handler fails, and on
-stop let the messages in hand finish (up to 10 s)."""
+stop let the messages in hand finish (up to `drain` seconds), then hand back the rest."""
 
 from __future__ import annotations
 
@@ -26,12 +26,19 @@ async def consume(
     stop: asyncio.Event,
     name: str,
     retry_delay: float = 5.0,
+    drain: float = 10.0,
 ) -> None:
     tasks: set[asyncio.Task[None]] = set()
 
     async def one(msg: Msg) -> None:
         try:
             await handle(msg)
+        except asyncio.CancelledError:
+            # Cut off at the end of a drain: back at once for the next worker (not after
+            # ack_wait). Handlers are safe to repeat (the expander's markers, webhook ids).
+            with contextlib.suppress(Exception):
+                await msg.nak()
+            raise
         except Exception:
             log.exception("%s failed; retrying in %gs", name, retry_delay)
             await msg.nak(delay=retry_delay)
@@ -56,5 +63,7 @@ async def consume(
                 task.add_done_callback(tasks.discard)
     finally:
         if tasks:
-            with contextlib.suppress(Exception):
-                await asyncio.wait(tasks, timeout=10)
+            _, cut = await asyncio.wait(set(tasks), timeout=drain)
+            for task in cut:
+                task.cancel()
+            await asyncio.gather(*cut, return_exceptions=True)

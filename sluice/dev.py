@@ -80,6 +80,14 @@ async def run_dev(base: Config, data_dir: Path, stop: asyncio.Event) -> None:
         webhooks={"allow_private_targets": True},
     )
     cfg = config_mod.replace(cfg, deliverer={"scheduler": cfg.scheduler.listen})
+    # Health and metrics for the whole dev process (docs/health.md), unless configured.
+    cfg = config_mod.replace(
+        cfg,
+        telemetry={
+            "ops_listen": cfg.telemetry.ops_listen or f"127.0.0.1:{_port(9090)}",
+            "health_grpc_listen": cfg.telemetry.health_grpc_listen or f"127.0.0.1:{_port(50071)}",
+        },
+    )
     api_key = await _demo_tenant(cfg, f"http://127.0.0.1:{hook_port}/webhooks")
     tasks = [asyncio.create_task(service(name)(cfg, stop), name=name) for name in SERVICES]
     await asyncio.sleep(0.5)
@@ -99,6 +107,8 @@ async def run_dev(base: Config, data_dir: Path, stop: asyncio.Event) -> None:
         f"  Mail sink 127.0.0.1:{smtp_port} -> {data_dir / 'mail'}/*.eml "
         "(every domain resolves to it)\n"
         f"  Webhooks  -> {data_dir / 'webhooks.jsonl'}\n"
+        f"  Health    http://{cfg.telemetry.ops_listen}/readyz  /healthz  /metrics   "
+        f"gRPC health {cfg.telemetry.health_grpc_listen}\n"
         f"  API key   {api_key}   (tenant {DEMO_TENANT!r}, may send From @{DEMO_DOMAIN})\n\n"
         "Try:\n"
         f"  export SLUICE_API_KEY={api_key}\n"

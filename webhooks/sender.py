@@ -27,6 +27,7 @@ from nats.js import api as js_api
 from sluice import jsonpb, names
 from sluice.config import Config
 from sluice.consume import consume
+from sluice.health import ServiceHealth, nats_problems
 from sluice.nats_layout import connect, ensure_layout
 from sluice.retry import next_delay
 from sluice.tenants import TenantCache, TenantStore
@@ -209,13 +210,31 @@ async def serve(cfg: Config, stop: asyncio.Event) -> None:
     )
     async with aiohttp.ClientSession() as session:
         sender = WebhookSender(cfg, js, session)
+        health = ServiceHealth(
+            "webhooks",
+            lambda: nats_problems(
+                nc,
+                [
+                    (names.EVENTS_STREAM, names.WEBHOOKS_CONSUMER),
+                    (names.WEBHOOKS_STREAM, names.WEBHOOK_DELIVERY_CONSUMER),
+                ],
+            ),
+        )
+        drain = cfg.shutdown.drain_timeout
         log.info("webhooks: running")
         try:
+            await health.start(cfg.telemetry, stop)
             await asyncio.gather(
-                consume(events, sender.fan_out, 64, stop, "webhook fan-out"),
+                consume(events, sender.fan_out, 64, stop, "webhook fan-out", drain=drain),
                 consume(
-                    deliveries, sender.deliver, cfg.webhooks.concurrency, stop, "webhook delivery"
+                    deliveries,
+                    sender.deliver,
+                    cfg.webhooks.concurrency,
+                    stop,
+                    "webhook delivery",
+                    drain=drain,
                 ),
             )
         finally:
+            await health.close()
             await nc.close()
