@@ -268,6 +268,10 @@ class SuppressionConfig:
     # Bounce categories that suppress for `soft_ttl` only (the mailbox may be emptied).
     soft_categories: tuple[str, ...] = ("mailbox_full",)
     soft_ttl: Duration = Duration(3 * 86400.0)
+    # Networks (CIDR) webhooks may reach although not public, e.g. ["10.1.2.0/24"] for an
+    # internal receiver; checked on the address connected to, like the public-only rule.
+    allowed_networks: tuple[str, ...] = ()
+    # Webhook POSTs in flight per process.
 
 
 @dataclass(frozen=True)

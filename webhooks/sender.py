@@ -6,7 +6,7 @@ endpoint never delays another: at most `per_endpoint_concurrency` POSTs per endp
 flight, the rest wait their turn without holding a worker. A 2xx is success. Timeouts, 408,
 429 and 5xx are retried on a ladder (a NAK with delay) until the webhook horizon, then
 dead-lettered (replayable: webhooks/deadletters.py); other 4xx stop. Loopback and private
-targets are refused unless allowed.
+targets are refused unless allowed, on the address actually connected to (`GuardedResolver`).
 """
 
 from __future__ import annotations
@@ -20,15 +20,18 @@ import time
 from urllib.parse import urlsplit
 
 import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import ThreadedResolver
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js import api as js_api
 
 from sluice import jsonpb, names
-from sluice.config import Config
+from sluice.config import Config, ConfigError, DnsConfig, WebhooksConfig
 from sluice.consume import consume
 from sluice.health import ServiceHealth, nats_problems
 from sluice.nats_layout import connect, ensure_layout
+from sluice.resolver import DnsError, Resolver
 from sluice.retry import next_delay
 from sluice.tenants import TenantCache, TenantStore
 from sluice.v1 import messages_pb2, tenant_pb2
@@ -57,18 +60,88 @@ def event_body(event: messages_pb2.Event) -> bytes:
     ).encode()
 
 
-async def check_target(url: str, allow_private: bool) -> None:
+class TargetPolicy:
+    """Which addresses webhooks may reach: public ones, plus `[webhooks] allowed_networks`,
+    or everything with `allow_private_targets`."""
+
+    def __init__(self, cfg: WebhooksConfig) -> None:
+        self.allow_all = cfg.allow_private_targets
+        try:
+            self._networks = [ipaddress.ip_network(n, strict=False) for n in cfg.allowed_networks]
+        except ValueError as exc:
+            raise ConfigError(f"[webhooks] allowed_networks: {exc}") from exc
+
+    def allows(self, address: str) -> bool:
+        ip = ipaddress.ip_address(address)
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped  # ::ffff:127.0.0.1 is loopback
+        return self.allow_all or ip.is_global or any(ip in n for n in self._networks)
+
+
+def check_url(url: str, policy: TargetPolicy) -> None:
+    """Refuse what needs no lookup: other schemes, and literal addresses (the connector does
+    not resolve those, so `GuardedResolver` never sees them)."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise TargetRefused(f"not an http(s) URL: {url}")
-    if allow_private:
-        return
-    loop = asyncio.get_running_loop()
-    infos = await loop.getaddrinfo(parts.hostname, parts.port or 443, type=socket.SOCK_STREAM)
-    for info in infos:
-        ip = ipaddress.ip_address(info[4][0])
-        if not ip.is_global:
-            raise TargetRefused(f"{parts.hostname} resolves to non-public address {ip}")
+    try:
+        ipaddress.ip_address(parts.hostname)
+    except ValueError:
+        return  # a name: checked by GuardedResolver on the addresses it resolves to
+    if not policy.allows(parts.hostname):
+        raise TargetRefused(f"{parts.hostname} is not a public address")
+
+
+class GuardedResolver(AbstractResolver):
+    """The webhook client's resolver: it hands the connector only addresses the policy
+    allows, so the check is on the address actually connected to. Checking a name first and
+    letting the client resolve it again would let a DNS answer that changes in between (DNS
+    rebinding) point a webhook at loopback or the internal network."""
+
+    def __init__(self, policy: TargetPolicy, dns: DnsConfig) -> None:
+        self._policy = policy
+        # [dns] nameservers set: the same resolver as MX lookups; else the system's
+        # (getaddrinfo, so /etc/hosts applies).
+        self._dns = Resolver(dns) if dns.nameservers else None
+        self._system = ThreadedResolver()
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        if self._dns is None:
+            found = await self._system.resolve(host, port, family)
+        else:
+            try:
+                addresses = await self._dns.addresses(host)
+            except DnsError as exc:
+                raise OSError(str(exc)) from exc
+            found = [
+                ResolveResult(
+                    hostname=host,
+                    host=a,
+                    port=port,
+                    family=socket.AF_INET6 if ":" in a else socket.AF_INET,
+                    proto=0,
+                    flags=socket.AI_NUMERICHOST,
+                )
+                for a in addresses
+            ]
+        allowed = [r for r in found if self._policy.allows(r["host"])]
+        if not allowed:
+            shown = ", ".join(sorted({r["host"] for r in found}))
+            raise TargetRefused(f"{host} resolves only to non-public addresses ({shown})")
+        return allowed
+
+    async def close(self) -> None:
+        await self._system.close()
+
+
+def client_session(cfg: Config) -> aiohttp.ClientSession:
+    """The HTTP client for webhook POSTs, with the target policy in its resolver."""
+    policy = TargetPolicy(cfg.webhooks)
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(resolver=GuardedResolver(policy, cfg.dns))
+    )
 
 
 class WebhookSender:
@@ -78,14 +151,15 @@ class WebhookSender:
         self._tenants = TenantCache(TenantStore(js), 5.0)
         self._http = session
         self._in_flight: dict[str, int] = {}
+        self._policy = TargetPolicy(cfg.webhooks)
 
     async def post(
         self, endpoint: tenant_pb2.WebhookEndpoint, event: messages_pb2.Event, body: bytes
     ) -> bool:
         """True when done (delivered, or failed for good); False to retry later."""
         try:
-            await check_target(endpoint.url, self._cfg.webhooks.allow_private_targets)
-        except (TargetRefused, OSError) as exc:
+            check_url(endpoint.url, self._policy)
+        except TargetRefused as exc:
             log.warning("webhook %s to %s refused: %s", event.event_id, endpoint.url, exc)
             return True
         headers = signature_headers(list(endpoint.secrets), event.event_id, int(time.time()), body)
@@ -99,6 +173,9 @@ class WebhookSender:
                 allow_redirects=False,
             ) as resp:
                 status = resp.status
+        except TargetRefused as exc:
+            log.warning("webhook %s to %s refused: %s", event.event_id, endpoint.url, exc)
+            return True
         except (aiohttp.ClientError, TimeoutError) as exc:
             log.info("webhook %s to %s failed: %r", event.event_id, endpoint.url, exc)
             return False
@@ -208,7 +285,7 @@ async def serve(cfg: Config, stop: asyncio.Event) -> None:
     deliveries = await js.pull_subscribe_bind(
         names.WEBHOOK_DELIVERY_CONSUMER, names.WEBHOOKS_STREAM
     )
-    async with aiohttp.ClientSession() as session:
+    async with client_session(cfg) as session:
         sender = WebhookSender(cfg, js, session)
         health = ServiceHealth(
             "webhooks",
