@@ -1,7 +1,9 @@
 """Configuration: one TOML file (`sluice.toml`) plus `SLUICE_<SECTION>__<KEY>` overrides.
 
-Every setting has a documented default here and in docs/config.md. Unknown sections and keys
-are errors that name the file (or variable) and the key. Durations are strings such as
+Every setting has a default and a comment here; the comment line(s) right above a field are
+its documentation: scripts/genconfig.py turns them into docs/configuration.md (a test fails
+when that file is stale or a key has no comment). Unknown sections and keys are errors that
+name the file (or variable) and the key. Durations are strings such as
 "500ms", "15m" or "72h" (a bare number means seconds) and are held as float seconds.
 """
 
@@ -46,7 +48,9 @@ Duration = typing.NewType("Duration", float)
 class NatsConfig:
     """[nats] — how every service reaches JetStream."""
 
+    # Server URL; a cluster as comma-separated URLs.
     url: str = "nats://127.0.0.1:4222"
+    # Longest wait for a connection to NATS.
     connect_timeout: Duration = Duration(2.0)
     # Stream and bucket replicas: 1 on a single node, 3 on a production cluster.
     replicas: int = 1
@@ -77,9 +81,11 @@ class StoreConfig:
     max_age: Duration = Duration(40 * 86400.0)
     # S3 endpoint, e.g. "http://minio:9000"; empty: AWS's endpoint for s3_region.
     s3_endpoint_url: str = ""
+    # S3 region (also signs requests to S3-compatible servers).
     s3_region: str = "us-east-1"
     # Static credentials; empty: the AWS default chain (AWS_* variables, instance role).
     s3_access_key_id: str = ""
+    # The secret of s3_access_key_id (prefer the environment variable).
     s3_secret_access_key: str = ""
     # Path-style URLs (http://host/bucket/key), as MinIO and most self-hosted servers need.
     s3_path_style: bool = False
@@ -89,19 +95,25 @@ class StoreConfig:
 class IngestConfig:
     """[ingest] — the HTTP/JSON and gRPC edge."""
 
+    # Address of the HTTP/JSON API.
     http_listen: str = "127.0.0.1:8080"
+    # Address of the gRPC API.
     grpc_listen: str = "127.0.0.1:50051"
     # Longest wait for JetStream to confirm a job before answering 503.
     publish_timeout: Duration = Duration(2.0)
+    # to + cc + bcc of one message.
     max_recipients: int = 50
+    # Recipients of one blast.
     max_blast_recipients: int = 100_000
     # Larger HTTP bodies get 413; a 100,000-recipient blast is about 10 MB of JSON.
     max_request_bytes: int = 64 * 1024 * 1024
     # Largest gRPC request (SendBlast carries all its recipients in one message).
     grpc_max_message_bytes: int = 64 * 1024 * 1024
+    # Largest attachment.
     max_attachment_bytes: int = 10 * 1024 * 1024
     # Subject, bodies and attachments together.
     max_message_bytes: int = 25 * 1024 * 1024
+    # How far ahead send_at may be.
     max_schedule_ahead: Duration = Duration(72 * 3600.0)
     # A repeated request_id / Idempotency-Key returns the first answer for this long.
     idempotency_ttl: Duration = Duration(24 * 3600.0)
@@ -117,15 +129,16 @@ class IngestConfig:
 class ExpanderConfig:
     """[expander] — fans job records out into delivery pointers."""
 
+    # Job batches expanded at once per process.
     concurrency: int = 4
     # A batch held by an expander that died is redelivered after this long.
     ack_wait: Duration = Duration(30.0)
     # Hash-bucket lanes for domains without dedicated queues (the scheduler finds lanes from
     # the stored subjects, so changing this lets old lanes drain).
     buckets: int = 16
-    # A domain with at least this many recipients in one job gets dedicated queues...
+    # A domain with at least this many recipients in one job gets dedicated queues (lane d).
     dedicated_threshold: int = 200
-    # ...for this long after its last such job (KV sluice_lanes).
+    # A domain keeps its dedicated queues this long after its last such job (KV sluice_lanes).
     dedicated_ttl: Duration = Duration(3600.0)
 
 
@@ -133,7 +146,9 @@ class ExpanderConfig:
 class SchedulerConfig:
     """[scheduler] — the lease service."""
 
+    # Address of the gRPC lease service.
     listen: str = "127.0.0.1:50061"
+    # A lease not renewed within this is reclaimed.
     lease_ttl: Duration = Duration(30.0)
     # How often the backlog per queue is read from JetStream.
     backlog_interval: Duration = Duration(1.0)
@@ -145,6 +160,7 @@ class SchedulerConfig:
     suspend_on_throttle: Duration = Duration(0.0)
     # After this many successes in a row a throttled site gains recover_step of its limits.
     recover_after: int = 20
+    # Fraction of the configured limits a throttled site regains per step.
     recover_step: float = 0.1
     # At most one decrease per site this often: a burst of 421s is one signal.
     throttle_cooldown: Duration = Duration(5.0)
@@ -162,9 +178,11 @@ class DelivererConfig:
     """[deliverer] — works leases, speaks SMTP."""
 
     scheduler: str = "127.0.0.1:50061"
+    # The EHLO hostname (set it to the sending host's name).
     ehlo_name: str = "localhost"
     # The port MX hosts are contacted on (25 in production; tests and `sluice dev` change it).
     smtp_port: int = 25
+    # Leases (sites) one process works at once.
     max_leases: int = 16
     # SMTP connections one lease may use in this process (the lease caps it too).
     connections_per_lease: int = 4
@@ -177,14 +195,19 @@ class DelivererConfig:
     # VERP: MAIL FROM becomes bounce+<delivery id>@<verp_domain>, so a bounce report names
     # the message and recipient. Empty: MAIL FROM is the From address.
     verp_domain: str = ""
+    # Pointers fetched per pull.
     fetch_batch: int = 32
+    # Wait between lease requests when there is no work.
     idle_poll: Duration = Duration(0.5)
+    # TCP connect and greeting.
     connect_timeout: Duration = Duration(30.0)
-    # RFC 5321 4.5.3.2: 5 minutes for the greeting and MAIL/RCPT, 10 for the end of DATA.
+    # Per SMTP command (RFC 5321 4.5.3.2: 5 minutes for the greeting, MAIL and RCPT).
     command_timeout: Duration = Duration(300.0)
+    # For the reply to the end of DATA (RFC 5321 4.5.3.2: 10 minutes).
     data_timeout: Duration = Duration(600.0)
     # Pointers are redelivered by JetStream if not acknowledged within this time.
     ack_wait: Duration = Duration(60.0)
+    # Payloads kept in the per-process LRU cache.
     payload_cache_size: int = 256
 
 
@@ -194,7 +217,9 @@ class DnsConfig:
 
     # Empty means the system's /etc/resolv.conf.
     nameservers: tuple[str, ...] = ()
+    # Port of the nameservers.
     port: int = 53
+    # Per lookup.
     timeout: Duration = Duration(5.0)
     # Route overrides, "domain=host[:port]" ("*" for every domain): a smart host or a test
     # server instead of the MX lookup.
@@ -205,11 +230,15 @@ class DnsConfig:
 class RetryConfig:
     """[retry] — the ladder of redelivery delays and the horizons that end it."""
 
+    # Delays between attempts, chosen by the message's age; the last one repeats.
     ladder: tuple[Duration, ...] = tuple(
         Duration(s) for s in (60, 300, 900, 1800, 3600, 7200, 14400, 28800)
     )
+    # A critical message older than this is dead-lettered.
     horizon_critical: Duration = Duration(3600.0)
+    # A transactional message older than this is dead-lettered.
     horizon_transactional: Duration = Duration(72 * 3600.0)
+    # A bulk message older than this is dead-lettered.
     horizon_bulk: Duration = Duration(72 * 3600.0)
     # Fraction of each delay added at random so a backlog does not return as one wave.
     jitter: float = 0.1
@@ -221,7 +250,9 @@ class RetryConfig:
 class WebhooksConfig:
     """[webhooks] — signed event delivery to tenants."""
 
+    # Per POST.
     timeout: Duration = Duration(10.0)
+    # Retry delays, chosen by the event's age; the last one repeats.
     ladder: tuple[Duration, ...] = tuple(
         Duration(s) for s in (5, 30, 120, 600, 1800, 3600, 7200, 14400)
     )
@@ -229,6 +260,10 @@ class WebhooksConfig:
     horizon: Duration = Duration(26 * 3600.0)
     # Allow loopback and private targets (tests, `sluice dev`); off in production.
     allow_private_targets: bool = False
+    # Networks (CIDR) webhooks may reach although not public, e.g. ["10.1.2.0/24"] for an
+    # internal receiver; checked on the address connected to, like the public-only rule.
+    allowed_networks: tuple[str, ...] = ()
+    # Webhook POSTs in flight per process.
     concurrency: int = 16
     # POSTs in flight per endpoint: a hanging endpoint holds at most this many workers.
     per_endpoint_concurrency: int = 4
@@ -239,6 +274,7 @@ class TelemetryConfig:
     """[telemetry] — OpenTelemetry export: "none", "console" or "otlp"."""
 
     exporter: str = "none"
+    # The OpenTelemetry service.namespace resource attribute.
     service_namespace: str = "sluice"
     # Where this process serves /healthz, /readyz and /metrics (docs/health.md), e.g.
     # "0.0.0.0:9090"; empty: off. One address per process (`sluice dev` picks a free one).
@@ -267,11 +303,8 @@ class SuppressionConfig:
     hard_categories: tuple[str, ...] = ("bad_mailbox", "bad_domain")
     # Bounce categories that suppress for `soft_ttl` only (the mailbox may be emptied).
     soft_categories: tuple[str, ...] = ("mailbox_full",)
+    # How long a soft bounce suppresses.
     soft_ttl: Duration = Duration(3 * 86400.0)
-    # Networks (CIDR) webhooks may reach although not public, e.g. ["10.1.2.0/24"] for an
-    # internal receiver; checked on the address connected to, like the public-only rule.
-    allowed_networks: tuple[str, ...] = ()
-    # Webhook POSTs in flight per process.
 
 
 @dataclass(frozen=True)
