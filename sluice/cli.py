@@ -140,7 +140,12 @@ async def _tenants(args: argparse.Namespace, store: TenantStore) -> int:
         )
         for i, url in enumerate(args.webhook):
             tenant.webhooks.append(
-                tenant_pb2.WebhookEndpoint(id=f"ep{i + 1}", url=url, secrets=[new_webhook_secret()])
+                tenant_pb2.WebhookEndpoint(
+                    id=f"ep{i + 1}",
+                    url=url,
+                    secrets=[new_webhook_secret()],
+                    batch_size=args.webhook_batch_size,
+                )
             )
         await store.put_tenant(tenant)
         _print(tenant)
@@ -276,6 +281,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     tc.add_argument("--webhook", action="append", default=[], help="an endpoint URL (repeatable)")
     t.add_parser("list")
+    tc.add_argument(
+        "--webhook-batch-size",
+        type=int,
+        default=0,
+        metavar="N",
+        help="POST up to N events at once as a JSON array (default: one event per POST)",
+    )
     ts = t.add_parser("show")
     ts.add_argument("tenant_id")
     td = t.add_parser("dkim", help="set the DKIM key the tenant signs one From domain with")

@@ -271,6 +271,9 @@ class WebhooksConfig:
 
 @dataclass(frozen=True)
 class TelemetryConfig:
+    # A batching endpoint (WebhookEndpoint.batch_size > 1) gets a POST when its batch is
+    # full or this long after the batch's first event.
+    batch_wait: Duration = Duration(1.0)
     """[telemetry] — OpenTelemetry export: "none", "console" or "otlp"."""
 
     exporter: str = "none"

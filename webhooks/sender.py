@@ -12,6 +12,7 @@ targets are refused unless allowed, on the address actually connected to (`Guard
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import ipaddress
 import json
 import logging
@@ -33,6 +34,7 @@ from sluice.health import ServiceHealth, nats_problems
 from sluice.nats_layout import connect, ensure_layout
 from sluice.resolver import DnsError, Resolver
 from sluice.retry import next_delay
+from sluice.telemetry import TRACE_HEADERS, count_webhook_post, http_client_trace, remote_parent
 from sluice.tenants import TenantCache, TenantStore
 from sluice.v1 import messages_pb2, tenant_pb2
 from webhooks import deadletters
@@ -140,7 +142,9 @@ def client_session(cfg: Config) -> aiohttp.ClientSession:
     """The HTTP client for webhook POSTs, with the target policy in its resolver."""
     policy = TargetPolicy(cfg.webhooks)
     return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(resolver=GuardedResolver(policy, cfg.dns))
+        connector=aiohttp.TCPConnector(resolver=GuardedResolver(policy, cfg.dns)),
+        # A span per POST (traceparent sent along) and the success/failure counts.
+        trace_configs=[http_client_trace(count_webhook_post)],
     )
 
 
@@ -152,17 +156,28 @@ class WebhookSender:
         self._http = session
         self._in_flight: dict[str, int] = {}
         self._policy = TargetPolicy(cfg.webhooks)
+        # Batching endpoints: deliveries gathering for the next POST, its timer, the
+        # endpoint as last read, and the batch POSTs in flight.
+        self._gathering: dict[str, list[tuple[Msg, messages_pb2.WebhookDelivery]]] = {}
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._endpoints: dict[str, tenant_pb2.WebhookEndpoint] = {}
+        self._batches: set[asyncio.Task[None]] = set()
 
     async def post(
         self, endpoint: tenant_pb2.WebhookEndpoint, event: messages_pb2.Event, body: bytes
     ) -> bool:
-        """True when done (delivered, or failed for good); False to retry later."""
+        """POST one event; True when done (delivered, or failed for good), False to retry."""
+        return await self._post(endpoint, event.event_id, body, event.event_id)
+
+    async def _post(
+        self, endpoint: tenant_pb2.WebhookEndpoint, webhook_id: str, body: bytes, what: str
+    ) -> bool:
         try:
             check_url(endpoint.url, self._policy)
         except TargetRefused as exc:
-            log.warning("webhook %s to %s refused: %s", event.event_id, endpoint.url, exc)
+            log.warning("webhook %s to %s refused: %s", what, endpoint.url, exc)
             return True
-        headers = signature_headers(list(endpoint.secrets), event.event_id, int(time.time()), body)
+        headers = signature_headers(list(endpoint.secrets), webhook_id, int(time.time()), body)
         headers["content-type"] = "application/json"
         try:
             async with self._http.post(
@@ -174,18 +189,18 @@ class WebhookSender:
             ) as resp:
                 status = resp.status
         except TargetRefused as exc:
-            log.warning("webhook %s to %s refused: %s", event.event_id, endpoint.url, exc)
+            log.warning("webhook %s to %s refused: %s", what, endpoint.url, exc)
             return True
         except (aiohttp.ClientError, TimeoutError) as exc:
-            log.info("webhook %s to %s failed: %r", event.event_id, endpoint.url, exc)
+            log.info("webhook %s to %s failed: %r", what, endpoint.url, exc)
             return False
         if 200 <= status < 300:
-            log.info("webhook %s to %s: %d", event.event_id, endpoint.url, status)
+            log.info("webhook %s to %s: %d", what, endpoint.url, status)
             return True
         retry = status in (408, 429) or status >= 500
         log.info(
             "webhook %s to %s: %d (%s)",
-            event.event_id,
+            what,
             endpoint.url,
             status,
             "will retry" if retry else "giving up",
@@ -200,6 +215,8 @@ class WebhookSender:
             await msg.term()
             return
         tenant = await self._tenants.get(event.tenant_id)
+        # The event's trace context passes through unchanged to each endpoint's delivery.
+        trace_context = {k: v for k, v in (msg.headers or {}).items() if k in TRACE_HEADERS}
         for e in tenant.webhooks if tenant else []:
             if e.event_types and event.type not in e.event_types:
                 continue
@@ -208,7 +225,7 @@ class WebhookSender:
                 names.webhook_subject(event.tenant_id, e.id),
                 delivery.SerializeToString(),
                 stream=names.WEBHOOKS_STREAM,
-                headers={"Nats-Msg-Id": f"{event.event_id}.{e.id}"},
+                headers={"Nats-Msg-Id": f"{event.event_id}.{e.id}", **trace_context},
             )
         await msg.ack()
 
@@ -228,28 +245,102 @@ class WebhookSender:
             await msg.ack()
             return
         key = f"{event.tenant_id}/{endpoint.id}"
+        if endpoint.batch_size > 1:
+            await self._batch(key, endpoint, msg, delivery)
+            return
         if self._in_flight.get(key, 0) >= self._cfg.webhooks.per_endpoint_concurrency:
             await msg.nak(delay=1.0)  # its turn comes; it does not hold a worker meanwhile
             return
         self._in_flight[key] = self._in_flight.get(key, 0) + 1
         try:
-            done = await self.post(endpoint, event, event_body(event))
+            # The POST's span continues the trace of whoever published the event.
+            with remote_parent(msg.headers):
+                done = await self.post(endpoint, event, event_body(event))
         finally:
             self._in_flight[key] -= 1
+        await self._settle(msg, delivery, done, endpoint.url)
+
+    async def _settle(
+        self, msg: Msg, delivery: messages_pb2.WebhookDelivery, done: bool, url: str
+    ) -> None:
+        """Ack a finished delivery; else retry it on the ladder, or dead-letter it past the
+        horizon."""
         if done:
             await msg.ack()
             return
+        event = delivery.event
         since = max(event.timestamp.ToNanoseconds(), delivery.replayed_at.ToNanoseconds())
         age = time.time() - since / 1e9
         if age > self._cfg.webhooks.horizon:
             # Dead letter first, then TERM: a crash in between repeats, never loses.
             await deadletters.dead_letter(self._js, delivery)
             await msg.term()
-            log.warning(
-                "webhook %s to %s: horizon passed, dead-lettered", event.event_id, endpoint.url
-            )
+            log.warning("webhook %s to %s: horizon passed, dead-lettered", event.event_id, url)
             return
         await msg.nak(delay=next_delay(age, self._cfg.webhooks.ladder, 0.1))
+
+    async def _batch(
+        self,
+        key: str,
+        endpoint: tenant_pb2.WebhookEndpoint,
+        msg: Msg,
+        delivery: messages_pb2.WebhookDelivery,
+    ) -> None:
+        """Gather the delivery into the endpoint's next batch and return at once (the batch
+        settles every message in it). At most `per_endpoint_concurrency` batches' worth of
+        messages are held per endpoint; more are handed back, as for single POSTs."""
+        room = endpoint.batch_size * self._cfg.webhooks.per_endpoint_concurrency
+        if self._in_flight.get(key, 0) >= room:
+            await msg.nak(delay=1.0)
+            return
+        self._in_flight[key] = self._in_flight.get(key, 0) + 1
+        self._endpoints[key] = endpoint
+        gathering = self._gathering.setdefault(key, [])
+        gathering.append((msg, delivery))
+        if len(gathering) >= endpoint.batch_size:
+            self._start_batch(key, endpoint)
+        elif len(gathering) == 1:
+            loop = asyncio.get_running_loop()
+            self._timers[key] = loop.call_later(
+                self._cfg.webhooks.batch_wait, self._start_batch, key, endpoint
+            )
+
+    def _start_batch(self, key: str, endpoint: tenant_pb2.WebhookEndpoint) -> None:
+        timer = self._timers.pop(key, None)
+        if timer is not None:
+            timer.cancel()
+        batch = self._gathering.pop(key, [])
+        if batch:
+            task = asyncio.create_task(self._post_batch(key, endpoint, batch))
+            self._batches.add(task)
+            task.add_done_callback(self._batches.discard)
+
+    async def _post_batch(
+        self,
+        key: str,
+        endpoint: tenant_pb2.WebhookEndpoint,
+        batch: list[tuple[Msg, messages_pb2.WebhookDelivery]],
+    ) -> None:
+        ids = [d.event.event_id for _, d in batch]
+        webhook_id = "batch_" + hashlib.sha256("\n".join(ids).encode()).hexdigest()[:32]
+        body = b"[" + b",".join(event_body(d.event) for _, d in batch) + b"]"
+        try:
+            done = await self._post(endpoint, webhook_id, body, f"{webhook_id} ({len(ids)})")
+            for msg, delivery in batch:
+                await self._settle(msg, delivery, done, endpoint.url)
+        finally:
+            self._in_flight[key] -= len(batch)
+
+    async def close(self, drain: float) -> None:
+        """Post what is still gathering, and wait (up to `drain` seconds) for batches in flight;
+        what does not finish is not acked and comes back from JetStream."""
+        for key in list(self._gathering):
+            self._start_batch(key, self._endpoints[key])
+        if self._batches:
+            _, cut = await asyncio.wait(set(self._batches), timeout=drain)
+            for task in cut:
+                task.cancel()
+            await asyncio.gather(*cut, return_exceptions=True)
 
 
 async def ensure_consumers(js: JetStreamContext) -> None:
@@ -312,6 +403,7 @@ async def serve(cfg: Config, stop: asyncio.Event) -> None:
                     drain=drain,
                 ),
             )
+            await sender.close(drain)
         finally:
             await health.close()
             await nc.close()

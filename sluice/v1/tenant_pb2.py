@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from sluice.v1 import messages_pb2 as sluice_dot_v1_dot_messages__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16sluice/v1/tenant.proto\x12\tsluice.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18sluice/v1/messages.proto\"f\n\x0fWebhookEndpoint\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0b\n\x03url\x18\x02 \x01(\t\x12\x0f\n\x07secrets\x18\x03 \x03(\t\x12)\n\x0b\x65vent_types\x18\x04 \x03(\x0e\x32\x14.sluice.v1.EventType\"D\n\x07\x44kimKey\x12\x0e\n\x06\x64omain\x18\x01 \x01(\t\x12\x10\n\x08selector\x18\x02 \x01(\t\x12\x17\n\x0fprivate_key_pem\x18\x03 \x01(\t\"\xa1\x02\n\x06Tenant\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x1c\n\x14\x61llowed_from_domains\x18\x03 \x03(\t\x12&\n\rallowed_tiers\x18\x04 \x03(\x0e\x32\x0f.sluice.v1.Tier\x12\x12\n\nrate_limit\x18\x05 \x01(\r\x12,\n\x08webhooks\x18\x06 \x03(\x0b\x32\x1a.sluice.v1.WebhookEndpoint\x12%\n\tdkim_keys\x18\x07 \x03(\x0b\x32\x12.sluice.v1.DkimKey\x12\x17\n\x0funsubscribe_url\x18\x08 \x01(\t\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x8c\x01\n\x06\x41piKey\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x1e\n\x05tiers\x18\x03 \x03(\x0e\x32\x0f.sluice.v1.Tier\x12\x0f\n\x07revoked\x18\x04 \x01(\x08\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestampb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16sluice/v1/tenant.proto\x12\tsluice.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18sluice/v1/messages.proto\"z\n\x0fWebhookEndpoint\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0b\n\x03url\x18\x02 \x01(\t\x12\x0f\n\x07secrets\x18\x03 \x03(\t\x12)\n\x0b\x65vent_types\x18\x04 \x03(\x0e\x32\x14.sluice.v1.EventType\x12\x12\n\nbatch_size\x18\x05 \x01(\r\"D\n\x07\x44kimKey\x12\x0e\n\x06\x64omain\x18\x01 \x01(\t\x12\x10\n\x08selector\x18\x02 \x01(\t\x12\x17\n\x0fprivate_key_pem\x18\x03 \x01(\t\"\xa1\x02\n\x06Tenant\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x1c\n\x14\x61llowed_from_domains\x18\x03 \x03(\t\x12&\n\rallowed_tiers\x18\x04 \x03(\x0e\x32\x0f.sluice.v1.Tier\x12\x12\n\nrate_limit\x18\x05 \x01(\r\x12,\n\x08webhooks\x18\x06 \x03(\x0b\x32\x1a.sluice.v1.WebhookEndpoint\x12%\n\tdkim_keys\x18\x07 \x03(\x0b\x32\x12.sluice.v1.DkimKey\x12\x17\n\x0funsubscribe_url\x18\x08 \x01(\t\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x8c\x01\n\x06\x41piKey\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x1e\n\x05tiers\x18\x03 \x03(\x0e\x32\x0f.sluice.v1.Tier\x12\x0f\n\x07revoked\x18\x04 \x01(\x08\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestampb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,11 +34,11 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sluice.v1.tenant_pb2', _glo
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_WEBHOOKENDPOINT']._serialized_start=96
-  _globals['_WEBHOOKENDPOINT']._serialized_end=198
-  _globals['_DKIMKEY']._serialized_start=200
-  _globals['_DKIMKEY']._serialized_end=268
-  _globals['_TENANT']._serialized_start=271
-  _globals['_TENANT']._serialized_end=560
-  _globals['_APIKEY']._serialized_start=563
-  _globals['_APIKEY']._serialized_end=703
+  _globals['_WEBHOOKENDPOINT']._serialized_end=218
+  _globals['_DKIMKEY']._serialized_start=220
+  _globals['_DKIMKEY']._serialized_end=288
+  _globals['_TENANT']._serialized_start=291
+  _globals['_TENANT']._serialized_end=580
+  _globals['_APIKEY']._serialized_start=583
+  _globals['_APIKEY']._serialized_end=723
 # @@protoc_insertion_point(module_scope)

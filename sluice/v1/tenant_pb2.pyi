@@ -30,10 +30,16 @@ class WebhookEndpoint(_message.Message):
     URL_FIELD_NUMBER: _builtins.int
     SECRETS_FIELD_NUMBER: _builtins.int
     EVENT_TYPES_FIELD_NUMBER: _builtins.int
+    BATCH_SIZE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Stable id of the endpoint within the tenant."""
     url: _builtins.str
     """The https URL events are POSTed to."""
+    batch_size: _builtins.int
+    """Events per POST: 0 or 1 posts each event alone (a JSON object); more posts a JSON array
+    of up to this many events, gathered for at most [webhooks] batch_wait, signed as one
+    body with a webhook-id derived from the event ids.
+    """
     @_builtins.property
     def secrets(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Signing secrets ("whsec_<base64>"); the first signs, all are listed in the signature
@@ -51,10 +57,11 @@ class WebhookEndpoint(_message.Message):
         url: _builtins.str = ...,
         secrets: _abc.Iterable[_builtins.str] | None = ...,
         event_types: _abc.Iterable[_messages_pb2.EventType.ValueType] | None = ...,
+        batch_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_types", b"event_types", "id", b"id", "secrets", b"secrets", "url", b"url"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "event_types", b"event_types", "id", b"id", "secrets", b"secrets", "url", b"url"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
