@@ -5,6 +5,7 @@ sluice ingest|expander|scheduler|deliverer|webhooks
                                     one service, from sluice.toml + SLUICE_* variables
 sluice init                         create the JetStream streams and buckets
 sluice tenants create|list|show|dkim tenants (NATS KV sluice_tenants)
+sluice tenants purge <tenant>       remove everything held for a tenant (docs/storage.md)
 sluice keys create|list|revoke      API keys (NATS KV sluice_keys)
 sluice dlq list|show|replay|webhooks dead letters (mail; webhook deliveries)
 sluice suppressions list|add|remove recipients a tenant does not mail
@@ -240,6 +241,42 @@ async def _sites(cfg: Config) -> int:
     return 0
 
 
+def _purge(cfg: Config, tenant_id: str, yes: bool) -> int:
+    """`sluice tenants purge`: confirm, then remove everything held for the tenant."""
+    from sluice.purge import purge_tenant
+    from sluice.store import open_store
+    from sluice.tenants import valid_tenant_id
+
+    if not valid_tenant_id(tenant_id):
+        print(f"invalid tenant id {tenant_id!r}", file=sys.stderr)
+        return 2
+    if not yes:
+        if not sys.stdin.isatty():
+            print("refusing to purge without --yes (stdin is not a terminal)", file=sys.stderr)
+            return 2
+        answer = input(f"Purge tenant {tenant_id!r} and all its data? Type its id to confirm: ")
+        if answer.strip() != tenant_id:
+            print("not purged", file=sys.stderr)
+            return 1
+
+    async def run() -> int:
+        nc = await connect(cfg, "sluice-cli")
+        store = open_store(cfg.store, nc.jetstream(), cfg.nats.replicas)
+        try:
+            await ensure_layout(nc.jetstream(), cfg)
+            report = await purge_tenant(nc, cfg, store, tenant_id)
+        finally:
+            await store.close()
+            await nc.close()
+        for kind, n in report.removed.items():
+            print(f"{kind}\t{n}")
+        for uri in report.payload_errors:
+            print(f"payload not deleted: {uri}", file=sys.stderr)
+        return 1 if report.payload_errors else 0
+
+    return asyncio.run(run())
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sluice", description="Sluice email delivery platform")
     p.add_argument("--config", help="config file (default: $SLUICE_CONFIG or ./sluice.toml)")
@@ -295,6 +332,13 @@ def _parser() -> argparse.ArgumentParser:
     td.add_argument("--domain", required=True)
     td.add_argument("--selector", required=True)
     td.add_argument("--key-file", required=True, help="RSA private key, PEM")
+    tp = t.add_parser(
+        "purge",
+        help="remove the tenant and everything held for it: keys, queued mail, events, dead "
+        "letters, suppressions, idempotency keys, payloads",
+    )
+    tp.add_argument("tenant_id")
+    tp.add_argument("--yes", action="store_true", help="do not ask for confirmation")
 
     d = sub.add_parser("dlq", help="dead letters").add_subparsers(dest="action", required=True)
     dl = d.add_parser("list")
@@ -376,6 +420,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
 
         return asyncio.run(init())
+    if cmd == "tenants" and args.action == "purge":
+        return _purge(cfg, args.tenant_id, args.yes)
     if cmd == "tenants":
         return asyncio.run(_with_tenants(cfg, lambda s: _tenants(args, s)))
     if cmd == "dlq":
