@@ -263,6 +263,9 @@ class WebhooksConfig:
     # Networks (CIDR) webhooks may reach although not public, e.g. ["10.1.2.0/24"] for an
     # internal receiver; checked on the address connected to, like the public-only rule.
     allowed_networks: tuple[str, ...] = ()
+    # A batching endpoint (WebhookEndpoint.batch_size > 1) gets a POST when its batch is
+    # full or this long after the batch's first event.
+    batch_wait: Duration = Duration(1.0)
     # Webhook POSTs in flight per process.
     concurrency: int = 16
     # POSTs in flight per endpoint: a hanging endpoint holds at most this many workers.
@@ -271,9 +274,6 @@ class WebhooksConfig:
 
 @dataclass(frozen=True)
 class TelemetryConfig:
-    # A batching endpoint (WebhookEndpoint.batch_size > 1) gets a POST when its batch is
-    # full or this long after the batch's first event.
-    batch_wait: Duration = Duration(1.0)
     """[telemetry] — OpenTelemetry export: "none", "console" or "otlp"."""
 
     exporter: str = "none"
