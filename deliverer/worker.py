@@ -20,6 +20,8 @@ from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
+from opentelemetry import trace
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from deliverer.classify import Bounced, Deferred, Delivered, Outcome, Reply, classify
 from deliverer.dkim_sign import DkimError, key_for, sign
@@ -31,6 +33,7 @@ from sluice.outcomes import publish_dead_letter, publish_event
 from sluice.resolver import DnsPermanent, DnsTemporary, Resolver
 from sluice.retry import busy_delay, next_delay
 from sluice.store import PayloadNotFound, PayloadStore, StoreError
+from sluice.telemetry import extract, tracer
 from sluice.tenants import TenantCache, TenantStore
 from sluice.v1 import messages_pb2, scheduler_pb2, scheduler_pb2_grpc
 
@@ -49,6 +52,21 @@ _OUTCOME_KIND = {
     Deferred: scheduler_pb2.OUTCOME_KIND_DEFERRED,
     Bounced: scheduler_pb2.OUTCOME_KIND_BOUNCED,
 }
+
+
+_tracer = tracer("deliverer")
+
+
+def _trace_outcomes(span: Span, host: str, outcomes: dict[str, Outcome]) -> None:
+    """What a transaction came to, on its span; any recipient not delivered is an error."""
+    kinds = sorted({type(o).__name__.lower() for o in outcomes.values()})
+    if host:
+        span.set_attribute("server.address", host)
+    span.set_attribute("sluice.outcomes", kinds)
+    codes = sorted({o.reply.code for o in outcomes.values() if o.reply})
+    span.set_attribute("smtp.reply_codes", codes)
+    if kinds != ["delivered"]:
+        span.set_status(Status(StatusCode.ERROR, ", ".join(kinds)))
 
 
 def _is_ip(host: str) -> bool:
@@ -426,6 +444,29 @@ class Deliverer:
         work: LeaseWork,
         conn: SmtpConnection | None,
     ) -> SmtpConnection | None:
+        """One transaction in a span that continues the job's trace (the pointers of one
+        message carry the same traceparent); its events are published inside it."""
+        with _tracer.start_as_current_span(
+            "smtp deliver", context=extract(group[0][0].headers), kind=SpanKind.CLIENT
+        ) as span:
+            if span.is_recording() and (p := group[0][1]) is not None:
+                span.set_attributes(
+                    {
+                        "sluice.site_id": work.lease.site_id,
+                        "sluice.tier": names.tier_token(p.tier),
+                        "sluice.job_id": p.job_id,
+                        "sluice.message_id": p.message_id,
+                        "smtp.recipients": len(group),
+                    }
+                )
+            return await self._transaction(group, work, conn)
+
+    async def _transaction(
+        self,
+        group: list[tuple[Msg, messages_pb2.DeliveryPointer | None]],
+        work: LeaseWork,
+        conn: SmtpConnection | None,
+    ) -> SmtpConnection | None:
         """Deliver one pointer, or several pointers of one message in one transaction."""
         lease = work.lease
         items: list[tuple[Msg, messages_pb2.DeliveryPointer, int, float, float]] = []
@@ -498,6 +539,9 @@ class Deliverer:
             outcomes = {p.recipient: Deferred(None, str(exc)) for _, p, *_ in items}
             conn = None
         host = conn.host if conn else ""
+        span = trace.get_current_span()
+        if span.is_recording():
+            _trace_outcomes(span, host, outcomes)
         # Settling (event, then ack / nak / dead letter) runs in the background, so the
         # connection goes on with the next transaction meanwhile; a crash before the ack
         # means a redelivery, which at-least-once allows.

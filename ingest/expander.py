@@ -31,6 +31,7 @@ from nats.js import JetStreamContext
 from nats.js import api as js_api
 from nats.js.errors import APIError as JsApiError
 from nats.js.errors import KeyNotFoundError
+from opentelemetry.trace import SpanKind
 
 from ingest.validate import normalise_domain
 from sluice import names
@@ -43,12 +44,14 @@ from sluice.nats_layout import connect, ensure_layout, kv_put_ttl
 from sluice.outcomes import WRONG_LAST_SEQUENCE
 from sluice.store import PayloadStore, open_store
 from sluice.suppressions import Suppressions
+from sluice.telemetry import count_suppressed, extract, inject, trace_headers, tracer
 from sluice.tenants import now_ts
 from sluice.v1 import messages_pb2
 
 __all__ = ["Expander", "serve"]
 
 log = logging.getLogger(__name__)
+_tracer = tracer("expander")
 
 CHUNK = MAX_BATCH - 1  # pointers per chunk; the marker is the batch's thousandth message
 _IN_FLIGHT = 4  # chunks committed concurrently per batch (the server allows 50 per stream)
@@ -182,14 +185,18 @@ class Expander:
                 {"Nats-Expected-Last-Subject-Sequence": "0"},
             )
         ]
+        # Every pointer and event carries the job's trace context (one dict per chunk).
+        trace = trace_headers()
         events = []
         for item in items:
             if self._suppressions.suppressed(item.job.tenant_id, item.email):
                 events.append(self._suppressed_event(item))
             else:
                 subject, data = self._pointer(item, busy)
-                msgs.append((subject, data, None))
+                msgs.append((subject, data, trace))
         for subject, data, headers in events:
+            if trace:
+                headers.update(trace)
             await self._js.publish(subject, data, stream=names.EVENTS_STREAM, headers=headers)
         try:
             await publish_atomic(self._nc, msgs)
@@ -197,6 +204,8 @@ class Expander:
             if exc.err_code == WRONG_LAST_SEQUENCE:
                 return 0  # committed before (an earlier attempt or another expander)
             raise
+        if events:
+            count_suppressed(items[0].job.tier, len(events))
         return len(msgs) - 1
 
     async def expand(self, batch: messages_pb2.JobBatch, progress: Any = None) -> int:
@@ -245,7 +254,7 @@ class Expander:
                 names.event_subject(job.tenant_id, event.type, job.job_id, "job"),
                 event.SerializeToString(),
                 stream=names.EVENTS_STREAM,
-                headers={"Nats-Msg-Id": event.event_id},
+                headers=inject({"Nats-Msg-Id": event.event_id}),
             )
 
     async def _is_done(self, batch_id: str) -> bool:
@@ -288,10 +297,24 @@ class Expander:
             await msg.nak(delay=wait)  # a scheduled send: come back when it is due
             return
         started = time.monotonic()
-        n = await self.expand(batch, msg.in_progress)
-        await self._accepted_events(batch)
-        await self._mark_done(batch.batch_id)
-        await msg.ack_sync()
+        # The job's trace goes on from ingest's span (the traceparent on the job record).
+        with _tracer.start_as_current_span(
+            f"process {names.JOBS_STREAM}",
+            context=extract(msg.headers),
+            kind=SpanKind.CONSUMER,
+            attributes={
+                "messaging.system": "nats",
+                "messaging.operation.type": "process",
+                "messaging.destination.name": msg.subject,
+                "messaging.consumer.group.name": names.EXPANDER_CONSUMER,
+                "messaging.message.id": batch.batch_id,
+            },
+        ) as span:
+            n = await self.expand(batch, msg.in_progress)
+            await self._accepted_events(batch)
+            await self._mark_done(batch.batch_id)
+            await msg.ack_sync()
+            span.set_attribute("sluice.pointers", n)
         log.info(
             "expanded batch=%s jobs=%d pointers=%d in %.0f ms",
             batch.batch_id,

@@ -13,14 +13,17 @@ import asyncio
 import contextlib
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import grpc
 from google.protobuf.message import Message
+from opentelemetry.trace import Span, SpanKind
 
 from ingest.errors import ApiError
 from ingest.routes import Rpc, rpcs, snake
 from sluice.config import IngestConfig
+from sluice.telemetry import extract, rpc_status, tracer
 from sluice.v1 import ingest_pb2
 
 __all__ = ["servicer_handler"]
@@ -30,9 +33,31 @@ _STATUS_DETAILS_KEY = "grpc-status-details-bin"
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
 
-def _auth(context: Ctx) -> str | None:
-    auth = dict(context.invocation_metadata() or ()).get("authorization")
+_SERVICE = ingest_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name
+
+_tracer = tracer("ingest")
+
+
+def _metadata(context: Ctx) -> dict[str, Any]:
+    return dict(context.invocation_metadata() or ())
+
+
+def _auth(metadata: dict[str, Any]) -> str | None:
+    auth = metadata.get("authorization")
     return auth if isinstance(auth, str) else None
+
+
+def _span(rpc: str, metadata: dict[str, Any]) -> AbstractContextManager[Span]:
+    """A server span for one call (one batch of a stream), the child of a client's
+    traceparent if it sent one. gRPC status codes decide the span status (rpc_status)."""
+    return _tracer.start_as_current_span(
+        f"{_SERVICE}/{rpc}",
+        context=extract(metadata),
+        kind=SpanKind.SERVER,
+        attributes={"rpc.system": "grpc", "rpc.service": _SERVICE, "rpc.method": rpc},
+        record_exception=False,
+        set_status_on_exception=False,
+    )
 
 
 async def _abort(context: Ctx, err: ApiError) -> None:
@@ -48,16 +73,24 @@ def _unary(core: Any, rpc: Rpc) -> Callable[[Any, Ctx], Awaitable[Message]]:
     method = getattr(core, snake(rpc.name))
 
     async def handle(request: Any, context: Ctx) -> Message:
-        try:
-            if rpc.name == "SendBlast":
-                raw, parsed = request
-                result: Message = await method(_auth(context), parsed, raw_request=raw)
-            else:
-                result = await method(_auth(context), request)
+        metadata = _metadata(context)
+        with _span(rpc.name, metadata) as span:
+            try:
+                if rpc.name == "SendBlast":
+                    raw, parsed = request
+                    result: Message = await method(_auth(metadata), parsed, raw_request=raw)
+                else:
+                    result = await method(_auth(metadata), request)
+            except ApiError as err:
+                rpc_status(span, err.code.value[0])
+                await _abort(context, err)
+                raise  # abort raises; this satisfies the type checker
+            except Exception as exc:
+                span.record_exception(exc)
+                rpc_status(span, grpc.StatusCode.UNKNOWN.value[0])
+                raise
+            rpc_status(span, grpc.StatusCode.OK.value[0])
             return result
-        except ApiError as err:
-            await _abort(context, err)
-            raise  # abort raises; this satisfies the type checker
 
     return handle
 
@@ -70,8 +103,9 @@ def _stream(core: Any, cfg: IngestConfig) -> Callable[[AsyncIterator[Any], Ctx],
     async def handle(
         requests: AsyncIterator[ingest_pb2.SendStreamRequest], context: Ctx
     ) -> AsyncIterator[ingest_pb2.SendStreamResponse]:
+        metadata = _metadata(context)
         try:
-            principal = await core.authenticate(_auth(context))
+            principal = await core.authenticate(_auth(metadata))
         except ApiError as err:
             await _abort(context, err)
             return
@@ -109,7 +143,9 @@ def _stream(core: Any, cfg: IngestConfig) -> Callable[[AsyncIterator[Any], Ctx],
                 for frame in batch
                 for i, msg in enumerate(frame.messages or [frame.message])
             ]
-            results = await core.send_batch(principal, [m for _, m in numbered])
+            with _span("SendStream", metadata) as span:
+                results = await core.send_batch(principal, [m for _, m in numbered])
+                span.set_attribute("sluice.messages", len(numbered))
             resp = ingest_pb2.SendStreamResponse()
             for (sequence, _), res in zip(numbered, results, strict=True):
                 item = resp.results.add(sequence=sequence)

@@ -14,14 +14,17 @@ import grpc
 import orjson
 from aiohttp import web
 from google.protobuf import json_format
+from opentelemetry.trace import SpanKind
 
 from ingest.errors import ApiError, bad_request
 from ingest.routes import ACCEPTED, HttpRoute, http_routes, snake
 from sluice import jsonpb
+from sluice.telemetry import extract, http_status, tracer
 
 __all__ = ["make_app"]
 
 log = logging.getLogger(__name__)
+_tracer = tracer("ingest")
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 
@@ -72,7 +75,7 @@ def _handler(core: Any, route: HttpRoute, max_bytes: int) -> Any:
     is_blast = route.rpc.name == "SendBlast"
     has_request_id = "request_id" in route.rpc.request_cls.DESCRIPTOR.fields_by_name
 
-    async def handle(request: web.Request) -> web.Response:
+    async def respond(request: web.Request) -> web.Response:
         try:
             data = await _decode_body(request, route, max_bytes) if route.body else {}
             if route.body != "*":
@@ -105,6 +108,21 @@ def _handler(core: Any, route: HttpRoute, max_bytes: int) -> Any:
             return error_response(err)
         except web.HTTPRequestEntityTooLarge:
             return error_response(_too_large(max_bytes))
+
+    # A server span per request, the child of a client's traceparent if it sent one.
+    span_name = f"{route.verb} {route.path}"
+    attributes = {"http.request.method": route.verb, "http.route": route.path}
+
+    async def handle(request: web.Request) -> web.Response:
+        with _tracer.start_as_current_span(
+            span_name,
+            context=extract(request.headers),
+            kind=SpanKind.SERVER,
+            attributes=attributes,
+        ) as span:
+            response = await respond(request)
+            http_status(span, response.status)
+            return response
 
     return handle
 

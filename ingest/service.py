@@ -22,6 +22,7 @@ from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 from nats.js.errors import APIError as JsApiError
 from nats.js.errors import NoStreamResponseError
+from opentelemetry import trace
 
 from ingest.auth import Authenticator, Principal
 from ingest.errors import ApiError, bad_request
@@ -40,6 +41,7 @@ from ingest.validate import (
 from sluice import deadletters, names, suppressions
 from sluice.config import Config
 from sluice.store import PayloadStore, StoreError
+from sluice.telemetry import count_accepted, inject
 from sluice.tenants import now_ts
 from sluice.v1 import ingest_pb2, messages_pb2
 
@@ -177,13 +179,18 @@ class IngestCore:
         return response
 
     async def _publish(self, batch: messages_pb2.JobBatch, tier: names.Tier) -> None:
+        # The request's span travels with the job record (the expander continues the trace).
         await self._js.publish(
             names.job_subject(tier, batch.batch_id),
             batch.SerializeToString(),
             timeout=self._cfg.ingest.publish_timeout,
             stream=names.JOBS_STREAM,
-            headers={"Nats-Msg-Id": batch.batch_id},
+            headers=inject({"Nats-Msg-Id": batch.batch_id}),
         )
+        count_accepted(tier, sum(job.recipient_count or len(job.recipients) for job in batch.jobs))
+        span = trace.get_current_span()
+        if span.is_recording() and len(batch.jobs) == 1:
+            span.set_attribute("sluice.job_id", batch.jobs[0].job_id)
 
     async def _durable(self, *steps: Callable[[], Awaitable[object]]) -> None:
         """Run the steps in order; any failure means nothing was accepted (503/429)."""

@@ -21,6 +21,7 @@ from sluice import names
 from sluice.config import Config
 from sluice.nats_layout import kv_put_ttl
 from sluice.resolver import DnsError, Resolver
+from sluice.telemetry import observe_sites
 from sluice.v1 import scheduler_pb2
 
 __all__ = ["Scheduler"]
@@ -74,6 +75,27 @@ class Scheduler:
         except KeyNotFoundError:
             pass
         await self._heartbeat()
+        observe_sites(self._backlog_gauge, self._leases_gauge, self._connections_gauge)
+
+    # Gauges, read when metrics are collected: from the last backlog read, the sites already
+    # resolved (a domain not yet resolved counts as its own site) and the lease table.
+
+    def _backlog_gauge(self) -> Counter[tuple[str, ...]]:
+        out: Counter[tuple[str, ...]] = Counter()
+        for (tier, key), n in self._backlog.domains.items():
+            domain = names.key_domain(key)
+            hit = self._sites.get(domain)
+            out[(names.tier_token(tier), hit[1] if hit else domain)] += n
+        return out
+
+    def _leases_gauge(self) -> Counter[tuple[str, ...]]:
+        return Counter((ls.site_id,) for ls in self.leases.all())
+
+    def _connections_gauge(self) -> Counter[tuple[str, ...]]:
+        out: Counter[tuple[str, ...]] = Counter()
+        for ls in self.leases.all():
+            out[(ls.site_id,)] += ls.connections
+        return out
 
     async def _heartbeat(self) -> None:
         await kv_put_ttl(

@@ -276,9 +276,19 @@ class WebhooksConfig:
 class TelemetryConfig:
     """[telemetry] — OpenTelemetry export: "none", "console" or "otlp"."""
 
+    # Where spans go (docs/observability.md): "none" (no tracer provider; the API's no-ops),
+    # "console" (stdout) or "otlp" (OTLP/gRPC to otlp_endpoint; metrics are pushed there too).
     exporter: str = "none"
     # The OpenTelemetry service.namespace resource attribute.
     service_namespace: str = "sluice"
+    # OTLP/gRPC collector, e.g. "http://otel-collector:4317"; empty: the SDK's default
+    # (OTEL_EXPORTER_OTLP_ENDPOINT, else http://localhost:4317).
+    otlp_endpoint: str = ""
+    # Fraction of new traces recorded (0.0-1.0); a trace started by a client's traceparent
+    # follows that parent's sampled flag.
+    sample_ratio: float = 1.0
+    # OpenTelemetry metrics, exposed in Prometheus format on /metrics (ops_listen).
+    metrics: bool = True
     # Where this process serves /healthz, /readyz and /metrics (docs/health.md), e.g.
     # "0.0.0.0:9090"; empty: off. One address per process (`sluice dev` picks a free one).
     ops_listen: str = ""

@@ -7,11 +7,13 @@ reaper (MaxDeliver spent), so both write the same records the same way.
 from __future__ import annotations
 
 import logging
+import time
 
 from nats.js import JetStreamContext
 from nats.js.errors import APIError as JsApiError
 
 from sluice import names
+from sluice.telemetry import count_event, inject
 from sluice.tenants import now_ts
 from sluice.v1 import messages_pb2
 
@@ -32,7 +34,8 @@ async def publish_event(
     category: str = "",
     mx_host: str = "",
 ) -> None:
-    """Publish one event about p; event_id also deduplicates it (Nats-Msg-Id)."""
+    """Publish one event about p; event_id also deduplicates it (Nats-Msg-Id). The event
+    carries the current trace context (the webhook POST continues it) and is counted."""
     event = messages_pb2.Event(
         event_id=event_id,
         type=event_type,
@@ -50,8 +53,12 @@ async def publish_event(
         names.event_subject(p.tenant_id, event_type, p.job_id, p.index),
         event.SerializeToString(),
         stream=names.EVENTS_STREAM,
-        headers={"Nats-Msg-Id": event.event_id},
+        headers=inject({"Nats-Msg-Id": event.event_id}),
     )
+    latency = None
+    if event_type == messages_pb2.EVENT_TYPE_DELIVERED:
+        latency = time.time() - p.accepted_at.ToNanoseconds() / 1e9
+    count_event(event_type, p.tier, latency)
 
 
 async def publish_dead_letter(

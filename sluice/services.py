@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from sluice.config import Config
-from sluice.telemetry import setup_tracing
+from sluice.telemetry import setup_metrics, setup_tracing
 
 __all__ = ["SERVICES", "run_until_signal", "setup_logging"]
 
@@ -42,6 +42,7 @@ def service(name: str) -> Serve:
 
     async def run(cfg: Config, stop: asyncio.Event) -> None:
         setup_tracing(cfg.telemetry, f"sluice-{name}")
+        setup_metrics(cfg.telemetry, f"sluice-{name}")
         await serve(cfg, stop)
 
     return run
