@@ -238,6 +238,7 @@ def http_client_trace(on_result: Callable[[bool], None] | None = None) -> aiohtt
         _: aiohttp.ClientSession, ctx: SimpleNamespace, params: aiohttp.TraceRequestEndParams
     ) -> None:
         status = params.response.status
+        ctx.done = True
         http_status(ctx.span, status, client=True)
         ctx.span.end()
         if on_result is not None:
@@ -248,6 +249,8 @@ def http_client_trace(on_result: Callable[[bool], None] | None = None) -> aiohtt
         ctx: SimpleNamespace,
         params: aiohttp.TraceRequestExceptionParams,
     ) -> None:
+        if getattr(ctx, "done", False):
+            return  # a failure after the response was counted: the span has ended
         span: Span = ctx.span
         if span.is_recording():
             span.record_exception(params.exception)

@@ -8,13 +8,14 @@ on the process's tracer provider."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import aiohttp
 import grpc
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
@@ -23,8 +24,19 @@ from sluice.telemetry import setup_tracing
 from sluice.v1 import ingest_pb2, ingest_pb2_grpc, messages_pb2
 from tests.conftest import Stack, wait_for
 
+
+class _Exporter(InMemorySpanExporter):
+    """Keeps spans only while a test here runs: the tracer provider, once installed, stays
+    for the rest of the process, and later tests' spans are not worth keeping."""
+
+    recording = False
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        return super().export(spans) if self.recording else SpanExportResult.SUCCESS
+
+
 # One exporter for the process: a tracer provider can be installed only once.
-_EXPORTER = InMemorySpanExporter()
+_EXPORTER = _Exporter()
 _installed = False
 
 CLIENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -38,7 +50,9 @@ def spans() -> Iterator[InMemorySpanExporter]:
         setup_tracing(TelemetryConfig(), "sluice-test", exporter=_EXPORTER)
         _installed = True
     _EXPORTER.clear()
+    _EXPORTER.recording = True
     yield _EXPORTER
+    _EXPORTER.recording = False
     _EXPORTER.clear()
 
 
@@ -208,3 +222,12 @@ async def test_a_client_traceparent_is_the_parent_of_the_ingest_span(
     assert grpc_span.attributes is not None
     assert grpc_span.attributes["rpc.system"] == "grpc"
     assert grpc_span.attributes["rpc.grpc.status_code"] == 0
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [TelemetryConfig(exporter="jaeger"), TelemetryConfig(exporter="otlp", sample_ratio=1.5)],
+)
+def test_bad_telemetry_settings_are_config_errors(cfg: TelemetryConfig) -> None:
+    with pytest.raises(ValueError, match=r"\[telemetry\]"):
+        setup_tracing(cfg, "sluice-test")
