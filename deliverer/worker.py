@@ -25,7 +25,7 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from deliverer.classify import Bounced, Deferred, Delivered, Outcome, Reply, classify
 from deliverer.dkim_sign import DkimError, key_for, sign
-from deliverer.mime import build_message
+from deliverer.mime import MessageTemplate
 from deliverer.smtp import ConnectionLost, SmtpConnection
 from sluice import names, suppressions
 from sluice.config import Config
@@ -131,6 +131,7 @@ class Deliverer:
         self._outcomes: list[scheduler_pb2.Outcome] = []
         self._subs: dict[str, JetStreamContext.PullSubscription] = {}
         self._parsed: dict[str, Sequence[messages_pb2.Payload]] = {}
+        self._templates: dict[tuple[str, str], MessageTemplate] = {}
         self._tenants = TenantCache(TenantStore(js), 30.0)
         self._require_tls = frozenset(d.lower() for d in cfg.deliverer.require_tls_domains)
         patterns = cfg.deliverer.throttle_patterns
@@ -513,7 +514,7 @@ class Deliverer:
         unsubscribe = ""
         if first.tier == messages_pb2.TIER_BULK and tenant is not None:
             unsubscribe = tenant.unsubscribe_url
-        data = build_message(payload, first, unsubscribe)
+        data = self._template(first.payload_ref, payload, unsubscribe).render(first)
         dkim_key = key_for(tenant, getattr(payload, "from").email.rpartition("@")[2].lower())
         if dkim_key is not None:
             try:
@@ -608,6 +609,19 @@ class Deliverer:
             if len(self._parsed) > self._cfg.deliverer.payload_cache_size:
                 self._parsed.pop(next(iter(self._parsed)))
         return parsed[int(fragment) if fragment else 0]
+
+    def _template(
+        self, ref: str, payload: messages_pb2.Payload, unsubscribe: str
+    ) -> MessageTemplate:
+        """The payload's message template, encoded once per payload (a blast's recipients
+        share it) and kept as long as the payload."""
+        key = (ref, unsubscribe)
+        template = self._templates.get(key)
+        if template is None:
+            template = self._templates[key] = MessageTemplate(payload, unsubscribe)
+            if len(self._templates) > self._cfg.deliverer.payload_cache_size:
+                self._templates.pop(next(iter(self._templates)))
+        return template
 
     def _mail_from(self, p: messages_pb2.DeliveryPointer) -> str:
         verp = self._cfg.deliverer.verp_domain

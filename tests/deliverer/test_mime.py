@@ -1,0 +1,204 @@
+"""Message assembly, checked by parsing the bytes back with the standard `email` package:
+every header, address, body and attachment comes back as given, lines end in CRLF and stay
+within RFC 5322's 998 characters, and the parser reports no defects."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+from email.message import EmailMessage
+
+import pytest
+
+from deliverer.mime import MessageTemplate, build_message, header
+from sluice.v1 import messages_pb2
+
+LONG_WORD = "https://example.com/" + "x" * 1200
+
+
+def payload(**kw: object) -> messages_pb2.Payload:
+    p = messages_pb2.Payload(**kw)  # type: ignore[arg-type]
+    if not getattr(p, "from").email:
+        getattr(p, "from").CopyFrom(messages_pb2.Address(email="news@acme.test", name="Acme"))
+    return p
+
+
+def pointer(**kw: object) -> messages_pb2.DeliveryPointer:
+    ptr = messages_pb2.DeliveryPointer(
+        message_id="job_1.0@acme.test", recipient="bob@mail.test", delivery_id="job_1-0"
+    )
+    ptr.accepted_at.FromSeconds(1_795_000_000)
+    for k, v in kw.items():
+        if k == "substitutions":
+            ptr.substitutions.update(v)  # type: ignore[call-overload]
+        else:
+            setattr(ptr, k, v)
+    return ptr
+
+
+def parse(data: bytes) -> EmailMessage:
+    lines = data.split(b"\r\n")
+    assert lines[-1] == b"", "the message does not end with CRLF"
+    assert all(b"\n" not in line and b"\r" not in line for line in lines), "a bare CR or LF"
+    assert all(len(line) <= 998 for line in lines), "a line over 998 characters"
+    msg = email.message_from_bytes(data, policy=email.policy.default)
+    assert isinstance(msg, EmailMessage)
+    for part in msg.walk():
+        assert not part.defects, part.defects
+    return msg
+
+
+def text_of(msg: EmailMessage, kind: str) -> str:
+    part = msg.get_body((kind,))
+    assert part is not None, f"no {kind} part"
+    content = part.get_content()
+    assert isinstance(content, str)
+    return content.replace("\r\n", "\n")  # the parser keeps the wire's line ends
+
+
+def test_ascii_text_message() -> None:
+    msg = parse(build_message(payload(subject="Hello", text="Hi Bob\nBye"), pointer()))
+    assert msg["Subject"] == "Hello"
+    assert msg["From"].addresses[0].display_name == "Acme"
+    assert msg["From"].addresses[0].addr_spec == "news@acme.test"
+    assert msg["To"].addresses[0].addr_spec == "bob@mail.test"  # addressed alone (a blast)
+    assert msg["Message-ID"] == "<job_1.0@acme.test>"
+    assert msg["Date"].datetime.timestamp() == 1_795_000_000
+    assert msg["MIME-Version"] == "1.0"
+    assert msg.get_content_type() == "text/plain"
+    assert msg["Content-Transfer-Encoding"] == "7bit"
+    assert text_of(msg, "plain") == "Hi Bob\nBye\n"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Grüße aus Köln — 🎉\r\nZweite Zeile\rdritte\n",
+        "a" * 2000 + "\nshort",
+        "trailing spaces   \n\ttabs\t\n.leading dot\nFrom the start\n=equals=",
+    ],
+)
+def test_bodies_that_need_encoding_round_trip(text: str) -> None:
+    msg = parse(build_message(payload(subject="s", text=text), pointer()))
+    expected = text.replace("\r\n", "\n").replace("\r", "\n")
+    if not expected.endswith("\n"):
+        expected += "\n"
+    assert text_of(msg, "plain") == expected
+
+
+def test_headers_non_ascii_long_and_structured() -> None:
+    long_subject = " ".join(f"word{i}" for i in range(60))
+    p = payload(
+        subject=long_subject,
+        text="t",
+        to=[
+            messages_pb2.Address(email=f"user{i}@mail.test", name=f"Doe, Jane {i}")
+            for i in range(12)
+        ],
+        cc=[messages_pb2.Address(email="zoe@mail.test", name='Zoë "Z" Ünal')],
+        reply_to=[messages_pb2.Address(email="help@acme.test")],
+        headers={"X-Campaign": "Frühling", "X-Long": LONG_WORD, "X-Plain": "abc"},
+    )
+    getattr(p, "from").CopyFrom(messages_pb2.Address(email="news@acme.test", name="Äcme GmbH"))
+    msg = parse(build_message(p, pointer()))
+    assert msg["Subject"] == long_subject
+    assert [(a.display_name, a.addr_spec) for a in msg["To"].addresses] == [
+        (f"Doe, Jane {i}", f"user{i}@mail.test") for i in range(12)
+    ]
+    assert [(a.display_name, a.addr_spec) for a in msg["Cc"].addresses] == [
+        ('Zoë "Z" Ünal', "zoe@mail.test")
+    ]
+    assert msg["From"].addresses[0].display_name == "Äcme GmbH"
+    assert msg["Reply-To"].addresses[0].addr_spec == "help@acme.test"
+    assert msg["X-Campaign"] == "Frühling"
+    assert msg["X-Long"] == LONG_WORD
+    assert msg["X-Plain"] == "abc"
+
+
+def test_non_ascii_subject_and_header_injection_backstop() -> None:
+    msg = parse(build_message(payload(subject="Ihr Code: 123 — gültig", text="t"), pointer()))
+    assert msg["Subject"] == "Ihr Code: 123 — gültig"
+    raw = header("X-Bad", "a\r\nBcc: evil@example.com")
+    assert raw.count(b"\r\n") == 1 and b"\r\nBcc" not in raw
+
+
+def test_html_and_text_alternative_with_attachments() -> None:
+    p = payload(
+        subject="s",
+        text="plain body",
+        html="<p>html body é</p>",
+        attachments=[
+            messages_pb2.Attachment(
+                filename='report "Q1".pdf', content_type="application/pdf", content=b"%PDF\x00\xff"
+            ),
+            messages_pb2.Attachment(
+                filename="überblick.txt", content_type="text/plain", content=b"x" * 500
+            ),
+            messages_pb2.Attachment(
+                filename="logo.png",
+                content_type="image/png",
+                content=bytes(range(256)),
+                content_id="logo1",
+            ),
+        ],
+    )
+    msg = parse(build_message(p, pointer()))
+    assert msg.get_content_type() == "multipart/mixed"
+    assert text_of(msg, "plain") == "plain body\n"
+    assert text_of(msg, "html") == "<p>html body é</p>\n"
+    atts = list(msg.iter_attachments())
+    got = [(a.get_filename(), a.get_content_type(), a.get_content()) for a in atts]
+    assert got[:2] == [
+        ('report "Q1".pdf', "application/pdf", b"%PDF\x00\xff"),
+        ("überblick.txt", "text/plain", "x" * 500),
+    ]
+    logo = next(a for a in msg.walk() if a.get_filename() == "logo.png")
+    assert logo["Content-ID"] == "<logo1>"
+    assert logo.get_content_disposition() == "inline"
+    assert logo.get_content() == bytes(range(256))
+
+
+def test_html_only() -> None:
+    msg = parse(build_message(payload(subject="s", html="<b>x</b>"), pointer()))
+    assert msg.get_content_type() == "text/html"
+    assert text_of(msg, "html") == "<b>x</b>\n"
+
+
+def test_personalisation_per_recipient_from_one_template() -> None:
+    p = payload(
+        subject="Hi {{first}}", text="Dear {{first}}, {{missing}}.", html="<p>{{first}}</p>"
+    )
+    template = MessageTemplate(p, unsubscribe_url="https://acme.test/u")
+    one = parse(
+        template.render(pointer(substitutions={"first": "Bob"}, recipient_name="Bob Smith"))
+    )
+    two = parse(
+        template.render(
+            pointer(
+                recipient="eve@mail.test",
+                message_id="job_1.1@acme.test",
+                substitutions={"first": "<Eve & co>"},
+            )
+        )
+    )
+    assert one["Subject"] == "Hi Bob" and two["Subject"] == "Hi <Eve & co>"
+    assert text_of(one, "plain") == "Dear Bob, .\n"
+    assert text_of(two, "html") == "<p>&lt;Eve &amp; co&gt;</p>\n"
+    assert (one["To"].addresses[0].display_name, one["To"].addresses[0].addr_spec) == (
+        "Bob Smith",
+        "bob@mail.test",
+    )
+    assert two["To"].addresses[0].addr_spec == "eve@mail.test"
+    assert two["Message-ID"] == "<job_1.1@acme.test>"
+    assert one["List-Unsubscribe"] == (
+        "<https://acme.test/u?recipient=bob%40mail.test&message_id=job_1.0%40acme.test>"
+    )
+    assert one["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+
+
+def test_the_same_template_renders_the_same_static_parts_for_every_recipient() -> None:
+    template = MessageTemplate(payload(subject="Static", text="same for all"))
+    a = template.render(pointer())
+    b = template.render(pointer(recipient="eve@mail.test", message_id="job_1.1@acme.test"))
+    body_a, body_b = a.split(b"\r\n\r\n", 1)[1], b.split(b"\r\n\r\n", 1)[1]
+    assert body_a == body_b == b"same for all\r\n"
