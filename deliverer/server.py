@@ -5,15 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import grpc
-
+from deliverer.schedclient import SchedulerClient
 from deliverer.worker import Deliverer
 from sluice.config import Config
 from sluice.health import ServiceHealth, nats_problems
 from sluice.nats_layout import connect, ensure_layout
 from sluice.resolver import Resolver
 from sluice.store import open_store
-from sluice.v1 import scheduler_pb2_grpc
 
 __all__ = ["serve"]
 
@@ -26,9 +24,9 @@ async def serve(cfg: Config, stop: asyncio.Event) -> None:
     await ensure_layout(js, cfg)
     # The deliverer caches parsed payloads itself (one read per blast or batch).
     store = open_store(cfg.store, js, cfg.nats.replicas)
-    async with grpc.aio.insecure_channel(cfg.deliverer.scheduler) as channel:
-        stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
-        deliverer = Deliverer(cfg, js, store, Resolver(cfg.dns), stub)
+    # One address, or several (standby schedulers): calls fail over to the active one.
+    async with SchedulerClient(cfg.deliverer.scheduler) as scheduler:
+        deliverer = Deliverer(cfg, js, store, Resolver(cfg.dns), scheduler)
         log.info("deliverer %s: scheduler at %s", deliverer.deliverer_id, cfg.deliverer.scheduler)
         health = ServiceHealth("deliverer", lambda: nats_problems(nc))
         try:

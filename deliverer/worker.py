@@ -26,6 +26,7 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from deliverer.classify import Bounced, Deferred, Delivered, Outcome, Reply, classify
 from deliverer.dkim_sign import DkimError, key_for, sign
 from deliverer.mime import MessageTemplate
+from deliverer.schedclient import SchedulerClient
 from deliverer.smtp import ConnectionLost, SmtpConnection
 from sluice import names, suppressions
 from sluice.config import Config
@@ -35,7 +36,7 @@ from sluice.retry import busy_delay, next_delay
 from sluice.store import PayloadNotFound, PayloadStore, StoreError
 from sluice.telemetry import extract, tracer
 from sluice.tenants import TenantCache, TenantStore
-from sluice.v1 import messages_pb2, scheduler_pb2, scheduler_pb2_grpc
+from sluice.v1 import messages_pb2, scheduler_pb2
 
 __all__ = ["Deliverer"]
 
@@ -115,7 +116,7 @@ class Deliverer:
         js: JetStreamContext,
         store: PayloadStore,
         resolver: Resolver,
-        scheduler: scheduler_pb2_grpc.SchedulerServiceAsyncStub,
+        scheduler: SchedulerClient,
     ) -> None:
         self._cfg = cfg
         self._js = js

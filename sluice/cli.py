@@ -205,10 +205,11 @@ async def _sites(cfg: Config) -> int:
     """Print the scheduler's ListSites as a table."""
     import grpc
 
-    from sluice.v1 import scheduler_pb2, scheduler_pb2_grpc
+    from deliverer.schedclient import SchedulerClient
+    from sluice.v1 import scheduler_pb2
 
-    async with grpc.aio.insecure_channel(cfg.deliverer.scheduler) as channel:
-        stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
+    # Standby schedulers answer UNAVAILABLE; the client asks each address until one answers.
+    async with SchedulerClient(cfg.deliverer.scheduler) as stub:
         try:
             resp = await stub.ListSites(scheduler_pb2.ListSitesRequest(), timeout=10)
         except grpc.aio.AioRpcError as exc:

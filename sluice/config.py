@@ -150,6 +150,12 @@ class SchedulerConfig:
     listen: str = "127.0.0.1:50061"
     # A lease not renewed within this is reclaimed.
     lease_ttl: Duration = Duration(30.0)
+    # Several schedulers may run: the one holding the leader lock (KV sluice_scheduler) is
+    # active, the others are standbys that answer UNAVAILABLE. The lock lives this long
+    # unrenewed (whole seconds, at least 1 s; renewed every third of it), so a standby takes
+    # over about this long after the active one dies; it then grants nothing until the old
+    # leases have run out (4/3 lease_ttl, docs/ha.md).
+    leader_ttl: Duration = Duration(5.0)
     # How often the backlog per queue is read from JetStream.
     backlog_interval: Duration = Duration(1.0)
     # Path of the shaping rules (TOML); empty means the built-in default.
@@ -177,6 +183,8 @@ class SchedulerConfig:
 class DelivererConfig:
     """[deliverer] — works leases, speaks SMTP."""
 
+    # The scheduler's address; with standby schedulers, all of them comma-separated
+    # ("host1:50061,host2:50061"): calls go to the active one and fail over on UNAVAILABLE.
     scheduler: str = "127.0.0.1:50061"
     # The EHLO hostname (set it to the sending host's name).
     ehlo_name: str = "localhost"

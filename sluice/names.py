@@ -49,6 +49,8 @@ EXPANDER_BUCKET = "sluice_expander"
 SUPPRESSIONS_BUCKET = "sluice_suppressions"
 # Adapted site limits and suspensions: sha256(site id) -> JSON state.
 SITES_BUCKET = "sluice_sites"
+# The scheduler leader lock (key "leader") and the mark of a recently active one ("active").
+SCHEDULER_BUCKET = "sluice_scheduler"
 
 EXPANDER_CONSUMER = "expander"
 # Per-endpoint webhook deliveries (fanned out from EVENTS).

@@ -128,6 +128,15 @@ async def ensure_layout(js: JetStreamContext, cfg: Config) -> None:
         except BucketNotFoundError:
             await js.create_key_value(bucket=bucket, history=5, replicas=cfg.nats.replicas)
             log.info("created KV bucket %s", bucket)
+    try:
+        await js.key_value(names.SCHEDULER_BUCKET)
+    except BucketNotFoundError:
+        # The leader lock: one revision per key, so a create-only write (expected last
+        # sequence 0) succeeds once the holder's entry has expired (scheduler/leader.py).
+        await js.create_key_value(
+            bucket=names.SCHEDULER_BUCKET, history=1, replicas=cfg.nats.replicas
+        )
+        log.info("created KV bucket %s", names.SCHEDULER_BUCKET)
 
 
 async def kv_put_ttl(js: JetStreamContext, bucket: str, key: str, value: bytes, ttl: float) -> None:

@@ -49,7 +49,9 @@ def _mx(dns_server: DnsServer) -> None:
     dns_server.records["mx.cap.test"] = [("A", "127.0.0.1")]
 
 
-async def deliverer_process(stack: Stack, dns_port: int, smtp_port: int) -> Any:
+async def deliverer_process(
+    stack: Stack, dns_port: int, smtp_port: int, extra_env: dict[str, str] | None = None
+) -> Any:
     cfg = stack.cfg
     env = dict(
         os.environ,
@@ -64,6 +66,7 @@ async def deliverer_process(stack: Stack, dns_port: int, smtp_port: int) -> Any:
         SLUICE_DNS__PORT=str(dns_port),
         SLUICE_RETRY__LADDER="1s",
     )
+    env.update(extra_env or {})
     return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
