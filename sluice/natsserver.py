@@ -7,9 +7,17 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["NatsServer", "free_port", "free_ports", "nats_server_binary"]
+__all__ = [
+    "Cluster",
+    "NatsServer",
+    "cluster_nodes",
+    "free_port",
+    "free_ports",
+    "nats_server_binary",
+]
 
 
 def nats_server_binary() -> str:
@@ -50,6 +58,45 @@ def port_open(host: str, port: int) -> bool:
         return s.connect_ex((host, port)) == 0
 
 
+@dataclass(frozen=True)
+class Cluster:
+    """A node's part in a cluster on loopback: its name, its route port, and every node's
+    route port (its own included; nats-server ignores a route to itself)."""
+
+    name: str
+    port: int
+    routes: tuple[int, ...]
+    cluster_name: str = "sluice"
+
+    def args(self) -> list[str]:
+        return [
+            "-n",
+            self.name,
+            "--cluster_name",
+            self.cluster_name,
+            "--cluster",
+            f"nats://127.0.0.1:{self.port}",
+            "--routes",
+            ",".join(f"nats://127.0.0.1:{p}" for p in self.routes),
+        ]
+
+
+def cluster_nodes(root: Path, n: int = 3) -> list[NatsServer]:
+    """n nats-servers (not started) forming one JetStream cluster on loopback, each with
+    its store under root/<name> and its log in root/<name>.log."""
+    ports = free_ports(2 * n)
+    client, route = ports[:n], tuple(ports[n:])
+    return [
+        NatsServer(
+            root / f"nats{i + 1}",
+            port=client[i],
+            log_file=root / f"nats{i + 1}.log",
+            cluster=Cluster(f"nats{i + 1}", route[i], route),
+        )
+        for i in range(n)
+    ]
+
+
 class NatsServer:
     """A nats-server process with JetStream and a store directory."""
 
@@ -60,9 +107,11 @@ class NatsServer:
         log_file: Path | None = None,
         sync_always: bool = False,
         extra_args: list[str] | None = None,
+        cluster: Cluster | None = None,
     ) -> None:
         self.store_dir = store_dir
         self.extra_args = extra_args or []
+        self.cluster = cluster
         self.port = port or free_port()
         self.log_file = log_file
         self.sync_always = sync_always
@@ -77,6 +126,8 @@ class NatsServer:
         args = [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port)]
         # extra_args replace the default JetStream flags (the compose test passes its own).
         args += self.extra_args or ["-js", "-sd", str(self.store_dir)]
+        if self.cluster is not None:
+            args += self.cluster.args()
         if self.sync_always:
             conf = self.store_dir / "sync.conf"
             conf.write_text(
