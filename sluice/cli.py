@@ -318,7 +318,6 @@ def _parser() -> argparse.ArgumentParser:
         help="an allowed tier (repeatable; default all)",
     )
     tc.add_argument("--webhook", action="append", default=[], help="an endpoint URL (repeatable)")
-    t.add_parser("list")
     tc.add_argument(
         "--webhook-batch-size",
         type=int,
@@ -326,6 +325,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="POST up to N events at once as a JSON array (default: one event per POST)",
     )
+    t.add_parser("list")
     ts = t.add_parser("show")
     ts.add_argument("tenant_id")
     td = t.add_parser("dkim", help="set the DKIM key the tenant signs one From domain with")

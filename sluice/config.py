@@ -281,6 +281,18 @@ class WebhooksConfig:
 
 
 @dataclass(frozen=True)
+class SuppressionConfig:
+    """[suppression] — which bounces suppress a recipient for its tenant, and for how long."""
+
+    # Bounce categories that suppress until the entry is removed (SES/Postmark behaviour).
+    hard_categories: tuple[str, ...] = ("bad_mailbox", "bad_domain")
+    # Bounce categories that suppress for `soft_ttl` only (the mailbox may be emptied).
+    soft_categories: tuple[str, ...] = ("mailbox_full",)
+    # How long a soft bounce suppresses.
+    soft_ttl: Duration = Duration(3 * 86400.0)
+
+
+@dataclass(frozen=True)
 class TelemetryConfig:
     """[telemetry] — OpenTelemetry export: "none", "console" or "otlp"."""
 
@@ -314,18 +326,6 @@ class ShutdownConfig:
     # JetStream redelivers it. Keep it below the orchestrator's grace period (Kubernetes
     # terminationGracePeriodSeconds, 30 s by default).
     drain_timeout: Duration = Duration(20.0)
-
-
-@dataclass(frozen=True)
-class SuppressionConfig:
-    """[suppression] — which bounces suppress a recipient for its tenant, and for how long."""
-
-    # Bounce categories that suppress until the entry is removed (SES/Postmark behaviour).
-    hard_categories: tuple[str, ...] = ("bad_mailbox", "bad_domain")
-    # Bounce categories that suppress for `soft_ttl` only (the mailbox may be emptied).
-    soft_categories: tuple[str, ...] = ("mailbox_full",)
-    # How long a soft bounce suppresses.
-    soft_ttl: Duration = Duration(3 * 86400.0)
 
 
 @dataclass(frozen=True)
