@@ -7,9 +7,11 @@ import logging
 
 from deliverer.schedclient import SchedulerClient
 from deliverer.worker import Deliverer
+from sluice import names
 from sluice.config import Config
 from sluice.health import ServiceHealth, nats_problems
 from sluice.nats_layout import connect, ensure_layout
+from sluice.outcomes import BatchPublisher
 from sluice.resolver import Resolver
 from sluice.store import open_store
 
@@ -26,7 +28,9 @@ async def serve(cfg: Config, stop: asyncio.Event) -> None:
     store = open_store(cfg.store, js, cfg.nats.replicas)
     # One address, or several (standby schedulers): calls fail over to the active one.
     async with SchedulerClient(cfg.deliverer.scheduler) as scheduler:
-        deliverer = Deliverer(cfg, js, store, Resolver(cfg.dns), scheduler)
+        # Events of transactions settling at the same time go out as one atomic batch.
+        events = BatchPublisher(nc, js, names.EVENTS_STREAM)
+        deliverer = Deliverer(cfg, js, store, Resolver(cfg.dns), scheduler, events)
         log.info("deliverer %s: scheduler at %s", deliverer.deliverer_id, cfg.deliverer.scheduler)
         health = ServiceHealth("deliverer", lambda: nats_problems(nc))
         try:

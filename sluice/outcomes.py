@@ -6,18 +6,28 @@ reaper (MaxDeliver spent), so both write the same records the same way.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
+from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 from nats.js.errors import APIError as JsApiError
 
 from sluice import names
+from sluice.atomic import MAX_BATCH, publish_atomic
 from sluice.telemetry import count_event, inject
 from sluice.tenants import now_ts
 from sluice.v1 import messages_pb2
 
-__all__ = ["WRONG_LAST_SEQUENCE", "publish_create_only", "publish_dead_letter", "publish_event"]
+__all__ = [
+    "WRONG_LAST_SEQUENCE",
+    "BatchPublisher",
+    "event_message",
+    "publish_create_only",
+    "publish_dead_letter",
+    "publish_event",
+]
 
 log = logging.getLogger(__name__)
 
@@ -25,17 +35,17 @@ log = logging.getLogger(__name__)
 WRONG_LAST_SEQUENCE = 10071
 
 
-async def publish_event(
-    js: JetStreamContext,
+def event_message(
     p: messages_pb2.DeliveryPointer,
     event_type: messages_pb2.EventType.ValueType,
     event_id: str,
     reply: messages_pb2.SmtpReply | None = None,
     category: str = "",
     mx_host: str = "",
-) -> None:
-    """Publish one event about p; event_id also deduplicates it (Nats-Msg-Id). The event
-    carries the current trace context (the webhook POST continues it) and is counted."""
+) -> tuple[str, bytes, dict[str, str]]:
+    """The (subject, data, headers) of one event about p; event_id also deduplicates it
+    (Nats-Msg-Id). The headers carry the current trace context (the webhook POST continues
+    it). The event is counted (metrics) here."""
     event = messages_pb2.Event(
         event_id=event_id,
         type=event_type,
@@ -49,16 +59,89 @@ async def publish_event(
         mx_host=mx_host,
         smtp_reply=reply,
     )
-    await js.publish(
-        names.event_subject(p.tenant_id, event_type, p.job_id, p.index),
-        event.SerializeToString(),
-        stream=names.EVENTS_STREAM,
-        headers=inject({"Nats-Msg-Id": event.event_id}),
-    )
     latency = None
     if event_type == messages_pb2.EVENT_TYPE_DELIVERED:
         latency = time.time() - p.accepted_at.ToNanoseconds() / 1e9
     count_event(event_type, p.tier, latency)
+    return (
+        names.event_subject(p.tenant_id, event_type, p.job_id, p.index),
+        event.SerializeToString(),
+        inject({"Nats-Msg-Id": event.event_id}),
+    )
+
+
+async def publish_event(
+    js: JetStreamContext,
+    p: messages_pb2.DeliveryPointer,
+    event_type: messages_pb2.EventType.ValueType,
+    event_id: str,
+    reply: messages_pb2.SmtpReply | None = None,
+    category: str = "",
+    mx_host: str = "",
+) -> None:
+    """Publish one event about p (see event_message)."""
+    subject, data, headers = event_message(p, event_type, event_id, reply, category, mx_host)
+    await js.publish(subject, data, stream=names.EVENTS_STREAM, headers=headers)
+
+
+_Pending = tuple[str, bytes, dict[str, str], "asyncio.Future[None]"]
+
+
+class BatchPublisher:
+    """Publishes to one stream (created with allow_atomic) in atomic batches: what concurrent
+    callers publish while a batch is in flight goes out together as the next one, with one
+    PubAck for all of it instead of one each (the deliverer settles hundreds of transactions
+    at once, each with its event). `publish` returns once its message is stored. A batch the
+    server refuses as a whole (say one message repeats a Nats-Msg-Id after a crash) is sent
+    again one message at a time, so each gets the usual per-message treatment."""
+
+    def __init__(
+        self, nc: NatsClient, js: JetStreamContext, stream: str, max_batch: int = 256
+    ) -> None:
+        self._nc = nc
+        self._js = js
+        self._stream = stream
+        self._max = min(max_batch, MAX_BATCH)
+        self._pending: list[_Pending] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def publish(self, subject: str, data: bytes, headers: dict[str, str]) -> None:
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((subject, data, headers, done))
+        if self._task is None:
+            self._task = asyncio.create_task(self._run())
+        await done
+
+    async def _run(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending[: self._max], self._pending[self._max :]
+                await self._send(batch)
+        finally:
+            self._task = None
+
+    async def _send(
+        self, batch: list[tuple[str, bytes, dict[str, str], asyncio.Future[None]]]
+    ) -> None:
+        try:
+            await publish_atomic(self._nc, [(s, d, h) for s, d, h, _ in batch])
+        except JsApiError:
+            for subject, data, headers, done in batch:
+                try:
+                    await self._js.publish(subject, data, stream=self._stream, headers=headers)
+                except Exception as exc:
+                    done.set_exception(exc)
+                else:
+                    done.set_result(None)
+            return
+        except Exception as exc:  # the connection: every caller learns it
+            for *_, done in batch:
+                if not done.done():
+                    done.set_exception(exc)
+            return
+        for *_, done in batch:
+            if not done.done():
+                done.set_result(None)
 
 
 async def publish_dead_letter(
