@@ -6,6 +6,9 @@ Of several schedulers one is active and the others are standbys that answer UNAV
 standby, or nobody listening there) it tries the next addresses in turn, once each, and the
 one that answers becomes the address for the next calls. If none answers, the last error
 is raised, so callers handle a failed call as they would with a single scheduler.
+
+With `[deliverer] scheduler_tls_*` set the channels are TLS (mutual TLS with a client
+certificate); a failed handshake is UNAVAILABLE, like a scheduler that is not there.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from typing import TypeVar
 
 import grpc
 
+from sluice.config import DelivererConfig
+from sluice.grpctls import channel_credentials
 from sluice.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 __all__ = ["SchedulerClient", "parse_addresses"]
@@ -42,14 +47,36 @@ def parse_addresses(value: str) -> list[str]:
 class SchedulerClient:
     """SchedulerService calls that fail over between scheduler addresses."""
 
-    def __init__(self, addresses: str | Sequence[str]) -> None:
+    def __init__(
+        self,
+        addresses: str | Sequence[str],
+        credentials: grpc.ChannelCredentials | None = None,
+        server_name: str = "",
+    ) -> None:
+        """credentials: TLS for every address (None: plaintext); server_name: the name the
+        schedulers' certificates carry, when not the addresses' hosts."""
         self.addresses = (
             parse_addresses(addresses) if isinstance(addresses, str) else list(addresses)
         )
         if not self.addresses:
             raise ValueError("no scheduler address")
+        self._credentials = credentials
+        self._options: list[tuple[str, int | str]] = list(_CHANNEL_OPTIONS)
+        if server_name:
+            self._options.append(("grpc.ssl_target_name_override", server_name))
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._current = 0
+
+    @classmethod
+    def from_config(cls, cfg: DelivererConfig) -> SchedulerClient:
+        """The client `[deliverer]` describes: its scheduler addresses and TLS settings."""
+        return cls(
+            cfg.scheduler,
+            channel_credentials(
+                cfg.scheduler_tls_ca_file, cfg.scheduler_tls_cert_file, cfg.scheduler_tls_key_file
+            ),
+            cfg.scheduler_tls_server_name,
+        )
 
     @property
     def current(self) -> str:
@@ -59,7 +86,10 @@ class SchedulerClient:
     def _stub(self, address: str) -> scheduler_pb2_grpc.SchedulerServiceAsyncStub:
         channel = self._channels.get(address)
         if channel is None:
-            channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+            if self._credentials is None:
+                channel = grpc.aio.insecure_channel(address, options=self._options)
+            else:
+                channel = grpc.aio.secure_channel(address, self._credentials, self._options)
             self._channels[address] = channel
         return scheduler_pb2_grpc.SchedulerServiceStub(channel)
 

@@ -27,7 +27,7 @@ async def serve(cfg: Config, stop: asyncio.Event) -> None:
     # The deliverer caches parsed payloads itself (one read per blast or batch).
     store = open_store(cfg.store, js, cfg.nats.replicas)
     # One address, or several (standby schedulers): calls fail over to the active one.
-    async with SchedulerClient(cfg.deliverer.scheduler) as scheduler:
+    async with SchedulerClient.from_config(cfg.deliverer) as scheduler:
         # Events of transactions settling at the same time go out as one atomic batch.
         events = BatchPublisher(nc, js, names.EVENTS_STREAM)
         deliverer = Deliverer(cfg, js, store, Resolver(cfg.dns), scheduler, events)

@@ -22,6 +22,7 @@ from scheduler.reaper import Reaper
 from scheduler.service import Scheduler
 from scheduler.shaping import Rules, load_rules
 from sluice.config import Config
+from sluice.grpctls import add_port, server_credentials
 from sluice.health import ServiceHealth, nats_problems
 from sluice.nats_layout import connect, ensure_layout
 from sluice.resolver import Resolver
@@ -182,6 +183,10 @@ async def _lead(
 
 
 async def serve(cfg: Config, stop: asyncio.Event) -> None:
+    # Read the TLS files first: a missing one is a config error before anything starts.
+    tls = server_credentials(
+        cfg.scheduler.tls_cert_file, cfg.scheduler.tls_key_file, cfg.scheduler.tls_client_ca_file
+    )
     nc = await connect(cfg, "sluice-scheduler")
     js = nc.jetstream()
     await ensure_layout(js, cfg)
@@ -204,9 +209,9 @@ async def serve(cfg: Config, stop: asyncio.Event) -> None:
     scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(SchedulerServicer(role), server)
     health = ServiceHealth("scheduler", lambda: nats_problems(nc))
     health.add_to(server, "sluice.v1.SchedulerService")
-    server.add_insecure_port(cfg.scheduler.listen)
+    add_port(server, cfg.scheduler.listen, tls)
     await server.start()
-    log.info("scheduler: grpc on %s", cfg.scheduler.listen)
+    log.info("scheduler: grpc on %s%s", cfg.scheduler.listen, " (TLS)" if tls else "")
     try:
         await health.start(cfg.telemetry, stop)
         while first is not None or await lock.acquire(stop):

@@ -209,11 +209,15 @@ async def _sites(cfg: Config) -> int:
     from sluice.v1 import scheduler_pb2
 
     # Standby schedulers answer UNAVAILABLE; the client asks each address until one answers.
-    async with SchedulerClient(cfg.deliverer.scheduler) as stub:
+    async with SchedulerClient.from_config(cfg.deliverer) as stub:
         try:
             resp = await stub.ListSites(scheduler_pb2.ListSitesRequest(), timeout=10)
         except grpc.aio.AioRpcError as exc:
-            print(f"scheduler at {cfg.deliverer.scheduler}: {exc.code().name}", file=sys.stderr)
+            # The details name a TLS failure (certificate, host name) when that is the cause.
+            print(
+                f"scheduler at {cfg.deliverer.scheduler}: {exc.code().name}: {exc.details()}",
+                file=sys.stderr,
+            )
             return 1
     print(f"{'SITE':28} {'CONNS':>9} {'RATE/s':>13} {'LEASES':>6} {'BACKLOG c/t/b':>16}  STATE")
     for s in resp.sites:

@@ -62,6 +62,31 @@ class NatsConfig:
     dlq_max_age: Duration = Duration(30 * 86400.0)
     # How long events are kept.
     events_max_age: Duration = Duration(7 * 86400.0)
+    # User name for user/password authentication (docs/security.md). Use at most one of
+    # user/password, token, nkey_seed_file and creds_file; all empty: none (`sluice dev`).
+    user: str = ""
+    # The password of `user` (set it through SLUICE_NATS__PASSWORD, not in the file).
+    password: str = ""
+    # A token the server's authorization block expects (SLUICE_NATS__TOKEN).
+    token: str = ""
+    # Path of an nkey seed file (one "SU..." line): the server knows the public key.
+    nkey_seed_file: str = ""
+    # Path of a JWT user credentials file (.creds, from `nsc`) for decentralised auth.
+    creds_file: str = ""
+    # TLS: a CA bundle (PEM) that signs the server's certificate. Setting any tls_* key
+    # makes Sluice verify the server against it (empty: the system's CAs). nats-py upgrades
+    # to TLS when the server requires it; a "tls://" URL says the same thing explicitly.
+    tls_ca_file: str = ""
+    # Client certificate (PEM) for servers that verify clients (mutual TLS), with tls_key_file.
+    tls_cert_file: str = ""
+    # The private key (PEM) of tls_cert_file.
+    tls_key_file: str = ""
+    # The name the server's certificate must carry, when it differs from the URL's host
+    # (e.g. URLs by IP address, certificates by DNS name). Empty: the URL's host.
+    tls_server_name: str = ""
+    # Start TLS before the server's first message (nats-server tls { handshake_first: true }),
+    # so nothing at all crosses the network in the clear.
+    tls_handshake_first: bool = False
 
 
 @dataclass(frozen=True)
@@ -148,6 +173,14 @@ class SchedulerConfig:
 
     # Address of the gRPC lease service.
     listen: str = "127.0.0.1:50061"
+    # TLS for the lease service (docs/security.md): the server certificate (PEM, its chain
+    # after it) and tls_key_file. Empty: plaintext gRPC (`sluice dev`, loopback only).
+    tls_cert_file: str = ""
+    # The private key (PEM) of tls_cert_file.
+    tls_key_file: str = ""
+    # Mutual TLS: a CA bundle (PEM); deliverers must present a certificate it signed.
+    # Empty: client certificates are not asked for.
+    tls_client_ca_file: str = ""
     # A lease not renewed within this is reclaimed.
     lease_ttl: Duration = Duration(30.0)
     # Several schedulers may run: the one holding the leader lock (KV sluice_scheduler) is
@@ -186,6 +219,16 @@ class DelivererConfig:
     # The scheduler's address; with standby schedulers, all of them comma-separated
     # ("host1:50061,host2:50061"): calls go to the active one and fail over on UNAVAILABLE.
     scheduler: str = "127.0.0.1:50061"
+    # TLS to the scheduler: a CA bundle (PEM) that signs its certificate; setting it (or
+    # scheduler_tls_cert_file) makes the channels TLS. Empty with the cert empty: plaintext.
+    scheduler_tls_ca_file: str = ""
+    # Client certificate (PEM) for a scheduler that requires one (mutual TLS).
+    scheduler_tls_cert_file: str = ""
+    # The private key (PEM) of scheduler_tls_cert_file.
+    scheduler_tls_key_file: str = ""
+    # The name the scheduler's certificate must carry when it differs from the address's
+    # host (e.g. addresses by IP). Empty: the host of each address.
+    scheduler_tls_server_name: str = ""
     # The EHLO hostname (set it to the sending host's name).
     ehlo_name: str = "localhost"
     # The port MX hosts are contacted on (25 in production; tests and `sluice dev` change it).

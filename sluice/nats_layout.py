@@ -8,36 +8,134 @@ from __future__ import annotations
 
 import logging
 import math
+import ssl
+from pathlib import Path
+from typing import Any
 
-import nats
+from nats import errors as nats_errors
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 from nats.js import api as js_api
 from nats.js.errors import BucketNotFoundError, NotFoundError
 
 from sluice import names
-from sluice.config import Config
+from sluice.config import Config, ConfigError, NatsConfig
 
-__all__ = ["connect", "ensure_layout"]
+__all__ = ["NatsRefused", "connect", "ensure_layout", "tls_context"]
 
 log = logging.getLogger(__name__)
 
 
+class NatsRefused(Exception):
+    """The NATS server refused Sluice's credentials or its TLS: a configuration error that
+    retrying cannot fix (docs/security.md)."""
+
+
+def _auth_options(n: NatsConfig) -> dict[str, Any]:
+    """nats-py's connect() arguments for the one authentication method configured."""
+    methods = {
+        "user/password": bool(n.user or n.password),
+        "token": bool(n.token),
+        "nkey_seed_file": bool(n.nkey_seed_file),
+        "creds_file": bool(n.creds_file),
+    }
+    chosen = [m for m, on in methods.items() if on]
+    if len(chosen) > 1:
+        raise ConfigError(f"[nats]: choose one authentication method, not {' and '.join(chosen)}")
+    if n.user or n.password:
+        return {"user": n.user, "password": n.password}
+    if n.token:
+        return {"token": n.token}
+    for path in (n.nkey_seed_file, n.creds_file):
+        if path and not Path(path).is_file():
+            raise ConfigError(f"[nats]: no such file {path!r}")
+    if n.nkey_seed_file:
+        return {"nkeys_seed": n.nkey_seed_file}
+    if n.creds_file:
+        return {"user_credentials": n.creds_file}
+    return {}
+
+
+def tls_context(n: NatsConfig) -> ssl.SSLContext | None:
+    """The TLS context for NATS connections; None when no [nats] tls_* key is set (nats-py
+    then verifies a TLS server against the system's CAs)."""
+    if not (n.tls_ca_file or n.tls_cert_file or n.tls_key_file):
+        return None
+    if bool(n.tls_cert_file) != bool(n.tls_key_file):
+        raise ConfigError("[nats]: tls_cert_file and tls_key_file go together")
+    try:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=n.tls_ca_file or None)
+        if n.tls_cert_file:
+            ctx.load_cert_chain(n.tls_cert_file, n.tls_key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"[nats]: TLS files: {exc}") from exc
+    return ctx
+
+
+def _is_refusal(exc: BaseException) -> bool:
+    """Errors of the first connection that no retry fixes: credentials or TLS (a TLS
+    connection that merely closed early may be a server still starting, so not those)."""
+    if isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError):
+        return False
+    if isinstance(exc, nats_errors.AuthorizationError | ssl.SSLError):
+        return True
+    text = str(exc).lower()
+    return any(
+        refusal in text
+        for refusal in (
+            "authorization violation",
+            "user authentication expired",
+            "user authentication revoked",
+            "account authentication expired",
+        )
+    )
+
+
 async def connect(cfg: Config, name: str) -> NatsClient:
-    """Connect with endless reconnects: a service outlives a NATS restart."""
+    """Connect with endless reconnects: a service outlives a NATS restart.
+
+    A server that is not there yet is waited for; one that refuses the credentials or
+    the TLS handshake of the first connection raises NatsRefused at once (retrying cannot
+    fix a configuration error).
+    """
+    n = cfg.nats
+    servers = [u.strip() for u in n.url.split(",") if u.strip()]
+    options = _auth_options(n)
+    tls = tls_context(n)
+    if tls is not None:
+        options["tls"] = tls
+    if n.tls_server_name:
+        options["tls_hostname"] = n.tls_server_name
+    first = True
 
     async def on_error(exc: Exception) -> None:
+        if first and _is_refusal(exc):
+            # Raised through nats-py's connect loop, which awaits this callback.
+            raise NatsRefused(f"nats: {', '.join(servers)} refused {name}: {exc}") from exc
         log.warning("nats: %s", exc)
 
-    return await nats.connect(
+    options.update(
         # A cluster is given as comma-separated URLs.
-        servers=[u.strip() for u in cfg.nats.url.split(",") if u.strip()],
+        servers=servers,
         name=name,
-        connect_timeout=cfg.nats.connect_timeout,
+        connect_timeout=n.connect_timeout,
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.5,
         error_cb=on_error,
+        tls_handshake_first=n.tls_handshake_first,
     )
+    nc = NatsClient()
+    try:
+        await nc.connect(**options)
+    except NatsRefused:
+        # Not nc.close(): after a failed TLS upgrade it waits for ever on the plain stream
+        # the TLS one replaced. Nothing but the socket has been started at this point.
+        transport: Any = nc._transport
+        if transport is not None:
+            transport.close()
+        raise
+    first = False
+    return nc
 
 
 async def ensure_layout(js: JetStreamContext, cfg: Config) -> None:

@@ -108,8 +108,11 @@ class NatsServer:
         sync_always: bool = False,
         extra_args: list[str] | None = None,
         cluster: Cluster | None = None,
+        config: str = "",
     ) -> None:
         self.store_dir = store_dir
+        # nats-server configuration text (authorization, tls, ...), passed with -c.
+        self.config = config
         self.extra_args = extra_args or []
         self.cluster = cluster
         self.port = port or free_port()
@@ -128,11 +131,13 @@ class NatsServer:
         args += self.extra_args or ["-js", "-sd", str(self.store_dir)]
         if self.cluster is not None:
             args += self.cluster.args()
+        # nats-server reads one config file: sync_always and config share it.
+        conf_text = self.config
         if self.sync_always:
-            conf = self.store_dir / "sync.conf"
-            conf.write_text(
-                f'jetstream {{ store_dir: "{self.store_dir}", sync_interval: always }}\n'
-            )
+            conf_text += f'\njetstream {{ store_dir: "{self.store_dir}", sync_interval: always }}\n'
+        if conf_text:
+            conf = self.store_dir / "server.conf"
+            conf.write_text(conf_text)
             args += ["-c", str(conf)]
         if self.log_file:
             with open(self.log_file, "ab") as out:
