@@ -55,6 +55,8 @@ class Scheduler:
         self._backlog_at = 0.0
         self._sites: dict[str, tuple[float, str]] = {}
         self._cooldown: dict[str, float] = {}
+        # Deliverers by when they last asked for work or renewed (lane fair shares).
+        self._seen: dict[str, float] = {}
         self._last_decrease: dict[str, float] = {}
         self._grace_until = 0.0
         self.outcomes: Counter[tuple[str, int]] = Counter()
@@ -149,9 +151,44 @@ class Scheduler:
             self._bucketed_for = self._backlog
         return self._bucketed
 
+    def _lane_share(self, deliverer_id: str, lanes: set[str]) -> tuple[int, int]:
+        """(lanes this deliverer holds, its fair share of the lanes with mail): lanes are
+        split evenly between the deliverers seen within a lease TTL, so a second deliverer
+        is not left idle while the first holds every lane."""
+        now = time.monotonic()
+        self._seen[deliverer_id] = now
+        ttl = self._cfg.scheduler.lease_ttl
+        for d, t in list(self._seen.items()):
+            if now - t > ttl:
+                del self._seen[d]
+        held = sum(1 for ls in self.leases.held_by(deliverer_id) if ls.kind == "lane")
+        lanes |= {ls.lane for ls in self.leases.all() if ls.kind == "lane"}
+        return held, max(1, math.ceil(len(lanes) / max(1, len(self._seen))))
+
+    def _rebalance_lanes(self, deliverer_id: str, lanes: set[str]) -> None:
+        """Take back lanes this deliverer holds beyond its fair share while another
+        deliverer holds fewer than its own (the newest first); they go to the next asker."""
+        held, share = self._lane_share(deliverer_id, lanes)
+        if held <= share:
+            return
+        counts = {d: 0 for d in self._seen}
+        for ls in self.leases.all():
+            if ls.kind == "lane" and ls.deliverer_id in counts:
+                counts[ls.deliverer_id] += 1
+        if not any(n < share for d, n in counts.items() if d != deliverer_id):
+            return
+        mine = sorted(
+            (ls for ls in self.leases.held_by(deliverer_id) if ls.kind == "lane"),
+            key=lambda ls: ls.expires_at,
+        )
+        for ls in mine[share:]:
+            self.leases.release(deliverer_id, ls.lease_id)
+            log.info("lease %s: lane=%s taken back for another deliverer", ls.lease_id, ls.lane)
+
     async def acquire(self, deliverer_id: str, max_leases: int) -> list[scheduler_pb2.Lease]:
         async with self._lock:
             now = time.monotonic()
+            self._seen[deliverer_id] = now
             if now < self._grace_until:
                 return []
             if now - self._backlog_at > self._cfg.scheduler.backlog_interval:
@@ -166,13 +203,17 @@ class Scheduler:
             work += [(min(q.tier for q in qs), "lane", lane) for lane, qs in by_lane.items()]
             work.sort()
             granted: list[scheduler_pb2.Lease] = []
+            lanes_held, lane_share = self._lane_share(deliverer_id, set(by_lane))
             for _, kind, name in work:
                 if len(granted) >= max_leases:
                     break
                 if self._cooldown.get(LANE_PREFIX + name if kind == "lane" else name, 0.0) > now:
                     continue
                 if kind == "lane":
+                    if lanes_held >= lane_share:
+                        continue
                     lease = self._grant_lane(deliverer_id, name)
+                    lanes_held += lease is not None
                     if lease is not None:
                         granted.append(await self._to_proto(lease, by_lane[name]))
                     continue
@@ -271,6 +312,7 @@ class Scheduler:
             by_site = await self._by_site()
             by_lane = self._by_lane()
             self._shrink()
+            self._rebalance_lanes(deliverer_id, set(by_lane))
             resp = scheduler_pb2.RenewLeasesResponse()
             for lease_id in lease_ids:
                 ls = self.leases.renew(deliverer_id, lease_id)
