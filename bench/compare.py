@@ -71,6 +71,7 @@ class Result:
     seconds: float
     submit_seconds: float
     cpu: dict[str, float]
+    rss: dict[str, float] | None = None
 
     @property
     def rate(self) -> float:
@@ -151,6 +152,17 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])) / os.sysconf(
         "SC_CLK_TCK"
     )
+
+
+def peak_rss_mib(pid: int) -> float:
+    """A live process's peak resident memory (VmHWM), MiB."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
 
 
 def tree_cpu(root_pids: list[int]) -> float:
@@ -393,6 +405,11 @@ async def run_sluice(
             for i, (name, p) in enumerate(zip(names, procs, strict=True))
         }
         cpu["nats-server"] = (cpu_seconds(srv.proc.pid) if srv.proc else 0.0) - nats_cpu0
+        rss = {
+            f"{name} #{i}": peak_rss_mib(p.pid)
+            for i, (name, p) in enumerate(zip(names, procs, strict=True))
+        }
+        rss["nats-server"] = peak_rss_mib(srv.proc.pid) if srv.proc else 0.0
     finally:
         for p in procs:
             p.terminate()
@@ -412,7 +429,7 @@ async def run_sluice(
         ]
     )
     return Result(
-        f"Sluice ({deliverers} deliverers)", features, n, arrived, seconds, submitted, cpu
+        f"Sluice ({deliverers} deliverers)", features, n, arrived, seconds, submitted, cpu, rss
     )
 
 
@@ -443,7 +460,8 @@ def report(results: list[Result]) -> None:
         )
         print(f"    submission took {r.submit_seconds:.1f} s; CPU during the run:")
         for name, sec in r.cpu.items():
-            print(f"      {name:28} {sec:7.1f} s = {sec / max(r.n, 1) * 1e3:.2f} ms/msg")
+            peak = f", peak RSS {r.rss[name]:.0f} MiB" if r.rss and name in r.rss else ""
+            print(f"      {name:28} {sec:7.1f} s = {sec / max(r.n, 1) * 1e3:.2f} ms/msg{peak}")
         if r.arrived != r.n:
             print(f"    ARRIVALS {r.arrived} != N {r.n}: this run does not count")
 
