@@ -319,6 +319,8 @@ class Deliverer:
                     msgs = await self._next_batch(work)
                 if not msgs:
                     return
+                # Until when this batch's mail may wait for a connection on a full site.
+                deadline = time.monotonic() + self._cfg.deliverer.site_wait
                 groups = self._groups(msgs)
                 if bucket:
                     # Several messages to one domain go through one connection.
@@ -330,7 +332,7 @@ class Deliverer:
                     site = work
                     p = group[0][1]
                     if bucket and p is not None:  # (an undecodable pointer is terminated)
-                        held, conn = await self._domain_site(p.domain, held, conn)
+                        held, conn = await self._domain_site(p.domain, held, conn, deadline)
                         if held is None:
                             # The site is at its limit (or suspended): back in a moment.
                             for msg, _ in group:
@@ -348,10 +350,15 @@ class Deliverer:
                 await self._release_domain_lease(held)
 
     async def _domain_site(
-        self, domain: str, held: LeaseWork | None, conn: SmtpConnection | None
+        self,
+        domain: str,
+        held: LeaseWork | None,
+        conn: SmtpConnection | None,
+        deadline: float = 0.0,
     ) -> tuple[LeaseWork | None, SmtpConnection | None]:
         """The site lease to deliver to `domain` under, and the connection to use: the one
-        held if it covers the domain's site, else a new one (None if the site is full)."""
+        held if it covers the domain's site, else a new one; None if the site is still full
+        at `deadline`."""
         if held is not None and (
             held.lost.is_set() or self._site_of.get(domain) != held.lease.site_id
         ):
@@ -362,6 +369,15 @@ class Deliverer:
             held = None
         if held is None:
             held = await self._acquire_domain_lease(domain)
+            # A full site frees a connection as soon as one of its transactions ends: wait a
+            # little (other connections of this lane keep working) rather than hand the mail
+            # back at once, which under contention became a storm of delayed handbacks. The
+            # waits of one fetched batch share one deadline, well inside ack_wait.
+            pause = 0.05
+            while held is None and time.monotonic() + pause < deadline:
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 0.4)
+                held = await self._acquire_domain_lease(domain)
         return held, conn
 
     async def _acquire_domain_lease(self, domain: str) -> LeaseWork | None:

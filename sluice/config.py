@@ -250,6 +250,9 @@ class DelivererConfig:
     fetch_batch: int = 32
     # Wait between lease requests when there is no work.
     idle_poll: Duration = Duration(0.5)
+    # Hash-bucket mail whose site is at its connection limit waits this long for a
+    # connection there (asking again every few hundred ms) before it is handed back.
+    site_wait: Duration = Duration(5.0)
     # TCP connect and greeting.
     connect_timeout: Duration = Duration(30.0)
     # Per SMTP command (RFC 5321 4.5.3.2: 5 minutes for the greeting, MAIL and RCPT).
