@@ -477,9 +477,6 @@ async def main() -> None:
     ap.add_argument("--webhooks", action="store_true")
     ap.add_argument("--hook-receiver", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.hook_receiver:
-        hook_receiver(args.hook_receiver)
-        return
     work = Path(tempfile.mkdtemp(prefix="sluice-compare-"))
     work.chmod(0o755)  # Postfix's and smtp-sink's users work in it
     results: list[Result] = []
@@ -501,4 +498,7 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    if "--hook-receiver" in sys.argv:  # the --webhooks receiver, a process of its own
+        hook_receiver(int(sys.argv[sys.argv.index("--hook-receiver") + 1]))
+    else:
+        asyncio.run(main())
