@@ -135,6 +135,7 @@ class Deliverer:
         self._subs: dict[str, JetStreamContext.PullSubscription] = {}
         self._parsed: dict[str, Sequence[messages_pb2.Payload]] = {}
         self._templates: dict[tuple[str, str], MessageTemplate] = {}
+        self._to_release: list[str] = []  # domain leases to give back in the next RPC
         self._tenants = TenantCache(TenantStore(js), 30.0)
         self._require_tls = frozenset(d.lower() for d in cfg.deliverer.require_tls_domains)
         patterns = cfg.deliverer.throttle_patterns
@@ -319,8 +320,12 @@ class Deliverer:
                     msgs = await self._next_batch(work)
                 if not msgs:
                     return
-                # Until when this batch's mail may wait for a connection on a full site.
-                deadline = time.monotonic() + self._cfg.deliverer.site_wait
+                # Until when this batch's mail may wait for a connection on a full site: held
+                # un-acked, it must be sent or handed back well before ack_wait makes JetStream
+                # give it to someone else (a duplicate).
+                deadline = time.monotonic() + min(
+                    self._cfg.deliverer.site_wait, self._cfg.deliverer.ack_wait / 3
+                )
                 groups = self._groups(msgs)
                 if bucket:
                     # Several messages to one domain go through one connection.
@@ -399,15 +404,23 @@ class Deliverer:
 
     async def _release_domain_lease(self, work: LeaseWork) -> None:
         """Give a one-connection lease back without waiting for the answer (if it is lost,
-        the lease simply expires)."""
+        the lease simply expires). Releases made within a few milliseconds of each other
+        go in one RPC: the long tail releases one lease per domain."""
         self._domain_leases.pop(work.lease.lease_id, None)
-        await self._background(self._release(work.lease.lease_id))
+        self._to_release.append(work.lease.lease_id)
+        if len(self._to_release) == 1:
+            await self._background(self._release_soon())
 
-    async def _release(self, lease_id: str) -> None:
+    async def _release_soon(self) -> None:
+        await asyncio.sleep(0.02)
+        ids, self._to_release = self._to_release, []
+        await self._release(*ids)
+
+    async def _release(self, *lease_ids: str) -> None:
         with contextlib.suppress(grpc.aio.AioRpcError):
             await self._scheduler.ReleaseLeases(
                 scheduler_pb2.ReleaseLeasesRequest(
-                    deliverer_id=self.deliverer_id, lease_ids=[lease_id]
+                    deliverer_id=self.deliverer_id, lease_ids=lease_ids
                 ),
                 timeout=5.0,
             )

@@ -251,7 +251,8 @@ class DelivererConfig:
     # Wait between lease requests when there is no work.
     idle_poll: Duration = Duration(0.5)
     # Hash-bucket mail whose site is at its connection limit waits this long for a
-    # connection there (asking again every few hundred ms) before it is handed back.
+    # connection there (asking again every few hundred ms) before it is handed back; at most
+    # a third of ack_wait.
     site_wait: Duration = Duration(5.0)
     # TCP connect and greeting.
     connect_timeout: Duration = Duration(30.0)
