@@ -18,7 +18,6 @@ import json
 import logging
 import socket
 import time
-from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
@@ -26,6 +25,7 @@ from aiohttp.resolver import ThreadedResolver
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js import api as js_api
+from yarl import URL
 
 from sluice import jsonpb, names
 from sluice.config import Config, ConfigError, DnsConfig, WebhooksConfig
@@ -82,16 +82,22 @@ class TargetPolicy:
 
 def check_url(url: str, policy: TargetPolicy) -> None:
     """Refuse what needs no lookup: other schemes, and literal addresses (the connector does
-    not resolve those, so `GuardedResolver` never sees them)."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    not resolve those, so `GuardedResolver` never sees them). The host is read the way
+    aiohttp reads it (yarl, with IDNA): "①②⑦.0.0.1" or "127。0。0。1" are names to a plain
+    parser but the literal 127.0.0.1 to the connector."""
+    try:
+        parsed = URL(url)
+    except ValueError as exc:
+        raise TargetRefused(f"not a valid URL: {url}") from exc
+    host = parsed.raw_host
+    if parsed.scheme not in ("http", "https") or not host:
         raise TargetRefused(f"not an http(s) URL: {url}")
     try:
-        ipaddress.ip_address(parts.hostname)
+        ipaddress.ip_address(host)
     except ValueError:
         return  # a name: checked by GuardedResolver on the addresses it resolves to
-    if not policy.allows(parts.hostname):
-        raise TargetRefused(f"{parts.hostname} is not a public address")
+    if not policy.allows(host):
+        raise TargetRefused(f"{host} is not a public address")
 
 
 class GuardedResolver(AbstractResolver):

@@ -110,6 +110,12 @@ async def test_literal_loopback_urls_are_refused(
     nats_server: NatsServer, hook: tuple[list[bytes], int]
 ) -> None:
     received, port = hook
-    for url in (f"http://127.0.0.1:{port}/hook", f"http://[::ffff:127.0.0.1]:{port}/hook"):
+    for url in (
+        f"http://127.0.0.1:{port}/hook",
+        f"http://[::ffff:127.0.0.1]:{port}/hook",
+        # Names to urllib, but IDNA makes them the literal 127.0.0.1 for aiohttp.
+        f"http://①②⑦.0.0.1:{port}/hook",
+        f"http://127。0。0。1:{port}/hook",
+    ):
         assert await post_once(nats_server, Config(), url), "a refused target is final"
     assert received == []
