@@ -55,7 +55,7 @@ class Scheduler:
         self._backlog_at = 0.0
         self._sites: dict[str, tuple[float, str]] = {}
         self._cooldown: dict[str, float] = {}
-        # Deliverers by when they last asked for work or renewed (lane fair shares).
+        # Deliverers by when they last asked for work (lane fair shares).
         self._seen: dict[str, float] = {}
         self._last_decrease: dict[str, float] = {}
         self._grace_until = 0.0
@@ -153,17 +153,20 @@ class Scheduler:
 
     def _lane_share(self, deliverer_id: str, lanes: set[str]) -> tuple[int, int]:
         """(lanes this deliverer holds, its fair share of the lanes with mail): lanes are
-        split evenly between the deliverers seen within a lease TTL, so a second deliverer
-        is not left idle while the first holds every lane."""
+        split evenly between the deliverers that asked for work lately, so a second
+        deliverer is not left idle while the first holds every lane."""
         now = time.monotonic()
-        self._seen[deliverer_id] = now
-        ttl = self._cfg.scheduler.lease_ttl
+        # Only deliverers that asked for work lately count: one at its max_leases never asks
+        # (it only renews), and a crashed one stops asking; a deliverer with room asks
+        # every idle_poll.
+        window = max(2.0, 4 * self._cfg.deliverer.idle_poll)
         for d, t in list(self._seen.items()):
-            if now - t > ttl:
+            if now - t > window:
                 del self._seen[d]
         held = sum(1 for ls in self.leases.held_by(deliverer_id) if ls.kind == "lane")
         lanes |= {ls.lane for ls in self.leases.all() if ls.kind == "lane"}
-        return held, max(1, math.ceil(len(lanes) / max(1, len(self._seen))))
+        sharing = len(self._seen.keys() | {deliverer_id})
+        return held, max(1, math.ceil(len(lanes) / sharing))
 
     def _rebalance_lanes(self, deliverer_id: str, lanes: set[str]) -> None:
         """Take back lanes this deliverer holds beyond its fair share while another

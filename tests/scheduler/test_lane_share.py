@@ -5,6 +5,8 @@ with mail pointers stored on eight bucket lanes.)"""
 
 from __future__ import annotations
 
+import time
+
 from scheduler.service import Scheduler
 from scheduler.shaping import load_rules
 from sluice import config as config_mod
@@ -48,5 +50,15 @@ async def test_lanes_are_split_between_deliverers(nats_server: NatsServer) -> No
         assert len(again.leases) == 4 and not again.lost_lease_ids
         held = [ls.lane for ls in scheduler.leases.all() if ls.kind == "lane"]
         assert sorted(held) == lanes
+
+        # A deliverer that stopped asking (crashed, or busy at its max_leases) no longer
+        # counts: d2's lanes go back once d2's leases are gone, and d1 may take them all,
+        # rather than half of them staying unleased for d2.
+        for ls in second:
+            scheduler.leases.release("d2", ls.lease_id)
+        scheduler._seen["d2"] = time.monotonic() - 3600
+        await scheduler.renew("d2", [])  # renewing (other leases) is not asking for lanes
+        regained = await scheduler.acquire("d1", 16)
+        assert sorted(ls.lane for ls in [*again.leases, *regained]) == lanes
     finally:
         await nc.close()
