@@ -135,7 +135,6 @@ class Deliverer:
         self._subs: dict[str, JetStreamContext.PullSubscription] = {}
         self._parsed: dict[str, Sequence[messages_pb2.Payload]] = {}
         self._templates: dict[tuple[str, str], MessageTemplate] = {}
-        self._to_release: list[str] = []  # domain leases to give back in the next RPC
         self._tenants = TenantCache(TenantStore(js), 30.0)
         self._require_tls = frozenset(d.lower() for d in cfg.deliverer.require_tls_domains)
         patterns = cfg.deliverer.throttle_patterns
@@ -404,17 +403,11 @@ class Deliverer:
 
     async def _release_domain_lease(self, work: LeaseWork) -> None:
         """Give a one-connection lease back without waiting for the answer (if it is lost,
-        the lease simply expires). Releases made within a few milliseconds of each other
-        go in one RPC: the long tail releases one lease per domain."""
+        the lease simply expires). At once: the next acquire, often on the same site,
+        must find the connection free (releases deferred by 20 ms to share an RPC cut
+        bench.compare with DKIM from 730 to 242 msgs/s)."""
         self._domain_leases.pop(work.lease.lease_id, None)
-        self._to_release.append(work.lease.lease_id)
-        if len(self._to_release) == 1:
-            await self._background(self._release_soon())
-
-    async def _release_soon(self) -> None:
-        await asyncio.sleep(0.02)
-        ids, self._to_release = self._to_release, []
-        await self._release(*ids)
+        await self._background(self._release(work.lease.lease_id))
 
     async def _release(self, *lease_ids: str) -> None:
         with contextlib.suppress(grpc.aio.AioRpcError):
@@ -754,14 +747,14 @@ class Deliverer:
         rules = self._cfg.suppression
         if reply is None or category not in (*rules.hard_categories, *rules.soft_categories):
             return
-        await suppressions.put(
-            self._js,
-            p.tenant_id,
-            p.recipient,
-            f"{category}: {reply.code} {reply.text}",
-            messages_pb2.SUPPRESSION_SOURCE_BOUNCE,
-            ttl=None if category in rules.hard_categories else rules.soft_ttl,
-        )
+        reason = f"{category}: {reply.code} {reply.text}"
+        source = messages_pb2.SUPPRESSION_SOURCE_BOUNCE
+        if category in rules.hard_categories:
+            await suppressions.put(self._js, p.tenant_id, p.recipient, reason, source)
+        else:  # a soft bounce never shortens an entry already there
+            await suppressions.put_unless_longer(
+                self._js, p.tenant_id, p.recipient, reason, source, rules.soft_ttl
+            )
 
     async def _event(
         self,

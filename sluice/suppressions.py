@@ -23,7 +23,15 @@ from sluice.kvmirror import KvMirror
 from sluice.nats_layout import kv_put_ttl
 from sluice.v1 import messages_pb2
 
-__all__ = ["Suppressions", "list_tenant", "normalise", "put", "remove", "suppression_key"]
+__all__ = [
+    "Suppressions",
+    "list_tenant",
+    "normalise",
+    "put",
+    "put_unless_longer",
+    "remove",
+    "suppression_key",
+]
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +78,33 @@ async def put(
         entry.expires_at.FromNanoseconds(int((now + ttl) * 1e9))
         await kv_put_ttl(js, names.SUPPRESSIONS_BUCKET, key, entry.SerializeToString(), ttl)
     return entry
+
+
+async def put_unless_longer(
+    js: JetStreamContext,
+    tenant_id: str,
+    email: str,
+    reason: str,
+    source: messages_pb2.SuppressionSource.ValueType,
+    ttl: float,
+) -> messages_pb2.Suppression:
+    """Suppress for `ttl` seconds unless the address is already suppressed for longer (or
+    for good): a mailbox-full bounce must not shorten a complaint's or a bad mailbox's
+    entry."""
+    kv = await js.key_value(names.SUPPRESSIONS_BUCKET)
+    now = time.time()
+    try:
+        current = await kv.get(suppression_key(tenant_id, email))
+    except Exception:  # KeyNotFoundError, KeyDeletedError
+        current = None
+    if current is not None and current.value:
+        entry = _decode(current.value)
+        if not _expired(entry, now) and (
+            not entry.HasField("expires_at")
+            or entry.expires_at.ToNanoseconds() >= (now + ttl) * 1e9
+        ):
+            return entry
+    return await put(js, tenant_id, email, reason, source, ttl)
 
 
 async def remove(js: JetStreamContext, tenant_id: str, email: str) -> bool:

@@ -4,9 +4,13 @@ while), the API and the CLI list, add and remove them, suppressed recipients get
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from sluice import suppressions
+from sluice.nats_layout import connect
+from sluice.v1 import messages_pb2
 from tests.api import add_tenant, call, sluice_cli, violations
 from tests.conftest import Stack, wait_for
 from tests.e2e.test_send import message
@@ -151,3 +155,26 @@ async def test_cli_lists_adds_and_removes(stack: Stack) -> None:
         stack.cfg.nats.url, "suppressions", "remove", "eve@mail.test", "--tenant", "acme"
     )
     assert missing.returncode == 1 and "not suppressed" in missing.stderr
+
+
+async def test_a_soft_bounce_never_shortens_an_entry(stack: Stack) -> None:
+    nc = await connect(stack.cfg, "test")
+    try:
+        js = nc.jetstream()
+        manual = messages_pb2.SUPPRESSION_SOURCE_MANUAL
+        bounce = messages_pb2.SUPPRESSION_SOURCE_BOUNCE
+        await suppressions.put(js, "acme", "kept@mail.test", "complaint", manual)
+        got = await suppressions.put_unless_longer(
+            js, "acme", "kept@mail.test", "mailbox_full", bounce, 60
+        )
+        assert got.reason == "complaint" and not got.HasField("expires_at")
+        await suppressions.put(js, "acme", "short@mail.test", "mailbox_full", bounce, 5)
+        got = await suppressions.put_unless_longer(
+            js, "acme", "short@mail.test", "mailbox_full again", bounce, 600
+        )
+        assert got.reason == "mailbox_full again", "a longer soft entry replaces a shorter one"
+        entries = {e.email: e for e in await suppressions.list_tenant(js, "acme")}
+        assert entries["kept@mail.test"].reason == "complaint"
+        assert entries["short@mail.test"].expires_at.seconds > time.time() + 500
+    finally:
+        await nc.close()
