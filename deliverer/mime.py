@@ -30,7 +30,7 @@ from urllib.parse import quote
 
 from sluice.v1 import messages_pb2
 
-__all__ = ["MessageTemplate", "build_message", "render", "unsubscribe_link"]
+__all__ = ["MessageTemplate", "ascii_email", "build_message", "render", "unsubscribe_link"]
 
 _PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z0-9_.-]+)\s*\}\}")
 _DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
@@ -107,10 +107,21 @@ def header(name: str, value: str, sep: str = " ") -> bytes:
     return ("\r\n".join(lines) + "\r\n").encode()
 
 
+def ascii_email(email: str) -> str:
+    """The address with its domain as IDNA A-labels ("bücher.example" becomes
+    "xn--bcher-kva.example"): ingest accepts internationalised domains, but without SMTPUTF8
+    the envelope and the headers carry only ASCII (local parts are ASCII already)."""
+    if email.isascii():
+        return email
+    local, _, domain = email.rpartition("@")
+    return f"{local}@{domain.encode('idna').decode('ascii')}"
+
+
 def address(addr: messages_pb2.Address) -> str:
     """An address as a header shows it: "Name <local@domain>", the name quoted or encoded
     as needed."""
-    return formataddr((addr.name, addr.email), charset="utf-8") if addr.name else addr.email
+    email = ascii_email(addr.email)
+    return formataddr((addr.name, email), charset="utf-8") if addr.name else email
 
 
 def _date(seconds: int) -> str:

@@ -11,6 +11,7 @@ import logging
 import aiosmtplib
 
 from deliverer.classify import Reply, parse_reply
+from deliverer.mime import ascii_email
 
 __all__ = ["ConnectionLost", "SmtpConnection"]
 
@@ -92,7 +93,8 @@ class SmtpConnection:
                 return dict.fromkeys(recipients, parse_reply(resp.code, resp.message))
             accepted = []
             for rcpt in recipients:
-                resp = await self._smtp.execute_command(b"RCPT", b"TO:<" + rcpt.encode() + b">")
+                to = ascii_email(rcpt).encode()
+                resp = await self._smtp.execute_command(b"RCPT", b"TO:<" + to + b">")
                 if resp.code in (250, 251):
                     accepted.append(rcpt)
                     continue
@@ -126,6 +128,7 @@ class SmtpConnection:
         EHLO (or HELO) first; later ones are sent as they are: the addresses were validated
         at ingest, and aiosmtplib's per-command address parsing cost more than the rest of
         the command."""
+        mail_from = ascii_email(mail_from)
         args = [b"FROM:<" + mail_from.encode() + b">"]
         if size:
             args.append(b"SIZE=%d" % size)

@@ -51,7 +51,12 @@ async def publish_atomic(
         if i == 1:
             reply = await nc.request(subject, data, timeout=timeout, headers=h)
             if reply.data:
-                raise APIError.from_error(json.loads(reply.data)["error"])
+                resp = json.loads(reply.data)
+                if "error" in resp:
+                    raise APIError.from_error(resp["error"])
+                # A plain PubAck: the server stored the message without batching (it does
+                # not support atomic batches, or the stream does not allow them).
+                raise APIError(description="atomic batch publish not supported by the server")
         else:
             await nc.publish(subject, data, headers=h)
     raise AssertionError("unreachable")  # pragma: no cover

@@ -120,9 +120,19 @@ class BatchPublisher:
         finally:
             self._task = None
 
-    async def _send(
-        self, batch: list[tuple[str, bytes, dict[str, str], asyncio.Future[None]]]
-    ) -> None:
+    async def _send(self, batch: list[_Pending]) -> None:
+        try:
+            await self._store(batch)
+        except BaseException as exc:  # the connection, or this task cancelled
+            for *_, done in batch:
+                if not done.done():
+                    done.set_exception(
+                        exc if isinstance(exc, Exception) else ConnectionError("publisher stopped")
+                    )
+            if not isinstance(exc, Exception):
+                raise
+
+    async def _store(self, batch: list[_Pending]) -> None:
         try:
             await publish_atomic(self._nc, [(s, d, h) for s, d, h, _ in batch])
         except JsApiError:
@@ -130,14 +140,11 @@ class BatchPublisher:
                 try:
                     await self._js.publish(subject, data, stream=self._stream, headers=headers)
                 except Exception as exc:
-                    done.set_exception(exc)
+                    if not done.done():
+                        done.set_exception(exc)
                 else:
-                    done.set_result(None)
-            return
-        except Exception as exc:  # the connection: every caller learns it
-            for *_, done in batch:
-                if not done.done():
-                    done.set_exception(exc)
+                    if not done.done():  # (a cancelled caller's message is stored all the same)
+                        done.set_result(None)
             return
         for *_, done in batch:
             if not done.done():

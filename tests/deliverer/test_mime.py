@@ -10,7 +10,7 @@ from email.message import EmailMessage
 
 import pytest
 
-from deliverer.mime import MessageTemplate, build_message, header
+from deliverer.mime import MessageTemplate, ascii_email, build_message, header
 from sluice.v1 import messages_pb2
 
 LONG_WORD = "https://example.com/" + "x" * 1200
@@ -202,3 +202,18 @@ def test_the_same_template_renders_the_same_static_parts_for_every_recipient() -
     b = template.render(pointer(recipient="eve@mail.test", message_id="job_1.1@acme.test"))
     body_a, body_b = a.split(b"\r\n\r\n", 1)[1], b.split(b"\r\n\r\n", 1)[1]
     assert body_a == body_b == b"same for all\r\n"
+
+
+def test_internationalised_domains_become_a_labels() -> None:
+    p = payload(
+        subject="s",
+        text="t",
+        to=[messages_pb2.Address(email="jörg@bücher.example", name="Jörg")],
+    )
+    p.to[0].email = "joerg@bücher.example"
+    getattr(p, "from").CopyFrom(messages_pb2.Address(email="news@bücher.example"))
+    msg = parse(build_message(p, pointer()))
+    assert msg["To"].addresses[0].addr_spec == "joerg@xn--bcher-kva.example"
+    assert msg["To"].addresses[0].display_name == "Jörg"
+    assert msg["From"].addresses[0].addr_spec == "news@xn--bcher-kva.example"
+    assert ascii_email("a@b.example") == "a@b.example"
