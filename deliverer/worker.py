@@ -11,7 +11,7 @@ import os
 import re
 import socket
 import time
-from collections.abc import Awaitable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -336,7 +336,13 @@ class Deliverer:
                     site = work
                     p = group[0][1]
                     if bucket and p is not None:  # (an undecodable pointer is terminated)
-                        held, conn = await self._domain_site(p.domain, held, conn, deadline)
+                        held, conn = await self._domain_site(
+                            p.domain,
+                            held,
+                            conn,
+                            deadline,
+                            lambda: stop.is_set() or work.lost.is_set(),
+                        )
                         if held is None:
                             # The site is at its limit (or suspended): back in a moment.
                             for msg, _ in group:
@@ -359,6 +365,7 @@ class Deliverer:
         held: LeaseWork | None,
         conn: SmtpConnection | None,
         deadline: float = 0.0,
+        give_up: Callable[[], bool] = lambda: False,
     ) -> tuple[LeaseWork | None, SmtpConnection | None]:
         """The site lease to deliver to `domain` under, and the connection to use: the one
         held if it covers the domain's site, else a new one; None if the site is still full
@@ -378,7 +385,7 @@ class Deliverer:
             # back at once, which under contention became a storm of delayed handbacks. The
             # waits of one fetched batch share one deadline, well inside ack_wait.
             pause = 0.05
-            while held is None and time.monotonic() + pause < deadline:
+            while held is None and time.monotonic() + pause < deadline and not give_up():
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, 0.4)
                 held = await self._acquire_domain_lease(domain)
