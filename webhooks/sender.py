@@ -62,6 +62,13 @@ def event_body(event: messages_pb2.Event) -> bytes:
     ).encode()
 
 
+_EMBEDS_IPV4 = [
+    ipaddress.IPv6Network("64:ff9b::/96"),
+    ipaddress.IPv6Network("64:ff9b:1::/48"),
+    ipaddress.IPv6Network("::/96"),
+]
+
+
 class TargetPolicy:
     """Which addresses webhooks may reach: public ones, plus `[webhooks] allowed_networks`,
     or everything with `allow_private_targets`."""
@@ -74,9 +81,20 @@ class TargetPolicy:
             raise ConfigError(f"[webhooks] allowed_networks: {exc}") from exc
 
     def allows(self, address: str) -> bool:
-        ip = ipaddress.ip_address(address)
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped  # ::ffff:127.0.0.1 is loopback
+        ip: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(address)
+        if isinstance(ip, ipaddress.IPv6Address):
+            # IPv6 forms that carry an IPv4 address are judged by it: mapped (::ffff:a.b.c.d),
+            # 6to4, Teredo, NAT64 (64:ff9b::/96, 64:ff9b:1::/48) and IPv4-compatible (::/96).
+            if ip.ipv4_mapped is not None:
+                ip = ip.ipv4_mapped
+            elif ip.sixtofour is not None:
+                ip = ip.sixtofour
+            elif ip.teredo is not None:
+                ip = ip.teredo[1]
+            elif any(ip in n for n in _EMBEDS_IPV4):
+                ip = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+            elif ip.is_site_local:  # fec0::/10, deprecated but still routed privately
+                return self.allow_all or any(ip in n for n in self._networks)
         return self.allow_all or ip.is_global or any(ip in n for n in self._networks)
 
 
@@ -168,6 +186,7 @@ class WebhookSender:
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._endpoints: dict[str, tenant_pb2.WebhookEndpoint] = {}
         self._batches: set[asyncio.Task[None]] = set()
+        self._posting: dict[str, int] = {}  # batch POSTs in flight per endpoint
 
     async def post(
         self, endpoint: tenant_pb2.WebhookEndpoint, event: messages_pb2.Event, body: bytes
@@ -311,15 +330,27 @@ class WebhookSender:
                 self._cfg.webhooks.batch_wait, self._start_batch, key, endpoint
             )
 
-    def _start_batch(self, key: str, endpoint: tenant_pb2.WebhookEndpoint) -> None:
+    def _start_batch(
+        self, key: str, endpoint: tenant_pb2.WebhookEndpoint, force: bool = False
+    ) -> None:
+        """POST the endpoint's next batch, unless `per_endpoint_concurrency` batch POSTs are
+        in flight already: then it keeps gathering and goes when one of them ends."""
         timer = self._timers.pop(key, None)
         if timer is not None:
             timer.cancel()
-        batch = self._gathering.pop(key, [])
-        if batch:
-            task = asyncio.create_task(self._post_batch(key, endpoint, batch))
-            self._batches.add(task)
-            task.add_done_callback(self._batches.discard)
+        gathering = self._gathering.get(key, [])
+        if not gathering:
+            return
+        if not force and self._posting.get(key, 0) >= self._cfg.webhooks.per_endpoint_concurrency:
+            return
+        batch = gathering[: max(1, endpoint.batch_size)]
+        del gathering[: len(batch)]
+        if not gathering:
+            self._gathering.pop(key, None)
+        self._posting[key] = self._posting.get(key, 0) + 1
+        task = asyncio.create_task(self._post_batch(key, endpoint, batch))
+        self._batches.add(task)
+        task.add_done_callback(self._batches.discard)
 
     async def _post_batch(
         self,
@@ -336,12 +367,16 @@ class WebhookSender:
                 await self._settle(msg, delivery, done, endpoint.url)
         finally:
             self._in_flight[key] -= len(batch)
+            self._posting[key] -= 1
+            if self._gathering.get(key):  # what gathered meanwhile goes next
+                self._start_batch(key, self._endpoints[key])
 
     async def close(self, drain: float) -> None:
         """Post what is still gathering, and wait (up to `drain` seconds) for batches in flight;
         what does not finish is not acked and comes back from JetStream."""
         for key in list(self._gathering):
-            self._start_batch(key, self._endpoints[key])
+            while self._gathering.get(key):
+                self._start_batch(key, self._endpoints[key], force=True)
         if self._batches:
             _, cut = await asyncio.wait(set(self._batches), timeout=drain)
             for task in cut:

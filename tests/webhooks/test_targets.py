@@ -91,6 +91,10 @@ async def test_a_name_rebound_to_loopback_is_refused_at_connect_time(
         "::1",
         "::ffff:127.0.0.1",
         "fc00::1",
+        "fec0::1",  # site-local
+        "64:ff9b::a00:1",  # NAT64 of 10.0.0.1
+        "2002:7f00:1::1",  # 6to4 of 127.0.0.1
+        "::7f00:1",  # IPv4-compatible 127.0.0.1
     ],
 )
 def test_non_public_addresses_are_refused_unless_allowed(address: str) -> None:
@@ -102,6 +106,7 @@ def test_allowed_networks_open_only_themselves() -> None:
     policy = TargetPolicy(WebhooksConfig(allowed_networks=("10.1.2.0/24",)))
     assert policy.allows("10.1.2.9") and not policy.allows("10.1.3.9")
     assert policy.allows("8.8.8.8")
+    assert policy.allows("64:ff9b::808:808"), "NAT64 of a public address is public"
     with pytest.raises(ConfigError, match="allowed_networks"):
         TargetPolicy(WebhooksConfig(allowed_networks=("not-a-network",)))
 
