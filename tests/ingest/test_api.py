@@ -82,10 +82,15 @@ async def test_http_blast_personalises_each_recipient(stack: Stack) -> None:
         if i == 3:
             assert "&lt;Ann &amp; Co&gt;" in html.get_content()
 
-    status, job, _ = await call(stack, "GET", f"/v1/jobs/{job_id}")
-    assert status == 200, job
-    assert job["recipient_count"] == 12 and job["delivered"] == 12
-    assert job.get("queued", 0) == 0 and job["tier"] == "bulk"
+    # The delivered events are written just after the SMTP transactions end (settling runs
+    # in the background): poll the job until the last one is in.
+    async def job_state() -> Any:
+        status, job, _ = await call(stack, "GET", f"/v1/jobs/{job_id}")
+        assert status == 200, job
+        return job if job.get("delivered") == 12 else None
+
+    job = await wait_for(job_state, what="12 delivered events")
+    assert job["recipient_count"] == 12 and job.get("queued", 0) == 0 and job["tier"] == "bulk"
 
 
 async def test_grpc_blast_and_errors(stack: Stack) -> None:
@@ -216,8 +221,13 @@ async def test_fifty_concurrent_duplicates_make_one_job(stack: Stack) -> None:
     assert {r[0] for r in results} == {202}
     assert len({r[1]["job_id"] for r in results}) == 1
     await wait_for(lambda: stack.smtp.to("bob@mail.test"), what="mail")
-    status, job, _ = await call(stack, "GET", f"/v1/jobs/{results[0][1]['job_id']}")
-    assert status == 200 and job["delivered"] == 1
+
+    async def delivered() -> bool:  # the event follows the SMTP transaction
+        status, job, _ = await call(stack, "GET", f"/v1/jobs/{results[0][1]['job_id']}")
+        assert status == 200, job
+        return bool(job.get("delivered") == 1)
+
+    await wait_for(delivered, what="the delivered event")
     await asyncio.sleep(0.5)
     assert len(stack.smtp.to("bob@mail.test")) == 1
 
