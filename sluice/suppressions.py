@@ -132,7 +132,8 @@ async def list_tenant(js: JetStreamContext, tenant_id: str) -> list[messages_pb2
             if entry.operation in (KV_DEL, KV_PURGE) or not entry.value:
                 continue
             decoded = _decode(entry.value)
-            if not _expired(decoded, now):
+            # (An entry from before values held the address cannot be listed by it.)
+            if decoded.email and not _expired(decoded, now):
                 entries.append(decoded)
     finally:
         await watcher.stop()  # type: ignore[no-untyped-call]

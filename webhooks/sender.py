@@ -326,8 +326,10 @@ class WebhookSender:
             self._start_batch(key, endpoint)
         elif len(gathering) == 1:
             loop = asyncio.get_running_loop()
+            # The endpoint as last read when the timer fires (its URL or secrets may change).
             self._timers[key] = loop.call_later(
-                self._cfg.webhooks.batch_wait, self._start_batch, key, endpoint
+                self._cfg.webhooks.batch_wait,
+                lambda: self._start_batch(key, self._endpoints[key]),
             )
 
     def _start_batch(
