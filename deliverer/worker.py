@@ -329,10 +329,18 @@ class Deliverer:
                 if bucket:
                     # Several messages to one domain go through one connection.
                     groups.sort(key=lambda g: g[0][1].domain if g[0][1] is not None else "")
+                touched = time.monotonic()
                 for i, group in enumerate(groups):
                     if stop.is_set() or work.lost.is_set():
                         await self._hand_back(groups[i:])
                         return
+                    if time.monotonic() - touched > self._cfg.deliverer.ack_wait / 3:
+                        # The groups still queued behind slow connects or full sites are
+                        # ours: JetStream must not give them to another deliverer meanwhile.
+                        for queued in groups[i:]:
+                            for msg, _ in queued:
+                                await msg.in_progress()
+                        touched = time.monotonic()
                     site = work
                     p = group[0][1]
                     if bucket and p is not None:  # (an undecodable pointer is terminated)

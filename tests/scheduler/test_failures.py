@@ -61,6 +61,8 @@ async def deliverer_process(
         SLUICE_DELIVERER__RENEW_INTERVAL="200ms",
         SLUICE_DELIVERER__IDLE_POLL="100ms",
         SLUICE_DELIVERER__FETCH_BATCH="4",
+        # As the scheduler that creates the consumers has it (stack_overrides).
+        SLUICE_DELIVERER__ACK_WAIT=str(cfg.deliverer.ack_wait),
         SLUICE_SCHEDULER__LEASE_TTL="2s",
         SLUICE_DNS__NAMESERVERS="127.0.0.1",
         SLUICE_DNS__PORT=str(dns_port),
@@ -199,3 +201,24 @@ async def test_a_lease_that_cannot_be_renewed_ends_at_its_expiry(stack: Stack) -
     finally:
         deliverer.cancel()
         await asyncio.gather(deliverer, return_exceptions=True)
+
+
+async def test_mail_queued_behind_slow_transactions_stays_with_its_deliverer(
+    stack: Stack, dns_server: DnsServer, smtp: Any
+) -> None:
+    # Each fetched batch (4 pointers) goes out one transaction after another, 1.2 s each:
+    # the last ones wait longer than the 3 s ack_wait. They must not be redelivered to the
+    # other deliverer meanwhile (a duplicate at the server).
+    _, smtp_port = smtp
+    stack.smtp.data_delay["cap.test"] = 1.2
+    procs = [await deliverer_process(stack, dns_server.port, smtp_port) for _ in range(2)]
+    try:
+        await blast(stack, [f"h{i}@cap.test" for i in range(24)])
+        await wait_for(lambda: len(stack.smtp.received) >= 24, 90, "every message")
+        await asyncio.sleep(4.0)  # past one more ack_wait: a redelivered copy would show
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+            await proc.wait()
+    recipients = [r.rcpt_tos[0] for r in stack.smtp.received]
+    assert len(recipients) == len(set(recipients)) == 24, sorted(recipients)
