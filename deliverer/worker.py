@@ -135,6 +135,8 @@ class Deliverer:
         self._subs: dict[str, JetStreamContext.PullSubscription] = {}
         self._parsed: dict[str, Sequence[messages_pb2.Payload]] = {}
         self._templates: dict[tuple[str, str], MessageTemplate] = {}
+        # The shortest ack_wait of the consumers worked (see _sub).
+        self._ack_wait = float(cfg.deliverer.ack_wait)
         self._tenants = TenantCache(TenantStore(js), 30.0)
         self._require_tls = frozenset(d.lower() for d in cfg.deliverer.require_tls_domains)
         patterns = cfg.deliverer.throttle_patterns
@@ -247,6 +249,12 @@ class Deliverer:
         if sub is None:
             sub = await self._js.pull_subscribe_bind(consumer, names.MAIL_STREAM)
             self._subs[consumer] = sub
+            # The scheduler creates the consumers: keep-alives follow the ack_wait they really
+            # have, should its configuration differ from this process's.
+            with contextlib.suppress(Exception):
+                info = await sub.consumer_info()
+                if info.config.ack_wait:
+                    self._ack_wait = min(self._ack_wait, float(info.config.ack_wait))
         return sub
 
     async def _next_batch(self, work: LeaseWork) -> list[Msg]:
@@ -322,9 +330,7 @@ class Deliverer:
                 # Until when this batch's mail may wait for a connection on a full site: held
                 # un-acked, it must be sent or handed back well before ack_wait makes JetStream
                 # give it to someone else (a duplicate).
-                deadline = time.monotonic() + min(
-                    self._cfg.deliverer.site_wait, self._cfg.deliverer.ack_wait / 3
-                )
+                deadline = time.monotonic() + min(self._cfg.deliverer.site_wait, self._ack_wait / 3)
                 groups = self._groups(msgs)
                 if bucket:
                     # Several messages to one domain go through one connection.
@@ -334,7 +340,7 @@ class Deliverer:
                     if stop.is_set() or work.lost.is_set():
                         await self._hand_back(groups[i:])
                         return
-                    if time.monotonic() - touched > self._cfg.deliverer.ack_wait / 3:
+                    if time.monotonic() - touched > self._ack_wait / 3:
                         # The groups still queued behind slow connects or full sites are
                         # ours: JetStream must not give them to another deliverer meanwhile.
                         for queued in groups[i:]:
@@ -604,7 +610,7 @@ class Deliverer:
         task = asyncio.ensure_future(send)
         try:
             while True:
-                done, _ = await asyncio.wait({task}, timeout=self._cfg.deliverer.ack_wait / 3)
+                done, _ = await asyncio.wait({task}, timeout=self._ack_wait / 3)
                 if done:
                     return task.result()
                 for msg in msgs:

@@ -61,8 +61,6 @@ async def deliverer_process(
         SLUICE_DELIVERER__RENEW_INTERVAL="200ms",
         SLUICE_DELIVERER__IDLE_POLL="100ms",
         SLUICE_DELIVERER__FETCH_BATCH="4",
-        # As the scheduler that creates the consumers has it (stack_overrides).
-        SLUICE_DELIVERER__ACK_WAIT=str(cfg.deliverer.ack_wait),
         SLUICE_SCHEDULER__LEASE_TTL="2s",
         SLUICE_DNS__NAMESERVERS="127.0.0.1",
         SLUICE_DNS__PORT=str(dns_port),
