@@ -38,8 +38,6 @@ from sluice import names
 from sluice.config import TelemetryConfig
 
 __all__ = [
-    "REQUIRED_BUCKETS",
-    "REQUIRED_STREAMS",
     "Check",
     "ServiceHealth",
     "grpc_service_name",
@@ -57,26 +55,6 @@ CHECK_TIMEOUT = 2.0
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-
-# What docs/nats.md says every service needs (nats_layout.ensure_layout creates it). The
-# object store is created on first use, so it is not required here.
-REQUIRED_STREAMS = (
-    names.JOBS_STREAM,
-    names.MAIL_STREAM,
-    names.EVENTS_STREAM,
-    names.DLQ_STREAM,
-    names.WEBHOOKS_STREAM,
-    names.ADVISORIES_STREAM,
-)
-REQUIRED_BUCKETS = (
-    names.TENANTS_BUCKET,
-    names.KEYS_BUCKET,
-    names.IDEMPOTENCY_BUCKET,
-    names.EXPANDER_BUCKET,
-    names.SUPPRESSIONS_BUCKET,
-    names.SITES_BUCKET,
-    names.LANES_BUCKET,
-)
 
 
 def grpc_service_name(service: str) -> str:
@@ -99,8 +77,8 @@ async def nats_problems(nc: NatsClient, consumers: Iterable[tuple[str, str]] = (
     if "error" in data:
         return [f"nats: JetStream: {data['error'].get('description', data['error'])}"]
     present = set(data.get("streams") or ())
-    problems = [f"nats: stream {s} missing" for s in REQUIRED_STREAMS if s not in present]
-    problems += [f"nats: bucket {b} missing" for b in REQUIRED_BUCKETS if f"KV_{b}" not in present]
+    problems = [f"nats: stream {s} missing" for s in names.STREAMS if s not in present]
+    problems += [f"nats: bucket {b} missing" for b in names.KV_BUCKETS if f"KV_{b}" not in present]
     for stream, consumer in consumers:
         if stream not in present:
             continue  # already named

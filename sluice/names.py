@@ -182,3 +182,18 @@ def webhook_dlq_subject(tenant_id: str, endpoint_id: str, event_id: str) -> str:
 
 def _token(value: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", value) or "_"
+
+
+# The layout every service needs (nats_layout.ensure_layout creates it, health checks it):
+# the streams, and the KV buckets made with the default settings. The object store is made on
+# first use, the scheduler's leader-lock bucket by ensure_layout with settings of its own.
+STREAMS = (JOBS_STREAM, MAIL_STREAM, EVENTS_STREAM, DLQ_STREAM, WEBHOOKS_STREAM, ADVISORIES_STREAM)
+KV_BUCKETS = (
+    TENANTS_BUCKET,
+    KEYS_BUCKET,
+    IDEMPOTENCY_BUCKET,
+    EXPANDER_BUCKET,
+    SUPPRESSIONS_BUCKET,
+    SITES_BUCKET,
+    LANES_BUCKET,
+)

@@ -202,6 +202,7 @@ async def ensure_layout(js: JetStreamContext, cfg: Config) -> None:
             max_age=7 * 86400.0,
         ),
     ]
+    assert tuple(st.name for st in streams) == names.STREAMS
     for stream in streams:
         assert stream.name is not None
         try:
@@ -212,15 +213,7 @@ async def ensure_layout(js: JetStreamContext, cfg: Config) -> None:
             continue
         # Bring an existing stream up to this version's settings (a no-op when equal).
         await js.update_stream(stream)
-    for bucket in (
-        names.TENANTS_BUCKET,
-        names.KEYS_BUCKET,
-        names.IDEMPOTENCY_BUCKET,
-        names.EXPANDER_BUCKET,
-        names.SUPPRESSIONS_BUCKET,
-        names.SITES_BUCKET,
-        names.LANES_BUCKET,
-    ):
+    for bucket in names.KV_BUCKETS:
         try:
             await js.key_value(bucket)
         except BucketNotFoundError:
