@@ -30,7 +30,7 @@ from deliverer.schedclient import SchedulerClient
 from deliverer.smtp import ConnectionLost, SmtpConnection
 from sluice import names, suppressions
 from sluice.config import Config
-from sluice.outcomes import BatchPublisher, event_message, publish_dead_letter, publish_event
+from sluice.outcomes import BatchPublisher, event_message, publish_dead_letter
 from sluice.resolver import DnsPermanent, DnsTemporary, Resolver
 from sluice.retry import busy_delay, next_delay
 from sluice.store import PayloadNotFound, PayloadStore, StoreError
@@ -117,7 +117,7 @@ class Deliverer:
         store: PayloadStore,
         resolver: Resolver,
         scheduler: SchedulerClient,
-        events: BatchPublisher | None = None,
+        events: BatchPublisher,
     ) -> None:
         self._cfg = cfg
         self._events = events
@@ -788,12 +788,9 @@ class Deliverer:
     ) -> None:
         event_id = f"evt_{p.delivery_id}_{names.event_token(event_type)}_{attempt}"
         smtp_reply = reply.proto() if reply else None
-        if self._events is None:
-            await publish_event(self._js, p, event_type, event_id, smtp_reply, category, mx_host)
-        else:
-            await self._events.publish(
-                *event_message(p, event_type, event_id, smtp_reply, category, mx_host)
-            )
+        await self._events.publish(
+            *event_message(p, event_type, event_id, smtp_reply, category, mx_host)
+        )
 
     async def _dead_letter(
         self,
