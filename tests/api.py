@@ -47,8 +47,9 @@ async def add_tenant(
     domains: list[str],
     rate_limit: int = 0,
     tiers: list[messages_pb2.Tier.ValueType] | None = None,
+    webhooks: list[tenant_pb2.WebhookEndpoint] | None = None,
 ) -> str:
-    """Create a tenant and return a fresh API key for it."""
+    """Create a tenant (with these webhook endpoints) and return a fresh API key for it."""
     nc = await connect(stack.cfg, "test-tenants")
     try:
         store = TenantStore(nc.jetstream())
@@ -58,6 +59,7 @@ async def add_tenant(
                 allowed_from_domains=domains,
                 rate_limit=rate_limit,
                 created_at=now_ts(),
+                webhooks=webhooks or [],
             )
         )
         key, _ = await store.create_key(tenant_id, tiers)

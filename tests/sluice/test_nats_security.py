@@ -18,7 +18,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import nkeys  # type: ignore[import-untyped]
 import pytest
 
@@ -27,6 +26,7 @@ from sluice import names
 from sluice.config import Config, ConfigError
 from sluice.nats_layout import NatsRefused, connect, ensure_layout
 from sluice.natsserver import NatsServer
+from tests.api import call
 from tests.certs import Ca, Issued
 from tests.conftest import Stack, wait_for
 
@@ -239,15 +239,8 @@ async def test_send_delivered_with_tls_and_auth(stack: Stack) -> None:
         "text": "hello",
         "tier": "critical",
     }
-    async with (
-        aiohttp.ClientSession() as s,
-        s.post(
-            f"{stack.http}/v1/send",
-            json=body,
-            headers={"Authorization": f"Bearer {stack.api_key}"},
-        ) as resp,
-    ):
-        assert resp.status == 202, await resp.text()
+    status, sent, _ = await call(stack, "POST", "/v1/send", body)
+    assert status == 202, sent
     await wait_for(lambda: stack.smtp.to("bob@mail.test"), what="delivery")
     assert len(stack.smtp.to("bob@mail.test")) == 1
     await wait_for(lambda: stack.hooks.of_type("message.delivered"), what="delivered webhook")

@@ -10,7 +10,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 import boto3  # type: ignore[import-untyped]
 import pytest
 
@@ -19,6 +18,7 @@ from sluice.config import StoreConfig
 from sluice.nats_layout import connect
 from sluice.natsserver import NatsServer, free_ports
 from sluice.store import PayloadNotFound, S3ObjectStore, StoreError, open_store
+from tests.api import call
 from tests.conftest import Stack, wait_for
 
 BUCKET = "sluice-payloads"
@@ -224,16 +224,9 @@ async def test_message_is_delivered_with_payloads_in_s3(stack: Stack, s3_server:
         "text": "The payload went through moto.",
         "tier": "critical",
     }
-    async with (
-        aiohttp.ClientSession() as s,
-        s.post(
-            f"{stack.http}/v1/send",
-            json=body,
-            headers={"Authorization": f"Bearer {stack.api_key}"},
-        ) as resp,
-    ):
-        assert resp.status == 202, await resp.text()
-        job_id = (await resp.json())["job_id"]
+    status, sent, _ = await call(stack, "POST", "/v1/send", body)
+    assert status == 202, sent
+    job_id = sent["job_id"]
     await wait_for(lambda: stack.smtp.to("bob@mail.test"), what="delivery")
     received = stack.smtp.to("bob@mail.test")
     assert len(received) == 1

@@ -10,10 +10,9 @@ from typing import Any
 from aiohttp import web
 from standardwebhooks import Webhook
 
-from sluice.nats_layout import connect
-from sluice.tenants import TenantStore, new_webhook_secret, now_ts
+from sluice.tenants import new_webhook_secret
 from sluice.v1 import messages_pb2, tenant_pb2
-from tests.api import call
+from tests.api import add_tenant, call
 from tests.conftest import Stack, wait_for
 from tests.servers import start_hook_server
 
@@ -23,29 +22,14 @@ BATCH = 10
 
 async def _tenant_with_endpoint(stack: Stack, url: str, secret: str, batch_size: int) -> str:
     """A tenant whose one endpoint gets delivered events in batches; returns its API key."""
-    nc = await connect(stack.cfg, "test")
-    try:
-        store = TenantStore(nc.jetstream())
-        await store.put_tenant(
-            tenant_pb2.Tenant(
-                tenant_id="batchco",
-                allowed_from_domains=["batchco.test"],
-                created_at=now_ts(),
-                webhooks=[
-                    tenant_pb2.WebhookEndpoint(
-                        id="b1",
-                        url=url,
-                        secrets=[secret],
-                        event_types=[messages_pb2.EVENT_TYPE_DELIVERED],
-                        batch_size=batch_size,
-                    )
-                ],
-            )
-        )
-        key, _ = await store.create_key("batchco")
-        return key
-    finally:
-        await nc.close()
+    endpoint = tenant_pb2.WebhookEndpoint(
+        id="b1",
+        url=url,
+        secrets=[secret],
+        event_types=[messages_pb2.EVENT_TYPE_DELIVERED],
+        batch_size=batch_size,
+    )
+    return await add_tenant(stack, "batchco", ["batchco.test"], webhooks=[endpoint])
 
 
 def _message(recipients: int) -> dict[str, Any]:

@@ -13,10 +13,9 @@ import pytest
 from aiohttp import web
 from standardwebhooks.webhooks import Webhook
 
-from sluice.nats_layout import connect
-from sluice.tenants import TenantStore, new_webhook_secret, now_ts
+from sluice.tenants import new_webhook_secret
 from sluice.v1 import messages_pb2, tenant_pb2
-from tests.api import call, sluice_cli
+from tests.api import add_tenant, call, sluice_cli
 from tests.conftest import Stack, wait_for
 from tests.servers import start_hook_server
 
@@ -57,25 +56,19 @@ async def test_failing_webhook_is_dead_lettered_and_replayable(
 ) -> None:
     f, url = flaky
     secret = new_webhook_secret()
-    nc = await connect(stack.cfg, "test")
-    store = TenantStore(nc.jetstream())
-    await store.put_tenant(
-        tenant_pb2.Tenant(
-            tenant_id="flaky",
-            allowed_from_domains=["flaky.test"],
-            created_at=now_ts(),
-            webhooks=[
-                tenant_pb2.WebhookEndpoint(
-                    id="main",
-                    url=url,
-                    secrets=[secret],
-                    event_types=[messages_pb2.EVENT_TYPE_DELIVERED],
-                )
-            ],
-        )
+    key = await add_tenant(
+        stack,
+        "flaky",
+        ["flaky.test"],
+        webhooks=[
+            tenant_pb2.WebhookEndpoint(
+                id="main",
+                url=url,
+                secrets=[secret],
+                event_types=[messages_pb2.EVENT_TYPE_DELIVERED],
+            )
+        ],
     )
-    key, _ = await store.create_key("flaky")
-    await nc.close()
     status, body, _ = await call(
         stack,
         "POST",

@@ -10,10 +10,9 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from sluice.nats_layout import connect
-from sluice.tenants import TenantStore, new_webhook_secret, now_ts
+from sluice.tenants import new_webhook_secret
 from sluice.v1 import tenant_pb2
-from tests.api import call
+from tests.api import add_tenant, call
 from tests.conftest import Stack, wait_for
 from tests.servers import start_hook_server
 
@@ -52,20 +51,12 @@ async def test_a_hanging_endpoint_does_not_delay_another(
     stack: Stack, hanging: tuple[Hanging, str]
 ) -> None:
     h, url = hanging
-    nc = await connect(stack.cfg, "test")
-    store = TenantStore(nc.jetstream())
-    await store.put_tenant(
-        tenant_pb2.Tenant(
-            tenant_id="slowco",
-            allowed_from_domains=["slowco.test"],
-            created_at=now_ts(),
-            webhooks=[
-                tenant_pb2.WebhookEndpoint(id="hang", url=url, secrets=[new_webhook_secret()])
-            ],
-        )
+    slow_key = await add_tenant(
+        stack,
+        "slowco",
+        ["slowco.test"],
+        webhooks=[tenant_pb2.WebhookEndpoint(id="hang", url=url, secrets=[new_webhook_secret()])],
     )
-    slow_key, _ = await store.create_key("slowco")
-    await nc.close()
     for i in range(20):
         status, _, _ = await call(
             stack,
