@@ -45,6 +45,8 @@ class Sink:
         self.active: dict[str, int] = defaultdict(int)
         self.peak: dict[str, int] = defaultdict(int)
         self.delivered = 0
+        self.seen: set[str] = set()
+        self.duplicates = 0  # deliveries to a recipient that had its message already
         self.first = 0.0
         self.last = 0.0
 
@@ -62,6 +64,9 @@ class Sink:
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:  # noqa: N802
         await asyncio.sleep(0.002)  # a receiving server takes a little time
         self.delivered += 1
+        for rcpt in envelope.rcpt_tos:
+            self.duplicates += rcpt in self.seen
+            self.seen.add(rcpt)
         self.last = time.monotonic()
         self.first = self.first or self.last
         return "250 OK"
@@ -167,7 +172,7 @@ async def main() -> None:
         start = time.monotonic()
         nc = await connect(cfg, "bench-consumers")
         most_consumers = 0
-        while sink.delivered < total and time.monotonic() - start < 900:
+        while len(sink.seen) < total and time.monotonic() - start < 900:
             infos = await nc.jetstream().consumers_info("MAIL")
             most_consumers = max(most_consumers, sum(i.name.startswith("mail_") for i in infos))
             await asyncio.sleep(0.5)
@@ -190,6 +195,7 @@ async def main() -> None:
             print(f"  {name:10} CPU {cpu[p.pid]:7.1f} s = {cpu[p.pid] / total * 1e3:.2f} ms/msg")
         print(f"  all        CPU {sum(cpu.values()) / total * 1e3:.2f} ms/msg")
         print(f"most mail consumers at once: {most_consumers}")
+        print(f"recipients reached: {len(sink.seen)} of {total}, duplicates: {sink.duplicates}")
         over = [d for d in domains if sink.peak[d] > limits[d]]
         busiest = sorted(domains, key=lambda d: -sink.peak[d])[:10]
         for d in busiest if args.zipf_domains else domains:

@@ -37,6 +37,7 @@ class SmtpConnection:
         data_timeout: float | None = None,
     ) -> None:
         self.host = host
+        self.port = port
         self.deliveries = 0
         self._smtp = aiosmtplib.SMTP(
             hostname=address,
@@ -56,6 +57,11 @@ class SmtpConnection:
     @property
     def usable(self) -> bool:
         return self._smtp.is_connected
+
+    @property
+    def tls(self) -> bool:
+        """Whether the connection is encrypted (STARTTLS done)."""
+        return self._smtp.is_connected and self._smtp.get_transport_info("sslobject") is not None
 
     async def open(self) -> None:
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -35,24 +36,38 @@ LANE_PREFIX = "lane:"
 
 
 class LeaseTable:
-    """Grants never let the connections of a site's live leases exceed its limit."""
+    """Grants never let the connections of a site's live leases exceed its limit.
+
+    Every operation is O(1) or O(log n) in the number of leases (a long tail of domains
+    means thousands of short one-connection leases): expiry times sit in a heap (a renewal
+    pushes a new entry; stale ones are skipped when popped) and connections in use are
+    counted per site."""
 
     def __init__(self, ttl: float) -> None:
         self.ttl = ttl
         self._leases: dict[str, LeaseState] = {}
+        self._expiry: list[tuple[float, str]] = []
+        self._in_use: dict[str, int] = {}
 
     def expire(self, now: float | None = None) -> list[LeaseState]:
         now = time.time() if now is None else now
-        gone = [ls for ls in self._leases.values() if ls.expires_at <= now]
-        for ls in gone:
-            del self._leases[ls.lease_id]
+        gone = []
+        while self._expiry and self._expiry[0][0] <= now:
+            _, lease_id = heapq.heappop(self._expiry)
+            ls = self._leases.get(lease_id)
+            if ls is not None and ls.expires_at <= now:
+                self._drop(ls)
+                gone.append(ls)
         return gone
 
     def in_use(self, site_id: str) -> int:
-        return sum(ls.connections for ls in self._leases.values() if ls.site_id == site_id)
+        return self._in_use.get(site_id, 0)
 
     def held_by(self, deliverer_id: str) -> list[LeaseState]:
         return [ls for ls in self._leases.values() if ls.deliverer_id == deliverer_id]
+
+    def get(self, lease_id: str) -> LeaseState | None:
+        return self._leases.get(lease_id)
 
     def grant(
         self,
@@ -83,6 +98,8 @@ class LeaseTable:
             kind=kind,
         )
         self._leases[lease.lease_id] = lease
+        self._in_use[site_id] = self.in_use(site_id) + free
+        heapq.heappush(self._expiry, (lease.expires_at, lease.lease_id))
         return lease
 
     def renew(self, deliverer_id: str, lease_id: str) -> LeaseState | None:
@@ -91,13 +108,22 @@ class LeaseTable:
         if ls is None or ls.deliverer_id != deliverer_id:
             return None
         ls.expires_at = time.time() + self.ttl
+        heapq.heappush(self._expiry, (ls.expires_at, lease_id))
         return ls
 
     def release(self, deliverer_id: str, lease_id: str) -> None:
         ls = self._leases.get(lease_id)
         if ls is not None and ls.deliverer_id == deliverer_id:
-            del self._leases[lease_id]
+            self._drop(ls)
 
     def all(self) -> list[LeaseState]:
         self.expire()
         return list(self._leases.values())
+
+    def _drop(self, ls: LeaseState) -> None:
+        del self._leases[ls.lease_id]
+        left = self._in_use[ls.site_id] - ls.connections
+        if left:
+            self._in_use[ls.site_id] = left
+        else:
+            del self._in_use[ls.site_id]

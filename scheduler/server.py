@@ -120,12 +120,14 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         s = await self._active(context)
         if time.monotonic() < self._role.grants_from:
             return scheduler_pb2.AcquireLeasesResponse()
-        if request.domain:
-            leases = await s.acquire_domain(request.deliverer_id, request.domain)
+        if request.domain or request.domains:
+            domains = [*request.domains, *([request.domain] if request.domain else [])]
+            resp = await s.acquire_domains(request.deliverer_id, domains)
         else:
             leases = await s.acquire(request.deliverer_id, max(1, request.max_leases))
+            resp = scheduler_pb2.AcquireLeasesResponse(leases=leases)
         await self._still(s, context)
-        return scheduler_pb2.AcquireLeasesResponse(leases=leases)
+        return resp
 
     async def RenewLeases(  # noqa: N802
         self, request: scheduler_pb2.RenewLeasesRequest, context: Ctx

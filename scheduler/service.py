@@ -249,7 +249,7 @@ class Scheduler:
 
     def _grant_lane(self, deliverer_id: str, lane: str) -> LeaseState | None:
         """A hash-bucket lane goes to one deliverer at a time; the sites of its domains are
-        leased one connection at a time as its mail is delivered (acquire_domain)."""
+        leased one connection at a time as its mail is delivered (acquire_domains)."""
         n = self._cfg.scheduler.bucket_connections
         limits = Limits(max_connections=n, max_deliveries_per_connection=0)
         lease = self.leases.grant(LANE_PREFIX + lane, deliverer_id, limits, [], n, kind="lane")
@@ -257,17 +257,30 @@ class Scheduler:
             log.info("lease %s: lane=%s deliverer=%s", lease.lease_id, lane, deliverer_id)
         return lease
 
-    async def acquire_domain(self, deliverer_id: str, domain: str) -> list[scheduler_pb2.Lease]:
-        """One connection on a domain's site, for mail taken from a hash-bucket lane."""
+    async def acquire_domains(
+        self, deliverer_id: str, domains: list[str]
+    ) -> scheduler_pb2.AcquireLeasesResponse:
+        """One connection on each of the domains' sites, for mail taken from a hash-bucket
+        lane; domains of one site share their lease. Full or suspended sites get none. The
+        response names every domain's site."""
         async with self._lock:
+            out = scheduler_pb2.AcquireLeasesResponse()
+            by_site: dict[str, list[str]] = {}
+            for domain in dict.fromkeys(domains):
+                site = out.domain_sites[domain] = await self.site_of(domain)
+                by_site.setdefault(site, []).append(domain)
             if time.monotonic() < self._grace_until:
-                return []
-            site = await self.site_of(domain)
-            if self.adaptive.suspended(site):
-                return []
-            limits = self.limits(site, [domain])
-            lease = self.leases.grant(site, deliverer_id, limits, [domain], 1, kind="domain")
-            return [] if lease is None else [self.describe(lease)]
+                return out
+            for site, site_domains in by_site.items():
+                if self.adaptive.suspended(site):
+                    continue
+                limits = self.limits(site, site_domains)
+                lease = self.leases.grant(
+                    site, deliverer_id, limits, site_domains, 1, kind="domain"
+                )
+                if lease is not None:
+                    out.leases.append(self.describe(lease))
+            return out
 
     async def _queues(self, queues: list[Queue]) -> list[scheduler_pb2.LeaseQueue]:
         return [
@@ -346,16 +359,10 @@ class Scheduler:
 
     def release(self, deliverer_id: str, lease_ids: list[str]) -> None:
         for lease_id in lease_ids:
-            for ls in self.leases.all():
-                if (
-                    ls.lease_id == lease_id
-                    and ls.deliverer_id == deliverer_id
-                    and ls.kind != "domain"
-                ):
-                    # A released site or lane had nothing ready; do not hand it straight back.
-                    self._cooldown[ls.site_id] = (
-                        time.monotonic() + self._cfg.scheduler.backlog_interval
-                    )
+            ls = self.leases.get(lease_id)
+            if ls is not None and ls.deliverer_id == deliverer_id and ls.kind != "domain":
+                # A released site or lane had nothing ready; do not hand it straight back.
+                self._cooldown[ls.site_id] = time.monotonic() + self._cfg.scheduler.backlog_interval
             self.leases.release(deliverer_id, lease_id)
 
     async def report(self, outcomes: list[scheduler_pb2.Outcome]) -> None:

@@ -174,6 +174,7 @@ class AcquireLeasesRequest(_message.Message):
     DELIVERER_ID_FIELD_NUMBER: _builtins.int
     MAX_LEASES_FIELD_NUMBER: _builtins.int
     DOMAIN_FIELD_NUMBER: _builtins.int
+    DOMAINS_FIELD_NUMBER: _builtins.int
     deliverer_id: _builtins.str
     """A stable id of the calling deliverer process."""
     max_leases: _builtins.int
@@ -182,16 +183,24 @@ class AcquireLeasesRequest(_message.Message):
     """When set: one lease of one connection on this domain's site, for mail taken from a
     hash-bucket lease (no queues); empty when the site is at its limit or suspended.
     """
+    @_builtins.property
+    def domains(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The batch form of `domain`: one one-connection lease on the site of each of these
+        domains (domains of one site share it, and its Lease.domains names them); a site at its
+        limit or suspended gets none. A deliverer leases a fetched batch's sites in one call.
+        """
+
     def __init__(
         self,
         *,
         deliverer_id: _builtins.str = ...,
         max_leases: _builtins.int = ...,
         domain: _builtins.str = ...,
+        domains: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deliverer_id", b"deliverer_id", "domain", b"domain", "max_leases", b"max_leases"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deliverer_id", b"deliverer_id", "domain", b"domain", "domains", b"domains", "max_leases", b"max_leases"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -203,19 +212,47 @@ class AcquireLeasesResponse(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class DomainSitesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     LEASES_FIELD_NUMBER: _builtins.int
+    DOMAIN_SITES_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def leases(self) -> _containers.RepeatedCompositeFieldContainer[Global___Lease]:
         """The granted leases; may be empty."""
+
+    @_builtins.property
+    def domain_sites(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """For domain requests: the site of every requested domain, leased or not (a caller that
+        holds a lease on that site already delivers the domain's mail under it).
+        """
 
     def __init__(
         self,
         *,
         leases: _abc.Iterable[Global___Lease] | None = ...,
+        domain_sites: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["leases", b"leases"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["domain_sites", b"domain_sites", "leases", b"leases"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

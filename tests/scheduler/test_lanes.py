@@ -69,6 +69,8 @@ async def test_a_long_tail_shares_bucket_queues_within_site_limits(stack: Stack)
     assert max(counts.values()) == 1, "a message arrived twice"
     # One site: the busy domain's own lease and the buckets' domain leases share its budget.
     assert stack.smtp.max_active <= 3, stack.smtp.max_active
+    # Its domains share connections: the long tail did not cost a connection per domain.
+    assert len(stack.smtp.connected_at) < len(TAIL) // 2, len(stack.smtp.connected_at)
     # 401 domains, but consumers only for the busy domain and the 4 buckets (one tenant,
     # one tier).
     assert seen, "no consumer was ever seen"

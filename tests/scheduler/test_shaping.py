@@ -45,3 +45,28 @@ def test_lease_table_never_exceeds_site_limit() -> None:
     # An expired lease frees its connections.
     table.expire(now=second.expires_at + 1)
     assert table.in_use("google") == 0
+
+
+def test_lease_table_renewal_outlives_first_expiry() -> None:
+    """Expiry follows the latest renewal (the heap keeps the stale entry), and the per-site
+    count follows grants, releases and expiry."""
+    table = LeaseTable(ttl=30)
+    limits = Limits(max_connections=5)
+    a = table.grant("s1", "d1", limits, ["a.test"], 2)
+    b = table.grant("s1", "d1", limits, ["b.test"], 1)
+    c = table.grant("s2", "d2", limits, ["c.test"], 1)
+    assert a is not None and b is not None and c is not None
+    assert (table.in_use("s1"), table.in_use("s2")) == (3, 1)
+    first_expiry = a.expires_at
+    table.ttl = 50  # a renewal now lasts 20 s longer than the first grant
+    assert table.renew("d1", a.lease_id) is a
+    assert table.renew("d2", a.lease_id) is None, "another deliverer cannot renew it"
+    gone = table.expire(now=first_expiry + 1)
+    assert {ls.lease_id for ls in gone} == {b.lease_id, c.lease_id}
+    assert (table.in_use("s1"), table.in_use("s2")) == (2, 0)
+    assert [ls.lease_id for ls in table.all()] == [a.lease_id]
+    table.release("d2", a.lease_id)  # not its holder: nothing happens
+    assert table.in_use("s1") == 2
+    table.release("d1", a.lease_id)
+    assert table.in_use("s1") == 0 and table.get(a.lease_id) is None
+    assert table.expire(now=first_expiry + 60) == []
