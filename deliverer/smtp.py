@@ -84,15 +84,23 @@ class SmtpConnection:
         A 4xx/5xx is returned rather than raised; RSET follows only an aborted transaction.
         """
         replies: dict[str, Reply] = {}
-        extensions = self._smtp.esmtp_extensions
-        limit = int(extensions.get("size") or 0) if "size" in extensions else 0
-        if limit and len(data) > limit:
-            # The server said how much it takes (SIZE, RFC 1870): do not send what it refuses.
-            reply = Reply(
-                552, f"5.3.4 message is {len(data)} bytes, the server takes {limit}", "5.3.4"
-            )
-            return dict.fromkeys(recipients, reply)
         try:
+            if self._smtp.is_ehlo_or_helo_needed:
+                # The connection's first transaction: after STARTTLS the client forgets what
+                # the server said before (RFC 3207 4.2), SIZE included, until EHLO again.
+                resp = await self._hello()
+                if resp.code != 250:  # not about the message: try later, elsewhere perhaps
+                    await self.close()
+                    raise ConnectionLost(f"{self.host}: HELO refused: {resp.code} {resp.message}")
+            extensions = self._smtp.esmtp_extensions
+            limit = int(extensions.get("size") or 0) if "size" in extensions else 0
+            if limit and len(data) > limit:
+                # The server said how much it takes (SIZE, RFC 1870): do not send what it
+                # refuses.
+                reply = Reply(
+                    552, f"5.3.4 message is {len(data)} bytes, the server takes {limit}", "5.3.4"
+                )
+                return dict.fromkeys(recipients, reply)
             resp = await self._mail(mail_from, len(data) if "size" in extensions else 0)
             if resp.code != 250:
                 await self._abort(resp.code)
@@ -129,20 +137,27 @@ class SmtpConnection:
             replies[rcpt] = reply
         return replies
 
+    async def _hello(self) -> aiosmtplib.SMTPResponse:
+        """EHLO, or HELO if EHLO is refused (as aiosmtplib's own commands do): the reply that
+        decided. Connection errors propagate."""
+        try:
+            try:
+                return await self._smtp.ehlo()
+            except aiosmtplib.SMTPHeloError:
+                if not self._smtp.is_connected:
+                    raise
+                return await self._smtp.helo()
+        except aiosmtplib.SMTPResponseException as exc:
+            return aiosmtplib.SMTPResponse(exc.code, exc.message)
+
     async def _mail(self, mail_from: str, size: int) -> aiosmtplib.SMTPResponse:
-        """MAIL FROM. The connection's first goes through aiosmtplib's `mail`, which says
-        EHLO (or HELO) first; later ones are sent as they are: the addresses were validated
-        at ingest, and aiosmtplib's per-command address parsing cost more than the rest of
-        the command."""
+        """MAIL FROM, sent as it is (EHLO was said by then): the addresses were validated at
+        ingest, and aiosmtplib's per-command address parsing cost more than the rest of the
+        command."""
         mail_from = ascii_email(mail_from)
         args = [b"FROM:<" + mail_from.encode() + b">"]
         if size:
             args.append(b"SIZE=%d" % size)
-        if self._smtp.last_ehlo_response is None and self._smtp.last_helo_response is None:
-            try:
-                return await self._smtp.mail(mail_from, options=[a.decode() for a in args[1:]])
-            except aiosmtplib.SMTPResponseException as exc:
-                return aiosmtplib.SMTPResponse(exc.code, exc.message)
         return await self._smtp.execute_command(b"MAIL", *args)
 
     async def _abort(self, code: int) -> None:
