@@ -55,6 +55,8 @@ RESERVED_HEADERS = frozenset(
 )
 
 _MIME_TYPE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9!#$&^_.+-]*/[a-zA-Z0-9][a-zA-Z0-9!#$&^_.+-]*$")
+# Container types: as an attachment's type they would nest MIME structure Sluice does not build.
+_CONTAINER_TYPES = ("multipart/", "message/")
 _CONTENT_ID = re.compile(r"^[\x21-\x3b\x3d\x3f-\x7e]{1,250}$")
 
 _TIERS = frozenset(messages_pb2.Tier.values())
@@ -295,6 +297,16 @@ def _content(req: Content, cfg: IngestConfig, out: list[tuple[str, str]]) -> Non
             out.append((f"{path}.filename", "is required: 1-255 characters, no control characters"))
         if att.content_type and not _MIME_TYPE.match(att.content_type):
             out.append((f"{path}.content_type", "is not a MIME type like application/pdf"))
+        elif att.content_type.lower().startswith(_CONTAINER_TYPES):
+            # Sluice base64-encodes attachments; a multipart/* or message/* part must be
+            # 7bit/8bit/binary (RFC 2046 5.1, 5.2) and holds its own MIME structure.
+            out.append(
+                (
+                    f"{path}.content_type",
+                    "multipart/* and message/* cannot be attachments (send a message as "
+                    "application/octet-stream)",
+                )
+            )
         if att.content_id and not _CONTENT_ID.match(att.content_id):
             out.append((f"{path}.content_id", "must be printable ASCII without <>, spaces"))
         if not att.content:
