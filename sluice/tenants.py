@@ -10,6 +10,7 @@ import hashlib
 import re
 import secrets
 import time
+from urllib.parse import urlsplit
 
 from google.protobuf.timestamp_pb2 import Timestamp
 from nats.js import JetStreamContext
@@ -24,6 +25,7 @@ __all__ = [
     "hash_key",
     "new_api_key",
     "new_webhook_secret",
+    "unsubscribe_url_problem",
     "valid_tenant_id",
 ]
 
@@ -33,6 +35,35 @@ _TENANT_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 def valid_tenant_id(tenant_id: str) -> bool:
     """Tenant ids are subject tokens: lower-case letters, digits and '-'."""
     return bool(_TENANT_ID.match(tenant_id))
+
+
+# The List-Unsubscribe header must fit one line of at most 998 characters (RFC 5322 2.1.1;
+# RFC 2369 forbids whitespace, so folding, inside the brackets) once {{recipient}} and
+# {{message_id}} are filled in, URL-encoded; 800 leaves room for those of usual length.
+MAX_UNSUBSCRIBE_URL = 800
+_UNSUBSCRIBE_SCHEMES = ("https", "http", "mailto")
+_URL_UNSAFE = re.compile(r"[\x00-\x20\x7f<>\"]")
+
+
+def unsubscribe_url_problem(url: str) -> str | None:
+    """Why `url` cannot be a tenant's List-Unsubscribe target, or None (an empty one is
+    fine: no header)."""
+    if not url:
+        return None
+    if len(url) > MAX_UNSUBSCRIBE_URL:
+        return f"is {len(url)} characters; at most {MAX_UNSUBSCRIBE_URL}"
+    if not url.isascii() or _URL_UNSAFE.search(url):
+        return "must be ASCII without spaces, control characters, '<', '>' or '\"' (percent-encode)"
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError as exc:
+        return f"is not a valid URL: {exc}"
+    if parts.scheme.lower() not in _UNSUBSCRIBE_SCHEMES:
+        return "must be an https, http or mailto URL"
+    if parts.scheme.lower() == "mailto":
+        return None if parts.path else "mailto needs an address"
+    return None if host else "needs a host"
 
 
 def hash_key(api_key: str) -> str:
@@ -65,6 +96,8 @@ class TenantStore:
     async def put_tenant(self, tenant: tenant_pb2.Tenant) -> None:
         if not valid_tenant_id(tenant.tenant_id):
             raise ValueError(f"invalid tenant id {tenant.tenant_id!r}: use [a-z0-9-]")
+        if (why := unsubscribe_url_problem(tenant.unsubscribe_url)) is not None:
+            raise ValueError(f"unsubscribe_url {why}")
         kv = await self._js.key_value(names.TENANTS_BUCKET)
         await kv.put(tenant.tenant_id, tenant.SerializeToString())
 
