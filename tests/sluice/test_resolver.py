@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
 
+import dns.flags
+import dns.message
+import dns.rdatatype
+import dns.rrset
 import pytest
 
 from sluice.config import DnsConfig, Duration
@@ -57,3 +63,108 @@ async def test_answers_are_cached(resolver: tuple[Resolver, DnsServer]) -> None:
     await r.mx("multi.test")
     await r.mx("multi.test")
     assert srv.queries.count(("multi.test", "MX")) == 1
+
+
+class _Responder(asyncio.DatagramProtocol):
+    """A nameserver that answers every query through `answer` (None: stays silent)."""
+
+    def __init__(self, answer: Callable[[dns.message.Message], dns.message.Message | None]):
+        self.answer = answer
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        response = self.answer(dns.message.from_wire(data))
+        if response is not None and self.transport is not None:
+            self.transport.sendto(response.to_wire(), addr)
+
+
+async def _serve_udp(
+    answer: Callable[[dns.message.Message], dns.message.Message | None],
+    host: str = "127.0.0.1",
+    port: int = 0,
+) -> tuple[asyncio.DatagramTransport, int]:
+    transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
+        lambda: _Responder(answer), local_addr=(host, port)
+    )
+    return transport, int(transport.get_extra_info("sockname")[1])
+
+
+def _resolver(port: int, *nameservers: str, timeout: float = 2.0) -> Resolver:
+    return Resolver(DnsConfig(nameservers=nameservers, port=port, timeout=Duration(timeout)))
+
+
+async def test_cname_chain_is_followed_with_the_chains_ttl() -> None:
+    def answer(q: dns.message.Message) -> dns.message.Message:
+        r = dns.message.make_response(q)
+        r.answer.append(dns.rrset.from_text("alias.test.", 300, "IN", "CNAME", "real.test."))
+        r.answer.append(dns.rrset.from_text("real.test.", 40, "IN", "A", "127.0.0.7"))
+        return r
+
+    transport, port = await _serve_udp(answer)
+    try:
+        r = _resolver(port, "127.0.0.1")
+        assert await r.addresses("alias.test") == ["127.0.0.7"]
+        expires, _ = r._addr["alias.test"]
+        assert expires - time.monotonic() <= 40, "the chain's shortest TTL"
+    finally:
+        transport.close()
+
+
+async def test_truncated_answer_is_asked_again_over_tcp() -> None:
+    def truncated(q: dns.message.Message) -> dns.message.Message:
+        r = dns.message.make_response(q)
+        r.flags |= dns.flags.TC
+        return r
+
+    transport, port = await _serve_udp(truncated)
+    asked_over_tcp: list[str] = []
+
+    async def tcp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        size = int.from_bytes(await reader.readexactly(2), "big")
+        q = dns.message.from_wire(await reader.readexactly(size))
+        asked_over_tcp.append(q.question[0].name.to_text())
+        r = dns.message.make_response(q)
+        if q.question[0].rdtype == dns.rdatatype.A:
+            r.answer.append(dns.rrset.from_text(q.question[0].name, 60, "IN", "A", "127.0.0.8"))
+        wire = r.to_wire()
+        writer.write(len(wire).to_bytes(2, "big") + wire)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(tcp, "127.0.0.1", port)
+    try:
+        assert await _resolver(port, "127.0.0.1").addresses("big.test") == ["127.0.0.8"]
+        assert asked_over_tcp and set(asked_over_tcp) == {"big.test."}
+    finally:
+        server.close()
+        transport.close()
+
+
+async def test_a_silent_nameserver_is_skipped_for_the_next() -> None:
+    srv = DnsServer({"ok.test": [("MX", "10 mx.ok.test.")]})
+    port = await srv.start("127.0.0.1")
+    silent, _ = await _serve_udp(lambda q: None, "127.0.0.2", port)
+    try:
+        r = _resolver(port, "127.0.0.2", "127.0.0.1", timeout=3.0)
+        assert await r.mx("ok.test") == [MxHost(10, "mx.ok.test")]
+        # Only silent nameservers: a temporary failure once the lookup's time is spent.
+        with pytest.raises(DnsTemporary, match="MX lookup failed"):
+            await _resolver(port, "127.0.0.2", timeout=0.5).mx("ok.test")
+    finally:
+        silent.close()
+        srv.close()
+
+
+async def test_concurrent_lookups_share_one_socket() -> None:
+    srv = DnsServer({f"h{i}.test": [("A", f"127.0.1.{i}")] for i in range(50)})
+    port = await srv.start()
+    try:
+        r = _resolver(port, "127.0.0.1")
+        found = await asyncio.gather(*(r.addresses(f"h{i}.test") for i in range(50)))
+        assert found == [[f"127.0.1.{i}"] for i in range(50)]
+        assert len(r._client._endpoints) == 1, "one socket per nameserver"
+    finally:
+        srv.close()
