@@ -13,8 +13,9 @@ produces, checked by tests that parse it back with the `email` package: CRLF lin
 header lines folded to 78 characters where the syntax allows; ASCII header values as they
 are, others as RFC 2047 encoded words of at most 75 characters (display names word by word,
 ASCII words left plain); bodies 7bit when ASCII with short lines, else quoted-printable
-UTF-8; attachments base64 with RFC 2231 file names when not ASCII; multipart/alternative
-for text plus html, inside multipart/mixed with attachments.
+UTF-8; attachments base64, file names that are not ASCII or too long for a line in RFC 2231
+form (with continuations); multipart/alternative for text plus html, inside multipart/mixed
+with attachments.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import re
 import secrets
 import time
 from collections.abc import Iterable, Mapping
-from email.utils import encode_rfc2231, formataddr
+from email.utils import formataddr
 from urllib.parse import quote
 
 from sluice.v1 import messages_pb2
@@ -55,6 +56,8 @@ _EW_PREFIX = "=?utf-8?b?"
 _EW_OVERHEAD = len(_EW_PREFIX) + len("?=")
 # Room for a 4-byte character: 8 base64 characters.
 _EW_MIN = _EW_OVERHEAD + 8
+# RFC 2231 attribute-char: letters, digits and these; everything else is %XX.
+_ATTR_SAFE = "!#$&+-.^_`|~"
 
 
 def render(template: str, values: Mapping[str, str], escape: bool = False) -> str:
@@ -227,12 +230,40 @@ def _date(seconds: int) -> str:
     )
 
 
-def _param(value: str) -> str:
-    """A MIME parameter value: quoted if ASCII, else RFC 2231 (name*=utf-8''...)."""
+def _param(attribute: str, value: str) -> list[str]:
+    """A MIME parameter as header tokens (each to stand on a line of its own if need be):
+    a quoted string when ASCII and short; else RFC 2231, `name*=utf-8''%XX...`, split into
+    `name*0*=`, `name*1*=`, ... continuations of whole characters when longer than a line."""
     value = _clean(value)
     if value.isascii():
-        return '="' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    return "*=" + encode_rfc2231(value, "utf-8")
+        quoted = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if len(attribute) + len(quoted) + 3 <= _FOLD_AT:  # " name=...;"
+            return [f"{attribute}={quoted}"]
+    single = f"{attribute}*=utf-8''{quote(value, safe=_ATTR_SAFE)}"
+    if len(single) + 2 <= _FOLD_AT:
+        return [single]
+    # Each section is decoded on its own (Python's email does so), so none splits a
+    # character; a section's line is " name*N*=...;".
+    sections: list[str] = []
+    current = f"{attribute}*0*=utf-8''"
+    for char in value:
+        piece = quote(char, safe=_ATTR_SAFE)
+        if len(current) + len(piece) + 2 > _FOLD_AT:
+            sections.append(current)
+            current = f"{attribute}*{len(sections)}*="
+        current += piece
+    sections.append(current)
+    return sections
+
+
+def _content_header(name: str, value: str, params: list[tuple[str, str]]) -> bytes:
+    """A Content-Type or Content-Disposition field with its parameters, folded."""
+    tokens = [value]
+    for attribute, v in params:
+        for token in _param(attribute, v):
+            tokens[-1] += ";"
+            tokens.append(token)
+    return _fold(name, tokens)
 
 
 # -- bodies ----------------------------------------------------------------------------------
@@ -256,17 +287,16 @@ def _text_part(content: str, subtype: str) -> bytes:
 def _attachment(att: messages_pb2.Attachment) -> bytes:
     ctype = _clean(att.content_type or "application/octet-stream")
     disposition = "inline" if att.content_id else "attachment"
-    lines = [f"Content-Type: {ctype}"]
-    if att.filename:
-        lines[0] += f"; name{_param(att.filename)}"
-        lines.append(f"Content-Disposition: {disposition}; filename{_param(att.filename)}")
-    else:
-        lines.append(f"Content-Disposition: {disposition}")
+    names = [("name", att.filename)] if att.filename else []
+    filenames = [("filename", att.filename)] if att.filename else []
+    head = [
+        _content_header("Content-Type", ctype, names),
+        _content_header("Content-Disposition", disposition, filenames),
+    ]
     if att.content_id:
-        lines.append(f"Content-ID: <{_clean(att.content_id)}>")
-    lines.append("Content-Transfer-Encoding: base64")
-    head = "".join(f"{line}\r\n" for line in lines).encode()
-    return head + b"\r\n" + base64.encodebytes(att.content).replace(b"\n", b"\r\n")
+        head.append(f"Content-ID: <{_clean(att.content_id)}>\r\n".encode())
+    head.append(b"Content-Transfer-Encoding: base64\r\n\r\n")
+    return b"".join(head) + base64.encodebytes(att.content).replace(b"\n", b"\r\n")
 
 
 def _multipart(subtype: str, parts: list[bytes]) -> bytes:
@@ -275,7 +305,7 @@ def _multipart(subtype: str, parts: list[bytes]) -> bytes:
         marker = boundary.encode()
         if not any(marker in p for p in parts):
             break
-    out = [f'Content-Type: multipart/{subtype}; boundary="{boundary}"\r\n\r\n'.encode()]
+    out = [f'Content-Type: multipart/{subtype};\r\n boundary="{boundary}"\r\n\r\n'.encode()]
     for p in parts:
         # The CRLF before a delimiter belongs to the delimiter (RFC 2046 5.1.1), so each
         # part keeps its own final line end.

@@ -291,3 +291,36 @@ def test_personalised_subject_and_blast_names_are_encoded_per_recipient() -> Non
         msg = parse(data)
         assert msg["Subject"] == f"Grüße, {first}! " + "Ihr Angebot für diese Woche ist da. " * 3
         assert msg["To"].addresses[0].display_name == name
+
+
+@pytest.mark.parametrize(
+    "filename",
+    [
+        ("Übersicht der Quartalszahlen - " * 7)[:196] + ".pdf",  # 200 characters
+        "概要" * 98 + ".pdf",
+        'a long ascii name with spaces, commas; and "quotes" ' * 3 + ".txt",
+        "überblick.txt",
+    ],
+)
+def test_file_names_long_or_not_ascii_round_trip_in_rfc_2231(filename: str) -> None:
+    p = payload(
+        subject="s",
+        text="t",
+        attachments=[
+            messages_pb2.Attachment(
+                filename=filename, content_type="application/pdf", content=b"%PDF"
+            )
+        ],
+    )
+    data = build_message(p, pointer())
+    msg = parse(data)
+    (att,) = list(msg.iter_attachments())
+    assert att.get_filename() == filename
+    assert att.get_param("name") == filename
+    assert att.get_content() == b"%PDF"
+    part_head = data.split(b"Content-Type: application/pdf", 1)[1].split(b"\r\n\r\n", 1)[0]
+    assert all(len(line) <= 78 for line in part_head.split(b"\r\n")), part_head
+    if len(filename) > 60:
+        assert b"filename*0*=utf-8''" in part_head and b"filename*1*=" in part_head
+    else:
+        assert b"filename*=utf-8''" in part_head
