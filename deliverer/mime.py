@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import binascii
 import html
+import logging
 import re
 import secrets
 import time
@@ -40,6 +41,8 @@ __all__ = [
     "render",
     "unsubscribe_link",
 ]
+
+log = logging.getLogger(__name__)
 
 _PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z0-9_.-]+)\s*\}\}")
 _DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
@@ -322,6 +325,8 @@ class MessageTemplate:
 
     def __init__(self, payload: messages_pb2.Payload, unsubscribe_url: str = "") -> None:
         self._unsubscribe = unsubscribe_url
+        # RFC 8058 one-click needs an HTTPS URI (a mailto or http one gets no -Post header).
+        self._one_click = unsubscribe_url[:6].lower() == "https:"
         self._subject = payload.subject
         self._text = payload.text
         self._html = payload.html
@@ -358,7 +363,8 @@ class MessageTemplate:
 
     def render(self, pointer: messages_pb2.DeliveryPointer) -> bytes:
         """The message for one recipient. With an unsubscribe URL (bulk mail of a tenant that
-        has one), List-Unsubscribe and RFC 8058 one-click List-Unsubscribe-Post are added."""
+        has one), List-Unsubscribe and, for an https one, RFC 8058 one-click
+        List-Unsubscribe-Post are added."""
         out = [self._head]
         if self._blast:
             out.append(
@@ -374,10 +380,18 @@ class MessageTemplate:
         out.append(f"Message-ID: <{pointer.message_id}>\r\n".encode())
         out.append(self._extra)
         if self._unsubscribe:
-            out.append(
-                header("List-Unsubscribe", f"<{unsubscribe_link(self._unsubscribe, pointer)}>")
-            )
-            out.append(b"List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n")
+            # RFC 2369 allows no white space inside the brackets, so no folding: a link too
+            # long for one line is left out rather than sent broken (tenants' URLs are
+            # bounded; only very long addresses or message ids get here).
+            line = f"List-Unsubscribe: <{_clean(unsubscribe_link(self._unsubscribe, pointer))}>"
+            if len(line) <= _MAX_LINE:
+                out.append(f"{line}\r\n".encode())
+                if self._one_click:
+                    out.append(b"List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n")
+            else:
+                log.warning(
+                    "List-Unsubscribe left out of %s: %d characters", pointer.message_id, len(line)
+                )
         out.append(self._body(subs) if self._personal else self._mime)
         return b"".join(out)
 

@@ -324,3 +324,17 @@ def test_file_names_long_or_not_ascii_round_trip_in_rfc_2231(filename: str) -> N
         assert b"filename*0*=utf-8''" in part_head and b"filename*1*=" in part_head
     else:
         assert b"filename*=utf-8''" in part_head
+
+
+def test_list_unsubscribe_one_click_only_for_https_and_never_broken() -> None:
+    p = payload(subject="s", text="t")
+    mailto = parse(build_message(p, pointer(), unsubscribe_url="mailto:u@acme.test"))
+    assert mailto["List-Unsubscribe"] == (
+        "<mailto:u@acme.test?recipient=bob%40mail.test&message_id=job_1.0%40acme.test>"
+    )
+    assert mailto["List-Unsubscribe-Post"] is None
+    # Too long for one line once filled in: left out, not folded or encoded.
+    long_url = "https://acme.test/u/" + "x" * 990
+    data = build_message(p, pointer(), unsubscribe_url=long_url)
+    assert b"List-Unsubscribe" not in data
+    assert parse(data)["Subject"] == "s"
