@@ -61,7 +61,7 @@ class SmtpConnection:
     @property
     def tls(self) -> bool:
         """Whether the connection is encrypted (STARTTLS done)."""
-        return self._smtp.is_connected and self._smtp.get_transport_info("sslobject") is not None
+        return self._smtp.is_connected and self._smtp.get_transport_info("ssl_object") is not None
 
     async def open(self) -> None:
         try:

@@ -13,6 +13,7 @@ import dkim
 import dns.resolver
 import pytest
 
+from deliverer.smtp import SmtpConnection
 from sluice.nats_layout import connect
 from sluice.resolver import parse_routes
 from sluice.tenants import TenantStore
@@ -239,3 +240,23 @@ async def test_size_limit_is_respected_and_data_timeout_defers(
         what="a DATA timeout deferral",
     )
     assert deferred
+
+
+async def test_a_connection_knows_whether_it_is_encrypted(
+    tls_smtp: tuple[ScriptedSmtp, int], small_smtp: tuple[ScriptedSmtp, int]
+) -> None:
+    """What decides whether a connection may carry mail for another domain of its site that
+    requires TLS (Deliverer._serves)."""
+    tls = SmtpConnection("mx.tls.test", "127.0.0.1", tls_smtp[1], "sluice.test", 5.0, 5.0)
+    plain = SmtpConnection("mx.plain.test", "127.0.0.1", small_smtp[1], "sluice.test", 5.0, 5.0)
+    for conn in (tls, plain):
+        await conn.open()
+        reply = await conn.send("a@acme.test", "x@tls.test", b"Subject: t\r\n\r\nx\r\n")
+        assert reply.code == 250
+    try:
+        assert tls.tls and not plain.tls
+        assert tls_smtp[0].received[0].tls
+    finally:
+        await tls.close()
+        await plain.close()
+    assert not tls.tls, "closed"
