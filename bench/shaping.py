@@ -4,11 +4,18 @@ server ever saw against the site's limit.
 
     .venv/bin/python -m bench.shaping [--sites N] [--messages M] [--deliverers D]
     .venv/bin/python -m bench.shaping --zipf-domains 10000 --total 30000 [--zipf 1.0]
+                                      [--hosted 0.8] [--providers 20]
 
-The second form sends one blast of --total messages over that many domains (each its own
-site, 5 connections), drawn Zipf-distributed, and also prints the CPU time the Sluice
-processes spent per message and the most mail consumers JetStream ever held: run it with
-10 and with 10000 domains to compare the per-message cost.
+The second form sends one blast of --total messages over that many domains, drawn
+Zipf-distributed, and also prints the CPU time the Sluice processes spent per message and
+the most mail consumers JetStream ever held: run it with 10 and with 10000 domains to
+compare the per-message cost. The ten most popular domains are big providers, each with its
+own MX (a site of its own). Of the long tail, a fraction --hosted has its MX at one of
+--providers hosting providers (drawn Zipf-distributed too: a few big ones), as most small
+domains do (Google Workspace, Microsoft 365, hosting companies), so the domains of one
+provider are one site; the rest have an MX of their own. --hosted 0 gives every domain its
+own MX: the worst case, one site (MX lookup, address lookups, connection) per domain. Every
+site has 5 connections; the sink counts connections per site.
 
 Everything runs here: nats-server, the Sluice services as processes (ingest, expander,
 scheduler, D deliverers), a DNS server giving each site its own MX host, and an aiosmtpd
@@ -49,15 +56,16 @@ class Sink:
         self.duplicates = 0  # deliveries to a recipient that had its message already
         self.first = 0.0
         self.last = 0.0
+        self.site_of: dict[str, str] = {}
 
     async def handle_RCPT(  # noqa: N802
         self, server: SMTP, session: Session, envelope: Envelope, address: str, _: Any
     ) -> str:
-        domain = address.rpartition("@")[2]
+        site = self.site_of[address.rpartition("@")[2]]
         if getattr(session, "site", None) is None:
-            session.site = domain  # type: ignore[attr-defined]
-            self.active[domain] += 1
-            self.peak[domain] = max(self.peak[domain], self.active[domain])
+            session.site = site  # type: ignore[attr-defined]
+            self.active[site] += 1
+            self.peak[site] = max(self.peak[site], self.active[site])
         envelope.rcpt_tos.append(address)
         return "250 OK"
 
@@ -88,6 +96,8 @@ async def main() -> None:
     ap.add_argument("--zipf-domains", type=int, default=0)
     ap.add_argument("--zipf", type=float, default=1.0)
     ap.add_argument("--total", type=int, default=30_000)
+    ap.add_argument("--hosted", type=float, default=0.0)
+    ap.add_argument("--providers", type=int, default=20)
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="sluice-shaping-"))
     srv, store_dir = start_nats()
@@ -95,27 +105,40 @@ async def main() -> None:
     loop = asyncio.get_running_loop()
     smtp_server = await loop.create_server(lambda: CountingSMTP(sink), "127.0.0.1", 0)
     smtp_port = smtp_server.sockets[0].getsockname()[1]
+    mx = {}  # domain -> its MX host
     if args.zipf_domains:
         domains = [f"d{i}.zipf.test" for i in range(args.zipf_domains)]
-        limits = dict.fromkeys(domains, 5)
         rng = random.Random(7)
         weights = [1 / (k + 1) ** args.zipf for k in range(len(domains))]
         rcpt_domains = rng.choices(domains, weights, k=args.total)
+        providers = [f"mx.p{j}.hosting.test" for j in range(args.providers)]
+        provider_weights = [1 / (k + 1) for k in range(len(providers))]
+        for i, d in enumerate(domains):
+            hosted = i >= 10 and rng.random() < args.hosted
+            mx[d] = rng.choices(providers, provider_weights)[0] if hosted else f"mx.{d}"
     else:
         domains = [f"site{i}.test" for i in range(args.sites)]
-        limits = {d: 1 + i % 5 for i, d in enumerate(domains)}
         rcpt_domains = [domains[i % args.sites] for i in range(args.sites * args.messages)]
-    records = {}
+        mx = {d: f"mx.{d}" for d in domains}
+    sink.site_of = mx  # a site is its MX host here
+    sites = sorted(set(mx.values()))
+    limits = (
+        dict.fromkeys(sites, 5)
+        if args.zipf_domains
+        else {mx[d]: 1 + i % 5 for i, d in enumerate(domains)}
+    )
+    records: dict[str, list[tuple[str, str]]] = {}
     for d in domains:
-        records[d] = [("MX", f"10 mx.{d}.")]
-        records[f"mx.{d}"] = [("A", "127.0.0.1")]
+        records[d] = [("MX", f"10 {mx[d]}.")]
+    for host in sites:
+        records[host] = [("A", "127.0.0.1")]
     dns = DnsServer(records)
     dns_port = await dns.start()
     shaping = tmp / "shaping.toml"
     shaping.write_text(
         "[default]\nmax_connections = 5\n\n"
         if args.zipf_domains
-        else "".join(f'[domain."{d}"]\nmax_connections = {n}\n\n' for d, n in limits.items())
+        else "".join(f'[domain."{d}"]\nmax_connections = {limits[mx[d]]}\n\n' for d in domains)
     )
     http, sched = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     env = dict(
@@ -181,8 +204,9 @@ async def main() -> None:
         cpu = {p.pid: _cpu_seconds(p.pid) for p in procs}
         print(machine())
         what = (
-            f"{len(set(rcpt_domains))} of {args.zipf_domains} domains (Zipf s={args.zipf}), "
-            f"{total} messages"
+            f"{len(set(rcpt_domains))} of {args.zipf_domains} domains (Zipf s={args.zipf}) on "
+            f"{len({mx[d] for d in rcpt_domains})} sites ({args.hosted:.0%} of the tail hosted "
+            f"by {args.providers} providers), {total} messages"
             if args.zipf_domains
             else f"{args.sites} sites x {args.messages} messages"
         )
@@ -196,11 +220,13 @@ async def main() -> None:
         print(f"  all        CPU {sum(cpu.values()) / total * 1e3:.2f} ms/msg")
         print(f"most mail consumers at once: {most_consumers}")
         print(f"recipients reached: {len(sink.seen)} of {total}, duplicates: {sink.duplicates}")
-        over = [d for d in domains if sink.peak[d] > limits[d]]
-        busiest = sorted(domains, key=lambda d: -sink.peak[d])[:10]
-        for d in busiest if args.zipf_domains else domains:
-            flag = "  OVER LIMIT" if sink.peak[d] > limits[d] else ""
-            print(f"  {d:14} limit {limits[d]}  most connections seen {sink.peak[d]}{flag}")
+        over = [site for site in sites if sink.peak[site] > limits[site]]
+        busiest = sorted(sites, key=lambda site: -sink.peak[site])[:10]
+        for site in busiest if args.zipf_domains else sites:
+            flag = "  OVER LIMIT" if sink.peak[site] > limits[site] else ""
+            print(
+                f"  {site:20} limit {limits[site]}  most connections seen {sink.peak[site]}{flag}"
+            )
         print(f"sites over their limit: {len(over)}")
     finally:
         for p in procs:
