@@ -44,6 +44,9 @@ __all__ = ["Deliverer"]
 _MAX_RCPTS = 50
 # How many domains of a bucket batch have their sites leased in one call.
 _LOOKAHEAD = 8
+# How long a domain lease a connection loop is done with stays parked for another loop of
+# the process (seconds) before it goes back to the scheduler.
+_LINGER = 0.25
 
 # Transactions whose settling (events, acks) may still be in flight per process.
 _SETTLING = 256
@@ -136,6 +139,13 @@ class Deliverer:
         # Domain leases given back while a release call is in flight: they go in the next one.
         self._releasing: list[str] = []
         self._release_in_flight = False
+        # Domain leases (with their open connection, if any) that a connection loop is done
+        # with, by site: another loop of this process with mail for the site takes one over
+        # instead of asking the scheduler (and, on a full site, waiting for its own). Given
+        # back after _LINGER unused.
+        self._parked: dict[str, list[tuple[LeaseWork, SmtpConnection | None, float]]] = {}
+        self._parked_signal: dict[str, asyncio.Event] = {}
+        self._stopping = False
         self._settling: set[asyncio.Future[Any]] = set()
         self._outcomes: list[scheduler_pb2.Outcome] = []
         self._subs: dict[str, JetStreamContext.PullSubscription] = {}
@@ -178,9 +188,12 @@ class Deliverer:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), self._cfg.deliverer.idle_poll)
             # Drain: each lease worker finishes the transaction in hand and hands back the rest.
+            self._stopping = True
             if tasks:
                 bound = min(self._cfg.deliverer.command_timeout, self._cfg.shutdown.drain_timeout)
                 await asyncio.wait(tasks, timeout=bound)
+            for site in list(self._parked):
+                self._unlinger(site, float("inf"))
             await self.settle_all()
         finally:
             renewer.cancel()
@@ -345,6 +358,7 @@ class Deliverer:
                 deadline = time.monotonic() + min(self._cfg.deliverer.site_wait, self._ack_wait / 3)
                 groups = self._groups(msgs)
                 asked: set[str] = set()  # bucket leases: domains whose site was asked for
+                full: set[str] = set()  # bucket leases: sites found full when asked
                 if bucket:
                     # The mail of one site (the one in hand first, then as far as known) goes
                     # through one connection, domain by domain.
@@ -365,7 +379,7 @@ class Deliverer:
                     p = group[0][1]
                     if bucket and p is not None:  # (an undecodable pointer is terminated)
                         if p.domain not in asked:
-                            await self._lease_sites(groups[i:], held, ready, asked)
+                            await self._lease_sites(groups[i:], held, ready, asked, full)
                         held, conn = await self._domain_site(
                             p.domain,
                             held,
@@ -373,6 +387,7 @@ class Deliverer:
                             deadline,
                             lambda: stop.is_set() or work.lost.is_set(),
                             ready,
+                            full,
                         )
                         if held is None:
                             # The site is at its limit (or suspended): back in a moment.
@@ -386,10 +401,10 @@ class Deliverer:
                     conn = await self._deliver(group, site, conn)
                 await self._release_ready(ready)
         finally:
-            if conn is not None:
-                await conn.close()
             if held is not None:
-                await self._release_domain_lease(held)
+                await self._park(held, conn)
+            elif conn is not None:
+                await conn.close()
             await self._release_ready(ready)
 
     async def _lease_sites(
@@ -398,6 +413,7 @@ class Deliverer:
         held: LeaseWork | None,
         ready: dict[str, LeaseWork],
         asked: set[str],
+        full: set[str],
     ) -> None:
         """Lease, in one call, the sites of the next domains of a bucket batch (up to
         _LOOKAHEAD of them) into `ready`, by site id: one call per domain was most of the
@@ -410,7 +426,9 @@ class Deliverer:
             if p is None or p.domain in asked:
                 continue
             site = self._site_of.get(p.domain)
-            if site is not None and (site in ready or (held and site == held.lease.site_id)):
+            if site is not None and (
+                site in ready or site in self._parked or (held and site == held.lease.site_id)
+            ):
                 continue
             asked.add(p.domain)
             domains.append(p.domain)
@@ -433,6 +451,9 @@ class Deliverer:
                 await self._release_domain_lease(work)
             else:
                 ready[lease.site_id] = work
+        # Sites that got no lease were full (or suspended) a moment ago: their turn starts
+        # with a wait, not with asking again at once.
+        full.update(set(resp.domain_sites.values()) - set(ready))
 
     def _site_order(
         self,
@@ -447,8 +468,67 @@ class Deliverer:
 
     async def _release_ready(self, ready: dict[str, LeaseWork]) -> None:
         for work in ready.values():
-            await self._release_domain_lease(work)
+            await self._park(work, None)
         ready.clear()
+
+    async def _park(self, work: LeaseWork, conn: SmtpConnection | None) -> None:
+        """A connection loop is done with a domain lease: keep it (and its connection) for
+        another loop of this process for _LINGER, then give it back."""
+        if work.lost.is_set() or self._stopping:
+            if conn is not None:
+                await conn.close()
+            await self._release_domain_lease(work)
+            return
+        site = work.lease.site_id
+        self._parked.setdefault(site, []).append((work, conn, time.monotonic()))
+        signal = self._parked_signal.pop(site, None)
+        if signal is not None:
+            signal.set()
+        asyncio.get_running_loop().call_later(_LINGER, self._unlinger, site, _LINGER)
+
+    def _unpark(self, site: str) -> tuple[LeaseWork, SmtpConnection | None] | None:
+        """A parked lease on `site` (the latest: its connection is the warmest)."""
+        slots = self._parked.get(site)
+        while slots:
+            work, conn, _ = slots.pop()
+            if not slots:
+                del self._parked[site]
+            if not work.lost.is_set():
+                return work, conn
+            self._drop(work, conn)
+        return None
+
+    def _unlinger(self, site: str, linger: float) -> None:
+        """Give back the leases parked on `site` for `linger` seconds or more."""
+        slots = self._parked.get(site, [])
+        now = time.monotonic()
+        for slot in [s for s in slots if now - s[2] >= linger]:
+            slots.remove(slot)
+            self._drop(slot[0], slot[1])
+        if not slots:
+            self._parked.pop(site, None)
+
+    def _drop(self, work: LeaseWork, conn: SmtpConnection | None) -> None:
+        async def drop() -> None:
+            if conn is not None:
+                await conn.close()
+            await self._release_domain_lease(work)
+
+        task = asyncio.ensure_future(drop())
+        self._settling.add(task)
+        task.add_done_callback(self._settled)
+
+    async def _parked_on(
+        self, site: str, wait: float
+    ) -> tuple[LeaseWork, SmtpConnection | None] | None:
+        """A lease another loop of this process parks on `site` within `wait` seconds."""
+        slot = self._unpark(site)
+        if slot is None:
+            signal = self._parked_signal.setdefault(site, asyncio.Event())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(signal.wait(), wait)
+            slot = self._unpark(site)
+        return slot
 
     async def _domain_site(
         self,
@@ -458,39 +538,40 @@ class Deliverer:
         deadline: float = 0.0,
         give_up: Callable[[], bool] = lambda: False,
         ready: dict[str, LeaseWork] | None = None,
+        full: frozenset[str] | set[str] = frozenset(),
     ) -> tuple[LeaseWork | None, SmtpConnection | None]:
         """The site lease to deliver to `domain` under, and the connection to use: the one
-        held if it covers the domain's site, else one leased for this batch (`ready`), else a
-        new one; None if the site is still full at `deadline`."""
-        if held is not None and (
-            held.lost.is_set() or self._site_of.get(domain) != held.lease.site_id
-        ):
-            if conn is not None:
-                await conn.close()
-                conn = None
-            await self._release_domain_lease(held)
-            held = None
-        elif conn is not None and not await self._serves(conn, domain):
-            # Same site, but this domain goes elsewhere (another MX set, a route's port) or
-            # needs TLS the connection lacks: a new connection under the same lease.
+        held if it covers the domain's site, else one parked by another loop, else one leased
+        for this batch (`ready`), else a new one (sites in `full` were full a moment ago: wait
+        for one at once); None if the site is still full at `deadline`."""
+        site = self._site_of.get(domain)
+        if held is not None and (held.lost.is_set() or site != held.lease.site_id):
+            await self._park(held, conn)
+            held, conn = None, None
+        if held is None and site is not None:
+            if slot := self._unpark(site):
+                held, conn = slot
+            elif ready and site in ready:
+                held = ready.pop(site)
+                if held.lost.is_set():
+                    await self._release_domain_lease(held)
+                    held = None
+        if held is None:
+            if site is None or site not in full:
+                held = await self._acquire_domain_lease(domain)
+            # A full site frees a connection as soon as one of its transactions ends: wait for
+            # it (other connections of this lane keep working) rather than hand the mail back
+            # at once, which under contention became a storm of delayed handbacks. The
+            # scheduler holds the call until a connection of the site is released; meanwhile
+            # a lease another loop of this process is done with is taken over at once. The
+            # waits of one fetched batch share one deadline, well inside ack_wait.
+            while held is None and (left := deadline - time.monotonic()) > 0.05 and not give_up():
+                held, conn = await self._wait_for_site(domain, min(left, 1.0))
+        if held is not None and conn is not None and not await self._serves(conn, domain):
+            # This domain goes elsewhere than the connection (another MX set, a route's
+            # port) or needs TLS it lacks: a new connection under the same lease.
             await conn.close()
             conn = None
-        if held is None and ready and (site := self._site_of.get(domain)) in ready:
-            held = ready.pop(site)
-            if held.lost.is_set():
-                await self._release_domain_lease(held)
-                held = None
-        if held is None:
-            held = await self._acquire_domain_lease(domain)
-            # A full site frees a connection as soon as one of its transactions ends: wait a
-            # little (other connections of this lane keep working) rather than hand the mail
-            # back at once, which under contention became a storm of delayed handbacks. The
-            # waits of one fetched batch share one deadline, well inside ack_wait.
-            pause = 0.05
-            while held is None and time.monotonic() + pause < deadline and not give_up():
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, 0.4)
-                held = await self._acquire_domain_lease(domain)
         return held, conn
 
     async def _serves(self, conn: SmtpConnection, domain: str) -> bool:
@@ -506,11 +587,46 @@ class Deliverer:
         except (DnsPermanent, DnsTemporary):
             return False
 
-    async def _acquire_domain_lease(self, domain: str) -> LeaseWork | None:
+    async def _wait_for_site(
+        self, domain: str, wait: float
+    ) -> tuple[LeaseWork | None, SmtpConnection | None]:
+        """A lease on the (full) site of `domain` within `wait` seconds: the first of one the
+        scheduler grants and one another loop of this process parks. A grant that comes after
+        a parked lease was taken is parked in turn (a call in flight is never abandoned: the
+        scheduler may have granted it)."""
+        site = self._site_of.get(domain)
+        if site is None:
+            return await self._acquire_domain_lease(domain, wait), None
+        if slot := self._unpark(site):
+            return slot
+        remote = asyncio.ensure_future(self._acquire_domain_lease(domain, wait))
+        local = asyncio.ensure_future(self._parked_on(site, wait))
+        await asyncio.wait({remote, local}, return_when=asyncio.FIRST_COMPLETED)
+        if remote.done() and remote.result() is not None:
+            local.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                if (taken := await local) is not None:  # (parked just before the cancel)
+                    await self._park(*taken)
+            return remote.result(), None
+        slot = await local
+        if slot is None:
+            return await remote, None
+        remote.add_done_callback(self._park_late_grant)
+        return slot
+
+    def _park_late_grant(self, remote: asyncio.Future[LeaseWork | None]) -> None:
+        if not remote.cancelled() and remote.exception() is None and (work := remote.result()):
+            task = asyncio.ensure_future(self._park(work, None))
+            self._settling.add(task)
+            task.add_done_callback(self._settled)
+
+    async def _acquire_domain_lease(self, domain: str, wait: float = 0.0) -> LeaseWork | None:
         try:
             resp = await self._scheduler.AcquireLeases(
-                scheduler_pb2.AcquireLeasesRequest(deliverer_id=self.deliverer_id, domain=domain),
-                timeout=5.0,
+                scheduler_pb2.AcquireLeasesRequest(
+                    deliverer_id=self.deliverer_id, domain=domain, wait_ms=int(wait * 1000)
+                ),
+                timeout=5.0 + wait,
             )
         except grpc.aio.AioRpcError as exc:
             log.warning("scheduler unavailable: %s", exc.code().name)

@@ -122,7 +122,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             return scheduler_pb2.AcquireLeasesResponse()
         if request.domain or request.domains:
             domains = [*request.domains, *([request.domain] if request.domain else [])]
-            resp = await s.acquire_domains(request.deliverer_id, domains)
+            resp = await s.acquire_domains(
+                request.deliverer_id, domains, min(request.wait_ms, 5000) / 1000
+            )
         else:
             leases = await s.acquire(request.deliverer_id, max(1, request.max_leases))
             resp = scheduler_pb2.AcquireLeasesResponse(leases=leases)

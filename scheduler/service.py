@@ -4,6 +4,7 @@ each site's (adapted) limits."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -61,6 +62,8 @@ class Scheduler:
         self._grace_until = 0.0
         self.outcomes: Counter[tuple[str, int]] = Counter()
         self._lock = asyncio.Lock()
+        # Set when a connection of the site is released (acquire_domains waits on them).
+        self._freed: dict[str, asyncio.Event] = {}
 
     async def start(self) -> None:
         """Restore adapted limits; if another scheduler was alive within one lease TTL, its
@@ -258,11 +261,27 @@ class Scheduler:
         return lease
 
     async def acquire_domains(
-        self, deliverer_id: str, domains: list[str]
+        self, deliverer_id: str, domains: list[str], wait: float = 0.0
     ) -> scheduler_pb2.AcquireLeasesResponse:
         """One connection on each of the domains' sites, for mail taken from a hash-bucket
-        lane; domains of one site share their lease. Full or suspended sites get none. The
-        response names every domain's site."""
+        lane; domains of one site share their lease. Full or suspended sites get none, or,
+        with `wait`, the first connection released on them within that time (instead of the
+        caller asking again and again). The response names every domain's site."""
+        until = time.monotonic() + wait
+        while True:
+            resp = await self._acquire_domains(deliverer_id, domains)
+            left = until - time.monotonic()
+            if resp.leases or left <= 0:
+                return resp
+            freed = [
+                self._freed.setdefault(site, asyncio.Event()) for site in resp.domain_sites.values()
+            ]
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(_first(freed), left)
+
+    async def _acquire_domains(
+        self, deliverer_id: str, domains: list[str]
+    ) -> scheduler_pb2.AcquireLeasesResponse:
         async with self._lock:
             out = scheduler_pb2.AcquireLeasesResponse()
             by_site: dict[str, list[str]] = {}
@@ -363,7 +382,10 @@ class Scheduler:
             if ls is not None and ls.deliverer_id == deliverer_id and ls.kind != "domain":
                 # A released site or lane had nothing ready; do not hand it straight back.
                 self._cooldown[ls.site_id] = time.monotonic() + self._cfg.scheduler.backlog_interval
-            self.leases.release(deliverer_id, lease_id)
+            if ls is not None and ls.deliverer_id == deliverer_id:
+                self.leases.release(deliverer_id, lease_id)
+                if (freed := self._freed.pop(ls.site_id, None)) is not None:
+                    freed.set()  # wake the calls waiting for this site
 
     async def report(self, outcomes: list[scheduler_pb2.Outcome]) -> None:
         successes: Counter[str] = Counter()
@@ -460,3 +482,13 @@ def _lease_queues(
     if ls.kind == "lane":
         return by_lane.get(ls.lane, [])
     return []
+
+
+async def _first(events: list[asyncio.Event]) -> None:
+    """Until one of the events is set."""
+    waits = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()

@@ -175,6 +175,7 @@ class AcquireLeasesRequest(_message.Message):
     MAX_LEASES_FIELD_NUMBER: _builtins.int
     DOMAIN_FIELD_NUMBER: _builtins.int
     DOMAINS_FIELD_NUMBER: _builtins.int
+    WAIT_MS_FIELD_NUMBER: _builtins.int
     deliverer_id: _builtins.str
     """A stable id of the calling deliverer process."""
     max_leases: _builtins.int
@@ -182,6 +183,10 @@ class AcquireLeasesRequest(_message.Message):
     domain: _builtins.str
     """When set: one lease of one connection on this domain's site, for mail taken from a
     hash-bucket lease (no queues); empty when the site is at its limit or suspended.
+    """
+    wait_ms: _builtins.int
+    """For domain requests: how long (milliseconds) the scheduler may hold the call while the
+    site is full, granting as soon as one of its connections is released; 0 answers at once.
     """
     @_builtins.property
     def domains(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -197,10 +202,11 @@ class AcquireLeasesRequest(_message.Message):
         max_leases: _builtins.int = ...,
         domain: _builtins.str = ...,
         domains: _abc.Iterable[_builtins.str] | None = ...,
+        wait_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deliverer_id", b"deliverer_id", "domain", b"domain", "domains", b"domains", "max_leases", b"max_leases"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deliverer_id", b"deliverer_id", "domain", b"domain", "domains", b"domains", "max_leases", b"max_leases", "wait_ms", b"wait_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -5,6 +5,7 @@ server.)"""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 from scheduler.service import Scheduler
@@ -46,7 +47,7 @@ async def test_one_lease_per_site_for_a_batch_of_domains(
         scheduler = Scheduler(cfg, js, load_rules(shaping), Resolver(cfg.dns))
         await scheduler.start()
         # full.test's one connection is taken already.
-        assert len((await scheduler.acquire_domains("d2", ["full.test"])).leases) == 1
+        (full,) = (await scheduler.acquire_domains("d2", ["full.test"])).leases
 
         resp = await scheduler.acquire_domains(
             "d1", ["a.test", "c.test", "b.test", "full.test", "a.test"]
@@ -67,6 +68,17 @@ async def test_one_lease_per_site_for_a_batch_of_domains(
         scheduler.release("d1", [ls.lease_id for ls in leases])
         assert scheduler.leases.in_use("mx.shared.test") == 0
         assert scheduler.leases.in_use("mx.c.test") == 0
+
+        # Asked to wait, the call for a full site is granted when its connection is released.
+        waiting = asyncio.ensure_future(scheduler.acquire_domains("d1", ["full.test"], 10.0))
+        await asyncio.sleep(0.3)
+        assert not waiting.done(), "the site is full: the call waits"
+        scheduler.release("d2", [full.lease_id])
+        (granted,) = (await asyncio.wait_for(waiting, 10)).leases
+        assert granted.site_id == "mx.full.test" and granted.max_connections == 1
+        # Nothing released within the wait: an empty answer, and still one connection.
+        assert not (await scheduler.acquire_domains("d3", ["full.test"], 0.3)).leases
+        assert scheduler.leases.in_use("mx.full.test") == 1
     finally:
         await nc.close()
         dns.close()
