@@ -120,6 +120,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         s = await self._active(context)
         if time.monotonic() < self._role.grants_from:
             return scheduler_pb2.AcquireLeasesResponse()
+        if request.release_lease_ids:
+            s.release(request.deliverer_id, list(request.release_lease_ids))
         if request.domain or request.domains:
             domains = [*request.domains, *([request.domain] if request.domain else [])]
             resp = await s.acquire_domains(

@@ -8,7 +8,7 @@ import contextlib
 import logging
 import math
 import time
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 
 from google.protobuf.timestamp_pb2 import Timestamp
 from nats.js import JetStreamContext
@@ -62,8 +62,8 @@ class Scheduler:
         self._grace_until = 0.0
         self.outcomes: Counter[tuple[str, int]] = Counter()
         self._lock = asyncio.Lock()
-        # Set when a connection of the site is released (acquire_domains waits on them).
-        self._freed: dict[str, asyncio.Event] = {}
+        # acquire_domains calls waiting for a connection of a (full) site, oldest first.
+        self._waiting: dict[str, deque[asyncio.Future[None]]] = {}
 
     async def start(self) -> None:
         """Restore adapted limits; if another scheduler was alive within one lease TTL, its
@@ -271,13 +271,24 @@ class Scheduler:
         while True:
             resp = await self._acquire_domains(deliverer_id, domains)
             left = until - time.monotonic()
-            if resp.leases or left <= 0:
+            sites = set(resp.domain_sites.values())
+            if resp.leases or left <= 0 or len(sites) != 1:
                 return resp
-            freed = [
-                self._freed.setdefault(site, asyncio.Event()) for site in resp.domain_sites.values()
-            ]
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(_first(freed), left)
+            # One waiter is woken per connection released (not all of them: a busy site can
+            # have many callers waiting).
+            site = sites.pop()
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            queue = self._waiting.setdefault(site, deque())
+            queue.append(waiter)
+            try:
+                await asyncio.wait_for(waiter, left)
+            except TimeoutError:
+                pass
+            finally:
+                with contextlib.suppress(ValueError):
+                    queue.remove(waiter)
+                if not queue and self._waiting.get(site) is queue:
+                    del self._waiting[site]
 
     async def _acquire_domains(
         self, deliverer_id: str, domains: list[str]
@@ -384,8 +395,18 @@ class Scheduler:
                 self._cooldown[ls.site_id] = time.monotonic() + self._cfg.scheduler.backlog_interval
             if ls is not None and ls.deliverer_id == deliverer_id:
                 self.leases.release(deliverer_id, lease_id)
-                if (freed := self._freed.pop(ls.site_id, None)) is not None:
-                    freed.set()  # wake the calls waiting for this site
+                self._wake(ls.site_id)
+
+    def _wake(self, site: str) -> None:
+        """Wake the longest waiting acquire_domains call for `site`."""
+        queue = self._waiting.get(site)
+        while queue:
+            waiter = queue.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                break
+        if queue is not None and not queue:
+            del self._waiting[site]
 
     async def report(self, outcomes: list[scheduler_pb2.Outcome]) -> None:
         successes: Counter[str] = Counter()
@@ -482,13 +503,3 @@ def _lease_queues(
     if ls.kind == "lane":
         return by_lane.get(ls.lane, [])
     return []
-
-
-async def _first(events: list[asyncio.Event]) -> None:
-    """Until one of the events is set."""
-    waits = [asyncio.ensure_future(e.wait()) for e in events]
-    try:
-        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for w in waits:
-            w.cancel()

@@ -176,6 +176,7 @@ class AcquireLeasesRequest(_message.Message):
     DOMAIN_FIELD_NUMBER: _builtins.int
     DOMAINS_FIELD_NUMBER: _builtins.int
     WAIT_MS_FIELD_NUMBER: _builtins.int
+    RELEASE_LEASE_IDS_FIELD_NUMBER: _builtins.int
     deliverer_id: _builtins.str
     """A stable id of the calling deliverer process."""
     max_leases: _builtins.int
@@ -195,6 +196,10 @@ class AcquireLeasesRequest(_message.Message):
         limit or suspended gets none. A deliverer leases a fetched batch's sites in one call.
         """
 
+    @_builtins.property
+    def release_lease_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Leases of the caller to release first (its pending releases ride along)."""
+
     def __init__(
         self,
         *,
@@ -203,10 +208,11 @@ class AcquireLeasesRequest(_message.Message):
         domain: _builtins.str = ...,
         domains: _abc.Iterable[_builtins.str] | None = ...,
         wait_ms: _builtins.int = ...,
+        release_lease_ids: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deliverer_id", b"deliverer_id", "domain", b"domain", "domains", b"domains", "max_leases", b"max_leases", "wait_ms", b"wait_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deliverer_id", b"deliverer_id", "domain", b"domain", "domains", b"domains", "max_leases", b"max_leases", "release_lease_ids", b"release_lease_ids", "wait_ms", b"wait_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
