@@ -138,7 +138,7 @@ class Deliverer:
         # One-connection leases on the sites of mail taken from hash-bucket lanes.
         self._domain_leases: dict[str, LeaseWork] = {}
         self._site_of: dict[str, str] = {}  # domain -> site, as the scheduler named it
-        # Domain leases given back while a release call is in flight: they go in the next one.
+        # Domain leases to give back, gathered for a moment (see _release_domain_lease).
         self._releasing: list[str] = []
         self._release_in_flight = False
         # Domain leases (with their open connection, if any) that a connection loop is done
@@ -195,7 +195,7 @@ class Deliverer:
                 bound = min(self._cfg.deliverer.command_timeout, self._cfg.shutdown.drain_timeout)
                 await asyncio.wait(tasks, timeout=bound)
             for site in list(self._parked):
-                self._unlinger(site, float("inf"))
+                self._unlinger(site, 0.0)  # every parked lease goes back now
             await self.settle_all()
         finally:
             renewer.cancel()
