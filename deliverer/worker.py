@@ -47,8 +47,6 @@ _LOOKAHEAD = 8
 # How long a domain lease a connection loop is done with stays parked for another loop of
 # the process (seconds) before it goes back to the scheduler.
 _LINGER = 0.25
-# How long releases of domain leases wait to go together (seconds).
-_RELEASE_WAIT = 0.02
 
 # Transactions whose settling (events, acks) may still be in flight per process.
 _SETTLING = 256
@@ -633,7 +631,6 @@ class Deliverer:
                     deliverer_id=self.deliverer_id,
                     domain=domain,
                     wait_ms=int(wait * 1000),
-                    release_lease_ids=self._take_releases(),
                 ),
                 timeout=5.0 + wait,
             )
@@ -650,9 +647,11 @@ class Deliverer:
 
     async def _release_domain_lease(self, work: LeaseWork) -> None:
         """Give a one-connection lease back without waiting for the answer (if it is lost,
-        the lease simply expires). Releases made within _RELEASE_WAIT go together, in the
-        next acquire call if there is one meanwhile, else in a release call. (Leases are
-        parked first, so a loop that wants the site again soon does not wait for this.)"""
+        the lease simply expires). At once when no release is in flight; releases made
+        while one is in flight go together in the next call, or ride along on a batch
+        acquire made meanwhile. Not deferred, and not on a waiting acquire: in bench.compare
+        with DKIM, deferring by 20 ms cut the rate from 730 to 242 msgs/s, and riding on
+        waiting acquires from about 680 to 235."""
         self._domain_leases.pop(work.lease.lease_id, None)
         self._releasing.append(work.lease.lease_id)
         if not self._release_in_flight:
@@ -661,10 +660,8 @@ class Deliverer:
 
     async def _release_pending(self) -> None:
         try:
-            while self._releasing:
-                await asyncio.sleep(_RELEASE_WAIT)
-                if ids := self._take_releases():
-                    await self._release(*ids)
+            while ids := self._take_releases():
+                await self._release(*ids)
         finally:
             self._release_in_flight = False
 
