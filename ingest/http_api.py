@@ -127,8 +127,36 @@ def _handler(core: Any, route: HttpRoute, max_bytes: int) -> Any:
     return handle
 
 
+@web.middleware
+async def _json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    """The router's own 404 and 405 in the API's error format (google.rpc.Status)."""
+    try:
+        response: web.StreamResponse = await handler(request)
+        return response
+    except web.HTTPMethodNotAllowed as exc:
+        allowed = ", ".join(sorted(exc.allowed_methods))
+        return error_response(
+            ApiError(
+                grpc.StatusCode.UNIMPLEMENTED,
+                "METHOD_NOT_ALLOWED",
+                f"{request.method} is not allowed on {request.path} (allowed: {allowed})",
+                [("method", f"{request.method} not allowed; use {allowed}")],
+                http_override=405,
+            )
+        )
+    except web.HTTPNotFound:
+        return error_response(
+            ApiError(
+                grpc.StatusCode.NOT_FOUND,
+                "NO_SUCH_ROUTE",
+                f"no route for {request.method} {request.path} (docs/api.md lists them)",
+                [("path", f"{request.path}: no such route")],
+            )
+        )
+
+
 def make_app(core: Any, max_bytes: int) -> web.Application:
-    app = web.Application(client_max_size=max_bytes)
+    app = web.Application(client_max_size=max_bytes, middlewares=[_json_errors])
     for route in http_routes():
         app.router.add_route(route.verb, route.path, _handler(core, route, max_bytes))
 

@@ -324,3 +324,13 @@ async def test_oversize_body_is_413(stack: Stack) -> None:
         headers={"Content-Type": "application/json"},
     )
     assert status == 413 and reason(body) == "REQUEST_TOO_LARGE"
+
+
+async def test_unknown_routes_and_methods_get_the_api_error_format(stack: Stack) -> None:
+    status, body, _ = await call(stack, "POST", "/v1/sendd", {"to": []})
+    assert status == 404 and reason(body) == "NO_SUCH_ROUTE"
+    assert violations(body) == [("path", "/v1/sendd: no such route")]
+    status, body, headers = await call(stack, "PUT", "/v1/send", {})
+    assert status == 405 and reason(body) == "METHOD_NOT_ALLOWED"
+    assert violations(body) == [("method", "PUT not allowed; use POST")]
+    assert headers["Content-Type"].startswith("application/json")
