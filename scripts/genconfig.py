@@ -141,13 +141,25 @@ def _default(value: Any, tp: Any) -> str:
     return text
 
 
+def _parse(source: str) -> ast.Module:
+    """ast.parse, tried again on CPython 3.11's spurious "AST constructor recursion depth
+    mismatch" SystemError (python/cpython#106905; seen in the test suite, where other threads
+    run): the source is fine, the interpreter's counter was not."""
+    for _ in range(2):
+        try:
+            return ast.parse(source)
+        except SystemError:
+            continue
+    return ast.parse(source)
+
+
 def describe() -> list[Section]:
     """Every section and key of the configuration, with its documentation."""
     path = Path(config_mod.__file__)
     source = path.read_text()
     lines = source.splitlines()
     comments = _comments(source)
-    classes = {n.name: n for n in ast.parse(source).body if isinstance(n, ast.ClassDef)}
+    classes = {n.name: n for n in _parse(source).body if isinstance(n, ast.ClassDef)}
     section_types = typing.get_type_hints(config_mod.Config, globalns=vars(config_mod))
     sections = []
     for sf in dataclasses.fields(config_mod.Config):
