@@ -118,10 +118,10 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
     ) -> scheduler_pb2.AcquireLeasesResponse:
         await self._need_id(request.deliverer_id, context)
         s = await self._active(context)
+        if request.release_lease_ids:  # (also while no grants are made yet)
+            s.release(request.deliverer_id, list(request.release_lease_ids))
         if time.monotonic() < self._role.grants_from:
             return scheduler_pb2.AcquireLeasesResponse()
-        if request.release_lease_ids:
-            s.release(request.deliverer_id, list(request.release_lease_ids))
         if request.domain or request.domains:
             domains = [*request.domains, *([request.domain] if request.domain else [])]
             resp = await s.acquire_domains(
