@@ -518,9 +518,7 @@ class Deliverer:
                 await conn.close()
             await self._release_domain_lease(work)
 
-        task = asyncio.ensure_future(drop())
-        self._settling.add(task)
-        task.add_done_callback(self._settled)
+        self._spawn(drop())
 
     async def _parked_on(
         self, site: str, wait: float
@@ -582,9 +580,7 @@ class Deliverer:
         """Whether mail for `domain` may go through `conn` (opened for another domain of the
         same site): the host is one of the domain's MX hosts, on the port the domain's mail
         goes to, encrypted if the domain requires TLS."""
-        route = self._resolver.route(domain)
-        port = (route[1] if route else None) or self._cfg.deliverer.smtp_port
-        if conn.port != port or (domain in self._require_tls and not conn.tls):
+        if conn.port != self._port(domain) or (domain in self._require_tls and not conn.tls):
             return False
         try:
             return conn.host in {mx.host for mx in await self._resolver.mx(domain)}
@@ -620,9 +616,7 @@ class Deliverer:
 
     def _park_late_grant(self, remote: asyncio.Future[LeaseWork | None]) -> None:
         if not remote.cancelled() and remote.exception() is None and (work := remote.result()):
-            task = asyncio.ensure_future(self._park(work, None))
-            self._settling.add(task)
-            task.add_done_callback(self._settled)
+            self._spawn(self._park(work, None))
 
     async def _acquire_domain_lease(self, domain: str, wait: float = 0.0) -> LeaseWork | None:
         try:
@@ -864,6 +858,11 @@ class Deliverer:
         """Run `work` in the background, at most _SETTLING at once (then wait for room)."""
         while len(self._settling) >= _SETTLING:
             await asyncio.wait(self._settling, return_when=asyncio.FIRST_COMPLETED)
+        self._spawn(work)
+
+    def _spawn(self, work: Awaitable[Any]) -> None:
+        """Run `work` in the background now (from a callback: no waiting for room); a
+        drain waits for it like for any settling."""
         task = asyncio.ensure_future(work)
         self._settling.add(task)
         task.add_done_callback(self._settled)
@@ -916,11 +915,15 @@ class Deliverer:
         limit = lease.max_deliveries_per_connection
         return bool(limit) and conn.deliveries >= limit
 
+    def _port(self, domain: str) -> int:
+        """The port the domain's mail goes to: its route's, else [deliverer] smtp_port."""
+        route = self._resolver.route(domain)
+        return (route[1] if route else None) or self._cfg.deliverer.smtp_port
+
     async def _connect(self, domain: str) -> SmtpConnection:
         """A connection to the first reachable MX host of domain (preference order)."""
         errors: list[str] = []
-        route = self._resolver.route(domain)
-        port = (route[1] if route else None) or self._cfg.deliverer.smtp_port
+        port = self._port(domain)
         for mx in self._resolver.in_order(await self._resolver.mx(domain)):
             try:
                 addresses = (

@@ -390,12 +390,13 @@ class Scheduler:
     def release(self, deliverer_id: str, lease_ids: list[str]) -> None:
         for lease_id in lease_ids:
             ls = self.leases.get(lease_id)
-            if ls is not None and ls.deliverer_id == deliverer_id and ls.kind != "domain":
+            if ls is None or ls.deliverer_id != deliverer_id:
+                continue
+            if ls.kind != "domain":
                 # A released site or lane had nothing ready; do not hand it straight back.
                 self._cooldown[ls.site_id] = time.monotonic() + self._cfg.scheduler.backlog_interval
-            if ls is not None and ls.deliverer_id == deliverer_id:
-                self.leases.release(deliverer_id, lease_id)
-                self._wake(ls.site_id)
+            self.leases.release(deliverer_id, lease_id)
+            self._wake(ls.site_id)
 
     def _wake(self, site: str) -> None:
         """Wake the longest waiting acquire_domains call for `site`."""

@@ -122,6 +122,8 @@ class StubClient:
         self, name: str, rdtype: dns.rdatatype.RdataType
     ) -> tuple[dns.rrset.RRset, float]:
         """The answer's RRset (CNAMEs followed) and the TTL of the whole chain."""
+        if not self.nameservers:
+            raise _Unanswered(f"{name}: no nameservers")
         qname = dns.name.from_text(name)
         deadline = time.monotonic() + self.timeout
         errors: list[str] = []
@@ -147,8 +149,6 @@ class StubClient:
                 if chain.answer is None:
                     raise _NoAnswer(name)
                 return chain.answer, float(chain.minimum_ttl)
-            if len(self.nameservers) == 0:
-                raise _Unanswered(f"{name}: no nameservers")
             await asyncio.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
 
     async def _ask(
