@@ -7,14 +7,22 @@ standby, or nobody listening there) it tries the next addresses in turn, once ea
 one that answers becomes the address for the next calls. If none answers, the last error
 is raised, so callers handle a failed call as they would with a single scheduler.
 
+AcquireLeases, RenewLeases, ReleaseLeases and ReportOutcomes go over one Leases stream per
+address (opened at the first call, and again after it ends): a message on a stream costs
+both sides a fraction of a unary call, and a deliverer working a long tail of domains makes
+thousands of these calls a minute. ReleaseLeases waits for no response. ListSites is unary.
+
 With `[deliverer] scheduler_tls_*` set the channels are TLS (mutual TLS with a client
 certificate); a failed handshake is UNAVAILABLE, like a scheduler that is not there.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import itertools
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from types import TracebackType
 from typing import TypeVar
 
@@ -37,6 +45,94 @@ _CHANNEL_OPTIONS = [
     ("grpc.min_reconnect_backoff_ms", 250),
     ("grpc.max_reconnect_backoff_ms", 2000),
 ]
+
+
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def _error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details, "")
+
+
+class LeaseStream:
+    """One Leases stream: requests are written in order, responses matched to them by id."""
+
+    def __init__(self, stub: scheduler_pb2_grpc.SchedulerServiceAsyncStub) -> None:
+        self._outbox: asyncio.Queue[scheduler_pb2.LeasesRequest | None] = asyncio.Queue()
+        self._waiting: dict[int, asyncio.Future[scheduler_pb2.LeasesResponse]] = {}
+        self._ids = itertools.count(1)
+        self.error: grpc.aio.AioRpcError | None = None
+        self._call = stub.Leases(self._requests())
+        self._reader = asyncio.create_task(self._read())
+
+    async def _requests(self) -> AsyncIterator[scheduler_pb2.LeasesRequest]:
+        while (request := await self._outbox.get()) is not None:
+            yield request
+
+    async def _read(self) -> None:
+        error = _error(grpc.StatusCode.UNAVAILABLE, "the scheduler ended the lease stream")
+        try:
+            async for resp in self._call:
+                waiter = self._waiting.pop(resp.id, None)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(resp)
+        except grpc.aio.AioRpcError as exc:
+            error = exc
+        except asyncio.CancelledError:
+            error = _error(grpc.StatusCode.CANCELLED, "the lease stream was closed")
+            raise
+        finally:
+            # Every request still waiting fails as its unary call would have.
+            self.error = error
+            for waiter in self._waiting.values():
+                if not waiter.done():
+                    waiter.set_exception(error)
+            self._waiting.clear()
+
+    async def send(
+        self,
+        request: scheduler_pb2.LeasesRequest,
+        timeout: float | None,  # noqa: ASYNC109 - a per-request deadline
+    ) -> scheduler_pb2.LeasesResponse:
+        """`request`'s response. AioRpcError: the scheduler's answer was an error, or the
+        stream ended first, or `timeout` passed first (DEADLINE_EXCEEDED)."""
+        if self.error is not None:
+            raise self.error
+        loop = asyncio.get_running_loop()
+        request.id = next(self._ids)
+        waiter: asyncio.Future[scheduler_pb2.LeasesResponse] = loop.create_future()
+        self._waiting[request.id] = waiter
+        self._outbox.put_nowait(request)
+        timer = loop.call_later(timeout, self._expire, request.id, timeout) if timeout else None
+        try:
+            resp = await waiter
+        finally:
+            if timer is not None:
+                timer.cancel()
+        if resp.error_code:
+            raise _error(_CODES.get(resp.error_code, grpc.StatusCode.UNKNOWN), resp.error_message)
+        return resp
+
+    def _expire(self, request_id: int, timeout: float) -> None:
+        waiter = self._waiting.pop(request_id, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(
+                _error(grpc.StatusCode.DEADLINE_EXCEEDED, f"no response within {timeout:g}s")
+            )
+
+    def post(self, request: scheduler_pb2.LeasesRequest) -> None:
+        """Send `request` asking for no response (AioRpcError if the stream has ended)."""
+        if self.error is not None:
+            raise self.error
+        request.id = 0
+        self._outbox.put_nowait(request)
+
+    async def close(self) -> None:
+        self._outbox.put_nowait(None)
+        self._call.cancel()
+        self._reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._reader
 
 
 def parse_addresses(value: str) -> list[str]:
@@ -65,6 +161,7 @@ class SchedulerClient:
         if server_name:
             self._options.append(("grpc.ssl_target_name_override", server_name))
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._streams: dict[str, LeaseStream] = {}
         self._current = 0
 
     @classmethod
@@ -93,15 +190,28 @@ class SchedulerClient:
             self._channels[address] = channel
         return scheduler_pb2_grpc.SchedulerServiceStub(channel)
 
-    async def _call(
-        self, call: Callable[[scheduler_pb2_grpc.SchedulerServiceAsyncStub], Awaitable[T]]
-    ) -> T:
+    def _stream(self, address: str) -> LeaseStream:
+        """The address's Leases stream, opened again if it has ended."""
+        stream = self._streams.get(address)
+        if stream is None or stream.error is not None:
+            stream = self._streams[address] = LeaseStream(self._stub(address))
+        return stream
+
+    async def _send(
+        self,
+        request: scheduler_pb2.LeasesRequest,
+        timeout: float | None,  # noqa: ASYNC109 - a per-request deadline
+    ) -> scheduler_pb2.LeasesResponse:
+        return await self._call(lambda address: self._stream(address).send(request, timeout))
+
+    async def _call(self, call: Callable[[str], Awaitable[T]]) -> T:
+        """`call` on the current address, else on the others in turn (see the module)."""
         last: grpc.aio.AioRpcError | None = None
         n = len(self.addresses)
         for i in range(n):
             index = (self._current + i) % n
             try:
-                result = await call(self._stub(self.addresses[index]))
+                result = await call(self.addresses[index])
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and n > 1:
                     # A hung scheduler: this call is spent, the next one starts elsewhere.
@@ -120,39 +230,52 @@ class SchedulerClient:
     async def AcquireLeases(  # noqa: N802 - the gRPC method's name, as on a stub
         self,
         request: scheduler_pb2.AcquireLeasesRequest,
-        timeout: float | None = None,  # noqa: ASYNC109 - a per-call gRPC deadline
+        timeout: float | None = None,  # noqa: ASYNC109 - a per-call deadline
     ) -> scheduler_pb2.AcquireLeasesResponse:
-        return await self._call(lambda stub: stub.AcquireLeases(request, timeout=timeout))
+        resp = await self._send(scheduler_pb2.LeasesRequest(acquire=request), timeout)
+        return resp.acquire
 
     async def RenewLeases(  # noqa: N802
         self,
         request: scheduler_pb2.RenewLeasesRequest,
-        timeout: float | None = None,  # noqa: ASYNC109 - a per-call gRPC deadline
+        timeout: float | None = None,  # noqa: ASYNC109 - a per-call deadline
     ) -> scheduler_pb2.RenewLeasesResponse:
-        return await self._call(lambda stub: stub.RenewLeases(request, timeout=timeout))
+        resp = await self._send(scheduler_pb2.LeasesRequest(renew=request), timeout)
+        return resp.renew
 
     async def ReleaseLeases(  # noqa: N802
-        self,
-        request: scheduler_pb2.ReleaseLeasesRequest,
-        timeout: float | None = None,  # noqa: ASYNC109 - a per-call gRPC deadline
+        self, request: scheduler_pb2.ReleaseLeasesRequest
     ) -> scheduler_pb2.ReleaseLeasesResponse:
-        return await self._call(lambda stub: stub.ReleaseLeases(request, timeout=timeout))
+        """Sent without waiting for a response (if it is lost, the leases simply expire);
+        AioRpcError only when no scheduler's stream is open or can be opened."""
+
+        async def post(address: str) -> None:
+            self._stream(address).post(scheduler_pb2.LeasesRequest(release=request))
+
+        await self._call(post)
+        return scheduler_pb2.ReleaseLeasesResponse()
 
     async def ReportOutcomes(  # noqa: N802
         self,
         request: scheduler_pb2.ReportOutcomesRequest,
-        timeout: float | None = None,  # noqa: ASYNC109 - a per-call gRPC deadline
+        timeout: float | None = None,  # noqa: ASYNC109 - a per-call deadline
     ) -> scheduler_pb2.ReportOutcomesResponse:
-        return await self._call(lambda stub: stub.ReportOutcomes(request, timeout=timeout))
+        resp = await self._send(scheduler_pb2.LeasesRequest(report=request), timeout)
+        return resp.report
 
     async def ListSites(  # noqa: N802
         self,
         request: scheduler_pb2.ListSitesRequest,
         timeout: float | None = None,  # noqa: ASYNC109 - a per-call gRPC deadline
     ) -> scheduler_pb2.ListSitesResponse:
-        return await self._call(lambda stub: stub.ListSites(request, timeout=timeout))
+        return await self._call(
+            lambda address: self._stub(address).ListSites(request, timeout=timeout)
+        )
 
     async def close(self) -> None:
+        for stream in self._streams.values():
+            await stream.close()
+        self._streams.clear()
         for channel in self._channels.values():
             await channel.close(None)
         self._channels.clear()

@@ -668,8 +668,7 @@ class Deliverer:
             await self._scheduler.ReleaseLeases(
                 scheduler_pb2.ReleaseLeasesRequest(
                     deliverer_id=self.deliverer_id, lease_ids=lease_ids
-                ),
-                timeout=5.0,
+                )
             )
 
     @staticmethod

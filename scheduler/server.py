@@ -12,7 +12,8 @@ import logging
 import os
 import socket
 import time
-from typing import Any, NoReturn
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
 
 import grpc
 from nats.js import JetStreamContext
@@ -33,6 +34,7 @@ __all__ = ["Role", "serve"]
 log = logging.getLogger(__name__)
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
+T = TypeVar("T")
 
 
 class Role:
@@ -88,36 +90,44 @@ class Role:
         self._scheduler = None
 
 
+class Refused(Exception):
+    """A call refused with a gRPC status (unary: the call's status; on a Leases stream: the
+    request's error, or the stream's end for UNAVAILABLE)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
     def __init__(self, role: Role) -> None:
         self._role = role
 
-    async def _unavailable(self, context: Ctx) -> NoReturn:
-        await context.abort(grpc.StatusCode.UNAVAILABLE, self._role.why_not())
-        raise AssertionError("abort returned")  # pragma: no cover
-
-    async def _active(self, context: Ctx) -> Scheduler:
+    def _active(self) -> Scheduler:
         s = self._role.active()
         if s is None:
-            await self._unavailable(context)
+            raise Refused(grpc.StatusCode.UNAVAILABLE, self._role.why_not())
         return s
 
-    async def _still(self, s: Scheduler, context: Ctx) -> None:
+    def _still(self, s: Scheduler) -> None:
         """After a call: were we the leader throughout? Grants made after the lock lapsed
         must not reach the deliverer (a new leader may already count the connections)."""
         if self._role.active() is not s:
-            await self._unavailable(context)
+            raise Refused(grpc.StatusCode.UNAVAILABLE, self._role.why_not())
 
     @staticmethod
-    async def _need_id(deliverer_id: str, context: Ctx) -> None:
+    def _need_id(deliverer_id: str) -> None:
         if not deliverer_id:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "deliverer_id is required")
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "deliverer_id is required")
 
-    async def AcquireLeases(  # noqa: N802 - gRPC method name
-        self, request: scheduler_pb2.AcquireLeasesRequest, context: Ctx
+    # -- the calls, unary or on a stream -----------------------------------------------
+
+    async def _acquire(
+        self, request: scheduler_pb2.AcquireLeasesRequest
     ) -> scheduler_pb2.AcquireLeasesResponse:
-        await self._need_id(request.deliverer_id, context)
-        s = await self._active(context)
+        self._need_id(request.deliverer_id)
+        s = self._active()
         if request.release_lease_ids:  # (also while no grants are made yet)
             s.release(request.deliverer_id, list(request.release_lease_ids))
         if time.monotonic() < self._role.grants_from:
@@ -130,41 +140,129 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         else:
             leases = await s.acquire(request.deliverer_id, max(1, request.max_leases))
             resp = scheduler_pb2.AcquireLeasesResponse(leases=leases)
-        await self._still(s, context)
+        self._still(s)
         return resp
+
+    async def _renew(
+        self, request: scheduler_pb2.RenewLeasesRequest
+    ) -> scheduler_pb2.RenewLeasesResponse:
+        self._need_id(request.deliverer_id)
+        s = self._active()
+        # After a takeover the leases are unknown here and come back lost: their holders
+        # stop at once instead of at expiry.
+        resp = await s.renew(request.deliverer_id, list(request.lease_ids))
+        self._still(s)
+        return resp
+
+    def _release(self, request: scheduler_pb2.ReleaseLeasesRequest) -> None:
+        self._need_id(request.deliverer_id)
+        self._active().release(request.deliverer_id, list(request.lease_ids))
+
+    async def _report(self, request: scheduler_pb2.ReportOutcomesRequest) -> None:
+        self._need_id(request.deliverer_id)
+        await self._active().report(list(request.outcomes))
+
+    @staticmethod
+    async def _unary(call: Awaitable[T], context: Ctx) -> T:
+        try:
+            return await call
+        except Refused as r:
+            await context.abort(r.code, r.details)
+            raise AssertionError("abort returned") from r  # pragma: no cover
+
+    async def AcquireLeases(  # noqa: N802 - gRPC method name
+        self, request: scheduler_pb2.AcquireLeasesRequest, context: Ctx
+    ) -> scheduler_pb2.AcquireLeasesResponse:
+        return await self._unary(self._acquire(request), context)
 
     async def RenewLeases(  # noqa: N802
         self, request: scheduler_pb2.RenewLeasesRequest, context: Ctx
     ) -> scheduler_pb2.RenewLeasesResponse:
-        await self._need_id(request.deliverer_id, context)
-        s = await self._active(context)
-        # After a takeover the leases are unknown here and come back lost: their holders
-        # stop at once instead of at expiry.
-        resp = await s.renew(request.deliverer_id, list(request.lease_ids))
-        await self._still(s, context)
-        return resp
+        return await self._unary(self._renew(request), context)
 
     async def ReleaseLeases(  # noqa: N802
         self, request: scheduler_pb2.ReleaseLeasesRequest, context: Ctx
     ) -> scheduler_pb2.ReleaseLeasesResponse:
-        await self._need_id(request.deliverer_id, context)
-        s = await self._active(context)
-        s.release(request.deliverer_id, list(request.lease_ids))
-        return scheduler_pb2.ReleaseLeasesResponse()
+        async def release() -> scheduler_pb2.ReleaseLeasesResponse:
+            self._release(request)
+            return scheduler_pb2.ReleaseLeasesResponse()
+
+        return await self._unary(release(), context)
 
     async def ReportOutcomes(  # noqa: N802
         self, request: scheduler_pb2.ReportOutcomesRequest, context: Ctx
     ) -> scheduler_pb2.ReportOutcomesResponse:
-        await self._need_id(request.deliverer_id, context)
-        s = await self._active(context)
-        await s.report(list(request.outcomes))
-        return scheduler_pb2.ReportOutcomesResponse()
+        async def report() -> scheduler_pb2.ReportOutcomesResponse:
+            await self._report(request)
+            return scheduler_pb2.ReportOutcomesResponse()
+
+        return await self._unary(report(), context)
 
     async def ListSites(  # noqa: N802
         self, request: scheduler_pb2.ListSitesRequest, context: Ctx
     ) -> scheduler_pb2.ListSitesResponse:
-        s = await self._active(context)
-        return await s.sites()
+        async def sites() -> scheduler_pb2.ListSitesResponse:
+            return await self._active().sites()
+
+        return await self._unary(sites(), context)
+
+    async def Leases(  # noqa: N802
+        self, request_iterator: AsyncIterator[scheduler_pb2.LeasesRequest], context: Ctx
+    ) -> AsyncIterator[scheduler_pb2.LeasesResponse]:
+        """The calls of one deliverer on one stream. Releases are applied as they are read
+        (so before anything sent after them); every other request runs in a task of its
+        own, and its response is written when it is ready."""
+        out: asyncio.Queue[scheduler_pb2.LeasesResponse | Refused | None] = asyncio.Queue()
+        running: set[asyncio.Task[None]] = set()
+
+        async def answer(request: scheduler_pb2.LeasesRequest) -> None:
+            resp = scheduler_pb2.LeasesResponse(id=request.id)
+            try:
+                match request.WhichOneof("call"):
+                    case "acquire":
+                        resp.acquire.CopyFrom(await self._acquire(request.acquire))
+                    case "renew":
+                        resp.renew.CopyFrom(await self._renew(request.renew))
+                    case "report":
+                        await self._report(request.report)
+                        resp.report.SetInParent()
+                    case "release":
+                        self._release(request.release)
+                        resp.release.SetInParent()
+                    case _:
+                        raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "a request without a call")
+            except Refused as r:
+                if r.code == grpc.StatusCode.UNAVAILABLE:
+                    out.put_nowait(r)  # the stream ends: ask the leader
+                    return
+                resp.error_code, resp.error_message = r.code.value[0], r.details
+            if request.id:
+                out.put_nowait(resp)
+
+        async def read() -> None:
+            try:
+                async for request in request_iterator:
+                    if request.WhichOneof("call") == "release":
+                        await answer(request)  # (synchronous: nothing to wait for)
+                        continue
+                    task = asyncio.create_task(answer(request))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                if running:
+                    await asyncio.wait(set(running))
+            finally:
+                out.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (item := await out.get()) is not None:
+                if isinstance(item, Refused):
+                    await context.abort(item.code, item.details)
+                yield item
+        finally:
+            reader.cancel()
+            for task in list(running):
+                task.cancel()
 
 
 async def _lead(

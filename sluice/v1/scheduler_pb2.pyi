@@ -467,6 +467,94 @@ class ReportOutcomesResponse(_message.Message):
 Global___ReportOutcomesResponse: _TypeAlias = ReportOutcomesResponse  # noqa: Y015
 
 @_typing.final
+class LeasesRequest(_message.Message):
+    """LeasesRequest is one call on a Leases stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    ACQUIRE_FIELD_NUMBER: _builtins.int
+    RENEW_FIELD_NUMBER: _builtins.int
+    RELEASE_FIELD_NUMBER: _builtins.int
+    REPORT_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """Chosen by the caller, unique among its calls awaiting a reply; 0: no reply wanted."""
+    @_builtins.property
+    def acquire(self) -> Global___AcquireLeasesRequest: ...
+    @_builtins.property
+    def renew(self) -> Global___RenewLeasesRequest: ...
+    @_builtins.property
+    def release(self) -> Global___ReleaseLeasesRequest: ...
+    @_builtins.property
+    def report(self) -> Global___ReportOutcomesRequest: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        acquire: Global___AcquireLeasesRequest | None = ...,
+        renew: Global___RenewLeasesRequest | None = ...,
+        release: Global___ReleaseLeasesRequest | None = ...,
+        report: Global___ReportOutcomesRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["acquire", b"acquire", "call", b"call", "release", b"release", "renew", b"renew", "report", b"report"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acquire", b"acquire", "call", b"call", "id", b"id", "release", b"release", "renew", b"renew", "report", b"report"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_call: _TypeAlias = _typing.Literal["acquire", "renew", "release", "report"]  # noqa: Y015
+    _WhichOneofArgType_call: _TypeAlias = _typing.Literal["call", b"call"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_call) -> _WhichOneofReturnType_call | None: ...
+
+Global___LeasesRequest: _TypeAlias = LeasesRequest  # noqa: Y015
+
+@_typing.final
+class LeasesResponse(_message.Message):
+    """LeasesResponse answers the LeasesRequest with the same id."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    ACQUIRE_FIELD_NUMBER: _builtins.int
+    RENEW_FIELD_NUMBER: _builtins.int
+    RELEASE_FIELD_NUMBER: _builtins.int
+    REPORT_FIELD_NUMBER: _builtins.int
+    ERROR_CODE_FIELD_NUMBER: _builtins.int
+    ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """The call's id."""
+    error_code: _builtins.int
+    """When the call failed: its gRPC status code (e.g. 3, INVALID_ARGUMENT), else 0."""
+    error_message: _builtins.str
+    """When the call failed: why."""
+    @_builtins.property
+    def acquire(self) -> Global___AcquireLeasesResponse: ...
+    @_builtins.property
+    def renew(self) -> Global___RenewLeasesResponse: ...
+    @_builtins.property
+    def release(self) -> Global___ReleaseLeasesResponse: ...
+    @_builtins.property
+    def report(self) -> Global___ReportOutcomesResponse: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        acquire: Global___AcquireLeasesResponse | None = ...,
+        renew: Global___RenewLeasesResponse | None = ...,
+        release: Global___ReleaseLeasesResponse | None = ...,
+        report: Global___ReportOutcomesResponse | None = ...,
+        error_code: _builtins.int = ...,
+        error_message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["acquire", b"acquire", "release", b"release", "renew", b"renew", "reply", b"reply", "report", b"report"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acquire", b"acquire", "error_code", b"error_code", "error_message", b"error_message", "id", b"id", "release", b"release", "renew", b"renew", "reply", b"reply", "report", b"report"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_reply: _TypeAlias = _typing.Literal["acquire", "renew", "release", "report"]  # noqa: Y015
+    _WhichOneofArgType_reply: _TypeAlias = _typing.Literal["reply", b"reply"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_reply) -> _WhichOneofReturnType_reply | None: ...
+
+Global___LeasesResponse: _TypeAlias = LeasesResponse  # noqa: Y015
+
+@_typing.final
 class ListSitesRequest(_message.Message):
     """ListSitesRequest asks for the sites' state."""
 

@@ -61,6 +61,11 @@ class SchedulerServiceStub:
                 request_serializer=sluice_dot_v1_dot_scheduler__pb2.ListSitesRequest.SerializeToString,
                 response_deserializer=sluice_dot_v1_dot_scheduler__pb2.ListSitesResponse.FromString,
                 _registered_method=True)
+        self.Leases = channel.stream_stream(
+                '/sluice.v1.SchedulerService/Leases',
+                request_serializer=sluice_dot_v1_dot_scheduler__pb2.LeasesRequest.SerializeToString,
+                response_deserializer=sluice_dot_v1_dot_scheduler__pb2.LeasesResponse.FromString,
+                _registered_method=True)
 
 
 class SchedulerServiceServicer:
@@ -110,6 +115,20 @@ class SchedulerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Leases(self, request_iterator, context):
+        """Leases carries a deliverer's AcquireLeases, RenewLeases, ReleaseLeases and
+        ReportOutcomes calls over one stream, each with the unary call's meaning and errors.
+        A request with an id gets the response with that id, in any order (an acquire waiting
+        for a full site holds up no other call); id 0 asks for no response. A release is applied
+        before any request sent after it. A standby, or a scheduler that stops being the leader,
+        ends the stream with UNAVAILABLE; requests still unanswered may or may not have taken
+        effect, as with a failed unary call. Deliverers use this instead of the unary calls:
+        a message on a stream costs both sides far less than a call (docs/scheduling.md).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -137,6 +156,11 @@ def add_SchedulerServiceServicer_to_server(servicer, server):
                     servicer.ListSites,
                     request_deserializer=sluice_dot_v1_dot_scheduler__pb2.ListSitesRequest.FromString,
                     response_serializer=sluice_dot_v1_dot_scheduler__pb2.ListSitesResponse.SerializeToString,
+            ),
+            'Leases': grpc.stream_stream_rpc_method_handler(
+                    servicer.Leases,
+                    request_deserializer=sluice_dot_v1_dot_scheduler__pb2.LeasesRequest.FromString,
+                    response_serializer=sluice_dot_v1_dot_scheduler__pb2.LeasesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -276,6 +300,33 @@ class SchedulerService:
             '/sluice.v1.SchedulerService/ListSites',
             sluice_dot_v1_dot_scheduler__pb2.ListSitesRequest.SerializeToString,
             sluice_dot_v1_dot_scheduler__pb2.ListSitesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Leases(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/sluice.v1.SchedulerService/Leases',
+            sluice_dot_v1_dot_scheduler__pb2.LeasesRequest.SerializeToString,
+            sluice_dot_v1_dot_scheduler__pb2.LeasesResponse.FromString,
             options,
             channel_credentials,
             insecure,

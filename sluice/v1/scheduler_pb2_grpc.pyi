@@ -57,6 +57,16 @@ class SchedulerServiceStub:
     """ListSites shows every known site: configured and current limits, leases, connections in
     use, backlog per tier, and any suspension with its reason. Errors: none.
     """
+    Leases: _grpc.StreamStreamMultiCallable[_scheduler_pb2.LeasesRequest, _scheduler_pb2.LeasesResponse]
+    """Leases carries a deliverer's AcquireLeases, RenewLeases, ReleaseLeases and
+    ReportOutcomes calls over one stream, each with the unary call's meaning and errors.
+    A request with an id gets the response with that id, in any order (an acquire waiting
+    for a full site holds up no other call); id 0 asks for no response. A release is applied
+    before any request sent after it. A standby, or a scheduler that stops being the leader,
+    ends the stream with UNAVAILABLE; requests still unanswered may or may not have taken
+    effect, as with a failed unary call. Deliverers use this instead of the unary calls:
+    a message on a stream costs both sides far less than a call (docs/scheduling.md).
+    """
 
 @_typing.type_check_only
 class SchedulerServiceAsyncStub(SchedulerServiceStub):
@@ -86,6 +96,16 @@ class SchedulerServiceAsyncStub(SchedulerServiceStub):
     ListSites: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.ListSitesRequest, _scheduler_pb2.ListSitesResponse]  # type: ignore[assignment]
     """ListSites shows every known site: configured and current limits, leases, connections in
     use, backlog per tier, and any suspension with its reason. Errors: none.
+    """
+    Leases: _aio.StreamStreamMultiCallable[_scheduler_pb2.LeasesRequest, _scheduler_pb2.LeasesResponse]  # type: ignore[assignment]
+    """Leases carries a deliverer's AcquireLeases, RenewLeases, ReleaseLeases and
+    ReportOutcomes calls over one stream, each with the unary call's meaning and errors.
+    A request with an id gets the response with that id, in any order (an acquire waiting
+    for a full site holds up no other call); id 0 asks for no response. A release is applied
+    before any request sent after it. A standby, or a scheduler that stops being the leader,
+    ends the stream with UNAVAILABLE; requests still unanswered may or may not have taken
+    effect, as with a failed unary call. Deliverers use this instead of the unary calls:
+    a message on a stream costs both sides far less than a call (docs/scheduling.md).
     """
 
 class SchedulerServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -143,6 +163,22 @@ class SchedulerServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_scheduler_pb2.ListSitesResponse, _abc.Awaitable[_scheduler_pb2.ListSitesResponse]]:
         """ListSites shows every known site: configured and current limits, leases, connections in
         use, backlog per tier, and any suspension with its reason. Errors: none.
+        """
+
+    @_abc_1.abstractmethod
+    def Leases(
+        self,
+        request_iterator: _MaybeAsyncIterator[_scheduler_pb2.LeasesRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_scheduler_pb2.LeasesResponse], _abc.AsyncIterator[_scheduler_pb2.LeasesResponse]]:
+        """Leases carries a deliverer's AcquireLeases, RenewLeases, ReleaseLeases and
+        ReportOutcomes calls over one stream, each with the unary call's meaning and errors.
+        A request with an id gets the response with that id, in any order (an acquire waiting
+        for a full site holds up no other call); id 0 asks for no response. A release is applied
+        before any request sent after it. A standby, or a scheduler that stops being the leader,
+        ends the stream with UNAVAILABLE; requests still unanswered may or may not have taken
+        effect, as with a failed unary call. Deliverers use this instead of the unary calls:
+        a message on a stream costs both sides far less than a call (docs/scheduling.md).
         """
 
 def add_SchedulerServiceServicer_to_server(servicer: SchedulerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
