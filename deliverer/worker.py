@@ -11,6 +11,7 @@ import os
 import re
 import socket
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,10 +32,10 @@ from deliverer.smtp import ConnectionLost, SmtpConnection
 from sluice import names, suppressions
 from sluice.config import Config
 from sluice.outcomes import BatchPublisher, event_message, publish_dead_letter
-from sluice.resolver import DnsPermanent, DnsTemporary, Resolver
+from sluice.resolver import DnsPermanent, DnsTemporary, MxHost, Resolver
 from sluice.retry import busy_delay, next_delay
 from sluice.store import PayloadNotFound, PayloadStore, StoreError
-from sluice.telemetry import extract, tracer
+from sluice.telemetry import count_site_wait, extract, tracer
 from sluice.tenants import TenantCache, TenantStore
 from sluice.v1 import messages_pb2, scheduler_pb2
 
@@ -50,6 +51,23 @@ _LINGER = 0.25
 
 # Transactions whose settling (events, acks) may still be in flight per process.
 _SETTLING = 256
+# Bucket mail for a site another connection loop of the process serves is queued for that
+# loop, up to this many transactions per site (then a loop waits for the site itself).
+_SITE_QUEUE = 64
+
+Group = list[tuple[Msg, messages_pb2.DeliveryPointer | None]]
+
+
+@dataclass(eq=False)
+class InHand:
+    """Mail a connection loop holds un-acked, not yet in a transaction: a fetched batch
+    (groups before `next` are sent or settled), or a group queued for the loop serving its
+    site. Kept alive at JetStream by Deliverer._keep_in_hand_alive."""
+
+    groups: list[Group]
+    alive: float  # when its pointers were last known alive (fetched, or in progress)
+    next: int = 0
+
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +163,13 @@ class Deliverer:
         # back after _LINGER unused.
         self._parked: dict[str, list[tuple[LeaseWork, SmtpConnection | None, float]]] = {}
         self._parked_signal: dict[str, asyncio.Event] = {}
+        # Sites a connection loop of this process serves (holds a lease on, or waits for
+        # one), with how many loops do; and the bucket mail other loops queued for them,
+        # each group with when its pointers were last known alive (fetched or in progress).
+        self._owners: dict[str, int] = {}
+        self._site_queues: dict[str, deque[InHand]] = {}
+        # The batches the connection loops are working through.
+        self._batches: set[InHand] = set()
         self._stopping = False
         self._settling: set[asyncio.Future[Any]] = set()
         self._outcomes: list[scheduler_pb2.Outcome] = []
@@ -162,6 +187,7 @@ class Deliverer:
 
     async def run(self, stop: asyncio.Event) -> None:
         renewer = asyncio.create_task(self._renew_loop(stop))
+        keeper = asyncio.create_task(self._keep_in_hand_alive(stop))
         tasks: set[asyncio.Task[None]] = set()
         try:
             while not stop.is_set():
@@ -194,9 +220,12 @@ class Deliverer:
                 await asyncio.wait(tasks, timeout=bound)
             for site in list(self._parked):
                 self._unlinger(site, 0.0)  # every parked lease goes back now
+            for site in list(self._site_queues):
+                await self._hand_back([q.groups[0] for q in self._site_queues.pop(site)])
             await self.settle_all()
         finally:
             renewer.cancel()
+            keeper.cancel()
             await self._flush_outcomes()
 
     async def _renew_loop(self, stop: asyncio.Event) -> None:
@@ -341,9 +370,13 @@ class Deliverer:
 
         A hash-bucket lease's mail is for many sites, so there the site of each domain is
         leased (one connection) before delivering to it, and the mail of a site at its limit
-        goes back for a moment (retry steps come from age, none is used up)."""
+        goes back for a moment (retry steps come from age, none is used up). Mail for a site
+        that another loop of this process serves is queued for that loop instead: it goes
+        through the connection already open (or the one being waited for), not through a
+        second lease, a second wait and a second connection."""
         bucket = bool(work.lease.lane)
         held: LeaseWork | None = None  # bucket leases: the site lease of the domain in hand
+        owning: str | None = None  # bucket leases: the site this loop serves (held or awaited)
         ready: dict[str, LeaseWork] = {}  # bucket leases: this batch's other sites, leased
         conn: SmtpConnection | None = None
         try:
@@ -363,49 +396,160 @@ class Deliverer:
                     # The mail of one site (the one in hand first, then as far as known) goes
                     # through one connection, domain by domain.
                     groups.sort(key=lambda g: self._site_order(g, held))
-                touched = time.monotonic()
-                for i, group in enumerate(groups):
-                    if stop.is_set() or work.lost.is_set():
-                        await self._hand_back(groups[i:])
-                        return
-                    if time.monotonic() - touched > self._ack_wait / 3:
-                        # The groups still queued behind slow connects or full sites are
-                        # ours: JetStream must not give them to another deliverer meanwhile.
-                        for queued in groups[i:]:
-                            for msg, _ in queued:
-                                await msg.in_progress()
-                        touched = time.monotonic()
-                    site = work
-                    p = group[0][1]
-                    if bucket and p is not None:  # (an undecodable pointer is terminated)
-                        if p.domain not in asked:
-                            await self._lease_sites(groups[i:], held, ready, asked, full)
-                        held, conn = await self._domain_site(
-                            p.domain,
-                            held,
-                            conn,
-                            deadline,
-                            lambda: stop.is_set() or work.lost.is_set(),
-                            ready,
-                            full,
-                        )
-                        if held is None:
-                            # The site is at its limit (or suspended): back in a moment.
-                            for msg, _ in group:
-                                await msg.nak(delay=busy_delay(msg.metadata.num_delivered or 1))
-                            continue
-                        site = held
-                    # A lease's message rate is shared by all of its connections.
-                    for _ in group:
-                        await site.messages.wait(site.lease.max_message_rate)
-                    conn = await self._deliver(group, site, conn)
+                batch = InHand(groups, time.monotonic())
+                self._batches.add(batch)
+                try:
+                    for i, group in enumerate(groups):
+                        # A lost lane lease only ends the fetching: the site leases the batch is
+                        # delivered under are the lanes' connection limits, and the mail in hand
+                        # stays this process's until ack_wait (a lane is taken back to share the
+                        # lanes between deliverers, and handing back whole batches then made
+                        # about a tenth of a long-tail blast's mail come twice).
+                        if stop.is_set() or (work.lost.is_set() and not bucket):
+                            await self._hand_back(groups[i:])
+                            return
+                        batch.next = i  # (the rest is kept alive: _keep_in_hand_alive)
+                        site = work
+                        p = group[0][1]
+                        if bucket and p is not None:  # (an undecodable pointer is terminated)
+                            if p.domain not in asked:
+                                await self._lease_sites(groups[i:], held, ready, asked, full)
+                            target = self._site_of.get(p.domain)
+                            if (
+                                target is not None
+                                and target != owning
+                                and target not in ready
+                                and self._queue_for(target, group, batch.alive)
+                            ):
+                                continue  # another loop of this process delivers it
+                            if owning is not None and target != owning:
+                                # Leaving a site: its queued mail first, while the lease is here.
+                                if held is not None:
+                                    conn = await self._drain(held, conn)
+                                self._disown(owning)
+                                owning = None
+                            if owning is None and target is not None:
+                                owning = self._own(target)
+                            held, conn = await self._domain_site(
+                                p.domain,
+                                held,
+                                conn,
+                                deadline,
+                                stop.is_set,
+                                ready,
+                                full,
+                            )
+                            if held is None:
+                                # The site is at its limit (or suspended): back in a moment.
+                                count_site_wait(len(group), queued=False)
+                                for msg, _ in group:
+                                    await msg.nak(delay=busy_delay(msg.metadata.num_delivered or 1))
+                                if owning is not None:
+                                    self._disown(owning)
+                                    owning = None
+                                continue
+                            if owning is None:  # (the site became known only now)
+                                owning = self._own(held.lease.site_id)
+                            site = held
+                        # A lease's message rate is shared by all of its connections.
+                        for _ in group:
+                            await site.messages.wait(site.lease.max_message_rate)
+                        conn = await self._deliver(group, site, conn)
+                finally:
+                    self._batches.discard(batch)
+                if held is not None:
+                    conn = await self._drain(held, conn)
                 await self._release_ready(ready)
         finally:
+            if held is not None and not stop.is_set():
+                conn = await self._drain(held, conn)
+            if owning is not None:
+                self._disown(owning)
             if held is not None:
                 await self._park(held, conn)
             elif conn is not None:
                 await conn.close()
             await self._release_ready(ready)
+
+    def _own(self, site: str) -> str:
+        """This loop serves `site` now (holds a lease on it or waits for one)."""
+        self._owners[site] = self._owners.get(site, 0) + 1
+        return site
+
+    def _disown(self, site: str) -> None:
+        """This loop no longer serves `site`; mail queued for it goes back to JetStream
+        for a moment if no other loop of the process serves it."""
+        n = self._owners.pop(site, 0) - 1
+        if n > 0:
+            self._owners[site] = n
+            return
+        queue = self._site_queues.pop(site, None)
+        if queue:
+            groups = [q.groups[0] for q in queue]
+            self._spawn(self._hand_back(groups) if self._stopping else self._hand_back_busy(groups))
+
+    def _queue_for(self, site: str, group: Group, alive: float) -> bool:
+        """Queue `group` for the loop(s) of this process serving `site`, if any and if the
+        site's queue has room; `alive`: when its pointers were last known alive."""
+        if not self._owners.get(site):
+            return False
+        queue = self._site_queues.setdefault(site, deque())
+        if len(queue) >= _SITE_QUEUE:
+            return False
+        queue.append(InHand([group], alive))
+        count_site_wait(len(group), queued=True)
+        return True
+
+    async def _drain(self, held: LeaseWork, conn: SmtpConnection | None) -> SmtpConnection | None:
+        """Deliver the mail other loops queued for `held`'s site (at most twice the queue's
+        room, so that this loop's own mail is not starved); returns the connection to go on
+        with."""
+        site = held.lease.site_id
+        queue = self._site_queues.get(site)
+        budget = 2 * _SITE_QUEUE
+        while queue and budget and not held.lost.is_set() and not self._stopping:
+            budget -= 1
+            queued = queue.popleft()
+            group = queued.groups[0]
+            if not queue:
+                self._site_queues.pop(site, None)
+            if time.monotonic() - queued.alive > self._ack_wait / 3:
+                for msg, _ in group:  # still ours: tell JetStream before sending
+                    await msg.in_progress()
+            domain = group[0][1].domain if group[0][1] is not None else ""
+            if conn is not None and not await self._serves(conn, domain):
+                await conn.close()
+                conn = None
+            for _ in group:
+                await held.messages.wait(held.lease.max_message_rate)
+            conn = await self._deliver(group, held, conn)
+            queue = self._site_queues.get(site)
+        return conn
+
+    async def _keep_in_hand_alive(self, stop: asyncio.Event) -> None:
+        """Tell JetStream every third of ack_wait that the mail the loops hold is in
+        progress: behind slow transactions, full sites or another site's queue it may wait
+        longer than ack_wait, and must not be given to another deliverer meanwhile (a
+        duplicate). (A transaction's own pointers are kept alive by _keep_alive.)"""
+        while not stop.is_set():
+            # (ack_wait may shrink once the consumers' own is known: see _sub)
+            await asyncio.sleep(max(0.05, min(1.0, self._ack_wait / 6)))
+            now = time.monotonic()
+            held = [q for queue in self._site_queues.values() for q in queue]
+            for in_hand in [*self._batches, *held]:
+                if now - in_hand.alive > self._ack_wait / 3:
+                    in_hand.alive = now
+                    for group in in_hand.groups[in_hand.next :]:
+                        for msg, _ in group:
+                            await msg.in_progress()
+
+    @staticmethod
+    async def _hand_back_busy(groups: list[Group]) -> None:
+        """Give pointers back for a moment (their site had no connection for them)."""
+        count_site_wait(sum(len(g) for g in groups), queued=False)
+        for group in groups:
+            for msg, _ in group:
+                await msg.nak(delay=busy_delay(msg.metadata.num_delivered or 1))
 
     async def _lease_sites(
         self,
@@ -427,7 +571,10 @@ class Deliverer:
                 continue
             site = self._site_of.get(p.domain)
             if site is not None and (
-                site in ready or site in self._parked or (held and site == held.lease.site_id)
+                site in ready
+                or site in self._parked
+                or site in self._owners  # (its mail is queued for the loop serving it)
+                or (held and site == held.lease.site_id)
             ):
                 continue
             asked.add(p.domain)
@@ -448,7 +595,7 @@ class Deliverer:
         except grpc.aio.AioRpcError as exc:
             log.warning("scheduler unavailable: %s", exc.code().name)
             return
-        self._site_of.update(resp.domain_sites)
+        self._learn_sites(resp)
         for lease in resp.leases:
             work = self._domain_leases[lease.lease_id] = LeaseWork(lease)
             if lease.site_id in ready:  # (the site became known only now)
@@ -458,6 +605,14 @@ class Deliverer:
         # Sites that got no lease were full (or suspended) a moment ago: their turn starts
         # with a wait, not with asking again at once.
         full.update(set(resp.domain_sites.values()) - set(ready))
+
+    def _learn_sites(self, resp: scheduler_pb2.AcquireLeasesResponse) -> None:
+        """The domains' sites, and their MX hosts as the scheduler found them (so this
+        process need not look them up again)."""
+        self._site_of.update(resp.domain_sites)
+        for domain, mx in resp.domain_mx.items():
+            hosts = [MxHost(h.preference, h.host) for h in mx.hosts]
+            self._resolver.learn_mx(domain, hosts, mx.ttl_seconds)
 
     def _site_order(
         self,
@@ -631,7 +786,7 @@ class Deliverer:
         except grpc.aio.AioRpcError as exc:
             log.warning("scheduler unavailable: %s", exc.code().name)
             return None
-        self._site_of.update(resp.domain_sites)
+        self._learn_sites(resp)
         if not resp.leases:
             return None
         lease = resp.leases[0]

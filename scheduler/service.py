@@ -299,6 +299,12 @@ class Scheduler:
             for domain in dict.fromkeys(domains):
                 site = out.domain_sites[domain] = await self.site_of(domain)
                 by_site.setdefault(site, []).append(domain)
+                if known := self._resolver.known_mx(domain):
+                    hosts, ttl = known
+                    mx = out.domain_mx[domain]
+                    mx.ttl_seconds = int(ttl)
+                    for h in hosts:
+                        mx.hosts.add(preference=h.preference, host=h.host)
             if time.monotonic() < self._grace_until:
                 return out
             for site, site_domains in by_site.items():

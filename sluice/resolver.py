@@ -229,6 +229,19 @@ class Resolver:
         self._mx[domain] = (now + ttl, hosts)
         return hosts
 
+    def known_mx(self, domain: str) -> tuple[list[MxHost], float] | None:
+        """The domain's MX hosts from the cache, and the seconds left of their TTL (None when
+        not cached: never looked up, expired, a failed lookup, or a route's domain)."""
+        cached = self._mx.get(domain)
+        left = cached[0] - time.monotonic() if cached else 0.0
+        return (cached[1], left) if cached and left > 0 else None
+
+    def learn_mx(self, domain: str, hosts: list[MxHost], ttl: float) -> None:
+        """Cache MX hosts another process looked up (the scheduler sends them with a lease)
+        for `ttl` seconds, unless the cache already has them."""
+        if hosts and ttl > 0 and self.known_mx(domain) is None:
+            self._mx[domain] = (time.monotonic() + ttl, hosts)
+
     async def addresses(self, host: str) -> list[str]:
         """IPv4 then IPv6 addresses of a host."""
         now = time.monotonic()

@@ -321,6 +321,17 @@ _WEBHOOK_POSTS = _meter.create_counter(
     "sluice.webhook.posts", "{request}", "Webhook POSTs by outcome (success: a 2xx answer)."
 )
 
+_SITE_WAITS = _meter.create_counter(
+    "sluice.deliverer.site_waits",
+    "{message}",
+    "Hash-bucket mail whose site had no free connection of the loop that fetched it, by how"
+    " it went on: queued for another connection loop of the process serving the site, or"
+    " handed back to JetStream for a moment (queued mail that then finds no connection is"
+    " handed back too, and counts in both).",
+)
+_QUEUED = {"how": "queued"}
+_HANDED_BACK = {"how": "handed_back"}
+
 _BY_EVENT = {
     messages_pb2.EVENT_TYPE_DELIVERED: _DELIVERED,
     messages_pb2.EVENT_TYPE_DEFERRED: _DEFERRED,
@@ -363,6 +374,11 @@ def count_event(
 
 def count_webhook_post(success: bool) -> None:
     _WEBHOOK_POSTS.add(1, _SUCCESS if success else _FAILURE)
+
+
+def count_site_wait(n: int, queued: bool) -> None:
+    """Count bucket mail whose site was busy: queued for another loop, or handed back."""
+    _SITE_WAITS.add(n, _QUEUED if queued else _HANDED_BACK)
 
 
 # The scheduler's view, read when metrics are collected (a scrape, or the OTLP push): each

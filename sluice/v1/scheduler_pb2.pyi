@@ -244,8 +244,30 @@ class AcquireLeasesResponse(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class DomainMxEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> Global___DomainMx: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: Global___DomainMx | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     LEASES_FIELD_NUMBER: _builtins.int
     DOMAIN_SITES_FIELD_NUMBER: _builtins.int
+    DOMAIN_MX_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def leases(self) -> _containers.RepeatedCompositeFieldContainer[Global___Lease]:
         """The granted leases; may be empty."""
@@ -256,19 +278,82 @@ class AcquireLeasesResponse(_message.Message):
         holds a lease on that site already delivers the domain's mail under it).
         """
 
+    @_builtins.property
+    def domain_mx(self) -> _containers.MessageMap[_builtins.str, Global___DomainMx]:
+        """For domain requests: the MX hosts of the requested domains, as the scheduler resolved
+        them to find their sites, and how long they hold; the deliverer uses them instead of
+        looking them up again. A domain whose lookup failed, or that a route sends elsewhere,
+        is not listed: the deliverer resolves it itself (and classifies a failure).
+        """
+
     def __init__(
         self,
         *,
         leases: _abc.Iterable[Global___Lease] | None = ...,
         domain_sites: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        domain_mx: _abc.Mapping[_builtins.str, Global___DomainMx] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["domain_sites", b"domain_sites", "leases", b"leases"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["domain_mx", b"domain_mx", "domain_sites", b"domain_sites", "leases", b"leases"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AcquireLeasesResponse: _TypeAlias = AcquireLeasesResponse  # noqa: Y015
+
+@_typing.final
+class DomainMx(_message.Message):
+    """DomainMx is a domain's MX hosts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOSTS_FIELD_NUMBER: _builtins.int
+    TTL_SECONDS_FIELD_NUMBER: _builtins.int
+    ttl_seconds: _builtins.int
+    """How long the answer holds (seconds left of its DNS TTL)."""
+    @_builtins.property
+    def hosts(self) -> _containers.RepeatedCompositeFieldContainer[Global___MxHost]:
+        """By preference, lowest first (the implicit MX, the domain itself, when it has none)."""
+
+    def __init__(
+        self,
+        *,
+        hosts: _abc.Iterable[Global___MxHost] | None = ...,
+        ttl_seconds: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hosts", b"hosts", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DomainMx: _TypeAlias = DomainMx  # noqa: Y015
+
+@_typing.final
+class MxHost(_message.Message):
+    """MxHost is one MX host."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PREFERENCE_FIELD_NUMBER: _builtins.int
+    HOST_FIELD_NUMBER: _builtins.int
+    preference: _builtins.int
+    """The MX preference."""
+    host: _builtins.str
+    """The host name, lower case, without the trailing dot."""
+    def __init__(
+        self,
+        *,
+        preference: _builtins.int = ...,
+        host: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["host", b"host", "preference", b"preference"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MxHost: _TypeAlias = MxHost  # noqa: Y015
 
 @_typing.final
 class RenewLeasesRequest(_message.Message):

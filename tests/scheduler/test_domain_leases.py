@@ -59,6 +59,14 @@ async def test_one_lease_per_site_for_a_batch_of_domains(
             "c.test": "mx.c.test",
             "full.test": "mx.full.test",
         }, "every domain's site, leased or not"
+        # ... and every domain's MX hosts, as the scheduler resolved them.
+        assert {d: [h.host for h in mx.hosts] for d, mx in resp.domain_mx.items()} == {
+            "a.test": ["mx.shared.test"],
+            "b.test": ["mx.shared.test"],
+            "c.test": ["mx.c.test"],
+            "full.test": ["mx.full.test"],
+        }
+        assert all(0 < mx.ttl_seconds <= 60 for mx in resp.domain_mx.values())
         by_site = {ls.site_id: sorted(ls.domains) for ls in leases}
         assert by_site == {"mx.shared.test": ["a.test", "b.test"], "mx.c.test": ["c.test"]}
         assert all(ls.max_connections == 1 for ls in leases)

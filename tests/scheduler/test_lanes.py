@@ -51,7 +51,9 @@ async def mail_consumers(stack: Stack) -> list[str]:
     return [i.name for i in infos if i.name.startswith("mail_")]
 
 
-async def test_a_long_tail_shares_bucket_queues_within_site_limits(stack: Stack) -> None:
+async def test_a_long_tail_shares_bucket_queues_within_site_limits(
+    stack: Stack, dns_server: DnsServer
+) -> None:
     stack.smtp.data_delay["big.tail.test"] = 0.002
     # 400 domains with 1-3 recipients each, and 300 recipients at one busy domain.
     emails = [f"u{j}@{d}" for i, d in enumerate(TAIL) for j in range(1 + i % 3)]
@@ -71,6 +73,10 @@ async def test_a_long_tail_shares_bucket_queues_within_site_limits(stack: Stack)
     assert stack.smtp.max_active <= 3, stack.smtp.max_active
     # Its domains share connections: the long tail did not cost a connection per domain.
     assert len(stack.smtp.connected_at) < len(TAIL) // 2, len(stack.smtp.connected_at)
+    # Each tail domain's MX was looked up once, by the scheduler: the deliverers took the
+    # answer that came with their leases.
+    mx_queries = Counter(name for name, rdtype in dns_server.queries if rdtype == "MX")
+    assert {mx_queries[d] for d in TAIL} == {1}, Counter(mx_queries[d] for d in TAIL)
     # 401 domains, but consumers only for the busy domain and the 4 buckets (one tenant,
     # one tier).
     assert seen, "no consumer was ever seen"

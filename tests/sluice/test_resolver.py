@@ -65,6 +65,28 @@ async def test_answers_are_cached(resolver: tuple[Resolver, DnsServer]) -> None:
     assert srv.queries.count(("multi.test", "MX")) == 1
 
 
+async def test_mx_hosts_learned_from_another_process_are_used_until_their_ttl(
+    resolver: tuple[Resolver, DnsServer],
+) -> None:
+    r, srv = resolver
+    assert r.known_mx("multi.test") is None
+    hosts = await r.mx("multi.test")
+    known = r.known_mx("multi.test")
+    assert known is not None and known[0] == hosts and 0 < known[1] <= 60
+    # Learned (what the scheduler sends with a lease): no lookup here.
+    r.learn_mx("learned.test", [MxHost(5, "mx.learned.test")], 30)
+    assert await r.mx("learned.test") == [MxHost(5, "mx.learned.test")]
+    # A known answer is not replaced, and an expired one is looked up again.
+    r.learn_mx("multi.test", [MxHost(1, "other.test")], 30)
+    assert await r.mx("multi.test") == hosts
+    r.learn_mx("gone.test", [MxHost(5, "mx.gone.test")], 0.05)
+    await asyncio.sleep(0.1)
+    assert r.known_mx("gone.test") is None
+    with pytest.raises(DnsPermanent):
+        await r.mx("gone.test")  # (not in the DNS server's records: NXDOMAIN)
+    assert [q for q in srv.queries if q[1] == "MX"] == [("multi.test", "MX"), ("gone.test", "MX")]
+
+
 class _Responder(asyncio.DatagramProtocol):
     """A nameserver that answers every query through `answer` (None: stays silent)."""
 
