@@ -59,24 +59,44 @@ class Backlog:
     bucketed: set[str] = field(default_factory=set)
 
 
+# Queues by (tier, lane, key, tenant), made once: a backlog read with a long tail of
+# domains names thousands of subjects a second, and most of them map to a few bucket queues.
+_queues: dict[tuple[names.Tier, str, str, str], Queue] = {}
+_TIERS = {names.tier_token(t): t for t in names.TIERS}
+
+
+def _queue(ident: tuple[names.Tier, str, str, str]) -> Queue:
+    q = _queues.get(ident)
+    if q is None:
+        if len(_queues) > 100_000:
+            _queues.clear()
+        q = _queues[ident] = Queue(*ident)
+    return q
+
+
 async def read_backlog(js: JetStreamContext) -> Backlog:
     info = await js.stream_info(names.MAIL_STREAM, subjects_filter=names.MAIL_SUBJECTS)
+    # Counted by plain tuples (cheap to hash), made queues at the end.
+    queues: dict[tuple[names.Tier, str, str, str], int] = {}
     out = Backlog()
+    domains = out.domains
+    dedicated = names.DEDICATED_LANE
     for subject, count in (info.state.subjects or {}).items():
         parts = subject.split(".")
         if len(parts) != 6 or count <= 0:
             continue  # chunk markers have five tokens
-        try:
-            tier = names.tier_from_token(parts[2])
-        except KeyError:
+        _, _, token, lane, key, tenant = parts
+        tier = _TIERS.get(token)
+        if tier is None:
             continue
-        lane, key, tenant = parts[3], parts[4], parts[5]
-        bucket = lane != names.DEDICATED_LANE
-        q = Queue(tier, lane, "" if bucket else key, tenant)
-        out.queues[q] = out.queues.get(q, 0) + count
-        out.domains[(tier, key)] += count
-        if bucket:
+        if lane != dedicated:
+            ident = (tier, lane, "", tenant)
             out.bucketed.add(key)
+        else:
+            ident = (tier, lane, key, tenant)
+        queues[ident] = queues.get(ident, 0) + count
+        domains[(tier, key)] += count
+    out.queues = {_queue(ident): n for ident, n in queues.items()}
     return out
 
 

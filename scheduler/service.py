@@ -148,9 +148,13 @@ class Scheduler:
     async def _bucketed_sites(self) -> set[str]:
         """Sites with mail in hash buckets (computed once per backlog read)."""
         if self._bucketed_for is not self._backlog:
-            self._bucketed = {
-                await self.site_of(names.key_domain(k)) for k in self._backlog.bucketed
-            }
+            now = time.monotonic()
+            sites: set[str] = set()
+            for key in self._backlog.bucketed:
+                domain = names.key_domain(key)
+                hit = self._sites.get(domain)  # (most are known: no coroutine for them)
+                sites.add(hit[1] if hit and hit[0] > now else await self.site_of(domain))
+            self._bucketed = sites
             self._bucketed_for = self._backlog
         return self._bucketed
 
