@@ -439,6 +439,9 @@ class Deliverer:
                         # lanes between deliverers, and handing back whole batches then made
                         # about a tenth of a long-tail blast's mail come twice).
                         if stop.is_set() or (work.lost.is_set() and not bucket):
+                            # (not kept alive any more: a progress ack after the nak would
+                            # hold the pointer until ack_wait)
+                            batch.next = len(groups)
                             await self._hand_back(groups[i:])
                             return
                         batch.next = i  # (the rest is kept alive: _keep_in_hand_alive)
@@ -475,6 +478,7 @@ class Deliverer:
                             if held is None:
                                 # The site is at its limit (or suspended): back in a moment.
                                 count_site_wait(len(group), queued=False)
+                                batch.next = i + 1  # (see above: no progress ack after a nak)
                                 for msg, _ in group:
                                     await msg.nak(delay=busy_delay(msg.metadata.num_delivered or 1))
                                 if owning is not None:
@@ -494,15 +498,19 @@ class Deliverer:
                     conn = await self._drain(held, conn)
                 await self._release_ready(ready)
         finally:
-            if held is not None and not stop.is_set():
-                conn = await self._drain(held, conn)
-            if owning is not None:
-                self._disown(owning)
-            if held is not None:
-                await self._park(held, conn)
-            elif conn is not None:
-                await conn.close()
-            await self._release_ready(ready)
+            try:
+                if held is not None and not stop.is_set():
+                    conn = await self._drain(held, conn)
+            finally:
+                # Whatever happened, the site is not served from here any more: mail queued
+                # for it must not wait for this loop.
+                if owning is not None:
+                    self._disown(owning)
+                if held is not None:
+                    await self._park(held, conn)
+                elif conn is not None:
+                    await conn.close()
+                await self._release_ready(ready)
 
     def _own(self, site: str) -> str:
         """This loop serves `site` now (holds a lease on it or waits for one)."""
@@ -571,10 +579,13 @@ class Deliverer:
             held = [q for queue in self._site_queues.values() for q in queue]
             for in_hand in [*self._batches, *held]:
                 if now - in_hand.alive > self._ack_wait / 3:
-                    in_hand.alive = now
-                    for group in in_hand.groups[in_hand.next :]:
-                        for msg, _ in group:
-                            await msg.in_progress()
+                    try:
+                        for group in in_hand.groups[in_hand.next :]:
+                            for msg, _ in group:
+                                await msg.in_progress()
+                        in_hand.alive = now
+                    except NatsError as exc:  # (NATS away: the next round tries again)
+                        log.warning("keeping mail in hand alive failed: %r", exc)
 
     @staticmethod
     async def _hand_back_busy(groups: list[Group]) -> None:
