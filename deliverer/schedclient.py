@@ -82,12 +82,14 @@ class LeaseStream:
             error = _error(grpc.StatusCode.CANCELLED, "the lease stream was closed")
             raise
         finally:
-            # Every request still waiting fails as its unary call would have.
+            # Every request still waiting fails as its unary call would have, and the
+            # request iterator ends (gRPC's task reading it would wait on it forever).
             self.error = error
             for waiter in self._waiting.values():
                 if not waiter.done():
                     waiter.set_exception(error)
             self._waiting.clear()
+            self._outbox.put_nowait(None)
 
     async def send(
         self,

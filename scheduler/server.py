@@ -8,6 +8,7 @@ go to the active one (deliverer/schedclient.py). docs/ha.md describes a takeover
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -103,6 +104,14 @@ class Refused(Exception):
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
     def __init__(self, role: Role) -> None:
         self._role = role
+        # The open Leases streams' outboxes (see end_streams).
+        self._streams: set[asyncio.Queue[scheduler_pb2.LeasesResponse | Refused | None]] = set()
+
+    def end_streams(self, why: str) -> None:
+        """End every open Leases stream with UNAVAILABLE (a stopping scheduler does this
+        before stopping its server, which then has no stream to wait for or cancel)."""
+        for out in self._streams:
+            out.put_nowait(Refused(grpc.StatusCode.UNAVAILABLE, why))
 
     def _active(self) -> Scheduler:
         s = self._role.active()
@@ -254,12 +263,14 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
                 out.put_nowait(None)
 
         reader = asyncio.create_task(read())
+        self._streams.add(out)
         try:
             while (item := await out.get()) is not None:
                 if isinstance(item, Refused):
                     await context.abort(item.code, item.details)
                 yield item
         finally:
+            self._streams.discard(out)
             reader.cancel()
             for task in list(running):
                 task.cancel()
@@ -310,7 +321,8 @@ async def serve(cfg: Config, stop: asyncio.Event) -> None:
     first = await role.activate() if won else None
     # One scheduler per address: a second one must fail to bind, not share the port.
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(SchedulerServicer(role), server)
+    servicer = SchedulerServicer(role)
+    scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(servicer, server)
     health = ServiceHealth("scheduler", lambda: nats_problems(nc))
     health.add_to(server, "sluice.v1.SchedulerService")
     add_port(server, cfg.scheduler.listen, tls)
@@ -322,7 +334,10 @@ async def serve(cfg: Config, stop: asyncio.Event) -> None:
             await _lead(cfg, js, role, stop, first)
             first = None
     finally:
-        await server.stop(grace=2)
+        servicer.end_streams(f"scheduler {lock.holder} is stopping")
+        # (bounded: a stop that hangs on an RPC must not keep the process, or a test, alive)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(server.stop(grace=2), 5)
         # A clean stop hands the lock over at once (the successor still waits out our leases).
         await lock.release()
         await health.close()
