@@ -62,10 +62,11 @@ class SchedulerServiceStub:
     ReportOutcomes calls over one stream, each with the unary call's meaning and errors.
     A request with an id gets the response with that id, in any order (an acquire waiting
     for a full site holds up no other call); id 0 asks for no response. A release is applied
-    before any request sent after it. A standby, or a scheduler that stops being the leader,
-    ends the stream with UNAVAILABLE; requests still unanswered may or may not have taken
-    effect, as with a failed unary call. Deliverers use this instead of the unary calls:
-    a message on a stream costs both sides far less than a call (docs/scheduling.md).
+    before any request sent after it. A standby, a scheduler that stops being the leader,
+    and one that is stopping end the stream with UNAVAILABLE; requests still unanswered may
+    or may not have taken effect, as with a failed unary call. Deliverers use this instead
+    of the unary calls: a message on a stream costs both sides far less than a call
+    (docs/scheduling.md).
     """
 
 @_typing.type_check_only
@@ -102,10 +103,11 @@ class SchedulerServiceAsyncStub(SchedulerServiceStub):
     ReportOutcomes calls over one stream, each with the unary call's meaning and errors.
     A request with an id gets the response with that id, in any order (an acquire waiting
     for a full site holds up no other call); id 0 asks for no response. A release is applied
-    before any request sent after it. A standby, or a scheduler that stops being the leader,
-    ends the stream with UNAVAILABLE; requests still unanswered may or may not have taken
-    effect, as with a failed unary call. Deliverers use this instead of the unary calls:
-    a message on a stream costs both sides far less than a call (docs/scheduling.md).
+    before any request sent after it. A standby, a scheduler that stops being the leader,
+    and one that is stopping end the stream with UNAVAILABLE; requests still unanswered may
+    or may not have taken effect, as with a failed unary call. Deliverers use this instead
+    of the unary calls: a message on a stream costs both sides far less than a call
+    (docs/scheduling.md).
     """
 
 class SchedulerServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -175,10 +177,11 @@ class SchedulerServiceServicer(metaclass=_abc_1.ABCMeta):
         ReportOutcomes calls over one stream, each with the unary call's meaning and errors.
         A request with an id gets the response with that id, in any order (an acquire waiting
         for a full site holds up no other call); id 0 asks for no response. A release is applied
-        before any request sent after it. A standby, or a scheduler that stops being the leader,
-        ends the stream with UNAVAILABLE; requests still unanswered may or may not have taken
-        effect, as with a failed unary call. Deliverers use this instead of the unary calls:
-        a message on a stream costs both sides far less than a call (docs/scheduling.md).
+        before any request sent after it. A standby, a scheduler that stops being the leader,
+        and one that is stopping end the stream with UNAVAILABLE; requests still unanswered may
+        or may not have taken effect, as with a failed unary call. Deliverers use this instead
+        of the unary calls: a message on a stream costs both sides far less than a call
+        (docs/scheduling.md).
         """
 
 def add_SchedulerServiceServicer_to_server(servicer: SchedulerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
