@@ -477,10 +477,8 @@ class Deliverer:
                             )
                             if held is None:
                                 # The site is at its limit (or suspended): back in a moment.
-                                count_site_wait(len(group), queued=False)
                                 batch.next = i + 1  # (see above: no progress ack after a nak)
-                                for msg, _ in group:
-                                    await msg.nak(delay=busy_delay(msg.metadata.num_delivered or 1))
+                                await self._hand_back_busy([group])
                                 if owning is not None:
                                     self._disown(owning)
                                     owning = None
@@ -488,10 +486,7 @@ class Deliverer:
                             if owning is None:  # (the site became known only now)
                                 owning = self._own(held.lease.site_id)
                             site = held
-                        # A lease's message rate is shared by all of its connections.
-                        for _ in group:
-                            await site.messages.wait(site.lease.max_message_rate)
-                        conn = await self._deliver(group, site, conn)
+                        conn = await self._paced(group, site, conn)
                 finally:
                     self._batches.discard(batch)
                 if held is not None:
@@ -557,15 +552,29 @@ class Deliverer:
             if time.monotonic() - queued.alive > self._ack_wait / 3:
                 for msg, _ in group:  # still ours: tell JetStream before sending
                     await msg.in_progress()
-            domain = group[0][1].domain if group[0][1] is not None else ""
-            if conn is not None and not await self._serves(conn, domain):
-                await conn.close()
-                conn = None
-            for _ in group:
-                await held.messages.wait(held.lease.max_message_rate)
-            conn = await self._deliver(group, held, conn)
+            if conn is not None and group[0][1] is not None:
+                conn = await self._fit(conn, group[0][1].domain)
+            conn = await self._paced(group, held, conn)
             queue = self._site_queues.get(site)
         return conn
+
+    async def _paced(
+        self, group: Group, work: LeaseWork, conn: SmtpConnection | None
+    ) -> SmtpConnection | None:
+        """Deliver `group` under `work` once its message rate allows (a lease's rate is
+        shared by all of its connections); returns the connection to go on with."""
+        for _ in group:
+            await work.messages.wait(work.lease.max_message_rate)
+        return await self._deliver(group, work, conn)
+
+    async def _fit(self, conn: SmtpConnection, domain: str) -> SmtpConnection | None:
+        """`conn` if it may carry mail for `domain` (see _serves), else None (closed): the
+        domain goes elsewhere (another MX set, a route's port) or needs TLS it lacks, so a
+        new connection is opened under the same lease."""
+        if await self._serves(conn, domain):
+            return conn
+        await conn.close()
+        return None
 
     async def _keep_in_hand_alive(self, stop: asyncio.Event) -> None:
         """Tell JetStream every third of ack_wait that the mail the loops hold is in
@@ -768,11 +777,8 @@ class Deliverer:
             # waits of one fetched batch share one deadline, well inside ack_wait.
             while held is None and (left := deadline - time.monotonic()) > 0.05 and not give_up():
                 held, conn = await self._wait_for_site(domain, min(left, 1.0))
-        if held is not None and conn is not None and not await self._serves(conn, domain):
-            # This domain goes elsewhere than the connection (another MX set, a route's
-            # port) or needs TLS it lacks: a new connection under the same lease.
-            await conn.close()
-            conn = None
+        if held is not None and conn is not None:
+            conn = await self._fit(conn, domain)
         return held, conn
 
     async def _serves(self, conn: SmtpConnection, domain: str) -> bool:

@@ -111,11 +111,15 @@ class Scheduler:
         self._backlog = await read_backlog(self._js)
         self._backlog_at = time.monotonic()
 
-    async def site_of(self, domain: str) -> str:
-        now = time.monotonic()
+    def _known_site(self, domain: str) -> str | None:
+        """The domain's site from the cache, if known and not expired."""
         hit = self._sites.get(domain)
-        if hit and hit[0] > now:
-            return hit[1]
+        return hit[1] if hit and hit[0] > time.monotonic() else None
+
+    async def site_of(self, domain: str) -> str:
+        if (known := self._known_site(domain)) is not None:
+            return known
+        now = time.monotonic()
         try:
             hosts = [h.host for h in await self._resolver.mx(domain)]
             site = self._rules.site_of(domain, hosts)
@@ -148,12 +152,11 @@ class Scheduler:
     async def _bucketed_sites(self) -> set[str]:
         """Sites with mail in hash buckets (computed once per backlog read)."""
         if self._bucketed_for is not self._backlog:
-            now = time.monotonic()
             sites: set[str] = set()
             for key in self._backlog.bucketed:
                 domain = names.key_domain(key)
-                hit = self._sites.get(domain)  # (most are known: no coroutine for them)
-                sites.add(hit[1] if hit and hit[0] > now else await self.site_of(domain))
+                # (most are known: no coroutine for them)
+                sites.add(self._known_site(domain) or await self.site_of(domain))
             self._bucketed = sites
             self._bucketed_for = self._backlog
         return self._bucketed

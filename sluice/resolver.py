@@ -208,10 +208,9 @@ class Resolver:
         route = self.route(domain)
         if route is not None:
             return [MxHost(0, route[0])]
+        if (known := self.known_mx(domain)) is not None:
+            return known[0]
         now = time.monotonic()
-        cached = self._mx.get(domain)
-        if cached and cached[0] > now:
-            return cached[1]
         try:
             answer, ttl = await self._client.query(domain, dns.rdatatype.MX)
             hosts = sorted(
