@@ -17,11 +17,11 @@ import time
 from dataclasses import dataclass
 
 from nats.js import JetStreamContext
-from nats.js.errors import KeyNotFoundError
 
 from scheduler.shaping import Limits
 from sluice import names
 from sluice.config import SchedulerConfig
+from sluice.kvmirror import kv_current
 
 __all__ = ["Adaptive", "SiteState"]
 
@@ -47,17 +47,8 @@ class Adaptive:
         self.states: dict[str, SiteState] = {}
 
     async def load(self) -> None:
-        kv = await self._js.key_value(names.SITES_BUCKET)
-        try:
-            keys = await kv.keys()
-        except Exception:  # nats-py raises NoKeysError on an empty bucket
-            return
-        for key in keys:
-            try:
-                entry = await kv.get(key)
-            except KeyNotFoundError:
-                continue
-            data = json.loads(entry.value or b"{}")
+        for value in (await kv_current(self._js, names.SITES_BUCKET)).values():
+            data = json.loads(value or b"{}")
             if not isinstance(data, dict) or "site_id" not in data:
                 continue  # the scheduler's liveness key shares the bucket
             self.states[data["site_id"]] = SiteState(

@@ -22,6 +22,7 @@ from nats.js.errors import NotFoundError
 
 from sluice import names
 from sluice.config import Config
+from sluice.kvmirror import kv_current
 from sluice.store import PayloadStore, StoreError
 from sluice.tenants import TenantStore, valid_tenant_id
 from sluice.v1 import messages_pb2
@@ -104,17 +105,7 @@ async def _collect_and_drop_jobs(
 
 async def _kv_keys(js: JetStreamContext, bucket: str, pattern: str) -> list[str]:
     """Keys matching a subject pattern (nats-py's `keys(filters=...)` matches substrings)."""
-    kv = await js.key_value(bucket)
-    watcher = await kv.watch(pattern, ignore_deletes=True, meta_only=True)
-    keys: list[str] = []
-    try:
-        async for entry in watcher:
-            if entry is None:  # the current values have all arrived
-                break
-            keys.append(entry.key)
-    finally:
-        await watcher.stop()  # type: ignore[no-untyped-call]
-    return keys
+    return list(await kv_current(js, bucket, pattern, keys_only=True))
 
 
 async def _purge_kv(

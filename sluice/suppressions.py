@@ -16,10 +16,9 @@ import time
 
 from google.protobuf.message import DecodeError
 from nats.js import JetStreamContext
-from nats.js.kv import KV_DEL, KV_PURGE
 
 from sluice import names
-from sluice.kvmirror import KvMirror
+from sluice.kvmirror import KvMirror, kv_current
 from sluice.nats_layout import kv_put_ttl
 from sluice.v1 import messages_pb2
 
@@ -121,22 +120,13 @@ async def remove(js: JetStreamContext, tenant_id: str, email: str) -> bool:
 
 async def list_tenant(js: JetStreamContext, tenant_id: str) -> list[messages_pb2.Suppression]:
     """The tenant's live entries, ordered by address."""
-    kv = await js.key_value(names.SUPPRESSIONS_BUCKET)
-    watcher = await kv.watch(f"{tenant_id}.*", ignore_deletes=True)
-    entries: list[messages_pb2.Suppression] = []
     now = time.time()
-    try:
-        async for entry in watcher:
-            if entry is None:  # the current values have all arrived
-                break
-            if entry.operation in (KV_DEL, KV_PURGE) or not entry.value:
-                continue
-            decoded = _decode(entry.value)
-            # (An entry from before values held the address cannot be listed by it.)
-            if decoded.email and not _expired(decoded, now):
-                entries.append(decoded)
-    finally:
-        await watcher.stop()  # type: ignore[no-untyped-call]
+    entries = [
+        _decode(v)
+        for v in (await kv_current(js, names.SUPPRESSIONS_BUCKET, f"{tenant_id}.*")).values()
+    ]
+    # (An entry from before values held the address cannot be listed by it.)
+    entries = [e for e in entries if e.email and not _expired(e, now)]
     entries.sort(key=lambda e: e.email)
     return entries
 

@@ -17,6 +17,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError
 
 from sluice import names
+from sluice.kvmirror import kv_current
 from sluice.v1 import messages_pb2, tenant_pb2
 
 __all__ = [
@@ -112,13 +113,8 @@ class TenantStore:
         return tenant_pb2.Tenant.FromString(entry.value)
 
     async def list_tenants(self) -> list[tenant_pb2.Tenant]:
-        kv = await self._js.key_value(names.TENANTS_BUCKET)
-        try:
-            keys = await kv.keys()
-        except Exception:  # nats-py raises NoKeysError on an empty bucket
-            return []
-        found = [await self.get_tenant(k) for k in keys]
-        return [t for t in found if t is not None]
+        values = await kv_current(self._js, names.TENANTS_BUCKET)
+        return [tenant_pb2.Tenant.FromString(v) for _, v in sorted(values.items()) if v]
 
     async def create_key(
         self, tenant_id: str, tiers: list[messages_pb2.Tier.ValueType] | None = None
@@ -143,20 +139,8 @@ class TenantStore:
         return tenant_pb2.ApiKey.FromString(entry.value)
 
     async def list_keys(self) -> list[tuple[str, tenant_pb2.ApiKey]]:
-        kv = await self._js.key_value(names.KEYS_BUCKET)
-        try:
-            digests = await kv.keys()
-        except Exception:  # NoKeysError on an empty bucket
-            return []
-        out = []
-        for digest in digests:
-            try:
-                entry = await kv.get(digest)
-            except KeyNotFoundError:
-                continue
-            if entry.value:
-                out.append((digest, tenant_pb2.ApiKey.FromString(entry.value)))
-        return out
+        values = await kv_current(self._js, names.KEYS_BUCKET)
+        return [(d, tenant_pb2.ApiKey.FromString(v)) for d, v in sorted(values.items()) if v]
 
     async def revoke_key(self, key_id: str) -> bool:
         """Mark the key with this key_id revoked; False if there is none."""
