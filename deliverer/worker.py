@@ -252,8 +252,13 @@ class Deliverer:
             # Domain leases mostly end within a second: only those that have lasted an
             # interval are renewed (lane and site leases always: renewals bring their queues).
             young = time.monotonic() - interval
-            ids = list(self._work) + [
-                lease_id for lease_id, work in self._domain_leases.items() if work.since <= young
+            # A lease known lost is not renewed again (its loop only finishes the batch in
+            # hand, under the site leases that limit its connections).
+            ids = [lease_id for lease_id, work in self._work.items() if not work.lost.is_set()]
+            ids += [
+                lease_id
+                for lease_id, work in self._domain_leases.items()
+                if work.since <= young and not work.lost.is_set()
             ]
             if not ids:
                 continue
@@ -283,7 +288,7 @@ class Deliverer:
                     work.lost.set()
             for lost in resp.lost_lease_ids:
                 work = self._work.get(lost) or self._domain_leases.get(lost)
-                if work is not None:
+                if work is not None and not work.lost.is_set():
                     log.warning("lease %s lost; stopping work on it", lost)
                     work.lost.set()
 
