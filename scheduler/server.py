@@ -245,6 +245,12 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
                     out.put_nowait(r)  # the stream ends: ask the leader
                     return
                 resp.error_code, resp.error_message = r.code.value[0], r.details
+            except Exception as exc:
+                # A bug must not leave the caller waiting out its deadline for an answer
+                # that never comes: it gets INTERNAL now (as a unary call would).
+                log.exception("Leases: %s call failed", request.WhichOneof("call"))
+                resp.error_code = grpc.StatusCode.INTERNAL.value[0]
+                resp.error_message = f"{type(exc).__name__}: {exc}"
             if request.id:
                 out.put_nowait(resp)
 

@@ -15,6 +15,7 @@ import grpc
 import pytest
 
 from deliverer.schedclient import SchedulerClient
+from scheduler.server import SchedulerServicer
 from sluice import config as config_mod
 from sluice.config import Config
 from sluice.devdns import DnsServer
@@ -126,6 +127,26 @@ async def test_a_request_unanswered_in_time_fails_with_deadline_exceeded(
         timeout=10,
     )
     assert [ls.lease_id for ls in renewed.leases] == [held.lease_id]
+
+
+async def test_a_call_that_fails_inside_the_scheduler_is_answered_internal(
+    client: SchedulerClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def broken(*_: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(SchedulerServicer, "_renew", broken)
+    (held,) = (await client.AcquireLeases(_acquire("d2"), timeout=10)).leases
+    # Answered at once with INTERNAL, not left to run into its deadline...
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        await client.RenewLeases(
+            scheduler_pb2.RenewLeasesRequest(deliverer_id="d2", lease_ids=[held.lease_id]),
+            timeout=60,
+        )
+    assert failed.value.code() == grpc.StatusCode.INTERNAL
+    assert "a bug" in (failed.value.details() or "")
+    # ... and the stream goes on.
+    assert not (await client.AcquireLeases(_acquire("d4"), timeout=10)).leases
 
 
 async def test_a_stopped_scheduler_fails_the_requests_in_flight(
