@@ -52,6 +52,7 @@ class Sink:
         self.active: dict[str, int] = defaultdict(int)
         self.peak: dict[str, int] = defaultdict(int)
         self.delivered = 0
+        self.connections = 0  # connections that carried mail
         self.seen: set[str] = set()
         self.duplicates = 0  # deliveries to a recipient that had its message already
         self.first = 0.0
@@ -64,6 +65,7 @@ class Sink:
         site = self.site_of[address.rpartition("@")[2]]
         if getattr(session, "site", None) is None:
             session.site = site  # type: ignore[attr-defined]
+            self.connections += 1
             self.active[site] += 1
             self.peak[site] = max(self.peak[site], self.active[site])
         envelope.rcpt_tos.append(address)
@@ -220,6 +222,10 @@ async def main() -> None:
         print(f"  all        CPU {sum(cpu.values()) / total * 1e3:.2f} ms/msg")
         print(f"most mail consumers at once: {most_consumers}")
         print(f"recipients reached: {len(sink.seen)} of {total}, duplicates: {sink.duplicates}")
+        print(
+            f"connections that carried mail: {sink.connections}, transactions: {sink.delivered}"
+            f" ({sink.delivered / max(sink.connections, 1):.1f} per connection)"
+        )
         over = [site for site in sites if sink.peak[site] > limits[site]]
         busiest = sorted(sites, key=lambda site: -sink.peak[site])[:10]
         for site in busiest if args.zipf_domains else sites:

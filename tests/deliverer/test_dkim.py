@@ -91,6 +91,19 @@ def test_signatures_verify_with_dkimpy(kind: str, case: str) -> None:
     assert not _verify(tampered, record)
 
 
+def test_messages_sharing_a_body_each_verify() -> None:
+    """The body hash is cached by body: messages that share one (a blast) and messages that
+    differ by a byte each carry the right one."""
+    pem, record = _rsa()
+    key = tenant_pb2.DkimKey(domain="acme.test", selector="s1", private_key_pem=pem)
+    body = b"Same for everyone\r\n" * 20
+    for i, variant in enumerate([body, body, body + b"x\r\n", body]):
+        message = b"From: news@acme.test\r\nTo: u%d@mail.test\r\n\r\n" % i + variant
+        signed = sign(message, key)
+        assert _verify(signed, record), f"message {i}"
+        assert not _verify(signed.replace(b"Same for", b"Same to", 1), record)
+
+
 def test_a_bad_key_is_a_dkim_error() -> None:
     key = tenant_pb2.DkimKey(domain="acme.test", selector="s1", private_key_pem="not a key")
     with pytest.raises(DkimError, match="private key"):
