@@ -50,6 +50,12 @@ class ScriptedSmtp:
     # When each RCPT for an address came (time.monotonic()).
     rcpt_times: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     ehlo_names: list[str] = field(default_factory=list)
+    # Replies for the next MAILs, used once each (then MAIL is accepted), and each MAIL's
+    # parameters (e.g. ["SIZE=2048"]).
+    mail_script: list[str] = field(default_factory=list)
+    mail_options: list[list[str]] = field(default_factory=list)
+    # How many RSETs the server was sent.
+    rsets: int = 0
     # Seconds each DATA takes, per recipient domain (a slow destination).
     data_delay: dict[str, float] = field(default_factory=dict)
     # A reply for every RCPT to a domain while set, e.g. "421 4.7.0 rate limited".
@@ -72,6 +78,25 @@ class ScriptedSmtp:
         self.ehlo_names.append(hostname)
         session.host_name = hostname
         return responses
+
+    async def handle_MAIL(  # noqa: N802
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        mail_options: list[str],
+    ) -> str:
+        self.mail_options.append(list(mail_options))
+        if self.mail_script:
+            return self.mail_script.pop(0)
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
+
+    async def handle_RSET(self, server: SMTP, session: Session, envelope: Envelope) -> str:  # noqa: N802
+        self.rsets += 1
+        return "250 OK"
 
     async def handle_RCPT(  # noqa: N802
         self,

@@ -6,11 +6,9 @@ advertises a small SIZE."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from deliverer.classify import Bounced, Delivered, classify
 from deliverer.smtp import SmtpConnection
@@ -19,29 +17,9 @@ from tests.servers import ScriptedSmtp, self_signed_context, start_smtp
 LIMIT = 2000
 
 
-@dataclass
-class RecordingSmtp(ScriptedSmtp):
-    """The scripted server, also keeping each MAIL FROM's parameters."""
-
-    mail_options: list[list[str]] = field(default_factory=list)
-
-    async def handle_MAIL(  # noqa: N802
-        self,
-        server: SMTP,
-        session: Session,
-        envelope: Envelope,
-        address: str,
-        mail_options: list[str],
-    ) -> str:
-        self.mail_options.append(list(mail_options))
-        envelope.mail_from = address
-        envelope.mail_options.extend(mail_options)
-        return "250 OK"
-
-
 @pytest.fixture
-async def small_tls_smtp(tmp_path: Path) -> AsyncIterator[tuple[RecordingSmtp, int]]:
-    handler = RecordingSmtp()
+async def small_tls_smtp(tmp_path: Path) -> AsyncIterator[tuple[ScriptedSmtp, int]]:
+    handler = ScriptedSmtp()
     server, port = await start_smtp(handler, self_signed_context(tmp_path), data_size_limit=LIMIT)
     yield handler, port
     server.close()
@@ -58,7 +36,7 @@ async def _connection(port: int) -> SmtpConnection:
 
 
 async def test_oversize_first_message_after_starttls_is_not_offered(
-    small_tls_smtp: tuple[RecordingSmtp, int],
+    small_tls_smtp: tuple[ScriptedSmtp, int],
 ) -> None:
     server, port = small_tls_smtp
     conn = await _connection(port)
@@ -87,7 +65,7 @@ async def test_oversize_first_message_after_starttls_is_not_offered(
 
 
 async def test_fitting_first_message_after_starttls_declares_its_size(
-    small_tls_smtp: tuple[RecordingSmtp, int],
+    small_tls_smtp: tuple[ScriptedSmtp, int],
 ) -> None:
     server, port = small_tls_smtp
     conn = await _connection(port)
