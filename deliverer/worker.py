@@ -12,7 +12,7 @@ import re
 import socket
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,30 +43,79 @@ __all__ = ["Deliverer"]
 
 # At most this many recipients in one SMTP transaction (RFC 5321 4.5.3.1.8: servers take 100).
 _MAX_RCPTS = 50
-# How many domains of a bucket batch have their sites leased in one call.
-_LOOKAHEAD = 8
-# How long a domain lease a connection loop is done with stays parked for another loop of
-# the process (seconds) before it goes back to the scheduler.
-_LINGER = 0.25
+# Hash-bucket mail waits in the process per site (SiteQueue). A site's connection loop
+# whose queue stays empty this long (seconds) closes its connection; the site's lease goes
+# back with its last loop.
+_LINGER = 1.0
+# Connections asked for on a site (the scheduler grants at most half of the site's limit).
+_CONNECTIONS = 4
+# A site's queue gets one connection loop per this many transactions queued (as many as its
+# leases allow).
+_PER_LOOP = 8
+# Transactions queued per site, and pointers queued in all, beyond which mail goes back to
+# JetStream for a moment, and lanes stop fetching, respectively.
+_SITE_QUEUE = 256
+_IN_HAND = 2048
 
 # Transactions whose settling (events, acks) may still be in flight per process.
 _SETTLING = 256
-# Bucket mail for a site another connection loop of the process serves is queued for that
-# loop, up to this many transactions per site (then a loop waits for the site itself).
-_SITE_QUEUE = 64
 
 Group = list[tuple[Msg, messages_pb2.DeliveryPointer | None]]
 
 
 @dataclass(eq=False)
 class InHand:
-    """Mail a connection loop holds un-acked, not yet in a transaction: a fetched batch
-    (groups before `next` are sent or settled), or a group queued for the loop serving its
-    site. Kept alive at JetStream by Deliverer._keep_in_hand_alive."""
+    """Mail the process holds un-acked, not yet in a transaction: a batch a connection loop
+    fetched (groups before `next` are sent or settled), or a group queued for its site.
+    Kept alive at JetStream by Deliverer._keep_in_hand_alive."""
 
     groups: list[Group]
     alive: float  # when its pointers were last known alive (fetched, or in progress)
     next: int = 0
+    since: float = 0.0  # when it was queued for its site
+
+
+@dataclass(eq=False)
+class SiteQueue:
+    """Hash-bucket mail for one site waiting in the process for a connection, highest tier
+    first, and the leases on the site its connection loops deliver it under."""
+
+    site: str
+    tiers: dict[int, deque[InHand]] = field(default_factory=dict)
+    size: int = 0  # transactions queued
+    leases: list[LeaseWork] = field(default_factory=list)
+    loops: int = 0  # connection loops working it
+    idle: int = 0  # of which waiting for mail
+    more: asyncio.Event = field(default_factory=asyncio.Event)
+    room: asyncio.Event = field(default_factory=asyncio.Event)  # (set when not full)
+    acquiring: asyncio.Future[None] | None = None  # a lease being asked for
+    pops: int = 0
+
+    def push(self, in_hand: InHand, tier: int) -> None:
+        self.tiers.setdefault(tier, deque()).append(in_hand)
+        self.size += 1
+
+    def pop(self, bulk_reserve: int = 0) -> InHand | None:
+        """The next transaction, highest tier first; with a bulk reserve of k, k pops out of
+        ten look at bulk first (as a site lease's batches do: see _next_batch)."""
+        self.pops += 1
+        tiers = sorted(self.tiers)
+        if bulk_reserve and self.pops % 10 < bulk_reserve:
+            tiers.sort(key=lambda t: t != messages_pb2.TIER_BULK)
+        for tier in tiers:
+            queue = self.tiers[tier]
+            in_hand = queue.popleft()
+            if not queue:
+                del self.tiers[tier]
+            self.size -= 1
+            return in_hand
+        return None
+
+    def oldest(self) -> InHand | None:
+        return min((q[0] for q in self.tiers.values()), key=lambda h: h.since, default=None)
+
+    def entries(self) -> list[InHand]:
+        return [in_hand for queue in self.tiers.values() for in_hand in queue]
 
 
 log = logging.getLogger(__name__)
@@ -144,6 +193,8 @@ class LeaseWork:
     # One pull at a time per lease: concurrent pulls would split a message's pointers
     # (one transaction for several recipients) and contend at the server for nothing.
     fetching: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # A lease on a site of hash-bucket mail: its connection loops (SiteQueue).
+    loops: int = 0
 
 
 class Deliverer:
@@ -170,17 +221,14 @@ class Deliverer:
         # Domain leases to give back, gathered for a moment (see _release_domain_lease).
         self._releasing: list[str] = []
         self._release_in_flight = False
-        # Domain leases (with their open connection, if any) that a connection loop is done
-        # with, by site: another loop of this process with mail for the site takes one over
-        # instead of asking the scheduler (and, on a full site, waiting for its own). Given
-        # back after _LINGER unused.
-        self._parked: dict[str, list[tuple[LeaseWork, SmtpConnection | None, float]]] = {}
-        self._parked_signal: dict[str, asyncio.Event] = {}
-        # Sites a connection loop of this process serves (holds a lease on, or waits for
-        # one), with how many loops do; and the bucket mail other loops queued for them,
-        # each group with when its pointers were last known alive (fetched or in progress).
-        self._owners: dict[str, int] = {}
-        self._site_queues: dict[str, deque[InHand]] = {}
+        # Hash-bucket mail waiting for a connection, by site, with the site's leases and
+        # connection loops; how many pointers are queued in all (lanes stop fetching at
+        # _IN_HAND, and _room is set when there is room again).
+        self._site_queues: dict[str, SiteQueue] = {}
+        self._site_tasks: set[asyncio.Future[None]] = set()
+        self._queued = 0
+        self._room = asyncio.Event()
+        self._asking: set[str] = set()  # known sites a batch call is asking for
         # The batches the connection loops are working through.
         self._batches: set[InHand] = set()
         self._stopping = False
@@ -231,10 +279,16 @@ class Deliverer:
             if tasks:
                 bound = min(self._cfg.deliverer.command_timeout, self._cfg.shutdown.drain_timeout)
                 await asyncio.wait(tasks, timeout=bound)
-            for site in list(self._parked):
-                self._unlinger(site, 0.0)  # every parked lease goes back now
-            for site in list(self._site_queues):
-                await self._hand_back([q.groups[0] for q in self._site_queues.pop(site)])
+            if self._site_tasks:
+                bound = min(self._cfg.deliverer.command_timeout, self._cfg.shutdown.drain_timeout)
+                await asyncio.wait(self._site_tasks, timeout=bound)
+            for sq in list(self._site_queues.values()):
+                if sq.acquiring is not None:
+                    sq.acquiring.cancel()
+                groups: list[Group] = []
+                while (in_hand := self._dequeue(sq)) is not None:
+                    groups.append(in_hand.groups[0])
+                await self._hand_back(groups)
             await self.settle_all()
         finally:
             renewer.cancel()
@@ -306,9 +360,13 @@ class Deliverer:
 
     async def _work_lease(self, work: LeaseWork, stop: asyncio.Event) -> None:
         lease = work.lease
-        n = max(1, min(lease.max_connections, self._cfg.deliverer.connections_per_lease))
         try:
-            await asyncio.gather(*(self._connection_loop(work, stop) for _ in range(n)))
+            if lease.lane:
+                # A hash-bucket lane: one loop fetches its mail and queues it per site.
+                await self._lane_loop(work, stop)
+            else:
+                n = max(1, min(lease.max_connections, self._cfg.deliverer.connections_per_lease))
+                await asyncio.gather(*(self._connection_loop(work, stop) for _ in range(n)))
         except Exception:
             log.exception("lease %s failed", lease.lease_id)
         finally:
@@ -404,18 +462,7 @@ class Deliverer:
         return []
 
     async def _connection_loop(self, work: LeaseWork, stop: asyncio.Event) -> None:
-        """One connection of a lease: fetch, deliver, repeat until drained or stopped.
-
-        A hash-bucket lease's mail is for many sites, so there the site of each domain is
-        leased (one connection) before delivering to it, and the mail of a site at its limit
-        goes back for a moment (retry steps come from age, none is used up). Mail for a site
-        that another loop of this process serves is queued for that loop instead: it goes
-        through the connection already open (or the one being waited for), not through a
-        second lease, a second wait and a second connection."""
-        bucket = bool(work.lease.lane)
-        held: LeaseWork | None = None  # bucket leases: the site lease of the domain in hand
-        owning: str | None = None  # bucket leases: the site this loop serves (held or awaited)
-        ready: dict[str, LeaseWork] = {}  # bucket leases: this batch's other sites, leased
+        """One connection of a site lease: fetch, deliver, repeat until drained or stopped."""
         conn: SmtpConnection | None = None
         try:
             while not stop.is_set() and not work.lost.is_set():
@@ -423,145 +470,276 @@ class Deliverer:
                     msgs = await self._next_batch(work)
                 if not msgs:
                     return
-                # Until when this batch's mail may wait for a connection on a full site: held
-                # un-acked, it must be sent or handed back well before ack_wait makes JetStream
-                # give it to someone else (a duplicate).
-                deadline = time.monotonic() + min(self._cfg.deliverer.site_wait, self._ack_wait / 3)
                 groups = self._groups(msgs)
-                asked: set[str] = set()  # bucket leases: domains whose site was asked for
-                full: set[str] = set()  # bucket leases: sites found full when asked
-                if bucket:
-                    # The mail of one site (the one in hand first, then as far as known) goes
-                    # through one connection, domain by domain.
-                    groups.sort(key=lambda g: self._site_order(g, held))
                 batch = InHand(groups, time.monotonic())
                 self._batches.add(batch)
                 try:
                     for i, group in enumerate(groups):
-                        # A lost lane lease only ends the fetching: the site leases the batch is
-                        # delivered under are the lanes' connection limits, and the mail in hand
-                        # stays this process's until ack_wait (a lane is taken back to share the
-                        # lanes between deliverers, and handing back whole batches then made
-                        # about a tenth of a long-tail blast's mail come twice).
-                        if stop.is_set() or (work.lost.is_set() and not bucket):
+                        if stop.is_set() or work.lost.is_set():
                             # (not kept alive any more: a progress ack after the nak would
                             # hold the pointer until ack_wait)
                             batch.next = len(groups)
                             await self._hand_back(groups[i:])
                             return
                         batch.next = i  # (the rest is kept alive: _keep_in_hand_alive)
-                        site = work
-                        p = group[0][1]
-                        if bucket and p is not None:  # (an undecodable pointer is terminated)
-                            if p.domain not in asked:
-                                await self._lease_sites(groups[i:], held, ready, asked, full)
-                            target = self._site_of.get(p.domain)
-                            if (
-                                target is not None
-                                and target != owning
-                                and target not in ready
-                                and self._queue_for(target, group, batch.alive)
-                            ):
-                                continue  # another loop of this process delivers it
-                            if owning is not None and target != owning:
-                                # Leaving a site: its queued mail first, while the lease is here.
-                                if held is not None:
-                                    conn = await self._drain(held, conn)
-                                self._disown(owning)
-                                owning = None
-                            if owning is None and target is not None:
-                                owning = self._own(target)
-                            held, conn = await self._domain_site(
-                                p.domain,
-                                held,
-                                conn,
-                                deadline,
-                                stop.is_set,
-                                ready,
-                                full,
-                            )
-                            if held is None:
-                                # The site is at its limit (or suspended): back in a moment.
-                                batch.next = i + 1  # (see above: no progress ack after a nak)
-                                await self._hand_back_busy([group])
-                                if owning is not None:
-                                    self._disown(owning)
-                                    owning = None
-                                continue
-                            if owning is None:  # (the site became known only now)
-                                owning = self._own(held.lease.site_id)
-                            site = held
-                        conn = await self._paced(group, site, conn)
+                        conn = await self._paced(group, work, conn)
                 finally:
                     self._batches.discard(batch)
-                if held is not None:
-                    conn = await self._drain(held, conn)
-                await self._release_ready(ready)
         finally:
+            if conn is not None:
+                await conn.close()
+
+    # -- hash-bucket lanes: mail for many sites ----------------------------------------------
+
+    async def _lane_loop(self, work: LeaseWork, stop: asyncio.Event) -> None:
+        """A hash-bucket lane's mail is for many sites: fetch it and queue each transaction
+        for its site in this process (SiteQueue); the site's own connection loops deliver it
+        under a lease on the site (_site_loop). A lost lane only ends the fetching: the mail
+        in hand is delivered under its site leases, which are what limit its connections
+        (a lane is taken back to share the lanes between deliverers; handing its mail back
+        then made about a tenth of a long-tail blast's mail come twice)."""
+        while not stop.is_set() and not work.lost.is_set():
+            while self._queued >= _IN_HAND and not stop.is_set():
+                self._room.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._room.wait(), 1.0)
+            if stop.is_set():
+                return
+            async with work.fetching:
+                msgs = await self._next_batch(work)
+            if not msgs:
+                return
+            groups = self._groups(msgs)
+            batch = InHand(groups, time.monotonic())
+            self._batches.add(batch)
             try:
-                if held is not None and not stop.is_set():
-                    conn = await self._drain(held, conn)
+                await self._lease_sites(groups)
+                for i, group in enumerate(groups):
+                    batch.next = i
+                    p = group[0][1]
+                    if p is None:  # undecodable: terminated (no connection needed)
+                        await self._deliver(group, work, None)
+                    elif (site := self._site_of.get(p.domain)) is None:
+                        await self._hand_back_busy([group])  # (the scheduler is unreachable)
+                    else:
+                        await self._enqueue(site, group, batch.alive)
+                batch.next = len(groups)
             finally:
-                # Whatever happened, the site is not served from here any more: mail queued
-                # for it must not wait for this loop.
-                if owning is not None:
-                    self._disown(owning)
-                if held is not None:
-                    await self._park(held, conn)
-                elif conn is not None:
-                    await conn.close()
-                await self._release_ready(ready)
+                self._batches.discard(batch)
 
-    def _own(self, site: str) -> str:
-        """This loop serves `site` now (holds a lease on it or waits for one)."""
-        self._owners[site] = self._owners.get(site, 0) + 1
-        return site
+    async def _enqueue(self, site: str, group: Group, alive: float) -> None:
+        """Queue `group` for `site`'s connection loops. While the site's queue is full the
+        lane waits (its mail is in the same proportions all along: fetching ahead only to
+        hand back what the site cannot take yet cost more than it gained), up to
+        `[deliverer] site_wait`, then gives the group back for a moment."""
+        sq = self._site_queues.get(site)
+        if sq is None:
+            sq = self._site_queues[site] = SiteQueue(site)
+        if sq.size >= _SITE_QUEUE:
+            until = time.monotonic() + min(self._cfg.deliverer.site_wait, self._ack_wait / 3)
+            while sq.size >= _SITE_QUEUE and (left := until - time.monotonic()) > 0:
+                sq.room.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(sq.room.wait(), left)
+            if sq.size >= _SITE_QUEUE:
+                await self._hand_back_busy([group])
+                self._staff(sq)
+                return
+            sq = self._site_queues.setdefault(site, sq)  # (in case it was dropped meanwhile)
+        if not any(not w.lost.is_set() for w in sq.leases):
+            count_site_wait(len(group), queued=True)  # (it waits for a lease on the site)
+        p = group[0][1]
+        sq.push(InHand([group], alive, since=time.monotonic()), p.tier if p is not None else 0)
+        self._queued += len(group)
+        self._staff(sq)
 
-    def _disown(self, site: str) -> None:
-        """This loop no longer serves `site`; mail queued for it goes back to JetStream
-        for a moment if no other loop of the process serves it."""
-        n = self._owners.pop(site, 0) - 1
-        if n > 0:
-            self._owners[site] = n
+    def _dequeue(self, sq: SiteQueue, bulk_reserve: int = 0) -> InHand | None:
+        in_hand = sq.pop(bulk_reserve)
+        if in_hand is not None:
+            self._queued -= len(in_hand.groups[0])
+            if self._queued < _IN_HAND:
+                self._room.set()
+            if sq.size < _SITE_QUEUE:
+                sq.room.set()
+        return in_hand
+
+    def _staff(self, sq: SiteQueue) -> None:
+        """Start connection loops for `sq`'s mail: about one per _PER_LOOP transactions
+        queued, as many as its leases have connections; without a live lease, ask for one."""
+        for work in [w for w in sq.leases if w.lost.is_set() and not w.loops]:
+            sq.leases.remove(work)
+            self._spawn(self._release_domain_lease(work))
+        live = [w for w in sq.leases if not w.lost.is_set()]
+        if not live:
+            if (
+                sq.size
+                and sq.acquiring is None
+                and not self._stopping
+                and sq.site not in self._asking
+            ):
+                sq.acquiring = asyncio.ensure_future(self._acquire_site(sq))
             return
-        queue = self._site_queues.pop(site, None)
-        if queue:
-            groups = [q.groups[0] for q in queue]
-            self._spawn(self._hand_back(groups) if self._stopping else self._hand_back_busy(groups))
+        want = max(1, -(-sq.size // _PER_LOOP))
+        for work in live:
+            while sq.loops < want and work.loops < work.lease.max_connections:
+                work.loops += 1
+                sq.loops += 1
+                task = asyncio.ensure_future(self._site_loop(sq, work))
+                self._site_tasks.add(task)
+                task.add_done_callback(self._site_tasks.discard)
+        for work in [w for w in live if not w.loops]:  # (not needed: its connections go back)
+            sq.leases.remove(work)
+            self._spawn(self._release_domain_lease(work))
+        if sq.idle:
+            sq.more.set()
 
-    def _queue_for(self, site: str, group: Group, alive: float) -> bool:
-        """Queue `group` for the loop(s) of this process serving `site`, if any and if the
-        site's queue has room; `alive`: when its pointers were last known alive."""
-        if not self._owners.get(site):
-            return False
-        queue = self._site_queues.setdefault(site, deque())
-        if len(queue) >= _SITE_QUEUE:
-            return False
-        queue.append(InHand([group], alive))
-        count_site_wait(len(group), queued=True)
-        return True
+    async def _acquire_site(self, sq: SiteQueue) -> None:
+        """Lease the site of `sq` (it has mail and no live lease): the scheduler holds the
+        call until one of the site's connections is released; mail that waited
+        `[deliverer] site_wait` (at most a third of ack_wait) without one goes back to
+        JetStream for a moment (retry steps come from age: nothing is used up)."""
+        site_wait = min(self._cfg.deliverer.site_wait, self._ack_wait / 3)
+        try:
+            while sq.size and not self._stopping:
+                if any(not w.lost.is_set() for w in sq.leases):
+                    return
+                oldest = sq.oldest()
+                assert oldest is not None
+                left = oldest.since + site_wait - time.monotonic()
+                if left <= 0.05:
+                    self._give_up(sq, time.monotonic() - site_wait + 0.05)
+                    continue
+                domain = oldest.groups[0][0][1].domain  # type: ignore[union-attr]
+                asked = time.monotonic()
+                work = await self._acquire_domain_lease(domain, min(left, 1.0), _CONNECTIONS)
+                if work is not None:
+                    self._attach(work)
+                elif time.monotonic() - asked < 0.1:
+                    # Answered at once (no scheduler, or one granting nothing yet): not again
+                    # at once.
+                    await asyncio.sleep(min(left, 0.25))
+        finally:
+            sq.acquiring = None
+            if sq.size and not self._stopping:
+                self._staff(sq)
+            self._forget(sq)
 
-    async def _drain(self, held: LeaseWork, conn: SmtpConnection | None) -> SmtpConnection | None:
-        """Deliver the mail other loops queued for `held`'s site (at most twice the queue's
-        room, so that this loop's own mail is not starved); returns the connection to go on
-        with."""
-        site = held.lease.site_id
-        queue = self._site_queues.get(site)
-        budget = 2 * _SITE_QUEUE
-        while queue and budget and not held.lost.is_set() and not self._stopping:
-            budget -= 1
-            queued = queue.popleft()
-            group = queued.groups[0]
-            if not queue:
-                self._site_queues.pop(site, None)
-            if time.monotonic() - queued.alive > self._ack_wait / 3:
-                for msg, _ in group:  # still ours: tell JetStream before sending
-                    await msg.in_progress()
-            if conn is not None and group[0][1] is not None:
-                conn = await self._fit(conn, group[0][1].domain)
-            conn = await self._paced(group, held, conn)
-            queue = self._site_queues.get(site)
-        return conn
+    def _give_up(self, sq: SiteQueue, before: float) -> None:
+        """Give back the mail queued for `sq` since before `before` (its site stayed full)."""
+        groups: list[Group] = []
+        while (oldest := sq.oldest()) is not None and oldest.since <= before:
+            in_hand = self._dequeue(sq)
+            assert in_hand is not None
+            groups.append(in_hand.groups[0])
+        if groups:
+            self._spawn(self._hand_back_busy(groups))
+
+    def _attach(self, work: LeaseWork) -> None:
+        """A site lease granted: its site's queue delivers under it (or it goes back)."""
+        sq = self._site_queues.get(work.lease.site_id)
+        if sq is None or not sq.size or any(not w.lost.is_set() for w in sq.leases):
+            # (one lease per site and process: its share leaves the rest to other deliverers)
+            self._spawn(self._release_domain_lease(work))
+            return
+        sq.leases.append(work)
+        self._staff(sq)
+
+    async def _site_loop(self, sq: SiteQueue, work: LeaseWork) -> None:
+        """One connection of `work` (a lease on `sq`'s site): deliver the queued mail,
+        highest tier first, until the queue has stayed empty for _LINGER, the lease is lost
+        or the process stops."""
+        conn: SmtpConnection | None = None
+        try:
+            while not work.lost.is_set() and not self._stopping:
+                in_hand = self._dequeue(sq, work.lease.bulk_reserve)
+                if in_hand is None:
+                    sq.idle += 1
+                    sq.more.clear()
+                    try:
+                        await asyncio.wait_for(sq.more.wait(), _LINGER)
+                    except TimeoutError:
+                        if not sq.size:
+                            return
+                    finally:
+                        sq.idle -= 1
+                    continue
+                group = in_hand.groups[0]
+                if time.monotonic() - in_hand.alive > self._ack_wait / 3:
+                    for msg, _ in group:  # still ours: tell JetStream before sending
+                        await msg.in_progress()
+                if conn is not None and group[0][1] is not None:
+                    conn = await self._fit(conn, group[0][1].domain)
+                conn = await self._paced(group, work, conn)
+        finally:
+            if conn is not None:
+                await conn.close()
+            work.loops -= 1
+            sq.loops -= 1
+            if not work.loops:
+                sq.leases.remove(work)
+                await self._release_domain_lease(work)
+            if sq.size and not self._stopping:
+                self._staff(sq)  # (the lease was lost: another one, or more loops)
+            self._forget(sq)
+
+    def _forget(self, sq: SiteQueue) -> None:
+        """Drop `sq` once nothing is queued, leased or asked for on it."""
+        if not sq.size and not sq.leases and sq.acquiring is None:
+            if self._site_queues.get(sq.site) is sq:
+                del self._site_queues[sq.site]
+
+    async def _lease_sites(self, groups: list[Group]) -> None:
+        """Lease, in one call, the sites of a fetched batch that this process holds no
+        lease on (nor is asking for), and learn the sites of its new domains; a site that
+        gets none is full (or suspended) and its queue waits for one (_acquire_site)."""
+        domains: dict[str, None] = {}
+        sites: set[str] = set()  # (known sites asked for)
+        for group in groups:
+            p = group[0][1]
+            if p is None or p.domain in domains:
+                continue
+            site = self._site_of.get(p.domain)
+            if site is not None:
+                sq = self._site_queues.get(site)
+                if site in sites or site in self._asking:
+                    continue
+                if sq is not None and (
+                    sq.acquiring is not None or any(not w.lost.is_set() for w in sq.leases)
+                ):
+                    continue
+                sites.add(site)
+            domains[p.domain] = None
+        if not domains:
+            return
+        self._asking |= sites
+        try:
+            resp = await self._scheduler.AcquireLeases(
+                scheduler_pb2.AcquireLeasesRequest(
+                    deliverer_id=self.deliverer_id,
+                    domains=list(domains),
+                    connections=_CONNECTIONS,
+                    release_lease_ids=self._take_releases(),
+                ),
+                timeout=5.0,
+            )
+        except grpc.aio.AioRpcError as exc:
+            log.warning("scheduler unavailable: %s", exc.code().name)
+            resp = scheduler_pb2.AcquireLeasesResponse()
+        self._asking -= sites
+        self._learn_sites(resp)
+        for lease in resp.leases:
+            work = self._domain_leases[lease.lease_id] = LeaseWork(lease)
+            sq = self._site_queues.get(lease.site_id)
+            if sq is None:
+                sq = self._site_queues[lease.site_id] = SiteQueue(lease.site_id)
+            if any(not w.lost.is_set() for w in sq.leases):
+                # (another lane of this process leased the site meanwhile: one is enough)
+                self._spawn(self._release_domain_lease(work))
+            else:
+                sq.leases.append(work)  # (its mail is queued next; loops start then)
+        for site in sites:  # (mail other lanes queued meanwhile)
+            if (sq := self._site_queues.get(site)) is not None and sq.size:
+                self._staff(sq)
 
     async def _paced(
         self, group: Group, work: LeaseWork, conn: SmtpConnection | None
@@ -590,7 +768,7 @@ class Deliverer:
             # (ack_wait may shrink once the consumers' own is known: see _sub)
             await asyncio.sleep(max(0.05, min(1.0, self._ack_wait / 6)))
             now = time.monotonic()
-            held = [q for queue in self._site_queues.values() for q in queue]
+            held = [q for sq in self._site_queues.values() for q in sq.entries()]
             for in_hand in [*self._batches, *held]:
                 if now - in_hand.alive > self._ack_wait / 3:
                     try:
@@ -609,61 +787,6 @@ class Deliverer:
             for msg, _ in group:
                 await msg.nak(delay=busy_delay(msg.metadata.num_delivered or 1))
 
-    async def _lease_sites(
-        self,
-        groups: list[list[tuple[Msg, messages_pb2.DeliveryPointer | None]]],
-        held: LeaseWork | None,
-        ready: dict[str, LeaseWork],
-        asked: set[str],
-        full: set[str],
-    ) -> None:
-        """Lease, in one call, the sites of the next domains of a bucket batch (up to
-        _LOOKAHEAD of them) into `ready`, by site id: one call per domain was most of the
-        scheduler's work with a long tail of domains, and asking for the whole batch at
-        once held connections on sites long before their turn. The site in hand needs
-        none; a full site gets none here and is asked for again in its turn (_domain_site)."""
-        domains: list[str] = []
-        for group in groups:
-            p = group[0][1]
-            if p is None or p.domain in asked:
-                continue
-            site = self._site_of.get(p.domain)
-            if site is not None and (
-                site in ready
-                or site in self._parked
-                or site in self._owners  # (its mail is queued for the loop serving it)
-                or (held and site == held.lease.site_id)
-            ):
-                continue
-            asked.add(p.domain)
-            domains.append(p.domain)
-            if len(domains) == _LOOKAHEAD:
-                break
-        if not domains:
-            return
-        try:
-            resp = await self._scheduler.AcquireLeases(
-                scheduler_pb2.AcquireLeasesRequest(
-                    deliverer_id=self.deliverer_id,
-                    domains=domains,
-                    release_lease_ids=self._take_releases(),
-                ),
-                timeout=5.0,
-            )
-        except grpc.aio.AioRpcError as exc:
-            log.warning("scheduler unavailable: %s", exc.code().name)
-            return
-        self._learn_sites(resp)
-        for lease in resp.leases:
-            work = self._domain_leases[lease.lease_id] = LeaseWork(lease)
-            if lease.site_id in ready:  # (the site became known only now)
-                await self._release_domain_lease(work)
-            else:
-                ready[lease.site_id] = work
-        # Sites that got no lease were full (or suspended) a moment ago: their turn starts
-        # with a wait, not with asking again at once.
-        full.update(set(resp.domain_sites.values()) - set(ready))
-
     def _learn_sites(self, resp: scheduler_pb2.AcquireLeasesResponse) -> None:
         """The domains' sites, and their MX hosts as the scheduler found them (so this
         process need not look them up again)."""
@@ -671,120 +794,6 @@ class Deliverer:
         for domain, mx in resp.domain_mx.items():
             hosts = [MxHost(h.preference, h.host) for h in mx.hosts]
             self._resolver.learn_mx(domain, hosts, mx.ttl_seconds)
-
-    def _site_order(
-        self,
-        group: list[tuple[Msg, messages_pb2.DeliveryPointer | None]],
-        held: LeaseWork | None,
-    ) -> tuple[bool, str, str]:
-        p = group[0][1]
-        if p is None:
-            return (False, "", "")
-        site = self._site_of.get(p.domain, p.domain)
-        return (held is None or site != held.lease.site_id, site, p.domain)
-
-    async def _release_ready(self, ready: dict[str, LeaseWork]) -> None:
-        for work in ready.values():
-            await self._park(work, None)
-        ready.clear()
-
-    async def _park(self, work: LeaseWork, conn: SmtpConnection | None) -> None:
-        """A connection loop is done with a domain lease: keep it (and its connection) for
-        another loop of this process for _LINGER, then give it back."""
-        if work.lost.is_set() or self._stopping:
-            if conn is not None:
-                await conn.close()
-            await self._release_domain_lease(work)
-            return
-        site = work.lease.site_id
-        self._parked.setdefault(site, []).append((work, conn, time.monotonic()))
-        signal = self._parked_signal.pop(site, None)
-        if signal is not None:
-            signal.set()
-        asyncio.get_running_loop().call_later(_LINGER, self._unlinger, site, _LINGER)
-
-    def _unpark(self, site: str) -> tuple[LeaseWork, SmtpConnection | None] | None:
-        """A parked lease on `site` (the latest: its connection is the warmest)."""
-        slots = self._parked.get(site)
-        while slots:
-            work, conn, _ = slots.pop()
-            if not slots:
-                del self._parked[site]
-            if not work.lost.is_set():
-                return work, conn
-            self._drop(work, conn)
-        return None
-
-    def _unlinger(self, site: str, linger: float) -> None:
-        """Give back the leases parked on `site` for `linger` seconds or more."""
-        slots = self._parked.get(site, [])
-        now = time.monotonic()
-        for slot in [s for s in slots if now - s[2] >= linger]:
-            slots.remove(slot)
-            self._drop(slot[0], slot[1])
-        if not slots:
-            self._parked.pop(site, None)
-
-    def _drop(self, work: LeaseWork, conn: SmtpConnection | None) -> None:
-        async def drop() -> None:
-            if conn is not None:
-                await conn.close()
-            await self._release_domain_lease(work)
-
-        self._spawn(drop())
-
-    async def _parked_on(
-        self, site: str, wait: float
-    ) -> tuple[LeaseWork, SmtpConnection | None] | None:
-        """A lease another loop of this process parks on `site` within `wait` seconds."""
-        slot = self._unpark(site)
-        if slot is None:
-            signal = self._parked_signal.setdefault(site, asyncio.Event())
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(signal.wait(), wait)
-            slot = self._unpark(site)
-        return slot
-
-    async def _domain_site(
-        self,
-        domain: str,
-        held: LeaseWork | None,
-        conn: SmtpConnection | None,
-        deadline: float = 0.0,
-        give_up: Callable[[], bool] = lambda: False,
-        ready: dict[str, LeaseWork] | None = None,
-        full: frozenset[str] | set[str] = frozenset(),
-    ) -> tuple[LeaseWork | None, SmtpConnection | None]:
-        """The site lease to deliver to `domain` under, and the connection to use: the one
-        held if it covers the domain's site, else one parked by another loop, else one leased
-        for this batch (`ready`), else a new one (sites in `full` were full a moment ago: wait
-        for one at once); None if the site is still full at `deadline`."""
-        site = self._site_of.get(domain)
-        if held is not None and (held.lost.is_set() or site != held.lease.site_id):
-            await self._park(held, conn)
-            held, conn = None, None
-        if held is None and site is not None:
-            if slot := self._unpark(site):
-                held, conn = slot
-            elif ready and site in ready:
-                held = ready.pop(site)
-                if held.lost.is_set():
-                    await self._release_domain_lease(held)
-                    held = None
-        if held is None:
-            if site is None or site not in full:
-                held = await self._acquire_domain_lease(domain)
-            # A full site frees a connection as soon as one of its transactions ends: wait for
-            # it (other connections of this lane keep working) rather than hand the mail back
-            # at once, which under contention became a storm of delayed handbacks. The
-            # scheduler holds the call until a connection of the site is released; meanwhile
-            # a lease another loop of this process is done with is taken over at once. The
-            # waits of one fetched batch share one deadline, well inside ack_wait.
-            while held is None and (left := deadline - time.monotonic()) > 0.05 and not give_up():
-                held, conn = await self._wait_for_site(domain, min(left, 1.0))
-        if held is not None and conn is not None:
-            conn = await self._fit(conn, domain)
-        return held, conn
 
     async def _serves(self, conn: SmtpConnection, domain: str) -> bool:
         """Whether mail for `domain` may go through `conn` (opened for another domain of the
@@ -797,44 +806,16 @@ class Deliverer:
         except (DnsPermanent, DnsTemporary):
             return False
 
-    async def _wait_for_site(
-        self, domain: str, wait: float
-    ) -> tuple[LeaseWork | None, SmtpConnection | None]:
-        """A lease on the (full) site of `domain` within `wait` seconds: the first of one the
-        scheduler grants and one another loop of this process parks. A grant that comes after
-        a parked lease was taken is parked in turn (a call in flight is never abandoned: the
-        scheduler may have granted it)."""
-        site = self._site_of.get(domain)
-        if site is None:
-            return await self._acquire_domain_lease(domain, wait), None
-        if slot := self._unpark(site):
-            return slot
-        remote = asyncio.ensure_future(self._acquire_domain_lease(domain, wait))
-        local = asyncio.ensure_future(self._parked_on(site, wait))
-        await asyncio.wait({remote, local}, return_when=asyncio.FIRST_COMPLETED)
-        if remote.done() and remote.result() is not None:
-            local.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                if (taken := await local) is not None:  # (parked just before the cancel)
-                    await self._park(*taken)
-            return remote.result(), None
-        slot = await local
-        if slot is None:
-            return await remote, None
-        remote.add_done_callback(self._park_late_grant)
-        return slot
-
-    def _park_late_grant(self, remote: asyncio.Future[LeaseWork | None]) -> None:
-        if not remote.cancelled() and remote.exception() is None and (work := remote.result()):
-            self._spawn(self._park(work, None))
-
-    async def _acquire_domain_lease(self, domain: str, wait: float = 0.0) -> LeaseWork | None:
+    async def _acquire_domain_lease(
+        self, domain: str, wait: float = 0.0, connections: int = 1
+    ) -> LeaseWork | None:
         try:
             resp = await self._scheduler.AcquireLeases(
                 scheduler_pb2.AcquireLeasesRequest(
                     deliverer_id=self.deliverer_id,
                     domain=domain,
                     wait_ms=int(wait * 1000),
+                    connections=connections,
                 ),
                 timeout=5.0 + wait,
             )

@@ -144,7 +144,10 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         if request.domain or request.domains:
             domains = [*request.domains, *([request.domain] if request.domain else [])]
             resp = await s.acquire_domains(
-                request.deliverer_id, domains, min(request.wait_ms, 5000) / 1000
+                request.deliverer_id,
+                domains,
+                min(request.wait_ms, 5000) / 1000,
+                max(1, request.connections),
             )
         else:
             leases = await s.acquire(request.deliverer_id, max(1, request.max_leases))

@@ -268,15 +268,16 @@ class Scheduler:
         return lease
 
     async def acquire_domains(
-        self, deliverer_id: str, domains: list[str], wait: float = 0.0
+        self, deliverer_id: str, domains: list[str], wait: float = 0.0, connections: int = 1
     ) -> scheduler_pb2.AcquireLeasesResponse:
-        """One connection on each of the domains' sites, for mail taken from a hash-bucket
-        lane; domains of one site share their lease. Full or suspended sites get none, or,
-        with `wait`, the first connection released on them within that time (instead of the
-        caller asking again and again). The response names every domain's site."""
+        """A lease on each of the domains' sites, for mail taken from a hash-bucket lane:
+        up to `connections` connections, at most half the site's limit (rounded up) and at
+        least one; domains of one site share their lease. Full or suspended sites get none,
+        or, with `wait`, the first connection released on them within that time (instead of
+        the caller asking again and again). The response names every domain's site."""
         until = time.monotonic() + wait
         while True:
-            resp = await self._acquire_domains(deliverer_id, domains)
+            resp = await self._acquire_domains(deliverer_id, domains, connections)
             left = until - time.monotonic()
             sites = set(resp.domain_sites.values())
             if resp.leases or left <= 0 or len(sites) != 1:
@@ -298,7 +299,7 @@ class Scheduler:
                     del self._waiting[site]
 
     async def _acquire_domains(
-        self, deliverer_id: str, domains: list[str]
+        self, deliverer_id: str, domains: list[str], connections: int
     ) -> scheduler_pb2.AcquireLeasesResponse:
         async with self._lock:
             out = scheduler_pb2.AcquireLeasesResponse()
@@ -318,8 +319,9 @@ class Scheduler:
                 if self.adaptive.suspended(site):
                     continue
                 limits = self.limits(site, site_domains)
+                share = min(connections, max(1, math.ceil(limits.max_connections / 2)))
                 lease = self.leases.grant(
-                    site, deliverer_id, limits, site_domains, 1, kind="domain"
+                    site, deliverer_id, limits, site_domains, share, kind="domain"
                 )
                 if lease is not None:
                     out.leases.append(self.describe(lease))
@@ -409,16 +411,17 @@ class Scheduler:
                 # A released site or lane had nothing ready; do not hand it straight back.
                 self._cooldown[ls.site_id] = time.monotonic() + self._cfg.scheduler.backlog_interval
             self.leases.release(deliverer_id, lease_id)
-            self._wake(ls.site_id)
+            self._wake(ls.site_id, ls.connections)
 
-    def _wake(self, site: str) -> None:
-        """Wake the longest waiting acquire_domains call for `site`."""
+    def _wake(self, site: str, n: int) -> None:
+        """Wake the `n` longest waiting acquire_domains calls for `site` (one per
+        connection released)."""
         queue = self._waiting.get(site)
-        while queue:
+        while queue and n > 0:
             waiter = queue.popleft()
             if not waiter.done():
                 waiter.set_result(None)
-                break
+                n -= 1
         if queue is not None and not queue:
             del self._waiting[site]
 

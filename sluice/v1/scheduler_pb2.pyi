@@ -177,6 +177,7 @@ class AcquireLeasesRequest(_message.Message):
     DOMAINS_FIELD_NUMBER: _builtins.int
     WAIT_MS_FIELD_NUMBER: _builtins.int
     RELEASE_LEASE_IDS_FIELD_NUMBER: _builtins.int
+    CONNECTIONS_FIELD_NUMBER: _builtins.int
     deliverer_id: _builtins.str
     """A stable id of the calling deliverer process."""
     max_leases: _builtins.int
@@ -188,6 +189,11 @@ class AcquireLeasesRequest(_message.Message):
     wait_ms: _builtins.int
     """For domain requests: how long (milliseconds) the scheduler may hold the call while the
     site is full, granting as soon as one of its connections is released; 0 answers at once.
+    """
+    connections: _builtins.int
+    """For domain requests: how many connections the caller would open on each site (0 means
+    1). A site's lease gets at most this, at most half the site's limit (rounded up), and
+    at least one connection when any is free.
     """
     @_builtins.property
     def domains(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -209,10 +215,11 @@ class AcquireLeasesRequest(_message.Message):
         domains: _abc.Iterable[_builtins.str] | None = ...,
         wait_ms: _builtins.int = ...,
         release_lease_ids: _abc.Iterable[_builtins.str] | None = ...,
+        connections: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deliverer_id", b"deliverer_id", "domain", b"domain", "domains", b"domains", "max_leases", b"max_leases", "release_lease_ids", b"release_lease_ids", "wait_ms", b"wait_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connections", b"connections", "deliverer_id", b"deliverer_id", "domain", b"domain", "domains", b"domains", "max_leases", b"max_leases", "release_lease_ids", b"release_lease_ids", "wait_ms", b"wait_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
