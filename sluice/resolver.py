@@ -250,14 +250,20 @@ class Resolver:
         found: list[str] = []
         ttl = 300.0
         temporary: DnsError | None = None
-        for rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
-            try:
-                answer, answer_ttl = await self._client.query(host, rdtype)
-            except (_NoSuchName, _NoAnswer):
+        rdtypes = (dns.rdatatype.A, dns.rdatatype.AAAA)
+        # (both at once: one trip through the event loop instead of two)
+        answers = await asyncio.gather(
+            *(self._client.query(host, rdtype) for rdtype in rdtypes), return_exceptions=True
+        )
+        for rdtype, result in zip(rdtypes, answers, strict=True):
+            if isinstance(result, _NoSuchName | _NoAnswer):
                 continue
-            except (_Unanswered, dns.exception.DNSException) as exc:
-                temporary = DnsTemporary(f"{host}: {rdtype.name} lookup failed: {exc}")
+            if isinstance(result, _Unanswered | dns.exception.DNSException):
+                temporary = DnsTemporary(f"{host}: {rdtype.name} lookup failed: {result}")
                 continue
+            if isinstance(result, BaseException):
+                raise result
+            answer, answer_ttl = result
             found.extend(r.to_text() for r in answer)
             ttl = min(ttl, answer_ttl)
         if not found:
