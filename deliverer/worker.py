@@ -93,6 +93,7 @@ class SiteQueue:
     room: asyncio.Event = field(default_factory=asyncio.Event)  # (set when not full)
     acquiring: asyncio.Future[None] | None = None  # a lease being asked for
     pops: int = 0
+    asked_more: float = 0.0  # when more connections were last asked for
 
     def push(self, in_hand: InHand, tier: int) -> None:
         self.tiers.setdefault(tier, deque()).append(in_hand)
@@ -510,7 +511,8 @@ class Deliverer:
             while self._queued >= _IN_HAND and not stop.is_set():
                 self._room.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._room.wait(), 1.0)
+                    async with asyncio.timeout(1.0):  # (no task, unlike wait_for)
+                        await self._room.wait()
             if stop.is_set():
                 return
             async with work.fetching:
@@ -545,10 +547,13 @@ class Deliverer:
             sq = self._site_queues[site] = SiteQueue(site)
         if sq.size >= _SITE_QUEUE:
             until = time.monotonic() + min(self._cfg.deliverer.site_wait, self._ack_wait / 3)
+            # (until it is a quarter empty: one wait per group kept the lane waking up for
+            # every transaction the site finished)
             while sq.size >= _SITE_QUEUE and (left := until - time.monotonic()) > 0:
                 sq.room.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(sq.room.wait(), left)
+                    async with asyncio.timeout(left):
+                        await sq.room.wait()
             if sq.size >= _SITE_QUEUE:
                 await self._hand_back_busy([group])
                 self._staff(sq)
@@ -567,7 +572,7 @@ class Deliverer:
             self._queued -= len(in_hand.groups[0])
             if self._queued < _IN_HAND:
                 self._room.set()
-            if sq.size < _SITE_QUEUE:
+            if sq.size <= _SITE_QUEUE * 3 // 4:
                 sq.room.set()
         return in_hand
 
@@ -598,6 +603,16 @@ class Deliverer:
         for work in [w for w in live if not w.loops]:  # (not needed: its connections go back)
             sq.leases.remove(work)
             self._spawn(self._release_domain_lease(work))
+        if (
+            sq.loops < want
+            and sq.acquiring is None
+            and not self._stopping
+            and time.monotonic() - sq.asked_more > 1.0
+        ):
+            # The queue outgrows the lease: ask for more of the site (at once, not waiting:
+            # a full site is shared with others; asked at most once a second).
+            sq.asked_more = time.monotonic()
+            sq.acquiring = asyncio.ensure_future(self._acquire_more(sq))
         while sq.idle and sq.size:
             waiter = sq.idle.popleft()
             if not waiter.done():
@@ -635,6 +650,18 @@ class Deliverer:
                 self._staff(sq)
             self._forget(sq)
 
+    async def _acquire_more(self, sq: SiteQueue) -> None:
+        try:
+            oldest = sq.oldest()
+            if oldest is not None and oldest.groups[0][0][1] is not None:
+                domain = oldest.groups[0][0][1].domain
+                work = await self._acquire_domain_lease(domain, 0.0, _CONNECTIONS)
+                if work is not None:
+                    self._attach(work, more=True)
+        finally:
+            sq.acquiring = None
+            self._forget(sq)
+
     def _give_up(self, sq: SiteQueue, before: float) -> None:
         """Give back the mail queued for `sq` since before `before` (its site stayed full)."""
         groups: list[Group] = []
@@ -645,11 +672,11 @@ class Deliverer:
         if groups:
             self._spawn(self._hand_back_busy(groups))
 
-    def _attach(self, work: LeaseWork) -> None:
-        """A site lease granted: its site's queue delivers under it (or it goes back)."""
+    def _attach(self, work: LeaseWork, more: bool = False) -> None:
+        """A site lease granted: its site's queue delivers under it (or it goes back);
+        `more`: asked for beside the queue's live lease."""
         sq = self._site_queues.get(work.lease.site_id)
-        if sq is None or not sq.size or any(not w.lost.is_set() for w in sq.leases):
-            # (one lease per site and process: its share leaves the rest to other deliverers)
+        if sq is None or not sq.size or (not more and any(not w.lost.is_set() for w in sq.leases)):
             self._spawn(self._release_domain_lease(work))
             return
         sq.leases.append(work)

@@ -330,6 +330,10 @@ class Scheduler:
             for site, site_domains in by_site.items():
                 if self.adaptive.suspended(site):
                     continue
+                if self._waiting.get(site) and any(
+                    ls.site_id == site for ls in self.leases.held_by(deliverer_id)
+                ):
+                    continue  # (more for a holder while another caller waits: no)
                 limits = self.limits(site, site_domains)
                 share = min(connections, max(1, math.ceil(limits.max_connections / 2)))
                 lease = self.leases.grant(
