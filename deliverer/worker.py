@@ -836,6 +836,11 @@ class Deliverer:
         for domain, mx in resp.domain_mx.items():
             hosts = [MxHost(h.preference, h.host) for h in mx.hosts]
             self._resolver.learn_mx(domain, hosts, mx.ttl_seconds)
+            for h in mx.hosts:
+                if h.addresses:
+                    self._resolver.learn_addresses(
+                        h.host, list(h.addresses), h.addresses_ttl_seconds
+                    )
 
     async def _serves(self, conn: SmtpConnection, domain: str) -> bool:
         """Whether mail for `domain` may go through `conn` (opened for another domain of the

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import math
 import time
@@ -66,6 +67,8 @@ class Scheduler:
         self._lock = asyncio.Lock()
         # acquire_domains calls waiting for a connection of a (full) site, oldest first.
         self._waiting: dict[str, deque[asyncio.Future[None]]] = {}
+        # Sites found full by a domain request, until when: their holders get no more then.
+        self._wanted: dict[str, float] = {}
 
     async def start(self) -> None:
         """Restore adapted limits; if another scheduler was alive within one lease TTL, its
@@ -123,9 +126,16 @@ class Scheduler:
             return known
         now = time.monotonic()
         try:
-            hosts = [h.host for h in await self._resolver.mx(domain)]
+            mx = await self._resolver.mx(domain)
+            hosts = [h.host for h in mx]
             site = self._rules.site_of(domain, hosts)
             ttl = 300.0
+            # The addresses of the hosts a deliverer tries first go to it with the MX hosts
+            # (AcquireLeasesResponse.domain_mx): looked up once here, not once per deliverer.
+            first = [h.host for h in mx if h.preference == mx[0].preference and not _is_ip(h.host)]
+            await asyncio.gather(
+                *(self._resolver.addresses(h) for h in first), return_exceptions=True
+            )
         except DnsError as exc:
             # The deliverer meets the same failure and classifies it; the domain is its own site.
             log.info("site of %s unknown (%s)", domain, exc)
@@ -324,21 +334,31 @@ class Scheduler:
                     mx = out.domain_mx[domain]
                     mx.ttl_seconds = int(ttl)
                     for h in hosts:
-                        mx.hosts.add(preference=h.preference, host=h.host)
-            if time.monotonic() < self._grace_until:
+                        entry = mx.hosts.add(preference=h.preference, host=h.host)
+                        if addresses := self._resolver.known_addresses(h.host):
+                            entry.addresses.extend(addresses[0])
+                            entry.addresses_ttl_seconds = int(addresses[1])
+            now = time.monotonic()
+            if now < self._grace_until:
                 return out
+            if len(self._wanted) > 1000:
+                self._wanted = {s: t for s, t in self._wanted.items() if t > now}
             for site, site_domains in by_site.items():
                 if self.adaptive.suspended(site):
                     continue
-                if self._waiting.get(site) and any(
+                if self._wanted.get(site, 0.0) > now and any(
                     ls.site_id == site for ls in self.leases.held_by(deliverer_id)
                 ):
-                    continue  # (more for a holder while another caller waits: no)
+                    continue  # (no more for a holder while others want the site)
                 limits = self.limits(site, site_domains)
                 share = min(connections, max(1, math.ceil(limits.max_connections / 2)))
                 lease = self.leases.grant(
                     site, deliverer_id, limits, site_domains, share, kind="domain"
                 )
+                if lease is None:
+                    # Found full: for a second its holders get no more of it (a caller
+                    # woken by a release asks again within that time).
+                    self._wanted[site] = now + 1.0
                 if lease is not None:
                     out.leases.append(self.describe(lease))
             return out
@@ -525,6 +545,14 @@ class Scheduler:
         by_site = await self._by_site()
         by_lane = self._by_lane()
         return {q.consumer for ls in self.leases.all() for q in _lease_queues(ls, by_site, by_lane)}
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
 
 
 def _lease_queues(

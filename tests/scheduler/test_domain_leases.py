@@ -1,6 +1,7 @@
-"""The batch form of a bucket lane's domain leases: AcquireLeases with `domains` grants one
-one-connection lease per distinct site, naming the requested domains of that site, and none
-for a site at its limit. (A real Scheduler on a real nats-server, sites from a real DNS
+"""The batch form of a bucket lane's site leases: AcquireLeases with `domains` grants one
+lease per distinct site, naming the requested domains of that site, and none for a site at
+its limit; `connections` asks for more than one (at most half the site), and the MX hosts'
+addresses come along. (A real Scheduler on a real nats-server, sites from a real DNS
 server.)"""
 
 from __future__ import annotations
@@ -87,6 +88,70 @@ async def test_one_lease_per_site_for_a_batch_of_domains(
         # Nothing released within the wait: an empty answer, and still one connection.
         assert not (await scheduler.acquire_domains("d3", ["full.test"], 0.3)).leases
         assert scheduler.leases.in_use("mx.full.test") == 1
+    finally:
+        await nc.close()
+        dns.close()
+
+
+async def test_connections_asked_for_addresses_and_no_more_while_another_waits(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    dns = DnsServer(
+        {
+            "big.test": [
+                ("MX", "10 mx1.big.test."),
+                ("MX", "10 mx2.big.test."),
+                ("MX", "20 backup.big.test."),
+            ],
+            "mx1.big.test": [("A", "127.0.0.11")],
+            "mx2.big.test": [("A", "127.0.0.12"), ("AAAA", "::1")],
+            "backup.big.test": [("A", "127.0.0.13")],
+        }
+    )
+    port = await dns.start()
+    shaping = tmp_path / "shaping.toml"
+    shaping.write_text("[default]\nmax_connections = 6\n")
+    cfg = config_mod.replace(
+        Config(),
+        nats={"url": nats_server.url},
+        dns={"nameservers": ["127.0.0.1"], "port": port},
+        scheduler={"shaping": str(shaping)},
+    )
+    nc = await connect(cfg, "test")
+    try:
+        js = nc.jetstream()
+        await ensure_layout(js, cfg)
+        scheduler = Scheduler(cfg, js, load_rules(shaping), Resolver(cfg.dns))
+        await scheduler.start()
+        # Four asked for: at most half the site's six.
+        resp = await scheduler.acquire_domains("d1", ["big.test"], connections=4)
+        (first,) = resp.leases
+        assert first.max_connections == 3
+        # The addresses of the hosts tried first come along; the backup's are left to the
+        # deliverer (it looks them up if it ever gets that far).
+        hosts = {
+            h.host: (list(h.addresses), h.addresses_ttl_seconds)
+            for h in resp.domain_mx["big.test"].hosts
+        }
+        assert hosts["mx1.big.test"][0] == ["127.0.0.11"]
+        assert hosts["mx2.big.test"][0] == ["127.0.0.12", "::1"]
+        assert 0 < hosts["mx1.big.test"][1] <= 60
+        assert hosts["backup.big.test"] == ([], 0)
+        # A second holder takes the other three; the site is full.
+        (second,) = (await scheduler.acquire_domains("d2", ["big.test"], connections=4)).leases
+        assert second.max_connections == 3
+        # d3 finds the site full; when d2 gives its three back, d1, which holds some of
+        # the site, gets no more of it for a second: d3 is about to ask again ...
+        assert not (await scheduler.acquire_domains("d3", ["big.test"])).leases
+        scheduler.release("d2", [second.lease_id])
+        assert not (await scheduler.acquire_domains("d1", ["big.test"], connections=4)).leases
+        (granted,) = (await scheduler.acquire_domains("d3", ["big.test"])).leases
+        assert granted.max_connections == 1, "one connection asked for"
+        # ... and after that second, it does.
+        await asyncio.sleep(1.1)
+        (extra,) = (await scheduler.acquire_domains("d1", ["big.test"], connections=4)).leases
+        assert extra.max_connections == 2
+        assert scheduler.leases.in_use("backup.big.test,mx1.big.test,mx2.big.test") == 6
     finally:
         await nc.close()
         dns.close()
