@@ -521,6 +521,9 @@ class Deliverer:
                 return
             groups = self._groups(msgs)
             batch = InHand(groups, time.monotonic())
+            # Waits for room in full site queues share one deadline per batch: a slow site
+            # with many of the batch's transactions holds the lane up once, not once each.
+            deadline = batch.alive + min(self._cfg.deliverer.site_wait, self._ack_wait / 3)
             self._batches.add(batch)
             try:
                 await self._lease_sites(groups)
@@ -532,21 +535,24 @@ class Deliverer:
                     elif (site := self._site_of.get(p.domain)) is None:
                         await self._hand_back_busy([group])  # (the scheduler is unreachable)
                     else:
-                        await self._enqueue(site, group, batch.alive)
+                        await self._enqueue(site, group, batch.alive, deadline)
                 batch.next = len(groups)
             finally:
                 self._batches.discard(batch)
 
-    async def _enqueue(self, site: str, group: Group, alive: float) -> None:
+    async def _enqueue(self, site: str, group: Group, alive: float, until: float) -> None:
         """Queue `group` for `site`'s connection loops. While the site's queue is full the
         lane waits (its mail is in the same proportions all along: fetching ahead only to
-        hand back what the site cannot take yet cost more than it gained), up to
-        `[deliverer] site_wait`, then gives the group back for a moment."""
+        hand back what the site cannot take yet cost more than it gained), up to `until`,
+        then gives the group back for a moment. Mail of a higher tier than the queue's
+        lowest goes in regardless (it is delivered first): critical mail never waits
+        behind bulk."""
         sq = self._site_queues.get(site)
         if sq is None:
             sq = self._site_queues[site] = SiteQueue(site)
-        if sq.size >= _SITE_QUEUE:
-            until = time.monotonic() + min(self._cfg.deliverer.site_wait, self._ack_wait / 3)
+        p = group[0][1]
+        tier = p.tier if p is not None else 0
+        if sq.size >= _SITE_QUEUE and tier >= max(sq.tiers):
             # (until it is a quarter empty: one wait per group kept the lane waking up for
             # every transaction the site finished)
             while sq.size >= _SITE_QUEUE and (left := until - time.monotonic()) > 0:
@@ -561,8 +567,7 @@ class Deliverer:
             sq = self._site_queues.setdefault(site, sq)  # (in case it was dropped meanwhile)
         if not any(not w.lost.is_set() for w in sq.leases):
             count_site_wait(len(group), queued=True)  # (it waits for a lease on the site)
-        p = group[0][1]
-        sq.push(InHand([group], alive, since=time.monotonic()), p.tier if p is not None else 0)
+        sq.push(InHand([group], alive, since=time.monotonic()), tier)
         self._queued += len(group)
         self._staff(sq)
 

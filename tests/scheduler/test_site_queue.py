@@ -87,3 +87,23 @@ async def test_mail_for_a_served_site_is_queued_and_handed_back_when_it_stays_fu
     assert queued > 0, (queued, handed_back)
     # ... and while the site stayed full past the wait, mail went back and came again.
     assert handed_back > 0, (queued, handed_back)
+
+
+async def test_critical_bucket_mail_passes_a_full_site_queue_of_bulk(stack: Stack) -> None:
+    """More bulk for the site than its queue in the deliverer holds (the lane waits for room):
+    critical mail queued for the site goes out first, before a quarter of the bulk."""
+    stack.smtp.data_delay.update({d: 0.01 for d in DOMAINS})
+    await blast(stack, [f"bulk{j}@{d}" for j in range(20) for d in DOMAINS])  # 600
+    await wait_for(lambda: len(stack.smtp.received) >= 10, 30, "bulk under way")
+    await blast(stack, [f"crit{j}@{d}" for j, d in enumerate(DOMAINS[:10])], tier="critical")
+    arrivals = lambda: [r.rcpt_tos[0] for r in stack.smtp.received]  # noqa: E731
+    await wait_for(
+        lambda: sum(a.startswith("crit") for a in arrivals()) == 10, 60, "10 critical messages"
+    )
+    order = arrivals()
+    last_critical = max(i for i, a in enumerate(order) if a.startswith("crit"))
+    bulk_before = sum(a.startswith("bulk") for a in order[:last_critical])
+    # (43-84 here; a queue served in arrival order would let its 256 bulk go first)
+    assert bulk_before < 150, f"{bulk_before} of 600 bulk messages went before the last critical"
+    await wait_for(lambda: len(stack.smtp.received) >= 610, 120, "every message")
+    assert stack.smtp.max_active <= 1, stack.smtp.max_active
