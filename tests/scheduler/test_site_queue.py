@@ -96,7 +96,10 @@ async def test_critical_bucket_mail_passes_a_full_site_queue_of_bulk(stack: Stac
     await blast(stack, [f"bulk{j}@{d}" for j in range(20) for d in DOMAINS])  # 600
     await wait_for(lambda: len(stack.smtp.received) >= 10, 30, "bulk under way")
     await blast(stack, [f"crit{j}@{d}" for j, d in enumerate(DOMAINS[:10])], tier="critical")
-    arrivals = lambda: [r.rcpt_tos[0] for r in stack.smtp.received]  # noqa: E731
+
+    def arrivals() -> list[str]:
+        return [r.rcpt_tos[0] for r in stack.smtp.received]
+
     await wait_for(
         lambda: sum(a.startswith("crit") for a in arrivals()) == 10, 60, "10 critical messages"
     )

@@ -141,7 +141,6 @@ async def test_truncated_answer_is_asked_again_over_tcp() -> None:
         r.flags |= dns.flags.TC
         return r
 
-    transport, port = await _serve_udp(truncated)
     asked_over_tcp: list[str] = []
 
     async def tcp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -156,7 +155,17 @@ async def test_truncated_answer_is_asked_again_over_tcp() -> None:
         await writer.drain()
         writer.close()
 
-    server = await asyncio.start_server(tcp, "127.0.0.1", port)
+    # The same port for UDP and TCP: the UDP port the system picks may be taken for TCP
+    # (by another test's connection), so pick again until both bind.
+    for _ in range(20):
+        transport, port = await _serve_udp(truncated)
+        try:
+            server = await asyncio.start_server(tcp, "127.0.0.1", port)
+            break
+        except OSError:
+            transport.close()
+    else:
+        raise AssertionError("no port free for both UDP and TCP")
     try:
         assert await _resolver(port, "127.0.0.1").addresses("big.test") == ["127.0.0.8"]
         assert asked_over_tcp and set(asked_over_tcp) == {"big.test."}
