@@ -205,8 +205,9 @@ class SchedulerConfig:
     throttle_cooldown: Duration = Duration(5.0)
     # How often the reaper sweeps for messages a MAX_DELIVERIES advisory missed.
     sweep_interval: Duration = Duration(300.0)
-    # Connections a hash-bucket lease runs (each domain's site is leased on top, one
-    # connection at a time, so site limits hold).
+    # No effect since bucket mail waits per site in the deliverer (a lane is fetched by one
+    # loop; its connections come from its sites' leases, docs/scheduling.md); kept so that
+    # configurations that set it still load. A lane's lease carries it as max_connections.
     bucket_connections: int = 4
     # A mail consumer with nothing stored on its subjects and no lease is deleted after this.
     consumer_idle: Duration = Duration(60.0)
