@@ -665,6 +665,10 @@ class Deliverer:
                     self._attach(work, more=True)
         finally:
             sq.acquiring = None
+            # (a loop that ended meanwhile left the queue to this call: without a lease now,
+            # the queue needs one)
+            if sq.size and not self._stopping:
+                self._staff(sq)
             self._forget(sq)
 
     def _give_up(self, sq: SiteQueue, before: float) -> None:
@@ -825,6 +829,19 @@ class Deliverer:
                         in_hand.alive = now
                     except NatsError as exc:  # (NATS away: the next round tries again)
                         log.warning("keeping mail in hand alive failed: %r", exc)
+            # Mail kept alive must also be on its way: a queue with mail always has a
+            # connection loop or a lease being asked for (a queue left with neither would
+            # keep its mail here for good).
+            for sq in list(self._site_queues.values()):
+                if (
+                    sq.size
+                    and not sq.loops
+                    and sq.acquiring is None
+                    and sq.site not in self._asking
+                    and not self._stopping
+                ):
+                    log.warning("site %s: %d queued with no connection loop", sq.site, sq.size)
+                    self._staff(sq)
 
     @staticmethod
     async def _hand_back_busy(groups: list[Group]) -> None:
