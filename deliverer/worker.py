@@ -58,6 +58,11 @@ _PER_LOOP = 8
 # JetStream for a moment, and lanes stop fetching, respectively.
 _SITE_QUEUE = 256
 _IN_HAND = 2048
+# Connection loops of hash-bucket mail per process (as many as four per lane of eight
+# lanes and the dedicated leases' loops were). At the cap a queue that needs one takes the
+# slot of a loop idling on another site; a long tail of sites with their own MX otherwise
+# ran thousands of connections at once, and the process's NATS calls timed out.
+_SITE_LOOPS = 64
 
 # Transactions whose settling (events, acks) may still be in flight per process.
 _SETTLING = 256
@@ -89,7 +94,7 @@ class SiteQueue:
     loops: int = 0  # connection loops working it
     # Loops waiting for mail, longest first (each is woken with True by mail queued, or
     # with False when it has waited _LINGER).
-    idle: deque[asyncio.Future[bool]] = field(default_factory=deque)
+    idle: deque[asyncio.Future[bool | None]] = field(default_factory=deque)
     room: asyncio.Event = field(default_factory=asyncio.Event)  # (set when not full)
     acquiring: asyncio.Future[None] | None = None  # a lease being asked for
     pops: int = 0
@@ -159,7 +164,7 @@ def late_messages(sub: JetStreamContext.PullSubscription) -> list[Msg]:
     return out
 
 
-def _resolve(waiter: asyncio.Future[bool], value: bool) -> None:
+def _resolve(waiter: asyncio.Future[bool | None], value: bool | None) -> None:
     if not waiter.done():
         waiter.set_result(value)
 
@@ -238,6 +243,11 @@ class Deliverer:
         self._queued = 0
         self._room = asyncio.Event()
         self._asking: set[str] = set()  # known sites a batch call is asking for
+        self._site_loops = 0  # connection loops of site queues running
+        # Their idle loops, longest idle first (resolved with None: give up your slot), and
+        # the queues waiting for a slot.
+        self._idle: dict[asyncio.Future[bool | None], None] = {}
+        self._starved: dict[str, None] = {}
         # The batches the connection loops are working through.
         self._batches: set[InHand] = set()
         self._stopping = False
@@ -600,6 +610,10 @@ class Deliverer:
         want = max(1, -(-sq.size // _PER_LOOP))
         for work in live:
             while sq.loops < want and work.loops < work.lease.max_connections:
+                if self._site_loops >= _SITE_LOOPS:
+                    self._starve(sq)
+                    break
+                self._site_loops += 1
                 work.loops += 1
                 sq.loops += 1
                 task = asyncio.ensure_future(self._site_loop(sq, work))
@@ -623,6 +637,26 @@ class Deliverer:
             if not waiter.done():
                 waiter.set_result(True)
                 break
+
+    def _starve(self, sq: SiteQueue) -> None:
+        """`sq` needs a connection loop and the process runs _SITE_LOOPS: ask the longest
+        idle loop to give up its slot (the queue gets it, _next_starved), if any."""
+        self._starved[sq.site] = None
+        while self._idle:
+            waiter = next(iter(self._idle))
+            del self._idle[waiter]
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    def _next_starved(self) -> None:
+        """A slot freed: the queues waiting for one, in turn."""
+        while self._starved and self._site_loops < _SITE_LOOPS:
+            site = next(iter(self._starved))
+            del self._starved[site]
+            sq = self._site_queues.get(site)
+            if sq is not None and sq.size and not self._stopping:
+                self._staff(sq)
 
     async def _acquire_site(self, sq: SiteQueue) -> None:
         """Lease the site of `sq` (it has mail and no live lease): the scheduler holds the
@@ -702,28 +736,38 @@ class Deliverer:
                 if in_hand is None:
                     # (a future and a timer: cheaper than wait_for, which makes a task)
                     loop = asyncio.get_running_loop()
-                    waiter: asyncio.Future[bool] = loop.create_future()
+                    waiter: asyncio.Future[bool | None] = loop.create_future()
                     timer = loop.call_later(_LINGER, _resolve, waiter, False)
                     sq.idle.append(waiter)
+                    self._idle[waiter] = None
                     try:
                         more = await waiter
                     finally:
                         timer.cancel()
+                        self._idle.pop(waiter, None)
                         with contextlib.suppress(ValueError):
                             sq.idle.remove(waiter)
-                    if not more and not sq.size:
-                        return
+                    if more is None or (not more and not sq.size):
+                        return  # (None: its slot goes to another site's queue)
                     continue
                 group = in_hand.groups[0]
-                if time.monotonic() - in_hand.alive > self._ack_wait / 3:
-                    for msg, _ in group:  # still ours: tell JetStream before sending
-                        await msg.in_progress()
-                if conn is not None and group[0][1] is not None:
-                    conn = await self._fit(conn, group[0][1].domain)
-                conn = await self._paced(group, work, conn)
+                try:
+                    if time.monotonic() - in_hand.alive > self._ack_wait / 3:
+                        for msg, _ in group:  # still ours: tell JetStream before sending
+                            await msg.in_progress()
+                    if conn is not None and group[0][1] is not None:
+                        conn = await self._fit(conn, group[0][1].domain)
+                    conn = await self._paced(group, work, conn)
+                except Exception:
+                    # (e.g. NATS unreachable: the mail comes back, and this loop ends)
+                    log.exception("site %s: delivery failed; handing back", sq.site)
+                    with contextlib.suppress(Exception):
+                        await self._hand_back_busy([group])
+                    return
         finally:
             if conn is not None:
                 await conn.close()
+            self._site_loops -= 1
             work.loops -= 1
             sq.loops -= 1
             if not work.loops:
@@ -731,6 +775,7 @@ class Deliverer:
                 await self._release_domain_lease(work)
             if sq.size and not self._stopping:
                 self._staff(sq)  # (the lease was lost: another one, or more loops)
+            self._next_starved()
             self._forget(sq)
 
     def _forget(self, sq: SiteQueue) -> None:
@@ -838,6 +883,7 @@ class Deliverer:
                     and not sq.loops
                     and sq.acquiring is None
                     and sq.site not in self._asking
+                    and sq.site not in self._starved
                     and not self._stopping
                 ):
                     log.warning("site %s: %d queued with no connection loop", sq.site, sq.size)

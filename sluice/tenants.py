@@ -5,6 +5,7 @@ An API key is shown once at creation; only its SHA-256 digest is stored (the KV 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import re
@@ -160,11 +161,25 @@ class TenantCache:
         self._store = store
         self._ttl = ttl
         self._cache: dict[str, tuple[float, tenant_pb2.Tenant | None]] = {}
+        # One read per tenant at a time: callers that miss meanwhile wait for it (hundreds
+        # of connection loops missing at once were as many reads, and timed out).
+        self._reading: dict[str, asyncio.Future[tenant_pb2.Tenant | None]] = {}
 
     async def get(self, tenant_id: str) -> tenant_pb2.Tenant | None:
         now = time.monotonic()
         hit = self._cache.get(tenant_id)
-        if hit is None or hit[0] <= now:
-            hit = (now + self._ttl, await self._store.get_tenant(tenant_id))
-            self._cache[tenant_id] = hit
-        return hit[1]
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        reading = self._reading.get(tenant_id)
+        if reading is not None:
+            return await asyncio.shield(reading)
+        reading = self._reading[tenant_id] = asyncio.ensure_future(
+            self._store.get_tenant(tenant_id)
+        )
+        try:
+            tenant = await asyncio.shield(reading)
+        finally:
+            if self._reading.get(tenant_id) is reading:
+                del self._reading[tenant_id]
+        self._cache[tenant_id] = (time.monotonic() + self._ttl, tenant)
+        return tenant
