@@ -46,7 +46,7 @@ _MAX_RCPTS = 50
 # Hash-bucket mail waits in the process per site (SiteQueue). A site's connection loop
 # whose queue stays empty this long (seconds) closes its connection; the site's lease goes
 # back with its last loop.
-_LINGER = 2.0
+_LINGER = 0.5
 # Site leases of hash-bucket mail given back within this long (seconds) go in one call.
 _RELEASE_WINDOW = 0.1
 # Connections asked for on a site (the scheduler grants at most half of the site's limit).
@@ -608,10 +608,12 @@ class Deliverer:
                 sq.acquiring = asyncio.ensure_future(self._acquire_site(sq))
             return
         want = max(1, -(-sq.size // _PER_LOOP))
+        capped = False  # (the process runs _SITE_LOOPS: more of the site would not help)
         for work in live:
             while sq.loops < want and work.loops < work.lease.max_connections:
                 if self._site_loops >= _SITE_LOOPS:
                     self._starve(sq)
+                    capped = True
                     break
                 self._site_loops += 1
                 work.loops += 1
@@ -619,11 +621,12 @@ class Deliverer:
                 task = asyncio.ensure_future(self._site_loop(sq, work))
                 self._site_tasks.add(task)
                 task.add_done_callback(self._site_tasks.discard)
-        for work in [w for w in live if not w.loops]:  # (not needed: its connections go back)
-            sq.leases.remove(work)
+        for work in [w for w in live if not w.loops and not capped]:
+            sq.leases.remove(work)  # (not needed: its connections go back)
             self._spawn(self._release_domain_lease(work))
         if (
             sq.loops < want
+            and not capped
             and sq.acquiring is None
             and not self._stopping
             and time.monotonic() - sq.asked_more > 1.0
@@ -904,11 +907,6 @@ class Deliverer:
         for domain, mx in resp.domain_mx.items():
             hosts = [MxHost(h.preference, h.host) for h in mx.hosts]
             self._resolver.learn_mx(domain, hosts, mx.ttl_seconds)
-            for h in mx.hosts:
-                if h.addresses:
-                    self._resolver.learn_addresses(
-                        h.host, list(h.addresses), h.addresses_ttl_seconds
-                    )
 
     async def _serves(self, conn: SmtpConnection, domain: str) -> bool:
         """Whether mail for `domain` may go through `conn` (opened for another domain of the

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import math
 import time
@@ -126,16 +125,9 @@ class Scheduler:
             return known
         now = time.monotonic()
         try:
-            mx = await self._resolver.mx(domain)
-            hosts = [h.host for h in mx]
+            hosts = [h.host for h in await self._resolver.mx(domain)]
             site = self._rules.site_of(domain, hosts)
             ttl = 300.0
-            # The addresses of the hosts a deliverer tries first go to it with the MX hosts
-            # (AcquireLeasesResponse.domain_mx): looked up once here, not once per deliverer.
-            first = [h.host for h in mx if h.preference == mx[0].preference and not _is_ip(h.host)]
-            await asyncio.gather(
-                *(self._resolver.addresses(h) for h in first), return_exceptions=True
-            )
         except DnsError as exc:
             # The deliverer meets the same failure and classifies it; the domain is its own site.
             log.info("site of %s unknown (%s)", domain, exc)
@@ -334,10 +326,7 @@ class Scheduler:
                     mx = out.domain_mx[domain]
                     mx.ttl_seconds = int(ttl)
                     for h in hosts:
-                        entry = mx.hosts.add(preference=h.preference, host=h.host)
-                        if addresses := self._resolver.known_addresses(h.host):
-                            entry.addresses.extend(addresses[0])
-                            entry.addresses_ttl_seconds = int(addresses[1])
+                        mx.hosts.add(preference=h.preference, host=h.host)
             now = time.monotonic()
             if now < self._grace_until:
                 return out
@@ -545,14 +534,6 @@ class Scheduler:
         by_site = await self._by_site()
         by_lane = self._by_lane()
         return {q.consumer for ls in self.leases.all() for q in _lease_queues(ls, by_site, by_lane)}
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-        return True
-    except ValueError:
-        return False
 
 
 def _lease_queues(

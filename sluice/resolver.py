@@ -241,19 +241,6 @@ class Resolver:
         if hosts and ttl > 0 and self.known_mx(domain) is None:
             self._mx[domain] = (time.monotonic() + ttl, hosts)
 
-    def known_addresses(self, host: str) -> tuple[list[str], float] | None:
-        """The host's addresses from the cache, and the seconds left of their TTL (None when
-        not cached)."""
-        cached = self._addr.get(host)
-        left = cached[0] - time.monotonic() if cached else 0.0
-        return (cached[1], left) if cached and left > 0 else None
-
-    def learn_addresses(self, host: str, addresses: list[str], ttl: float) -> None:
-        """Cache addresses another process looked up (the scheduler sends them with a lease)
-        for `ttl` seconds, unless the cache already has them."""
-        if addresses and ttl > 0 and self.known_addresses(host) is None:
-            self._addr[host] = (time.monotonic() + ttl, addresses)
-
     async def addresses(self, host: str) -> list[str]:
         """IPv4 then IPv6 addresses of a host."""
         now = time.monotonic()

@@ -344,31 +344,19 @@ class MxHost(_message.Message):
 
     PREFERENCE_FIELD_NUMBER: _builtins.int
     HOST_FIELD_NUMBER: _builtins.int
-    ADDRESSES_FIELD_NUMBER: _builtins.int
-    ADDRESSES_TTL_SECONDS_FIELD_NUMBER: _builtins.int
     preference: _builtins.int
     """The MX preference."""
     host: _builtins.str
     """The host name, lower case, without the trailing dot."""
-    addresses_ttl_seconds: _builtins.int
-    """How long the addresses hold (seconds left of their DNS TTL)."""
-    @_builtins.property
-    def addresses(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Its addresses, IPv4 then IPv6, as the scheduler resolved them (for the hosts of the
-        lowest preference; empty when not resolved: the deliverer looks them up itself).
-        """
-
     def __init__(
         self,
         *,
         preference: _builtins.int = ...,
         host: _builtins.str = ...,
-        addresses: _abc.Iterable[_builtins.str] | None = ...,
-        addresses_ttl_seconds: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["addresses", b"addresses", "addresses_ttl_seconds", b"addresses_ttl_seconds", "host", b"host", "preference", b"preference"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["host", b"host", "preference", b"preference"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
