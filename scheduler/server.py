@@ -292,8 +292,18 @@ async def _lead(
     stop: asyncio.Event,
     scheduler: Scheduler | None = None,
 ) -> None:
-    """The active scheduler's background work, for as long as it holds the lock."""
-    scheduler = scheduler or await role.activate()
+    """The active scheduler's background work, for as long as it holds the lock. If it
+    cannot start (NATS failing over: reading its state times out), it gives the lock up and
+    stands by again; raising here ended the scheduler's service for good."""
+    if scheduler is None:
+        try:
+            scheduler = await role.activate()
+        except Exception as exc:
+            log.warning("scheduler %s could not take over (%r); standing by", role.lock.holder, exc)
+            role.deactivate()
+            with contextlib.suppress(Exception):
+                await role.lock.release()
+            return
     backlog = asyncio.create_task(scheduler.run_backlog(stop))
     # The active scheduler also runs the reaper (MaxDeliver-exhausted mail -> dead letters).
     reaper = asyncio.create_task(Reaper(js).run(stop, cfg.scheduler.sweep_interval))
