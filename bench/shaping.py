@@ -53,6 +53,8 @@ class Sink:
         self.peak: dict[str, int] = defaultdict(int)
         self.delivered = 0
         self.connections = 0  # connections that carried mail
+        self.site_connections: dict[str, int] = defaultdict(int)
+        self.site_mail: dict[str, int] = defaultdict(int)
         self.seen: set[str] = set()
         self.duplicates = 0  # deliveries to a recipient that had its message already
         self.first = 0.0
@@ -66,6 +68,7 @@ class Sink:
         if getattr(session, "site", None) is None:
             session.site = site  # type: ignore[attr-defined]
             self.connections += 1
+            self.site_connections[site] += 1
             self.active[site] += 1
             self.peak[site] = max(self.peak[site], self.active[site])
         envelope.rcpt_tos.append(address)
@@ -74,6 +77,7 @@ class Sink:
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:  # noqa: N802
         await asyncio.sleep(0.002)  # a receiving server takes a little time
         self.delivered += 1
+        self.site_mail[session.site] += 1  # type: ignore[attr-defined]
         for rcpt in envelope.rcpt_tos:
             self.duplicates += rcpt in self.seen
             self.seen.add(rcpt)
@@ -225,6 +229,13 @@ async def main() -> None:
         print(
             f"connections that carried mail: {sink.connections}, transactions: {sink.delivered}"
             f" ({sink.delivered / max(sink.connections, 1):.1f} per connection)"
+        )
+        small = [site for site in sites if 0 < sink.site_mail[site] <= 3]
+        print(
+            f"  of them to sites with at most 3 messages: "
+            f"{sum(sink.site_connections[site] for site in small)} ({len(small)} sites); "
+            f"to the 10 most connected sites: "
+            f"{sum(sorted(sink.site_connections.values())[-10:]) if sink.site_connections else 0}"
         )
         over = [site for site in sites if sink.peak[site] > limits[site]]
         busiest = sorted(sites, key=lambda site: -sink.peak[site])[:10]

@@ -135,6 +135,44 @@ async def test_cname_chain_is_followed_with_the_chains_ttl() -> None:
         transport.close()
 
 
+async def test_an_answer_to_another_question_is_not_taken() -> None:
+    """A reply whose question is not ours (a stray or spoofed datagram with our id) is not
+    an answer: the lookup fails temporarily instead of caching the wrong records."""
+
+    def other_question(q: dns.message.Message) -> dns.message.Message:
+        r = dns.message.make_response(dns.message.make_query("evil.test", dns.rdatatype.MX))
+        r.id = q.id
+        r.answer.append(dns.rrset.from_text("evil.test.", 60, "IN", "MX", "10 mx.evil.test."))
+        return r
+
+    transport, port = await _serve_udp(other_question)
+    try:
+        with pytest.raises(DnsTemporary, match="does not match the question"):
+            await _resolver(port, "127.0.0.1", timeout=0.6).mx("victim.test")
+    finally:
+        transport.close()
+
+
+async def test_only_the_records_asked_for_are_read() -> None:
+    """Records of other names or types in the answer section are not taken for the answer."""
+
+    def noisy(q: dns.message.Message) -> dns.message.Message:
+        r = dns.message.make_response(q)
+        r.answer.append(dns.rrset.from_text("other.test.", 60, "IN", "MX", "5 mx.other.test."))
+        r.answer.append(dns.rrset.from_text("mixed.test.", 60, "IN", "TXT", '"v=spf1 -all"'))
+        r.answer.append(dns.rrset.from_text("mixed.test.", 90, "IN", "MX", "10 mx.mixed.test."))
+        return r
+
+    transport, port = await _serve_udp(noisy)
+    try:
+        r = _resolver(port, "127.0.0.1")
+        assert await r.mx("mixed.test") == [MxHost(10, "mx.mixed.test")]
+        expires, _ = r._mx["mixed.test"]
+        assert 60 < expires - time.monotonic() <= 90, "the MX record's own TTL"
+    finally:
+        transport.close()
+
+
 async def test_truncated_answer_is_asked_again_over_tcp() -> None:
     def truncated(q: dns.message.Message) -> dns.message.Message:
         r = dns.message.make_response(q)
