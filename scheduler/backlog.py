@@ -59,9 +59,12 @@ class Backlog:
     bucketed: set[str] = field(default_factory=set)
 
 
-# Queues by (tier, lane, key, tenant), made once: a backlog read with a long tail of
-# domains names thousands of subjects a second, and most of them map to a few bucket queues.
+# Queues by (tier, lane, key, tenant), made once, and what each subject names, read once: a
+# backlog read with a long tail of domains names thousands of subjects a second, and most of
+# them map to a few bucket queues.
 _queues: dict[tuple[names.Tier, str, str, str], Queue] = {}
+_Subject = tuple[tuple[names.Tier, str, str, str], tuple[names.Tier, str], str | None]
+_subjects: dict[str, _Subject | None] = {}
 _TIERS = {names.tier_token(t): t for t in names.TIERS}
 
 
@@ -74,28 +77,43 @@ def _queue(ident: tuple[names.Tier, str, str, str]) -> Queue:
     return q
 
 
+def _subject(subject: str) -> _Subject | None:
+    """A mail subject's queue (as a tuple), its (tier, domain key), and the domain key if
+    it is in a hash-bucket lane; None for anything else (chunk markers have five tokens)."""
+    parts = subject.split(".")
+    if len(parts) != 6:
+        return None
+    _, _, token, lane, key, tenant = parts
+    tier = _TIERS.get(token)
+    if tier is None:
+        return None
+    if lane != names.DEDICATED_LANE:
+        return (tier, lane, "", tenant), (tier, key), key
+    return (tier, lane, key, tenant), (tier, key), None
+
+
 async def read_backlog(js: JetStreamContext) -> Backlog:
     info = await js.stream_info(names.MAIL_STREAM, subjects_filter=names.MAIL_SUBJECTS)
     # Counted by plain tuples (cheap to hash), made queues at the end.
     queues: dict[tuple[names.Tier, str, str, str], int] = {}
     out = Backlog()
     domains = out.domains
-    dedicated = names.DEDICATED_LANE
+    bucketed = out.bucketed
     for subject, count in (info.state.subjects or {}).items():
-        parts = subject.split(".")
-        if len(parts) != 6 or count <= 0:
-            continue  # chunk markers have five tokens
-        _, _, token, lane, key, tenant = parts
-        tier = _TIERS.get(token)
-        if tier is None:
+        if count <= 0:
             continue
-        if lane != dedicated:
-            ident = (tier, lane, "", tenant)
-            out.bucketed.add(key)
-        else:
-            ident = (tier, lane, key, tenant)
+        read = _subjects.get(subject)
+        if read is None and subject not in _subjects:
+            if len(_subjects) > 100_000:
+                _subjects.clear()
+            read = _subjects[subject] = _subject(subject)
+        if read is None:
+            continue
+        ident, tier_key, bucket_key = read
+        if bucket_key is not None:
+            bucketed.add(bucket_key)
         queues[ident] = queues.get(ident, 0) + count
-        domains[(tier, key)] += count
+        domains[tier_key] += count
     out.queues = {_queue(ident): n for ident, n in queues.items()}
     return out
 

@@ -139,7 +139,8 @@ class Scheduler:
         """Resolve the sites of those of `domains` not known yet, _RESOLVING at a time (a
         long tail of domains is thousands of lookups; one at a time, each cost a trip
         through the event loop, about twice the CPU of the lookup itself)."""
-        unknown = [d for d in domains if self._known_site(d) is None]
+        now, sites = time.monotonic(), self._sites
+        unknown = [d for d in domains if (hit := sites.get(d)) is None or hit[0] <= now]
         for i in range(0, len(unknown), _RESOLVING):
             await asyncio.gather(*(self.site_of(d) for d in unknown[i : i + _RESOLVING]))
 
@@ -164,14 +165,17 @@ class Scheduler:
     async def _bucketed_sites(self) -> set[str]:
         """Sites with mail in hash buckets (computed once per backlog read)."""
         if self._bucketed_for is not self._backlog:
-            await self._learn_sites({names.key_domain(key) for key in self._backlog.bucketed})
-            sites: set[str] = set()
-            for key in self._backlog.bucketed:
-                domain = names.key_domain(key)
-                # (most are known: no coroutine for them)
-                sites.add(self._known_site(domain) or await self.site_of(domain))
+            backlog = self._backlog
+            domains = {names.key_domain(key) for key in backlog.bucketed}
+            await self._learn_sites(domains)
+            now, known, sites = time.monotonic(), self._sites, set()
+            for domain in domains:
+                # (all known by now, but for a failed lookup's expiry: no coroutine for them)
+                hit = known.get(domain)
+                fresh = hit is not None and hit[0] > now
+                sites.add(hit[1] if hit is not None and fresh else await self.site_of(domain))
             self._bucketed = sites
-            self._bucketed_for = self._backlog
+            self._bucketed_for = backlog
         return self._bucketed
 
     def _lane_share(self, deliverer_id: str, lanes: set[str]) -> tuple[int, int]:
