@@ -117,40 +117,61 @@ _QUESTION = struct.Struct("!HH")  # type, class
 _RECORD = struct.Struct("!HHIH")  # type, class, TTL, data length
 _Record = tuple[dns.name.Name, int, int, dns.rdata.Rdata]  # owner, type, TTL, data
 _CHAIN = 16  # CNAMEs followed at most
+_TO_QUESTION = b"\xc0\x0c"  # a compressed name: the one at offset 12, the question's
 
 
 def _read_reply(
-    wire: bytes, qid: int, qname: dns.name.Name, rdtype: dns.rdatatype.RdataType
+    wire: bytes,
+    qid: int,
+    question: bytes,
+    qname: dns.name.Name,
+    rdtype: dns.rdatatype.RdataType,
 ) -> tuple[int, list[_Record]] | None:
     """The rcode and the answer section's records of the question's class and of its type
-    or CNAME, read with dnspython's parsers for names and records; None when truncated.
+    or CNAME; None when truncated. `question` is the question section as sent.
 
     Building a whole `dns.message.Message` (sections, rrsets, their hashes) cost three
-    quarters of a lookup's CPU, and a long tail of domains makes thousands of lookups."""
-    parser = dns.wire.Parser(wire)
-    rid, flags, questions, answers, _, _ = parser.get_struct(_HEADER.format)
+    quarters of a lookup's CPU, and a long tail of domains makes thousands of lookups. So
+    the question is compared as bytes (case aside), an owner that points at it (the usual
+    compression) is taken for the asked name, and only the other names and the records are
+    read with dnspython's parsers."""
+    if len(wire) < _HEADER.size + len(question):
+        raise _Unanswered("a reply too short for the question")
+    rid, flags, questions, answers, _, _ = _HEADER.unpack_from(wire)
+    end = _HEADER.size + len(question)
     if (
         rid != qid
         or not flags & dns.flags.QR
         or dns.opcode.from_flags(flags) != dns.opcode.QUERY
         or questions != 1
-        or dns.name.from_wire_parser(parser) != qname
-        or parser.get_struct(_QUESTION.format) != (rdtype, dns.rdataclass.IN)
+        or wire[_HEADER.size : end].lower() != question.lower()
     ):
         raise _Unanswered("an answer that does not match the question")
     if flags & dns.flags.TC:
         return None
+    parser = dns.wire.Parser(wire, end)
     records: list[_Record] = []
     for _ in range(answers):
-        owner = dns.name.from_wire_parser(parser)
+        if wire[parser.current : parser.current + 2] == _TO_QUESTION:
+            parser.current += 2
+            owner = qname
+        else:
+            owner = dns.name.from_wire_parser(parser)
         rtype, rclass, ttl, size = parser.get_struct(_RECORD.format)
         if rclass != dns.rdataclass.IN or rtype not in (rdtype, dns.rdatatype.CNAME):
             parser.get_bytes(size)
             continue
         with parser.restrict_to(size):
-            data = dns.rdata.from_wire_parser(rclass, rtype, parser)
+            data = dns.rdata.from_wire_parser(
+                dns.rdataclass.IN, dns.rdatatype.RdataType(rtype), parser
+            )
         records.append((owner, rtype, ttl, data))
     return int(dns.rcode.from_flags(flags, 0)), records
+
+
+def _time_out(waiter: asyncio.Future[bytes]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
 
 
 def _follow(
@@ -230,24 +251,25 @@ class StubClient:
         qid = random.getrandbits(16)
         while qid in endpoint.waiting:
             qid = random.getrandbits(16)
-        waiter: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[bytes] = loop.create_future()
         endpoint.waiting[qid] = waiter
+        question = cast(bytes, qname.to_wire()) + _QUESTION.pack(rdtype, dns.rdataclass.IN)
+        # (a future and a timer: cheaper than wait_for)
+        timer = loop.call_later(wait, _time_out, waiter)
         try:
             assert endpoint.transport is not None
-            endpoint.transport.sendto(
-                _HEADER.pack(qid, dns.flags.RD, 1, 0, 0, 0)
-                + cast(bytes, qname.to_wire())
-                + _QUESTION.pack(rdtype, dns.rdataclass.IN)
-            )
-            wire = await asyncio.wait_for(waiter, wait)
+            endpoint.transport.sendto(_HEADER.pack(qid, dns.flags.RD, 1, 0, 0, 0) + question)
+            wire = await waiter
         finally:
+            timer.cancel()
             endpoint.waiting.pop(qid, None)
-        reply = _read_reply(wire, qid, qname, rdtype)
+        reply = _read_reply(wire, qid, question, qname, rdtype)
         if reply is None:  # truncated: again over TCP
             query = dns.message.make_query(qname, rdtype)
             query.id = qid
             response = await dns.asyncquery.tcp(query, ns, timeout=wait, port=self.port)
-            reply = _read_reply(response.to_wire(), qid, qname, rdtype)
+            reply = _read_reply(response.to_wire(), qid, question, qname, rdtype)
             if reply is None:
                 raise _Unanswered("a truncated answer over TCP")
         return reply
