@@ -1272,7 +1272,10 @@ class Deliverer:
                 await self._event(
                     p, messages_pb2.EVENT_TYPE_DELIVERED, attempt, reply, mx_host=mx_host
                 )
-                await msg.ack_sync()
+                # (no reply awaited: the ack is written at once, and at worst a lost ack is
+                # a redelivery, as a crash before it would be; waiting for the reply cost
+                # a request per message)
+                await msg.ack()
                 log.info(
                     "delivered delivery=%s to=%s reply=%s",
                     p.delivery_id,
