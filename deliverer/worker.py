@@ -34,6 +34,7 @@ from sluice.config import Config
 from sluice.outcomes import BatchPublisher, event_message, publish_dead_letter
 from sluice.resolver import DnsPermanent, DnsTemporary, MxHost, Resolver
 from sluice.retry import busy_delay, next_delay
+from sluice.singleflight import SingleFlight
 from sluice.store import PayloadNotFound, PayloadStore, StoreError
 from sluice.telemetry import count_site_wait, extract, tracer
 from sluice.tenants import TenantCache, TenantStore
@@ -255,6 +256,7 @@ class Deliverer:
         self._outcomes: list[scheduler_pb2.Outcome] = []
         self._subs: dict[str, JetStreamContext.PullSubscription] = {}
         self._parsed: dict[str, Sequence[messages_pb2.Payload]] = {}
+        self._reads: SingleFlight[str, Sequence[messages_pb2.Payload]] = SingleFlight()
         self._templates: dict[tuple[str, str], MessageTemplate] = {}
         # The shortest ack_wait of the consumers worked (see _sub).
         self._ack_wait = float(cfg.deliverer.ack_wait)
@@ -1183,20 +1185,25 @@ class Deliverer:
 
     async def _payload(self, ref: str) -> messages_pb2.Payload:
         """The payload a ref points at; "<uri>#<i>" is payload i of a streamed batch.
-        Parsed objects are cached, so a batch or blast is read and parsed once."""
+        Parsed objects are cached, so a batch or blast is read and parsed once (one read at
+        a time: the loops that miss meanwhile wait for it)."""
         base, _, fragment = ref.partition("#")
         parsed = self._parsed.get(base)
         if parsed is None:
-            data = await self._store.get(base)
-            parsed = (
-                messages_pb2.PayloadBatch.FromString(data).payloads
-                if fragment
-                else [messages_pb2.Payload.FromString(data)]
-            )
-            self._parsed[base] = parsed
-            if len(self._parsed) > self._cfg.deliverer.payload_cache_size:
-                self._parsed.pop(next(iter(self._parsed)))
+            parsed = await self._reads.do(base, lambda: self._read_payload(base, bool(fragment)))
         return parsed[int(fragment) if fragment else 0]
+
+    async def _read_payload(self, base: str, batch: bool) -> Sequence[messages_pb2.Payload]:
+        data = await self._store.get(base)
+        parsed: Sequence[messages_pb2.Payload] = (
+            messages_pb2.PayloadBatch.FromString(data).payloads
+            if batch
+            else [messages_pb2.Payload.FromString(data)]
+        )
+        self._parsed[base] = parsed
+        if len(self._parsed) > self._cfg.deliverer.payload_cache_size:
+            self._parsed.pop(next(iter(self._parsed)))
+        return parsed
 
     def _template(
         self, ref: str, payload: messages_pb2.Payload, unsubscribe: str

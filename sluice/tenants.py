@@ -5,7 +5,6 @@ An API key is shown once at creation; only its SHA-256 digest is stored (the KV 
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import re
@@ -19,6 +18,7 @@ from nats.js.errors import KeyNotFoundError
 
 from sluice import names
 from sluice.kvmirror import kv_current
+from sluice.singleflight import SingleFlight
 from sluice.v1 import messages_pb2, tenant_pb2
 
 __all__ = [
@@ -161,25 +161,16 @@ class TenantCache:
         self._store = store
         self._ttl = ttl
         self._cache: dict[str, tuple[float, tenant_pb2.Tenant | None]] = {}
-        # One read per tenant at a time: callers that miss meanwhile wait for it (hundreds
-        # of connection loops missing at once were as many reads, and timed out).
-        self._reading: dict[str, asyncio.Future[tenant_pb2.Tenant | None]] = {}
+        # One read per tenant at a time: callers that miss meanwhile wait for it.
+        self._reads: SingleFlight[str, tenant_pb2.Tenant | None] = SingleFlight()
 
     async def get(self, tenant_id: str) -> tenant_pb2.Tenant | None:
-        now = time.monotonic()
         hit = self._cache.get(tenant_id)
-        if hit is not None and hit[0] > now:
+        if hit is not None and hit[0] > time.monotonic():
             return hit[1]
-        reading = self._reading.get(tenant_id)
-        if reading is not None:
-            return await asyncio.shield(reading)
-        reading = self._reading[tenant_id] = asyncio.ensure_future(
-            self._store.get_tenant(tenant_id)
-        )
-        try:
-            tenant = await asyncio.shield(reading)
-        finally:
-            if self._reading.get(tenant_id) is reading:
-                del self._reading[tenant_id]
+        return await self._reads.do(tenant_id, lambda: self._read(tenant_id))
+
+    async def _read(self, tenant_id: str) -> tenant_pb2.Tenant | None:
+        tenant = await self._store.get_tenant(tenant_id)
         self._cache[tenant_id] = (time.monotonic() + self._ttl, tenant)
         return tenant

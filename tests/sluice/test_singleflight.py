@@ -1,0 +1,68 @@
+"""SingleFlight: one call per key at a time (a unit below the NATS seam)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from sluice.singleflight import SingleFlight
+
+
+async def test_callers_that_come_while_a_call_runs_share_it() -> None:
+    flight: SingleFlight[str, int] = SingleFlight()
+    calls: list[str] = []
+    release = asyncio.Event()
+
+    async def read(key: str) -> int:
+        calls.append(key)
+        await release.wait()
+        return len(calls)
+
+    waiting = [asyncio.ensure_future(flight.do("a", lambda: read("a"))) for _ in range(20)]
+    other = asyncio.ensure_future(flight.do("b", lambda: read("b")))
+    await asyncio.sleep(0.01)
+    release.set()
+    assert await asyncio.gather(*waiting) == [2] * 20
+    assert await other == 2
+    assert calls == ["a", "b"], "one call per key"
+    # Done: the next caller calls again.
+    assert await flight.do("a", lambda: read("a")) == 3
+
+
+async def test_a_cancelled_caller_does_not_cancel_the_call_for_the_others() -> None:
+    flight: SingleFlight[str, str] = SingleFlight()
+    release = asyncio.Event()
+
+    async def read() -> str:
+        await release.wait()
+        return "payload"
+
+    first = asyncio.ensure_future(flight.do("k", read))
+    second = asyncio.ensure_future(flight.do("k", read))
+    await asyncio.sleep(0.01)
+    first.cancel()
+    release.set()
+    assert await second == "payload"
+    with pytest.raises(asyncio.CancelledError):
+        await first
+
+
+async def test_a_failure_reaches_every_caller_and_is_not_kept() -> None:
+    flight: SingleFlight[str, str] = SingleFlight()
+    attempts = 0
+
+    async def read() -> str:
+        nonlocal attempts
+        attempts += 1
+        await asyncio.sleep(0.01)
+        if attempts == 1:
+            raise LookupError("not there yet")
+        return "found"
+
+    results = await asyncio.gather(
+        *(flight.do("k", read) for _ in range(5)), return_exceptions=True
+    )
+    assert all(isinstance(r, LookupError) for r in results), results
+    assert await flight.do("k", read) == "found"
+    assert attempts == 2
