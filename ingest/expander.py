@@ -41,7 +41,7 @@ from sluice.consume import consume
 from sluice.health import ServiceHealth, nats_problems
 from sluice.lanes import Lanes
 from sluice.nats_layout import connect, ensure_layout, kv_put_ttl
-from sluice.outcomes import WRONG_LAST_SEQUENCE
+from sluice.outcomes import WRONG_LAST_SEQUENCE, BatchPublisher
 from sluice.store import PayloadStore, open_store
 from sluice.suppressions import Suppressions
 from sluice.telemetry import count_suppressed, extract, inject, trace_headers, tracer
@@ -91,6 +91,8 @@ class Expander:
         self._suppressions = suppressions
         self._lanes = lanes
         self._keys: dict[str, tuple[str, str]] = {}
+        # (atomic batches; a batch repeating an event after a crash goes one by one)
+        self._events = BatchPublisher(nc, js, names.EVENTS_STREAM)
 
     def _domain(self, email: str) -> tuple[str, str]:
         """(normalised domain, subject key) of an address, cached per domain."""
@@ -236,7 +238,10 @@ class Expander:
         return published
 
     async def _accepted_events(self, batch: messages_pb2.JobBatch) -> None:
-        for job in batch.jobs:
+        """An `accepted` event per job, published together: a streamed batch of 500
+        messages was 500 publishes one after the other, each waiting for its PubAck."""
+
+        def message(job: messages_pb2.JobRecord) -> tuple[str, bytes, dict[str, str]]:
             event = messages_pb2.Event(
                 event_id=f"evt_{job.job_id}_accepted",
                 type=messages_pb2.EVENT_TYPE_ACCEPTED,
@@ -250,12 +255,13 @@ class Expander:
                 recipients=[r.email for r in job.recipients],
                 message_id=job.recipients[0].message_id if job.recipients else "",
             )
-            await self._js.publish(
+            return (
                 names.event_subject(job.tenant_id, event.type, job.job_id, "job"),
                 event.SerializeToString(),
-                stream=names.EVENTS_STREAM,
-                headers=inject({"Nats-Msg-Id": event.event_id}),
+                inject({"Nats-Msg-Id": event.event_id}),
             )
+
+        await asyncio.gather(*(self._events.publish(*message(job)) for job in batch.jobs))
 
     async def _is_done(self, batch_id: str) -> bool:
         kv = await self._js.key_value(names.EXPANDER_BUCKET)

@@ -6,6 +6,8 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from sluice import names
+from sluice.nats_layout import connect
 from sluice.v1 import ingest_pb2, ingest_pb2_grpc, messages_pb2
 from tests.conftest import Stack, wait_for
 
@@ -45,6 +47,18 @@ async def test_stream_acks_in_batches_and_delivers(stack: Stack) -> None:
     await wait_for(lambda: len(stack.smtp.received) == n - len(bad), 60, "all streamed mail")
     subjects = sorted(r.message["Subject"] for r in stack.smtp.received)
     assert subjects == sorted(f"stream {i}" for i in range(n) if i not in bad)
+    # One `accepted` event per message (the expander publishes a batch's events together).
+    nc = await connect(stack.cfg, "test")
+    try:
+        info = await nc.jetstream().stream_info(
+            names.EVENTS_STREAM, subjects_filter="sluice.events.acme.accepted.>"
+        )
+    finally:
+        await nc.close()
+    accepted = info.state.subjects or {}
+    want = {f"sluice.events.acme.accepted.{r.job_id}.job" for r in results if r.job_id}
+    assert set(accepted) == want
+    assert set(accepted.values()) == {1}
 
 
 async def test_stream_with_bad_key_is_refused(stack: Stack) -> None:
