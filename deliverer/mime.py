@@ -47,7 +47,6 @@ log = logging.getLogger(__name__)
 _PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z0-9_.-]+)\s*\}\}")
 _DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
-_CRLF_ANY = re.compile(r"\r\n|\r|\n")
 # RFC 5322 atext: a display-name word that may stand unquoted and unencoded.
 _ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+")
 # RFC 5322 2.1.1: lines SHOULD be at most 78 characters, MUST be at most 998.
@@ -275,7 +274,7 @@ def _content_header(name: str, value: str, params: list[tuple[str, str]]) -> byt
 def _text_part(content: str, subtype: str) -> bytes:
     """A text part (its headers, a blank line, the body): 7bit when ASCII with short
     lines, else quoted-printable UTF-8 (lines of at most 76 characters)."""
-    lf = _CRLF_ANY.sub("\n", content)
+    lf = content.replace("\r\n", "\n").replace("\r", "\n")  # (a regex took 15 us a 2 KB)
     if not lf.endswith("\n"):
         lf += "\n"
     if lf.isascii() and max(map(len, lf.split("\n"))) <= _MAX_LINE:
