@@ -16,12 +16,16 @@ import pytest
 
 from deliverer.schedclient import SchedulerClient
 from scheduler.leader import ACTIVE_KEY, LeaderLock
+from scheduler.server import Role, _lead
+from scheduler.service import Scheduler
+from scheduler.shaping import load_rules
 from sluice import config as config_mod
 from sluice import names
 from sluice.config import Config
 from sluice.devdns import DnsServer
 from sluice.nats_layout import connect, ensure_layout
 from sluice.natsserver import NatsServer, free_port
+from sluice.resolver import Resolver
 from sluice.v1 import scheduler_pb2, scheduler_pb2_grpc
 from tests.api import blast
 from tests.conftest import Stack, _listening, wait_for
@@ -83,6 +87,33 @@ async def test_one_contender_wins_and_the_other_takes_over_once_renewals_stop(
         c = LeaderLock(js, "c", ttl=2, lease_ttl=1.5)
         assert await c.try_acquire()
         assert not c.took_over
+    finally:
+        await nc.close()
+
+
+async def test_a_winner_that_cannot_start_gives_the_lock_up_and_stands_by(
+    nats_server: NatsServer,
+) -> None:
+    """Winning the lock and then failing to start (NATS failing over: reading the state
+    timed out) must not end the scheduler's service: the lock goes back at once, for
+    another contender or for this one's next try."""
+
+    class CannotStart(Role):
+        async def activate(self) -> Scheduler:
+            raise TimeoutError("reading the scheduler's state timed out")
+
+    nc = await _js(nats_server.url)
+    try:
+        js = nc.jetstream()
+        cfg = config_mod.replace(Config(), nats={"url": nats_server.url})
+        a = LeaderLock(js, "a", ttl=30, lease_ttl=30)
+        role = CannotStart(cfg, js, a, load_rules(None), Resolver(cfg.dns))
+        assert await a.try_acquire()
+        # _lead returns (it does not raise, nor hold the lock while unable to serve).
+        await asyncio.wait_for(_lead(cfg, js, role, asyncio.Event()), 10)
+        assert role.active() is None and not a.valid()
+        b = LeaderLock(js, "b", ttl=30, lease_ttl=30)
+        assert await b.try_acquire(), "the lock was not given back"
     finally:
         await nc.close()
 
