@@ -118,13 +118,24 @@ def _resolver(port: int, *nameservers: str, timeout: float = 2.0) -> Resolver:
     return Resolver(DnsConfig(nameservers=nameservers, port=port, timeout=Duration(timeout)))
 
 
-async def test_cname_chain_is_followed_with_the_chains_ttl() -> None:
+def _answer_with(
+    *records: tuple[str, int, str, str],
+) -> Callable[[dns.message.Message], dns.message.Message]:
+    """A responder answering any question with these (name, TTL, type, data) records."""
+
     def answer(q: dns.message.Message) -> dns.message.Message:
         r = dns.message.make_response(q)
-        r.answer.append(dns.rrset.from_text("alias.test.", 300, "IN", "CNAME", "real.test."))
-        r.answer.append(dns.rrset.from_text("real.test.", 40, "IN", "A", "127.0.0.7"))
+        for name, ttl, rdtype, data in records:
+            r.answer.append(dns.rrset.from_text(name, ttl, "IN", rdtype, data))
         return r
 
+    return answer
+
+
+async def test_cname_chain_is_followed_with_the_chains_ttl() -> None:
+    answer = _answer_with(
+        ("alias.test.", 300, "CNAME", "real.test."), ("real.test.", 40, "A", "127.0.0.7")
+    )
     transport, port = await _serve_udp(answer)
     try:
         r = _resolver(port, "127.0.0.1")
@@ -156,13 +167,11 @@ async def test_an_answer_to_another_question_is_not_taken() -> None:
 async def test_only_the_records_asked_for_are_read() -> None:
     """Records of other names or types in the answer section are not taken for the answer."""
 
-    def noisy(q: dns.message.Message) -> dns.message.Message:
-        r = dns.message.make_response(q)
-        r.answer.append(dns.rrset.from_text("other.test.", 60, "IN", "MX", "5 mx.other.test."))
-        r.answer.append(dns.rrset.from_text("mixed.test.", 60, "IN", "TXT", '"v=spf1 -all"'))
-        r.answer.append(dns.rrset.from_text("mixed.test.", 90, "IN", "MX", "10 mx.mixed.test."))
-        return r
-
+    noisy = _answer_with(
+        ("other.test.", 60, "MX", "5 mx.other.test."),
+        ("mixed.test.", 60, "TXT", '"v=spf1 -all"'),
+        ("mixed.test.", 90, "MX", "10 mx.mixed.test."),
+    )
     transport, port = await _serve_udp(noisy)
     try:
         r = _resolver(port, "127.0.0.1")
