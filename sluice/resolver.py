@@ -139,12 +139,14 @@ def _read_reply(
         raise _Unanswered("a reply too short for the question")
     rid, flags, questions, answers, _, _ = _HEADER.unpack_from(wire)
     end = _HEADER.size + len(question)
+    name_end = end - _QUESTION.size
     if (
         rid != qid
         or not flags & dns.flags.QR
         or dns.opcode.from_flags(flags) != dns.opcode.QUERY
         or questions != 1
-        or wire[_HEADER.size : end].lower() != question.lower()
+        or wire[_HEADER.size : name_end].lower() != question[: -_QUESTION.size].lower()
+        or wire[name_end:end] != question[-_QUESTION.size :]
     ):
         raise _Unanswered("an answer that does not match the question")
     if flags & dns.flags.TC:

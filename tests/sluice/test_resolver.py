@@ -146,12 +146,18 @@ async def test_cname_chain_is_followed_with_the_chains_ttl() -> None:
         transport.close()
 
 
-async def test_an_answer_to_another_question_is_not_taken() -> None:
-    """A reply whose question is not ours (a stray or spoofed datagram with our id) is not
-    an answer: the lookup fails temporarily instead of caching the wrong records."""
+@pytest.mark.parametrize(
+    ("name", "rdtype"), [("evil.test", dns.rdatatype.MX), ("VICTIM.test", dns.rdatatype.A)]
+)
+async def test_an_answer_to_another_question_is_not_taken(
+    name: str, rdtype: dns.rdatatype.RdataType
+) -> None:
+    """A reply whose question is not ours (a stray or spoofed datagram with our id: another
+    name, or our name in other case but another type) is not an answer: the lookup fails
+    temporarily instead of caching the wrong records."""
 
     def other_question(q: dns.message.Message) -> dns.message.Message:
-        r = dns.message.make_response(dns.message.make_query("evil.test", dns.rdatatype.MX))
+        r = dns.message.make_response(dns.message.make_query(name, rdtype))
         r.id = q.id
         r.answer.append(dns.rrset.from_text("evil.test.", 60, "IN", "MX", "10 mx.evil.test."))
         return r
