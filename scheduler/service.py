@@ -172,8 +172,10 @@ class Scheduler:
             for domain in domains:
                 # (all known by now, but for a failed lookup's expiry: no coroutine for them)
                 hit = known.get(domain)
-                fresh = hit is not None and hit[0] > now
-                sites.add(hit[1] if hit is not None and fresh else await self.site_of(domain))
+                if hit is not None and hit[0] > now:
+                    sites.add(hit[1])
+                else:
+                    sites.add(await self.site_of(domain))
             self._bucketed = sites
             self._bucketed_for = backlog
         return self._bucketed
