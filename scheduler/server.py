@@ -304,16 +304,23 @@ async def _lead(
             with contextlib.suppress(Exception):
                 await role.lock.release()
             return
-    backlog = asyncio.create_task(scheduler.run_backlog(stop))
+    # The background work ends with this leadership, told by `ended` as well as cancelled:
+    # on Python 3.11 a cancellation that meets a message arriving in nats-py's fetch is lost,
+    # and the task went on until the process stopped (a cancelled scheduler never ended).
+    ended = asyncio.Event()
+    relay = asyncio.create_task(stop.wait())
+    relay.add_done_callback(lambda _: ended.set())
+    backlog = asyncio.create_task(scheduler.run_backlog(ended))
     # The active scheduler also runs the reaper (MaxDeliver-exhausted mail -> dead letters).
-    reaper = asyncio.create_task(Reaper(js).run(stop, cfg.scheduler.sweep_interval))
+    reaper = asyncio.create_task(Reaper(js).run(ended, cfg.scheduler.sweep_interval))
     try:
         await role.lock.hold(stop)
     finally:
+        ended.set()
         role.deactivate()
-        backlog.cancel()
-        reaper.cancel()
-        await asyncio.gather(backlog, reaper, return_exceptions=True)
+        for task in (relay, backlog, reaper):
+            task.cancel()
+        await asyncio.gather(relay, backlog, reaper, return_exceptions=True)
 
 
 async def serve(cfg: Config, stop: asyncio.Event) -> None:
