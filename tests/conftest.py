@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,6 +60,13 @@ async def dns_server() -> AsyncIterator[DnsServer]:
     await srv.start()
     yield srv
     srv.close()
+
+
+def one_site(dns_server: DnsServer, domains: Iterable[str], mx_host: str) -> None:
+    """Point `domains` at one MX host (one site) on 127.0.0.1."""
+    for domain in domains:
+        dns_server.records[domain] = [("MX", f"10 {mx_host}.")]
+    dns_server.records[mx_host] = [("A", "127.0.0.1")]
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import pytest
 
 from sluice.devdns import DnsServer
 from tests.api import blast
-from tests.conftest import Stack, wait_for
+from tests.conftest import Stack, one_site, wait_for
 
 DOMAINS = [f"t{i}.roomy.test" for i in range(30)]
 LIMIT = 4
@@ -31,9 +31,7 @@ def stack_overrides(tmp_path: Path) -> dict[str, dict[str, Any]]:
 
 @pytest.fixture(autouse=True)
 def _mx_records(dns_server: DnsServer) -> None:
-    for domain in DOMAINS:
-        dns_server.records[domain] = [("MX", "10 mx.roomy.test.")]
-    dns_server.records["mx.roomy.test"] = [("A", "127.0.0.1")]
+    one_site(dns_server, DOMAINS, "mx.roomy.test")
 
 
 async def test_a_queue_that_outgrows_its_lease_gets_more_of_the_site(stack: Stack) -> None:

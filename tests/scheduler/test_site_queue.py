@@ -18,7 +18,7 @@ from deliverer.schedclient import SchedulerClient
 from sluice.devdns import DnsServer
 from sluice.v1 import scheduler_pb2
 from tests.api import blast
-from tests.conftest import Stack, wait_for
+from tests.conftest import Stack, one_site, wait_for
 from tests.sluice.test_metrics import scrape, value
 
 DOMAINS = [f"t{i}.busy.test" for i in range(30)]
@@ -39,9 +39,7 @@ def stack_overrides(tmp_path: Path) -> dict[str, dict[str, Any]]:
 
 @pytest.fixture(autouse=True)
 def _mx_records(dns_server: DnsServer) -> None:
-    for domain in DOMAINS:
-        dns_server.records[domain] = [("MX", "10 mx.busy.test.")]
-    dns_server.records["mx.busy.test"] = [("A", "127.0.0.1")]
+    one_site(dns_server, DOMAINS, "mx.busy.test")
 
 
 async def test_mail_for_a_served_site_is_queued_and_handed_back_when_it_stays_full(
