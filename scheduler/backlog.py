@@ -8,6 +8,7 @@ touches. Consumers with nothing stored on their subjects are deleted after a whi
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections import Counter
@@ -64,7 +65,6 @@ class Backlog:
 # them map to a few bucket queues.
 _queues: dict[tuple[names.Tier, str, str, str], Queue] = {}
 _Subject = tuple[tuple[names.Tier, str, str, str], tuple[names.Tier, str], str | None]
-_subjects: dict[str, _Subject | None] = {}
 _TIERS = {names.tier_token(t): t for t in names.TIERS}
 
 
@@ -77,6 +77,7 @@ def _queue(ident: tuple[names.Tier, str, str, str]) -> Queue:
     return q
 
 
+@functools.lru_cache(maxsize=100_000)
 def _subject(subject: str) -> _Subject | None:
     """A mail subject's queue (as a tuple), its (tier, domain key), and the domain key if
     it is in a hash-bucket lane; None for anything else (chunk markers have five tokens)."""
@@ -102,11 +103,7 @@ async def read_backlog(js: JetStreamContext) -> Backlog:
     for subject, count in (info.state.subjects or {}).items():
         if count <= 0:
             continue
-        read = _subjects.get(subject)
-        if read is None and subject not in _subjects:
-            if len(_subjects) > 100_000:
-                _subjects.clear()
-            read = _subjects[subject] = _subject(subject)
+        read = _subject(subject)
         if read is None:
             continue
         ident, tier_key, bucket_key = read
