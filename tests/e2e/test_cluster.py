@@ -9,11 +9,13 @@ import itertools
 import os
 import signal
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 
 from sluice import config as config_mod
 from sluice import names
@@ -30,6 +32,10 @@ SERVICES = ("ingest", "expander", "scheduler", "deliverer", "webhooks")
 BEFORE, DURING, AFTER = 500, 400, 500
 SENDERS = 4
 DOWN = 3.0  # seconds the node stays down while sends go on
+# A pull whose reply died with the node's consumer leader leaves its pointers held by
+# nobody until ack_wait ends (a minute by default): short ones here keep the run short.
+# The run has a budget under pytest's timeout, so that a slow run still stops its processes.
+BUDGET = 150.0
 
 
 def _config(path: Path, nodes: list[NatsServer], dns_port: int, smtp_port: int) -> int:
@@ -42,7 +48,8 @@ def _config(path: Path, nodes: list[NatsServer], dns_port: int, smtp_port: int) 
         f'[scheduler]\nlisten = "127.0.0.1:{sched}"\nbacklog_interval = "200ms"\n'
         f'lease_ttl = "3s"\n'
         f'[deliverer]\nscheduler = "127.0.0.1:{sched}"\nsmtp_port = {smtp_port}\n'
-        f'idle_poll = "100ms"\nrenew_interval = "300ms"\n'
+        f'idle_poll = "100ms"\nrenew_interval = "300ms"\nack_wait = "6s"\n'
+        f'[expander]\nack_wait = "5s"\n'
         f'[dns]\nnameservers = ["127.0.0.1"]\nport = {dns_port}\ntimeout = "2s"\n'
         f'[retry]\nladder = ["1s", "2s"]\njitter = 0.0\n'
     )
@@ -86,6 +93,7 @@ async def _jobs_leader(cfg: config_mod.Config) -> str:
         await nc.close()
 
 
+@pytest.mark.timeout(BUDGET + 60)
 async def test_r3_cluster_loses_no_accepted_message_when_a_node_is_killed(
     tmp_path: Path, dns_server: DnsServer, smtp: tuple[ScriptedSmtp, int]
 ) -> None:
@@ -93,129 +101,137 @@ async def test_r3_cluster_loses_no_accepted_message_when_a_node_is_killed(
     nodes = cluster_nodes(tmp_path / "nats")
     procs: dict[str, Any] = {}
     leader, during = "", 0
+    took = {"sending": 0.0, "delivering": 0.0}  # seconds, for the printed summary
     by_phase: list[dict[int, int]] = []
     try:
-        for node in nodes:
-            await asyncio.to_thread(node.start)
-        config = tmp_path / "sluice.toml"
-        http = _config(config, nodes, dns_server.port, smtp_port)
-        cfg = config_mod.load(config, environ={})
-        await wait_for(lambda: _r3_layout(cfg), 60, "the R3 layout on the cluster")
-        nc = await connect(cfg, "test-setup")
-        tenants = TenantStore(nc.jetstream())
-        await tenants.put_tenant(
-            tenant_pb2.Tenant(
-                tenant_id="acme", allowed_from_domains=["acme.test"], created_at=now_ts()
+        async with asyncio.timeout(BUDGET):
+            for node in nodes:
+                await asyncio.to_thread(node.start)
+            config = tmp_path / "sluice.toml"
+            http = _config(config, nodes, dns_server.port, smtp_port)
+            cfg = config_mod.load(config, environ={})
+            await wait_for(lambda: _r3_layout(cfg), 60, "the R3 layout on the cluster")
+            nc = await connect(cfg, "test-setup")
+            tenants = TenantStore(nc.jetstream())
+            await tenants.put_tenant(
+                tenant_pb2.Tenant(
+                    tenant_id="acme", allowed_from_domains=["acme.test"], created_at=now_ts()
+                )
             )
-        )
-        key, _ = await tenants.create_key("acme")
-        await nc.close()
-        env = dict(os.environ, SLUICE_CONFIG=str(config))
-        for name in SERVICES:
-            with await asyncio.to_thread(open, tmp_path / f"{name}.log", "ab") as log:
-                procs[name] = await asyncio.create_subprocess_exec(
-                    sys.executable,
-                    "-m",
-                    "sluice.cli",
-                    "--log-level",
-                    "WARNING",
-                    name,
-                    env=env,
-                    stdout=asyncio.subprocess.DEVNULL,
-                    stderr=log,
+            key, _ = await tenants.create_key("acme")
+            await nc.close()
+            env = dict(os.environ, SLUICE_CONFIG=str(config))
+            for name in SERVICES:
+                with await asyncio.to_thread(open, tmp_path / f"{name}.log", "ab") as log:
+                    procs[name] = await asyncio.create_subprocess_exec(
+                        sys.executable,
+                        "-m",
+                        "sluice.cli",
+                        "--log-level",
+                        "WARNING",
+                        name,
+                        env=env,
+                        stdout=asyncio.subprocess.DEVNULL,
+                        stderr=log,
+                    )
+
+            statuses: dict[str, int] = {}
+            refusals: list[Any] = []
+
+            async def send(
+                session: aiohttp.ClientSession,
+                numbers: itertools.count[int],
+                limit: int,
+                until: asyncio.Event | None,
+            ) -> None:
+                """Send one message per recipient, numbered from `numbers`, up to `limit` (or
+                until `until` is set); after a refusal wait as its Retry-After says, as a client
+                should."""
+                while not (until and until.is_set()) and (i := next(numbers)) < limit:
+                    rcpt = f"c{i}@mail.test"
+                    try:
+                        async with session.post(
+                            f"http://127.0.0.1:{http}/v1/send",
+                            headers={"Authorization": f"Bearer {key}"},
+                            json={
+                                "from": {"email": "a@acme.test"},
+                                "to": [{"email": rcpt}],
+                                "subject": f"cluster {i}",
+                                "text": "hi",
+                            },
+                        ) as resp:
+                            statuses[rcpt] = resp.status
+                            if resp.status != 202:
+                                refusals.append(await resp.json(content_type=None))
+                                await asyncio.sleep(float(resp.headers.get("Retry-After", "1")))
+                    except aiohttp.ClientConnectionError:
+                        statuses[rcpt] = 0  # ingest not listening yet (start-up only)
+
+            async def phase(
+                session: aiohttp.ClientSession,
+                start: int,
+                limit: int,
+                until: asyncio.Event | None = None,
+            ) -> None:
+                numbers = itertools.count(start)
+                await asyncio.gather(
+                    *(send(session, numbers, limit, until) for _ in range(SENDERS))
                 )
 
-        statuses: dict[str, int] = {}
-        refusals: list[Any] = []
+            async with aiohttp.ClientSession() as session:
 
-        async def send(
-            session: aiohttp.ClientSession,
-            numbers: itertools.count[int],
-            limit: int,
-            until: asyncio.Event | None,
-        ) -> None:
-            """Send one message per recipient, numbered from `numbers`, up to `limit` (or
-            until `until` is set); after a refusal wait as its Retry-After says, as a client
-            should."""
-            while not (until and until.is_set()) and (i := next(numbers)) < limit:
-                rcpt = f"c{i}@mail.test"
-                try:
-                    async with session.post(
-                        f"http://127.0.0.1:{http}/v1/send",
-                        headers={"Authorization": f"Bearer {key}"},
-                        json={
-                            "from": {"email": "a@acme.test"},
-                            "to": [{"email": rcpt}],
-                            "subject": f"cluster {i}",
-                            "text": "hi",
-                        },
-                    ) as resp:
-                        statuses[rcpt] = resp.status
-                        if resp.status != 202:
-                            refusals.append(await resp.json(content_type=None))
-                            await asyncio.sleep(float(resp.headers.get("Retry-After", "1")))
-                except aiohttp.ClientConnectionError:
-                    statuses[rcpt] = 0  # ingest not listening yet (start-up only)
+                async def up() -> bool:
+                    try:
+                        async with session.get(f"http://127.0.0.1:{http}/v1/messages/none") as r:
+                            return r.status > 0
+                    except aiohttp.ClientConnectionError:
+                        return False
 
-        async def phase(
-            session: aiohttp.ClientSession,
-            start: int,
-            limit: int,
-            until: asyncio.Event | None = None,
-        ) -> None:
-            numbers = itertools.count(start)
-            await asyncio.gather(*(send(session, numbers, limit, until) for _ in range(SENDERS)))
+                await wait_for(up, 60, "ingest to listen")
+                began = time.monotonic()
+                await phase(session, 0, BEFORE)
+                leader = await _jobs_leader(cfg)
+                victim = next(n for n in nodes if n.cluster and n.cluster.name == leader)
+                victim.stop(kill=True)
+                # Sends go on while the node is down (at most DURING of them).
+                restarted = asyncio.Event()
+                sending = asyncio.create_task(phase(session, BEFORE, BEFORE + DURING, restarted))
+                await asyncio.sleep(DOWN)
+                await asyncio.to_thread(victim.start)
+                restarted.set()
+                await sending
+                during = len(statuses) - BEFORE
+                await phase(session, BEFORE + during, BEFORE + during + AFTER)
+                took["sending"] = time.monotonic() - began
 
-        async with aiohttp.ClientSession() as session:
-
-            async def up() -> bool:
-                try:
-                    async with session.get(f"http://127.0.0.1:{http}/v1/messages/none") as r:
-                        return r.status > 0
-                except aiohttp.ClientConnectionError:
-                    return False
-
-            await wait_for(up, 60, "ingest to listen")
-            await phase(session, 0, BEFORE)
-            leader = await _jobs_leader(cfg)
-            victim = next(n for n in nodes if n.cluster and n.cluster.name == leader)
-            victim.stop(kill=True)
-            # Sends go on while the node is down (at most DURING of them).
-            restarted = asyncio.Event()
-            sending = asyncio.create_task(phase(session, BEFORE, BEFORE + DURING, restarted))
-            await asyncio.sleep(DOWN)
-            await asyncio.to_thread(victim.start)
-            restarted.set()
-            await sending
-            during = len(statuses) - BEFORE
-            await phase(session, BEFORE + during, BEFORE + during + AFTER)
-
-        accepted = {r for r, s in statuses.items() if s == 202}
-        phases = ((0, BEFORE), (BEFORE, BEFORE + during), (BEFORE + during, len(statuses)))
-        by_phase = [
-            dict(Counter(statuses[f"c{i}@mail.test"] for i in range(lo, hi))) for lo, hi in phases
-        ]
-        assert set(Counter(statuses.values())) <= {202, 503}, Counter(statuses.values())
-        # A refusal says what happened: the job was not made durable, retry.
-        for body in refusals:
-            assert body["details"][0]["reason"] == "NOT_DURABLE", body
-        after = [f"c{i}@mail.test" for i in range(BEFORE + during, BEFORE + during + AFTER)]
-        assert accepted & set(after), "nothing was accepted after the node came back"
-        await wait_for(
-            lambda: accepted <= {r.rcpt_tos[0] for r in handler.received},
-            90,
-            "every accepted message in the sink",
-        )
-        # The restarted node caught up: every stream has its three current replicas again.
-        await wait_for(lambda: _r3_layout(cfg), 60, "the killed node to catch up")
-        await asyncio.sleep(1.0)  # anything arriving twice arrives before the count
+            accepted = {r for r, s in statuses.items() if s == 202}
+            phases = ((0, BEFORE), (BEFORE, BEFORE + during), (BEFORE + during, len(statuses)))
+            by_phase = [
+                dict(Counter(statuses[f"c{i}@mail.test"] for i in range(lo, hi)))
+                for lo, hi in phases
+            ]
+            assert set(Counter(statuses.values())) <= {202, 503}, Counter(statuses.values())
+            # A refusal says what happened: the job was not made durable, retry.
+            for body in refusals:
+                assert body["details"][0]["reason"] == "NOT_DURABLE", body
+            after = [f"c{i}@mail.test" for i in range(BEFORE + during, BEFORE + during + AFTER)]
+            assert accepted & set(after), "nothing was accepted after the node came back"
+            await wait_for(
+                lambda: accepted <= {r.rcpt_tos[0] for r in handler.received},
+                90,
+                "every accepted message in the sink",
+            )
+            took["delivering"] = time.monotonic() - began - took["sending"]
+            # The restarted node caught up: every stream has its three current replicas again.
+            await wait_for(lambda: _r3_layout(cfg), 60, "the killed node to catch up")
+            await asyncio.sleep(1.0)  # anything arriving twice arrives before the count
     finally:
         for p in procs.values():
             if p.returncode is None:
                 p.send_signal(signal.SIGTERM)
         for p in procs.values():
             try:
-                await asyncio.wait_for(p.wait(), 30)
+                await asyncio.wait_for(p.wait(), 10)
             except TimeoutError:
                 p.kill()
                 await p.wait()
@@ -227,7 +243,8 @@ async def test_r3_cluster_loses_no_accepted_message_when_a_node_is_killed(
     print(
         f"killed {leader} (JOBS leader); statuses before/while down/after: {by_phase};"
         f" 202: {len(accepted)}, 503: {len(refused)} (of which delivered anyway:"
-        f" {len(refused & set(received))}), duplicates: {duplicates}"
+        f" {len(refused & set(received))}), duplicates: {duplicates}; sending took"
+        f" {took['sending']:.1f} s, delivering the rest {took['delivering']:.1f} s"
     )
     assert accepted <= set(received), "an accepted message was lost"
     # Only messages that were sent reach the sink (a 503 may still arrive: see docs/ha.md).
