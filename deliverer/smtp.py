@@ -2,13 +2,21 @@
 
 aiosmtplib exceptions are translated here: a reply becomes a `Reply` the classifier reads;
 a connection-level failure becomes `ConnectionLost` (always temporary).
+
+A transaction's commands are written through aiosmtplib with its per-command timeout off and
+a timer of ours instead (`_within`): aiosmtplib waits for each reply with `asyncio.wait_for`,
+which cost a quarter of the transaction's CPU; a timer that cuts the connection when the
+reply is late (RFC 5321 4.5.3.2) costs almost nothing.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Awaitable
 
 import aiosmtplib
+from aiosmtplib.protocol import normalize_message_line_endings
 
 from deliverer.classify import Reply, parse_reply
 from deliverer.mime import ascii_email
@@ -51,8 +59,11 @@ class SmtpConnection:
             validate_certs=False,
         )
         self._connect_timeout = connect_timeout
+        self._command_timeout = command_timeout
         # RFC 5321 4.5.3.2: the end of DATA may take longer (10 min) than other commands.
         self._data_timeout = data_timeout or command_timeout
+        # Set when a reply was late and the connection was cut for it: what was late.
+        self._late = ""
 
     @property
     def usable(self) -> bool:
@@ -108,7 +119,7 @@ class SmtpConnection:
             accepted = []
             for rcpt in recipients:
                 to = ascii_email(rcpt).encode()
-                resp = await self._smtp.execute_command(b"RCPT", b"TO:<" + to + b">")
+                resp = await self._command(b"RCPT", b"TO:<" + to + b">")
                 if resp.code in (250, 251):
                     accepted.append(rcpt)
                     continue
@@ -119,17 +130,15 @@ class SmtpConnection:
             if not accepted:
                 await self._abort(0)
                 return replies
-            try:
-                resp = await self._smtp.data(data, timeout=self._data_timeout)
-                reply = parse_reply(resp.code, resp.message)
+            resp = await self._data(data)
+            reply = parse_reply(resp.code, resp.message)
+            if resp.code == 421:
+                await self.close()
+            elif resp.code < 400:
                 self.deliveries += 1
-            except aiosmtplib.SMTPResponseException as exc:
-                reply = parse_reply(exc.code, exc.message)
-                if exc.code == 421:
-                    await self.close()
         except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError) as exc:
             await self.close()
-            raise ConnectionLost(f"{self.host}: {exc}") from exc
+            raise ConnectionLost(f"{self.host}: {self._late or exc}") from exc
         except (aiosmtplib.SMTPException, OSError) as exc:
             await self.close()
             raise ConnectionLost(f"{self.host}: {exc}") from exc
@@ -158,7 +167,44 @@ class SmtpConnection:
         args = [b"FROM:<" + mail_from.encode() + b">"]
         if size:
             args.append(b"SIZE=%d" % size)
-        return await self._smtp.execute_command(b"MAIL", *args)
+        return await self._command(b"MAIL", *args)
+
+    def _command(self, *args: bytes) -> Awaitable[aiosmtplib.SMTPResponse]:
+        """A command of the transaction and its reply, within `command_timeout`."""
+        reply = self._smtp.execute_command(*args, timeout=None)
+        return self._within(self._command_timeout, args[0].decode(), reply)
+
+    async def _within(
+        self, seconds: float, what: str, reply: Awaitable[aiosmtplib.SMTPResponse]
+    ) -> aiosmtplib.SMTPResponse:
+        """The reply, or the connection cut if it has not come within `seconds` (then the
+        wait ends with aiosmtplib's SMTPServerDisconnected, and `_late` says what was late)."""
+        timer = asyncio.get_running_loop().call_later(seconds, self._cut, what, seconds)
+        try:
+            return await reply
+        finally:
+            timer.cancel()
+
+    def _cut(self, what: str, seconds: float) -> None:
+        self._late = f"no reply to {what} within {seconds:g} s"
+        log.info("%s: %s: closing the connection", self.host, self._late)
+        self._smtp.close()
+
+    async def _data(self, data: bytes) -> aiosmtplib.SMTPResponse:
+        """DATA and the message: the reply to DATA if it was not 354, else the reply to the
+        end of the message (`data_timeout`). Written through aiosmtplib's protocol rather
+        than `SMTP.data`, which ran two regular expressions over every message: the message
+        is dot-stuffed here with a byte replace when its line ends are all CRLF already (as
+        the MIME builder and the DKIM signer make them), and normalised otherwise."""
+        resp = await self._command(b"DATA")
+        if resp.code != 354:
+            return resp
+        protocol = self._smtp.protocol
+        if protocol is None:
+            raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+        protocol.write(_wire_data(data))
+        reply = protocol.read_response(timeout=None)
+        return await self._within(self._data_timeout, "the end of DATA", reply)
 
     async def _abort(self, code: int) -> None:
         """End an aborted transaction: RSET, or close after 421 (the server is leaving)."""
@@ -173,3 +219,17 @@ class SmtpConnection:
                 await self._smtp.quit()
             except (aiosmtplib.SMTPException, OSError):
                 self._smtp.close()
+
+
+def _wire_data(message: bytes) -> bytes:
+    """The message as DATA carries it (RFC 5321 4.1.1.4, 4.5.2): CRLF line ends, a dot
+    doubled at the start of a line, a final CRLF, and the ending "." line."""
+    crlf = message.count(b"\r\n")
+    if message.count(b"\n") != crlf or message.count(b"\r") != crlf:
+        message = normalize_message_line_endings(message)  # (lone CR or LF: rare)
+    elif not message.endswith(b"\r\n"):
+        message += b"\r\n"
+    message = message.replace(b"\r\n.", b"\r\n..")
+    if message.startswith(b"."):
+        message = b"." + message
+    return message + b".\r\n"

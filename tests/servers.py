@@ -58,6 +58,10 @@ class ScriptedSmtp:
     rsets: int = 0
     # Seconds each DATA takes, per recipient domain (a slow destination).
     data_delay: dict[str, float] = field(default_factory=dict)
+    # Seconds each RCPT takes, per recipient domain.
+    rcpt_delay: dict[str, float] = field(default_factory=dict)
+    # Replies for the next ends of DATA, used once each (then the message is taken).
+    data_script: list[str] = field(default_factory=list)
     # A reply for every RCPT to a domain while set, e.g. "421 4.7.0 rate limited".
     domain_reply: dict[str, str] = field(default_factory=dict)
     # Connections open now and the most ever open at once.
@@ -108,6 +112,9 @@ class ScriptedSmtp:
     ) -> str:
         self.rcpt_attempts[address] += 1
         self.rcpt_times[address].append(time.monotonic())
+        delay = self.rcpt_delay.get(address.rpartition("@")[2], 0.0)
+        if delay:
+            await asyncio.sleep(delay)
         queue = self.script.get(address)
         if queue:
             return queue.pop(0)
@@ -123,6 +130,8 @@ class ScriptedSmtp:
         delay = self.data_delay.get(envelope.rcpt_tos[0].rpartition("@")[2], 0.0)
         if delay:
             await asyncio.sleep(delay)
+        if self.data_script:
+            return self.data_script.pop(0)
         self.arrived_at.append(time.monotonic())
         self.received.append(
             Received(
