@@ -220,3 +220,23 @@ async def test_mail_queued_behind_slow_transactions_stays_with_its_deliverer(
             await proc.wait()
     recipients = [r.rcpt_tos[0] for r in stack.smtp.received]
     assert len(recipients) == len(set(recipients)) == 24, sorted(recipients)
+
+
+async def test_a_transaction_longer_than_ack_wait_is_kept_alive(
+    stack: Stack, dns_server: DnsServer, smtp: Any
+) -> None:
+    """A DATA that takes 4.5 s, past the 3 s ack_wait: the deliverer tells JetStream the
+    pointer is in progress, so it is not redelivered (to itself or the other deliverer)."""
+    _, smtp_port = smtp
+    stack.smtp.data_delay["cap.test"] = 4.5
+    procs = [await deliverer_process(stack, dns_server.port, smtp_port) for _ in range(2)]
+    try:
+        await blast(stack, ["slow@cap.test"])
+        await wait_for(lambda: stack.smtp.to("slow@cap.test"), 30, "the slow message")
+        await asyncio.sleep(4.0)  # past one more ack_wait: a redelivered copy would show
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+            await proc.wait()
+    assert stack.smtp.rcpt_attempts["slow@cap.test"] == 1
+    assert len(stack.smtp.to("slow@cap.test")) == 1
