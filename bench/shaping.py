@@ -1,7 +1,7 @@
 """Shaping benchmark: N sites with M messages each, limits from a generated shaping file;
 prints the delivery rate and, per site, the most concurrent connections the receiving
-server ever saw against the site's limit. CPU is counted from the blast's submission, once
-the processes have started.
+server ever saw against the site's limit. CPU (the Sluice processes' and nats-server's) is
+counted from the blast's submission, once the processes have started.
 
     .venv/bin/python -m bench.shaping [--sites N] [--messages M] [--deliverers D]
     .venv/bin/python -m bench.shaping --zipf-domains 10000 --total 30000 [--zipf 1.0]
@@ -119,6 +119,8 @@ async def main() -> None:
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="sluice-shaping-"))
     srv, store_dir = start_nats()
+    assert srv.proc is not None
+    nats_pid = srv.proc.pid
     sink = Sink()
     loop = asyncio.get_running_loop()
     smtp_server = await loop.create_server(lambda: CountingSMTP(sink), "127.0.0.1", 0)
@@ -234,10 +236,12 @@ async def main() -> None:
             # CPU is counted from here: the processes' start (imports, connections) is not
             # a cost per message.
             cpu0 = {p.pid: _cpu_seconds(p.pid) for p in procs}
+            nats0 = _cpu_seconds(nats_pid)
             await blast(s, "u")
         await nc.close()
         elapsed = sink.last - sink.first
         cpu = {p.pid: _cpu_seconds(p.pid) - cpu0[p.pid] for p in procs}
+        cpu[nats_pid] = _cpu_seconds(nats_pid) - nats0
         print(machine())
         what = (
             f"{len(set(rcpt_domains))} of {args.zipf_domains} domains (Zipf s={args.zipf}) on "
@@ -251,8 +255,8 @@ async def main() -> None:
             f"delivered in {elapsed:.1f} s = {sink.delivered / max(elapsed, 1e-9):,.0f} msgs/s"
         )
         names = ["ingest", "expander", "scheduler", *["deliverer"] * args.deliverers]
-        for name, p in zip(names, procs, strict=True):
-            print(f"  {name:10} CPU {cpu[p.pid]:7.1f} s = {cpu[p.pid] / total * 1e3:.2f} ms/msg")
+        for name, pid in [*zip(names, (p.pid for p in procs), strict=True), ("nats", nats_pid)]:
+            print(f"  {name:10} CPU {cpu[pid]:7.1f} s = {cpu[pid] / total * 1e3:.2f} ms/msg")
         print(f"  all        CPU {sum(cpu.values()) / total * 1e3:.2f} ms/msg")
         print(f"most mail consumers at once: {most_consumers}")
         print(f"recipients reached: {len(sink.seen)} of {total}, duplicates: {sink.duplicates}")

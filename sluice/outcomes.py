@@ -87,21 +87,41 @@ async def publish_event(
 _Pending = tuple[str, bytes, dict[str, str], "asyncio.Future[None]"]
 
 
+# Batches smaller than this are not published atomically (see BatchPublisher).
+ATOMIC_MIN = 64
+
+
 class BatchPublisher:
-    """Publishes to one stream (created with allow_atomic) in atomic batches: what concurrent
-    callers publish while a batch is in flight goes out together as the next one, with one
-    PubAck for all of it instead of one each (the deliverer settles hundreds of transactions
-    at once, each with its event). `publish` returns once its message is stored. A batch the
-    server refuses as a whole (say one message repeats a Nats-Msg-Id after a crash) is sent
-    again one message at a time, so each gets the usual per-message treatment."""
+    """Publishes to one stream (created with allow_atomic) in batches: what concurrent
+    callers publish while a batch is in flight goes out together as the next one.
+    `publish` returns once its message is stored.
+
+    A batch of at least `atomic_min` messages goes as one atomic batch, with one PubAck for
+    all of it (the expander's hundreds of `accepted` events). A smaller one (the deliverer's
+    events, a few per settling moment) goes as plain publishes that do not wait for each
+    other's PubAcks: nats-server stages every atomic batch in a file store of its own
+    (a directory, a metadata file written with fsync, removed at the commit), which for
+    batches of a few events cost nats-server more than all the rest of their work.
+
+    A batch the server refuses as a whole (say one message repeats a Nats-Msg-Id after a
+    crash) is sent again one message at a time, so each gets the usual per-message
+    treatment."""
 
     def __init__(
-        self, nc: NatsClient, js: JetStreamContext, stream: str, max_batch: int = 256
+        self,
+        nc: NatsClient,
+        js: JetStreamContext,
+        stream: str,
+        max_batch: int = 256,
+        atomic_min: int = ATOMIC_MIN,
+        timeout: float = 5.0,  # for each PubAck
     ) -> None:
         self._nc = nc
         self._js = js
         self._stream = stream
         self._max = min(max_batch, MAX_BATCH)
+        self._atomic_min = atomic_min
+        self._timeout = timeout
         self._pending: list[_Pending] = []
         self._task: asyncio.Task[None] | None = None
 
@@ -133,6 +153,9 @@ class BatchPublisher:
                 raise
 
     async def _store(self, batch: list[_Pending]) -> None:
+        if len(batch) < self._atomic_min:
+            await self._store_each(batch)
+            return
         try:
             await publish_atomic(self._nc, [(s, d, h) for s, d, h, _ in batch])
         except JsApiError:
@@ -149,6 +172,31 @@ class BatchPublisher:
         for *_, done in batch:
             if not done.done():
                 done.set_result(None)
+
+    async def _store_each(self, batch: list[_Pending]) -> None:
+        """Publish each message of `batch` without waiting for the PubAck of the one before
+        (nats-py's publish_async), then wait for their PubAcks, `timeout` at most (a PubAck
+        never seen is a failed publish: the caller's pointer comes back)."""
+        acks = [
+            await self._js.publish_async(subject, data, stream=self._stream, headers=headers)
+            for subject, data, headers, _ in batch
+        ]
+        await asyncio.wait(acks, timeout=self._timeout)
+        for ack, (*_, done) in zip(acks, batch, strict=True):
+            error: BaseException | None
+            if not ack.done():
+                ack.cancel()
+                error = TimeoutError(f"no PubAck from {self._stream} within {self._timeout:g} s")
+            elif ack.cancelled():
+                error = ConnectionError("the publish was cancelled")
+            else:
+                error = ack.exception()
+            if done.done():
+                continue
+            if error is None:
+                done.set_result(None)
+            else:
+                done.set_exception(error)
 
 
 async def publish_dead_letter(

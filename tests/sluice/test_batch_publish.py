@@ -1,7 +1,7 @@
-"""BatchPublisher against a real nats-server: concurrent publishes are stored in atomic batches
-(fewer batches than messages), every caller returns once its message is stored, and a batch
-the server refuses because one message repeats a Nats-Msg-Id is stored one by one, the repeat
-deduplicated as usual."""
+"""BatchPublisher against a real nats-server: concurrent publishes are stored in batches
+(fewer batches than messages), atomic ones when large, plain publishes when small; every
+caller returns once its message is stored; a batch the server refuses because one message
+repeats a Nats-Msg-Id is stored one by one, the repeat deduplicated as usual."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ async def test_concurrent_publishes_go_out_in_batches_and_repeats_are_deduplicat
     try:
         js = nc.jetstream()
         await ensure_layout(js, cfg)
-        pub = BatchPublisher(nc, js, names.EVENTS_STREAM)
+        pub = BatchPublisher(nc, js, names.EVENTS_STREAM, atomic_min=1)  # (always atomic)
         batches = 0
         real_send = pub._send
 
@@ -40,6 +40,8 @@ async def test_concurrent_publishes_go_out_in_batches_and_repeats_are_deduplicat
         info = await js.stream_info(names.EVENTS_STREAM)
         assert info.state.messages == 600
         assert 1 < batches < 600 / 10, f"{batches} batches for 600 messages"
+        stored = await js.get_msg(names.EVENTS_STREAM, 1)
+        assert stored.headers and "Nats-Batch-Id" in stored.headers
 
         # A batch holding a repeat of e5 (and of itself) is refused whole, then stored one by
         # one: the new ones are stored once, the repeats deduplicated.
@@ -47,5 +49,39 @@ async def test_concurrent_publishes_go_out_in_batches_and_repeats_are_deduplicat
         await asyncio.gather(*(pub.publish(*m) for m in again))
         info = await js.stream_info(names.EVENTS_STREAM)
         assert info.state.messages == 602
+    finally:
+        await nc.close()
+
+
+async def test_small_batches_are_plain_publishes(nats_server: NatsServer) -> None:
+    """Below atomic_min a batch is published message by message, without waiting for each
+    PubAck in turn (nats-server stages every atomic batch on disk); each caller still returns
+    only once its message is stored, repeats are deduplicated, and a message no stream takes
+    fails for its caller alone."""
+    cfg = Config(nats=NatsConfig(url=nats_server.url))
+    nc = await connect(cfg, "test")
+    try:
+        js = nc.jetstream()
+        await ensure_layout(js, cfg)
+        pub = BatchPublisher(nc, js, names.EVENTS_STREAM, atomic_min=64)
+
+        def msg(i: int) -> tuple[str, bytes, dict[str, str]]:
+            return f"sluice.events.acme.delivered.job.{i}", b"e%d" % i, {"Nats-Msg-Id": f"e{i}"}
+
+        for n in (1, 5, 20):
+            start = (await js.stream_info(names.EVENTS_STREAM)).state.messages
+            await asyncio.gather(*(pub.publish(*msg(start + i)) for i in range(n)))
+            assert (await js.stream_info(names.EVENTS_STREAM)).state.messages == start + n
+        stored = await js.get_msg(names.EVENTS_STREAM, 1)
+        assert not stored.headers or "Nats-Batch-Id" not in stored.headers
+        results = await asyncio.gather(
+            pub.publish(*msg(3)),  # a repeat
+            pub.publish("sluice.nowhere.x", b"x", {}),  # no stream takes it
+            pub.publish(*msg(100)),
+            return_exceptions=True,
+        )
+        assert results[0] is None and results[2] is None
+        assert isinstance(results[1], Exception)
+        assert (await js.stream_info(names.EVENTS_STREAM)).state.messages == 27
     finally:
         await nc.close()
