@@ -1,13 +1,19 @@
 """The expander: job batches in, one DeliveryPointer per envelope recipient out.
 
 Crash-safe and idempotent without relying on the 2-minute dedup window. A batch's pointers
-are cut into deterministic chunks (the order never changes: recipients in job order); each
-chunk is ONE atomic JetStream batch whose first message is a marker on
-sluice.mail.chunks.<batch_id>.<k> published with Nats-Expected-Last-Subject-Sequence: 0.
+are cut into deterministic chunks (the order never changes: recipients grouped by domain, in
+job order within a domain); each chunk is ONE atomic JetStream batch whose first message is
+a marker on sluice.mail.chunks.<batch_id>.g<k> published with
+Nats-Expected-Last-Subject-Sequence: 0.
 No consumer reads marker subjects, so a chunk that was committed once can never be committed
 again (the server refuses the whole batch with 10071): after a crash, at any moment and after
 any delay, a restarted expander re-derives the same chunks, skips those whose marker exists,
 and commits the rest. Chunks are independent, so several are in flight at once.
+
+Grouping by domain puts a domain's mail next to each other in its queue, so a deliverer
+fetches it together and sends it over one connection: a long tail of small domains whose
+few messages each were spread over a whole blast took a connection per message. A batch
+whose expansion began before grouping (markers ...<batch_id>.<k>, no g) goes on in job order.
 
 When every chunk is in: the job-level `accepted` events, a KV record that the batch is done,
 the markers purged, and only then the JOBS message acknowledged. A redelivered batch that is
@@ -58,8 +64,8 @@ _IN_FLIGHT = 4  # chunks committed concurrently per batch (the server allows 50 
 _DONE_TTL = 7 * 86400
 
 
-def marker_subject(batch_id: str, chunk: int) -> str:
-    return f"sluice.mail.chunks.{batch_id}.{chunk}"
+def marker_subject(batch_id: str, chunk: int, grouped: bool = True) -> str:
+    return f"sluice.mail.chunks.{batch_id}.{'g' if grouped else ''}{chunk}"
 
 
 @dataclass
@@ -170,19 +176,25 @@ class Expander:
         subject = names.event_subject(job.tenant_id, event.type, job.job_id, item.index)
         return subject, event.SerializeToString(), {"Nats-Msg-Id": event.event_id}
 
-    async def _committed_chunks(self, batch_id: str) -> set[int]:
+    async def _committed_markers(self, batch_id: str) -> set[str]:
+        """The last tokens of the batch's chunk markers present: "g3" (grouped), "3"."""
         info = await self._js.stream_info(
             names.MAIL_STREAM, subjects_filter=f"sluice.mail.chunks.{batch_id}.*"
         )
-        return {int(s.rsplit(".", 1)[1]) for s in (info.state.subjects or {})}
+        return {s.rsplit(".", 1)[1] for s in (info.state.subjects or {})}
 
     async def _commit_chunk(
-        self, batch_id: str, k: int, items: list[Item], busy: frozenset[str]
+        self,
+        batch_id: str,
+        k: int,
+        items: list[Item],
+        busy: frozenset[str],
+        grouped: bool = True,
     ) -> int:
         """Commit chunk k once; returns pointers published (0 if it was already in)."""
         msgs: list[tuple[str, bytes, dict[str, str] | None]] = [
             (
-                marker_subject(batch_id, k),
+                marker_subject(batch_id, k, grouped),
                 str(len(items)).encode(),
                 {"Nats-Expected-Last-Subject-Sequence": "0"},
             )
@@ -221,16 +233,22 @@ class Expander:
             key for key, n in per_domain.items() if n >= self._cfg.expander.dedicated_threshold
         )
         await self._lanes.promote(busy)
+        markers = await self._committed_markers(batch.batch_id)
+        # Chunk k must hold the same recipients at every attempt: a batch begun in job order
+        # (by an expander from before grouping) is finished in job order.
+        grouped = not any(m.isdigit() for m in markers)
+        if grouped:
+            items.sort(key=lambda item: self._domain(item.email)[1])  # (stable)
         chunks = [items[i : i + CHUNK] for i in range(0, len(items), CHUNK)]
-        done = await self._committed_chunks(batch.batch_id)
-        todo = [k for k in range(len(chunks)) if k not in done]
+        prefix = "g" if grouped else ""
+        todo = [k for k in range(len(chunks)) if f"{prefix}{k}" not in markers]
         sem = asyncio.Semaphore(_IN_FLIGHT)
         published = 0
 
         async def one(k: int) -> None:
             nonlocal published
             async with sem:
-                published += await self._commit_chunk(batch.batch_id, k, chunks[k], busy)
+                published += await self._commit_chunk(batch.batch_id, k, chunks[k], busy, grouped)
                 if progress is not None:
                     await progress()
 

@@ -1,10 +1,12 @@
 """The expander survives SIGKILL at any moment: after restarts (also with two expanders
 side by side) every recipient of a blast has exactly one pointer in MAIL, none missing and
-none duplicated; suppressed recipients get a `suppressed` event instead of a pointer."""
+none duplicated; suppressed recipients get a `suppressed` event instead of a pointer. A
+blast is queued grouped by domain, and a batch begun in job order is finished that way."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import random
 import signal
@@ -16,8 +18,12 @@ from typing import Any
 import pytest
 from nats.js import api as js_api
 
+from ingest.expander import CHUNK, Expander
 from sluice import names, suppressions
+from sluice.lanes import Lanes
 from sluice.nats_layout import connect
+from sluice.store import open_store
+from sluice.suppressions import Suppressions
 from sluice.v1 import messages_pb2
 from tests.api import call
 from tests.conftest import Stack, wait_for
@@ -79,8 +85,13 @@ async def _start_expander(stack: Stack, tmp: Path) -> asyncio.subprocess.Process
 
 
 async def _pointers(stack: Stack, job_id: str) -> Counter[str]:
-    """delivery_id -> how many pointers MAIL holds for it (read without consuming: a
-    work-queue stream needs explicit acks, so nothing is acked and the consumer is deleted)."""
+    """delivery_id -> how many pointers MAIL holds for it."""
+    return Counter(p.delivery_id for p in await _queued(stack, job_id))
+
+
+async def _queued(stack: Stack, job_id: str) -> list[messages_pb2.DeliveryPointer]:
+    """The job's pointers in MAIL, in stream order (read without consuming: a work-queue
+    stream needs explicit acks, so nothing is acked and the consumer is deleted)."""
     nc = await connect(stack.cfg, "test-read")
     js = nc.jetstream()
     sub = await js.pull_subscribe(
@@ -93,7 +104,7 @@ async def _pointers(stack: Stack, job_id: str) -> Counter[str]:
             inactive_threshold=10,
         ),
     )
-    counts: Counter[str] = Counter()
+    queued: list[tuple[int, messages_pb2.DeliveryPointer]] = []
     try:
         pending = (await sub.consumer_info()).num_pending or 0
         while pending > 0:
@@ -102,13 +113,73 @@ async def _pointers(stack: Stack, job_id: str) -> Counter[str]:
             for m in msgs:
                 p = messages_pb2.DeliveryPointer.FromString(m.data)
                 if p.job_id == job_id:
-                    counts[p.delivery_id] += 1
+                    queued.append((m.metadata.sequence.stream, p))
     finally:
         name = (await sub.consumer_info()).name
         await sub.unsubscribe()
         await js.delete_consumer(names.MAIL_STREAM, name)
         await nc.close()
-    return counts
+    return [p for _, p in sorted(queued, key=lambda sp: sp[0])]
+
+
+async def _expand_with_a_process(stack: Stack, tmp_path: Path) -> None:
+    proc = await _start_expander(stack, tmp_path)
+    try:
+        await wait_for(lambda: _jobs_left_zero(stack), 60, "job expanded")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await proc.wait()
+
+
+async def test_a_blast_is_queued_grouped_by_domain(stack: Stack, tmp_path: Path) -> None:
+    """Recipients that take turns over 97 domains are queued domain after domain (in job
+    order within each), so a deliverer fetches a domain's mail together."""
+    blast = _blast(0)
+    blast["recipients"] = blast["recipients"][:3000]
+    status, body, _ = await call(stack, "POST", "/v1/blasts", blast)
+    assert status == 202, body
+    await _expand_with_a_process(stack, tmp_path)
+    queued = await _queued(stack, body["job_id"])
+    assert len(queued) == 3000
+    runs = 1 + sum(a.domain != b.domain for a, b in itertools.pairwise(queued))
+    # Each chunk is stored whole (chunks in any order): a run per domain, plus at most one
+    # more per chunk boundary. In job order there would be 3000 runs.
+    assert runs <= 97 + (-(-3000 // 999) - 1), runs
+    for domain in {p.domain for p in queued}:
+        indexes = [p.index for p in queued if p.domain == domain]
+        assert indexes == sorted(indexes), domain
+
+
+async def test_a_batch_begun_in_job_order_is_finished_in_job_order(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """An expander from before grouping committed chunk 0 of a batch in job order (a marker
+    without the g): the batch is finished in job order, so every recipient is queued once."""
+    blast = _blast(1)
+    blast["recipients"] = blast["recipients"][:1500]
+    status, body, _ = await call(stack, "POST", "/v1/blasts", blast)
+    assert status == 202, body
+    nc = await connect(stack.cfg, "test-old-expander")
+    try:
+        js = nc.jetstream()
+        raw = await js.get_msg(names.JOBS_STREAM, 1)
+        batch = messages_pb2.JobBatch.FromString(raw.data or b"")
+        old = Expander(
+            stack.cfg,
+            nc,
+            js,
+            open_store(stack.cfg.store, js, 1),
+            Suppressions(js),
+            Lanes(js, stack.cfg.expander.buckets, stack.cfg.expander.dedicated_ttl),
+        )
+        items = [item for job in batch.jobs for item in await old._items(job)]
+        assert await old._commit_chunk(batch.batch_id, 0, items[:CHUNK], frozenset(), False)
+    finally:
+        await nc.close()
+    assert await _chunks_in(stack, body["job_id"]) == 1
+    await _expand_with_a_process(stack, tmp_path)
+    counts = await _pointers(stack, body["job_id"])
+    assert len(counts) == 1500 and set(counts.values()) == {1}
 
 
 async def _jobs_left(stack: Stack) -> int:
