@@ -60,6 +60,8 @@ class Scheduler:
         self._cooldown: dict[str, float] = {}
         # Deliverers by when they last asked for work (lane fair shares).
         self._seen: dict[str, float] = {}
+        # How many more leases each deliverer could take when it last asked.
+        self._room: dict[str, int] = {}
         self._last_decrease: dict[str, float] = {}
         self._grace_until = 0.0
         self.outcomes: Counter[tuple[str, int]] = Counter()
@@ -189,6 +191,7 @@ class Scheduler:
         for d, t in list(self._seen.items()):
             if now - t > window:
                 del self._seen[d]
+                self._room.pop(d, None)
         held = sum(1 for ls in self.leases.held_by(deliverer_id) if ls.kind == "lane")
         lanes |= {ls.lane for ls in self.leases.all() if ls.kind == "lane"}
         sharing = len(self._seen.keys() | {deliverer_id})
@@ -204,13 +207,21 @@ class Scheduler:
         for ls in self.leases.all():
             if ls.kind == "lane" and ls.deliverer_id in counts:
                 counts[ls.deliverer_id] += 1
-        if not any(n < share for d, n in counts.items() if d != deliverer_id):
+        # As many as the others short of their share have room for: lanes taken back for a
+        # deliverer too busy to take them went back to this one a moment later, and the
+        # lanes went back and forth every few seconds.
+        wanted = sum(
+            min(share - n, self._room.get(d, 0))
+            for d, n in counts.items()
+            if d != deliverer_id and n < share
+        )
+        if wanted <= 0:
             return
         mine = sorted(
             (ls for ls in self.leases.held_by(deliverer_id) if ls.kind == "lane"),
             key=lambda ls: ls.expires_at,
         )
-        for ls in mine[share:]:
+        for ls in mine[share:][:wanted]:
             self.leases.release(deliverer_id, ls.lease_id)
             log.info("lease %s: lane=%s taken back for another deliverer", ls.lease_id, ls.lane)
 
@@ -218,6 +229,7 @@ class Scheduler:
         async with self._lock:
             now = time.monotonic()
             self._seen[deliverer_id] = now
+            self._room[deliverer_id] = max_leases
             if now < self._grace_until:
                 return []
             if now - self._backlog_at > self._cfg.scheduler.backlog_interval:
@@ -271,6 +283,7 @@ class Scheduler:
                     lease.connections,
                     len(domains),
                 )
+            self._room[deliverer_id] = max_leases - len(granted)
             return granted
 
     def _grant_lane(self, deliverer_id: str, lane: str) -> LeaseState | None:

@@ -1,11 +1,12 @@
 """Hash-bucket lanes are shared evenly between deliverers: the first deliverer to ask may take
 every lane while it is alone, but once a second one asks, the first's next renewal gives back
-the lanes beyond its share and the second gets them. (A real Scheduler on a real nats-server,
-with mail pointers stored on eight bucket lanes.)"""
+the lanes beyond its share (as many as the second has room for) and the second gets them. (A
+real Scheduler on a real nats-server, with mail pointers stored on eight bucket lanes.)"""
 
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from scheduler.service import Scheduler
 from scheduler.shaping import load_rules
@@ -18,22 +19,27 @@ from sluice.resolver import Resolver
 from sluice.v1 import messages_pb2
 
 
-async def test_lanes_are_split_between_deliverers(nats_server: NatsServer) -> None:
+async def _scheduler(nats_server: NatsServer) -> tuple[Scheduler, list[str], Any]:
+    """A started Scheduler, the eight lanes with mail, and the NATS connection."""
     cfg = config_mod.replace(
         Config(), nats={"url": nats_server.url}, scheduler={"lease_ttl": "30s"}
     )
     nc = await connect(cfg, "test")
-    try:
-        js = nc.jetstream()
-        await ensure_layout(js, cfg)
-        lanes = [f"b{i:02d}" for i in range(8)]
-        for lane in lanes:
-            await js.publish(
-                names.mail_subject(messages_pb2.TIER_BULK, lane, "mail_test", "acme"), b"pointer"
-            )
-        scheduler = Scheduler(cfg, js, load_rules(), Resolver(cfg.dns))
-        await scheduler.start()
+    js = nc.jetstream()
+    await ensure_layout(js, cfg)
+    lanes = [f"b{i:02d}" for i in range(8)]
+    for lane in lanes:
+        await js.publish(
+            names.mail_subject(messages_pb2.TIER_BULK, lane, "mail_test", "acme"), b"pointer"
+        )
+    scheduler = Scheduler(cfg, js, load_rules(), Resolver(cfg.dns))
+    await scheduler.start()
+    return scheduler, lanes, nc
 
+
+async def test_lanes_are_split_between_deliverers(nats_server: NatsServer) -> None:
+    scheduler, lanes, nc = await _scheduler(nats_server)
+    try:
         first = await scheduler.acquire("d1", 16)
         assert sorted(ls.lane for ls in first) == lanes, "alone, d1 takes every lane"
         assert await scheduler.acquire("d2", 16) == [], "nothing is free yet"
@@ -60,5 +66,29 @@ async def test_lanes_are_split_between_deliverers(nats_server: NatsServer) -> No
         await scheduler.renew("d2", [])  # renewing (other leases) is not asking for lanes
         regained = await scheduler.acquire("d1", 16)
         assert sorted(ls.lane for ls in [*again.leases, *regained]) == lanes
+    finally:
+        await nc.close()
+
+
+async def test_lanes_are_given_back_only_as_far_as_the_other_has_room(
+    nats_server: NatsServer,
+) -> None:
+    """A second deliverer with room for one more lease gets one lane, not its whole share:
+    lanes taken back for a deliverer too busy to take them went straight back to the first,
+    and went back and forth between the two every few seconds."""
+    scheduler, lanes, nc = await _scheduler(nats_server)
+    try:
+        first = await scheduler.acquire("d1", 16)
+        assert sorted(ls.lane for ls in first) == lanes
+        assert await scheduler.acquire("d2", 1) == []  # (room for one more lease)
+        renewed = await scheduler.renew("d1", [ls.lease_id for ls in first])
+        assert len(renewed.leases) == 7 and len(renewed.lost_lease_ids) == 1
+        second = await scheduler.acquire("d2", 1)
+        assert [ls.lane for ls in second] == [
+            ls.lane for ls in first if ls.lease_id in renewed.lost_lease_ids
+        ]
+        # d2 has no room now: d1 keeps the rest.
+        again = await scheduler.renew("d1", [ls.lease_id for ls in renewed.leases])
+        assert len(again.leases) == 7 and not again.lost_lease_ids
     finally:
         await nc.close()
