@@ -169,12 +169,21 @@ class Scheduler:
         """Sites with mail in hash buckets (computed once per backlog read)."""
         if self._bucketed_for is not self._backlog:
             backlog = self._backlog
-            domains = {names.key_domain(key) for key in backlog.bucketed}
-            await self._learn_sites(domains)
-            now, sites = time.monotonic(), set()
-            for domain in domains:
-                # (all known by now, but for a failed lookup's expiry: no coroutine for them)
-                sites.add(self._known_site(domain, now) or await self.site_of(domain))
+            # One pass over the (thousands of) domains when their sites are known, as they
+            # are after the first read; the others are looked up.
+            now, sites, unknown = time.monotonic(), set(), set()
+            for key in backlog.bucketed:
+                domain = names.key_domain(key)
+                site = self._known_site(domain, now)
+                if site is None:
+                    unknown.add(domain)
+                else:
+                    sites.add(site)
+            if unknown:
+                await self._learn_sites(unknown)
+                for domain in unknown:
+                    # (known by now, but for a failed lookup's expiry)
+                    sites.add(self._known_site(domain) or await self.site_of(domain))
             self._bucketed = sites
             self._bucketed_for = backlog
         return self._bucketed

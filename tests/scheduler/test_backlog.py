@@ -1,16 +1,22 @@
 """The backlog as the scheduler reads it from the MAIL stream (a real nats-server): messages
 per queue (a dedicated lane's domain, or a whole hash bucket, per tier and tenant), per
-(tier, domain key), and the domain keys with mail in buckets."""
+(tier, domain key), and the domain keys with mail in buckets; the sites of bucket mail (a
+real DNS server)."""
 
 from __future__ import annotations
 
 from scheduler.backlog import Queue, read_backlog
+from scheduler.service import Scheduler
+from scheduler.shaping import load_rules
 from sluice import config as config_mod
 from sluice import names
 from sluice.config import Config
+from sluice.devdns import DnsServer
 from sluice.nats_layout import connect, ensure_layout
 from sluice.natsserver import NatsServer
+from sluice.resolver import Resolver
 from sluice.v1 import messages_pb2
+from tests.conftest import one_site
 
 BULK = messages_pb2.TIER_BULK
 CRITICAL = messages_pb2.TIER_CRITICAL
@@ -53,5 +59,42 @@ async def test_backlog_per_queue_domain_and_bucket(nats_server: NatsServer) -> N
         again = await read_backlog(js)
         assert again.queues == backlog.queues
         assert all(a is b for a, b in zip(again.queues, backlog.queues, strict=True))
+    finally:
+        await nc.close()
+
+
+async def test_the_sites_of_bucket_mail(nats_server: NatsServer, dns_server: DnsServer) -> None:
+    """Domains with mail in hash buckets, by site: two domains of one MX host are one site, a
+    domain without DNS is its own; a later read with the same domains looks nothing up."""
+    one_site(dns_server, ["a.test", "b.test"], "mx.shared.test")
+    one_site(dns_server, ["c.test"], "mx.c.test")
+    cfg = config_mod.replace(
+        Config(),
+        nats={"url": nats_server.url},
+        dns={"nameservers": ["127.0.0.1"], "port": dns_server.port, "timeout": "2s"},
+    )
+    nc = await connect(cfg, "test")
+    try:
+        js = nc.jetstream()
+        await ensure_layout(js, cfg)
+        for lane, key in (
+            ("b01", "a_test"),
+            ("b02", "b_test"),
+            ("b03", "c_test"),
+            ("b04", "gone_test"),
+        ):
+            await js.publish(names.mail_subject(BULK, lane, key, "acme"), b"x")
+        await js.publish(names.mail_subject(BULK, "d", "big_test", "acme"), b"x")
+        scheduler = Scheduler(cfg, js, load_rules(), Resolver(cfg.dns))
+        await scheduler.refresh_backlog()
+        sites = await scheduler._bucketed_sites()
+        shared = await scheduler.site_of("a.test")
+        assert shared == await scheduler.site_of("b.test")
+        assert sites == {shared, await scheduler.site_of("c.test"), "gone.test"}
+        assert "big.test" not in {name for name, _ in dns_server.queries}
+        looked_up = len(dns_server.queries)
+        await scheduler.refresh_backlog()
+        assert await scheduler._bucketed_sites() == sites
+        assert len(dns_server.queries) == looked_up
     finally:
         await nc.close()
