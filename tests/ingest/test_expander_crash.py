@@ -277,12 +277,7 @@ async def test_suppressed_recipients_get_an_event_not_a_pointer(
     blast["recipients"] = blast["recipients"][:20]
     status, body, _ = await call(stack, "POST", "/v1/blasts", blast)
     assert status == 202
-    proc = await _start_expander(stack, tmp_path)
-    try:
-        await wait_for(lambda: _jobs_left_zero(stack), 60, "job expanded")
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        await proc.wait()
+    await _expand_with_a_process(stack, tmp_path)
     counts = await _pointers(stack, body["job_id"])
     assert len(counts) == 19 and f"{body['job_id']}-5" not in counts
     nc = await connect(stack.cfg, "test")
