@@ -104,8 +104,8 @@ class BatchPublisher:
     batches of a few events cost nats-server more than all the rest of their work.
 
     A batch the server refuses as a whole (say one message repeats a Nats-Msg-Id after a
-    crash) is sent again one message at a time, so each gets the usual per-message
-    treatment."""
+    crash) is sent again as plain publishes, like a small one, so each message gets the
+    usual per-message treatment (a repeat is deduplicated)."""
 
     def __init__(
         self,
@@ -159,15 +159,7 @@ class BatchPublisher:
         try:
             await publish_atomic(self._nc, [(s, d, h) for s, d, h, _ in batch])
         except JsApiError:
-            for subject, data, headers, done in batch:
-                try:
-                    await self._js.publish(subject, data, stream=self._stream, headers=headers)
-                except Exception as exc:
-                    if not done.done():
-                        done.set_exception(exc)
-                else:
-                    if not done.done():  # (a cancelled caller's message is stored all the same)
-                        done.set_result(None)
+            await self._store_each(batch)
             return
         for *_, done in batch:
             if not done.done():
