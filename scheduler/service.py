@@ -180,10 +180,9 @@ class Scheduler:
                 else:
                     sites.add(site)
             if unknown:
-                await self._learn_sites(unknown)
+                await self._learn_sites(unknown)  # (looked up together)
                 for domain in unknown:
-                    # (known by now, but for a failed lookup's expiry)
-                    sites.add(self._known_site(domain) or await self.site_of(domain))
+                    sites.add(await self.site_of(domain))
             self._bucketed = sites
             self._bucketed_for = backlog
         return self._bucketed
