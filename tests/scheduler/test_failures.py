@@ -17,7 +17,7 @@ from sluice.devdns import DnsServer
 from sluice.services import service
 from sluice.v1 import scheduler_pb2, scheduler_pb2_grpc
 from tests.api import blast
-from tests.conftest import Stack, wait_for
+from tests.conftest import Stack, one_site, wait_for
 
 SHAPING = '[domain."cap.test"]\nmax_connections = 3\n'
 
@@ -45,8 +45,7 @@ def stack_services() -> tuple[str, ...]:
 
 @pytest.fixture(autouse=True)
 def _mx(dns_server: DnsServer) -> None:
-    dns_server.records["cap.test"] = [("MX", "10 mx.cap.test.")]
-    dns_server.records["mx.cap.test"] = [("A", "127.0.0.1")]
+    one_site(dns_server, ["cap.test"], "mx.cap.test")
 
 
 async def deliverer_process(

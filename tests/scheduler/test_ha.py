@@ -28,7 +28,7 @@ from sluice.natsserver import NatsServer, free_port
 from sluice.resolver import Resolver
 from sluice.v1 import scheduler_pb2, scheduler_pb2_grpc
 from tests.api import blast
-from tests.conftest import Stack, _listening, wait_for
+from tests.conftest import Stack, _listening, one_site, wait_for
 from tests.scheduler.test_failures import deliverer_process
 
 CAP = 3
@@ -158,8 +158,7 @@ def stack_services() -> tuple[str, ...]:
 
 @pytest.fixture(autouse=True)
 def _mx(dns_server: DnsServer) -> None:
-    dns_server.records["cap.test"] = [("MX", "10 mx.cap.test.")]
-    dns_server.records["mx.cap.test"] = [("A", "127.0.0.1")]
+    one_site(dns_server, ["cap.test"], "mx.cap.test")
 
 
 async def scheduler_process(stack: Stack, listen: str, dns_port: int, log: Path) -> Any:

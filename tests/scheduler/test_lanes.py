@@ -13,7 +13,7 @@ from sluice import names
 from sluice.devdns import DnsServer
 from sluice.nats_layout import connect
 from tests.api import blast
-from tests.conftest import Stack, wait_for
+from tests.conftest import Stack, one_site, wait_for
 
 TAIL = [f"d{i}.tail.test" for i in range(400)]
 
@@ -37,9 +37,7 @@ def stack_services() -> tuple[str, ...]:
 @pytest.fixture(autouse=True)
 def _mx_records(dns_server: DnsServer) -> None:
     # Every domain, the busy one included, is on one site: mx.tail.test, 3 connections.
-    for domain in [*TAIL, "big.tail.test"]:
-        dns_server.records[domain] = [("MX", "10 mx.tail.test.")]
-    dns_server.records["mx.tail.test"] = [("A", "127.0.0.1")]
+    one_site(dns_server, [*TAIL, "big.tail.test"], "mx.tail.test")
 
 
 async def mail_consumers(stack: Stack) -> list[str]:

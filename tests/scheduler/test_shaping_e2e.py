@@ -15,7 +15,7 @@ import pytest
 from sluice.devdns import DnsServer
 from sluice.v1 import scheduler_pb2, scheduler_pb2_grpc
 from tests.api import add_tenant, blast, call
-from tests.conftest import Stack, wait_for
+from tests.conftest import Stack, one_site, wait_for
 
 SHAPING = """
 [default]
@@ -89,11 +89,8 @@ def stack_services() -> tuple[str, ...]:
 @pytest.fixture(autouse=True)
 def _mx_records(dns_server: DnsServer) -> None:
     for domain in OWN_MX:
-        dns_server.records[domain] = [("MX", f"10 mx.{domain}.")]
-        dns_server.records[f"mx.{domain}"] = [("A", "127.0.0.1")]
-    for domain in ("a.test", "b.test"):
-        dns_server.records[domain] = [("MX", "10 mx.shared.test.")]
-    dns_server.records["mx.shared.test"] = [("A", "127.0.0.1")]
+        one_site(dns_server, [domain], f"mx.{domain}")
+    one_site(dns_server, ["a.test", "b.test"], "mx.shared.test")
 
 
 def arrivals(stack: Stack) -> list[str]:
