@@ -24,6 +24,10 @@ class LeaseState:
     # "site": a site's dedicated queues; "lane": a hash-bucket lane (site_id "lane:<lane>");
     # "domain": one connection on a site for mail taken from a lane.
     kind: str = "site"
+    # Taken back (the site's limit fell): its connections still count against the site
+    # until its holder hears of it (its next renewal) or it expires, since the holder's
+    # connections stay open until then.
+    revoked: bool = False
 
     @property
     def lane(self) -> str:
@@ -103,13 +107,24 @@ class LeaseTable:
         return lease
 
     def renew(self, deliverer_id: str, lease_id: str) -> LeaseState | None:
+        """The lease, extended; None if its holder no longer has it (a revoked lease is
+        dropped now: its holder stops working it)."""
         self.expire()
         ls = self._leases.get(lease_id)
         if ls is None or ls.deliverer_id != deliverer_id:
             return None
+        if ls.revoked:
+            self._drop(ls)
+            return None
         ls.expires_at = time.time() + self.ttl
         heapq.heappush(self._expiry, (ls.expires_at, lease_id))
         return ls
+
+    def revoke(self, lease_id: str) -> None:
+        """Take a lease back: its holder is told at its next renewal (see LeaseState)."""
+        ls = self._leases.get(lease_id)
+        if ls is not None:
+            ls.revoked = True
 
     def release(self, deliverer_id: str, lease_id: str) -> None:
         ls = self._leases.get(lease_id)

@@ -437,7 +437,7 @@ class Scheduler:
         """Revoke the newest leases of sites now over their limit (or suspended)."""
         per_site: dict[str, list[LeaseState]] = defaultdict(list)
         for ls in self.leases.all():
-            if ls.kind != "lane":
+            if ls.kind != "lane" and not ls.revoked:
                 per_site[ls.site_id].append(ls)
         for site, leases in per_site.items():
             limit = self.limits(site, leases[0].domains).max_connections
@@ -446,7 +446,7 @@ class Scheduler:
             leases.sort(key=lambda ls: ls.expires_at)
             while leases and sum(ls.connections for ls in leases) > limit:
                 gone = leases.pop()
-                self.leases.release(gone.deliverer_id, gone.lease_id)
+                self.leases.revoke(gone.lease_id)
                 log.warning(
                     "lease %s on site %s revoked: site limit is now %d", gone.lease_id, site, limit
                 )
