@@ -70,6 +70,9 @@ class ScriptedSmtp:
     # When each connection was opened and each message arrived (time.monotonic()).
     connected_at: list[float] = field(default_factory=list)
     arrived_at: list[float] = field(default_factory=list)
+    # Whether EHLO offers PIPELINING (RFC 2920; aiosmtpd reads commands line by line, so
+    # pipelined ones are answered in turn).
+    pipelining: bool = True
 
     async def handle_EHLO(  # noqa: N802
         self,
@@ -81,6 +84,8 @@ class ScriptedSmtp:
     ) -> list[str]:
         self.ehlo_names.append(hostname)
         session.host_name = hostname
+        if self.pipelining:
+            responses.insert(1, "250-PIPELINING")
         return responses
 
     async def handle_MAIL(  # noqa: N802

@@ -1,22 +1,27 @@
 """The deliverer's SMTP seam (deliverer/smtp.py, over aiosmtplib) against a real aiosmtpd
-server: per-recipient replies in one transaction, refused senders and recipients, a server
-leaving with 421, RSET only after an aborted transaction, dot-stuffing, on asyncio and on
-uvloop (what the services run)."""
+server, with PIPELINING offered and not: per-recipient replies in one transaction, refused
+senders and recipients, a server leaving with 421, RSET only after an aborted transaction,
+dot-stuffing, on asyncio and on uvloop (what the services run). And against a server that
+answers an envelope only once it has all of it, which only a pipelining client gets through.
+"""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import uvloop
 
 from deliverer.smtp import ConnectionLost, SmtpConnection
-from tests.servers import ScriptedSmtp, start_smtp
+from tests.servers import ScriptedSmtp, self_signed_context, start_smtp
 
 
-@pytest.fixture
-async def server() -> AsyncIterator[tuple[ScriptedSmtp, int]]:
-    handler = ScriptedSmtp()
+@pytest.fixture(params=[True, False], ids=["pipelining", "no-pipelining"])
+async def server(request: pytest.FixtureRequest) -> AsyncIterator[tuple[ScriptedSmtp, int]]:
+    handler = ScriptedSmtp(pipelining=request.param)
     srv, port = await start_smtp(handler)
     yield handler, port
     srv.close()
@@ -163,16 +168,128 @@ async def test_nobody_listening_is_connection_lost() -> None:
         await _open(port)
 
 
-def test_the_same_on_uvloop() -> None:
-    """The services run on uvloop, whose transports are not asyncio's classes."""
+def test_the_same_on_uvloop(tmp_path: Path) -> None:
+    """The services run on uvloop, whose transports are not asyncio's classes; the
+    connection's replies are handed to our reader after STARTTLS too."""
 
     async def run() -> None:
-        handler = ScriptedSmtp()
-        srv, port = await start_smtp(handler)
-        try:
-            await test_each_recipient_gets_its_deciding_reply((handler, port))
-        finally:
-            srv.close()
-            await srv.wait_closed()
+        for tls in (None, self_signed_context(tmp_path)):
+            handler = ScriptedSmtp()
+            srv, port = await start_smtp(handler, tls)
+            try:
+                await test_each_recipient_gets_its_deciding_reply((handler, port))
+                assert all(r.tls for r in handler.received) == (tls is not None)
+            finally:
+                srv.close()
+                await srv.wait_closed()
 
     uvloop.run(run())
+
+
+@dataclass
+class EnvelopeAtOnce:
+    """A raw SMTP server that offers PIPELINING and answers MAIL, RCPT and DATA only once
+    DATA has come, all in one write: a client that waits for each reply before the next
+    command never gets one. RCPTs to "no*" are refused; with `always_354` DATA is accepted
+    even then (RFC 2920 says a server should not)."""
+
+    always_354: bool = False
+    garbage: bool = False  # answer the envelope with something that is no SMTP reply
+    messages: list[bytes] = field(default_factory=list)
+    rsets: int = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 mx.test ESMTP\r\n")
+        pending: list[bytes] = []
+        accepted = 0
+        while line := await reader.readline():
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                writer.write(b"250-mx.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
+            elif verb == b"MAIL":
+                pending.append(b"250 2.1.0 ok\r\n")
+            elif verb == b"RCPT":
+                refused = line[9:11].lower() == b"no"
+                accepted += not refused
+                pending.append(b"550 5.1.1 no such user\r\n" if refused else b"250 2.1.5 ok\r\n")
+            elif verb == b"DATA":
+                go = accepted or self.always_354
+                pending.append(b"354 go on\r\n" if go else b"554 5.5.1 no valid recipients\r\n")
+                writer.write(b"garbage\r\n" if self.garbage else b"".join(pending))
+                pending, accepted = [], 0
+                if go:
+                    body = b""
+                    while (chunk := await reader.readline()) not in (b".\r\n", b""):
+                        body += chunk[1:] if chunk.startswith(b".") else chunk  # unstuffed
+                    self.messages.append(body)
+                    writer.write(b"250 2.0.0 queued\r\n")
+            elif verb == b"RSET":
+                self.rsets += 1
+                writer.write(b"250 2.0.0 ok\r\n")
+            elif verb == b"QUIT":
+                writer.write(b"221 2.0.0 bye\r\n")
+                break
+        writer.close()
+
+
+async def _envelope_at_once(handler: EnvelopeAtOnce) -> tuple[asyncio.Server, int]:
+    srv = await asyncio.start_server(handler.handle, "127.0.0.1", 0)
+    return srv, int(srv.sockets[0].getsockname()[1])
+
+
+async def test_a_pipelined_envelope_is_answered_at_once() -> None:
+    handler = EnvelopeAtOnce()
+    srv, port = await _envelope_at_once(handler)
+    # A command timeout of 1 s: waiting for MAIL's reply alone would be cut.
+    conn = SmtpConnection("mx.test", "127.0.0.1", port, "deliverer.test", 5.0, 1.0)
+    try:
+        await conn.open()
+        replies = await conn.send_many("f@y.test", ["a@x.test", "nob@x.test", "c@x.test"], MESSAGE)
+        assert {r: v.code for r, v in replies.items()} == {
+            "a@x.test": 250,
+            "nob@x.test": 550,
+            "c@x.test": 250,
+        }
+        assert (await conn.send("f@y.test", "d@x.test", b"Subject: 2\r\n\r\nx\r\n")).code == 250
+        assert handler.messages == [MESSAGE, b"Subject: 2\r\n\r\nx\r\n"]
+        # Every recipient refused: DATA was refused too, and the transaction is reset.
+        replies = await conn.send_many("f@y.test", ["noa@x.test", "nob@x.test"], MESSAGE)
+        assert [v.code for v in replies.values()] == [550, 550] and handler.rsets == 1
+        assert conn.usable and conn.deliveries == 2
+    finally:
+        await conn.close()
+        srv.close()
+        await srv.wait_closed()
+
+
+async def test_data_accepted_without_recipients_sends_nothing() -> None:
+    """RFC 2920 3.1: if DATA is accepted although every RCPT was refused, the client sends
+    the lone "." (an empty message the server must not deliver) and resets."""
+    handler = EnvelopeAtOnce(always_354=True)
+    srv, port = await _envelope_at_once(handler)
+    conn = SmtpConnection("mx.test", "127.0.0.1", port, "deliverer.test", 5.0, 1.0)
+    try:
+        await conn.open()
+        replies = await conn.send_many("f@y.test", ["noa@x.test"], MESSAGE)
+        assert replies["noa@x.test"].code == 550
+        assert handler.messages == [b""] and handler.rsets == 1
+        assert (await conn.send("f@y.test", "a@x.test", MESSAGE)).code == 250
+        assert handler.messages == [b"", MESSAGE]
+    finally:
+        await conn.close()
+        srv.close()
+        await srv.wait_closed()
+
+
+async def test_what_is_no_smtp_reply_breaks_the_connection() -> None:
+    srv, port = await _envelope_at_once(EnvelopeAtOnce(garbage=True))
+    conn = SmtpConnection("mx.test", "127.0.0.1", port, "deliverer.test", 5.0, 1.0)
+    try:
+        await conn.open()
+        with pytest.raises(ConnectionLost, match="malformed reply b'garbage"):
+            await conn.send("f@y.test", "a@x.test", MESSAGE)
+        assert not conn.usable
+    finally:
+        await conn.close()
+        srv.close()
+        await srv.wait_closed()
