@@ -52,6 +52,10 @@ _ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+")
 # RFC 5322 2.1.1: lines SHOULD be at most 78 characters, MUST be at most 998.
 _FOLD_AT = 78
 _MAX_LINE = 998
+# RFC 2045 6.7: quoted-printable lines are at most 76 characters.
+_QP_LINE = 76
+# What quoted-printable carries as it is (in ASCII text with LF line ends).
+_QP_LITERAL = bytes(range(0x20, 0x7F)) + b"\t\n"
 # RFC 2047 2: an encoded word is at most 75 characters; "B" encoding of UTF-8.
 _EW_MAX = 75
 _EW_PREFIX = "=?utf-8?b?"
@@ -277,13 +281,51 @@ def _text_part(content: str, subtype: str) -> bytes:
     lf = content.replace("\r\n", "\n").replace("\r", "\n")  # (a regex took 15 us a 2 KB)
     if not lf.endswith("\n"):
         lf += "\n"
-    if lf.isascii() and max(map(len, lf.split("\n"))) <= _MAX_LINE:
-        cte, body = "7bit", lf.encode()
-    else:
+    if not lf.isascii():
         cte, body = "quoted-printable", binascii.b2a_qp(lf.encode(), istext=True)
+        body = body.replace(b"\n", b"\r\n")
+    elif max(map(len, lf.split("\n"))) <= _MAX_LINE:
+        cte, body = "7bit", lf.encode().replace(b"\n", b"\r\n")
+    else:
+        cte, body = "quoted-printable", _qp_ascii(lf)
     return (
         f'Content-Type: text/{subtype}; charset="utf-8"\r\nContent-Transfer-Encoding: {cte}\r\n\r\n'
-    ).encode() + body.replace(b"\n", b"\r\n")
+    ).encode() + body
+
+
+def _qp_ascii(lf: str) -> bytes:
+    """ASCII text with LF line ends as quoted-printable (RFC 2045 6.7) with CRLF line ends:
+    "=" and white space at a line's end escaped, lines longer than 76 characters cut with
+    soft line breaks, never inside an escape. A fraction of the time binascii.b2a_qp takes
+    (which looks at every character one by one); text with control characters still goes
+    to it."""
+    data = lf.encode("ascii")
+    if data.translate(None, _QP_LITERAL):  # something other than printable ASCII, tab, LF
+        return binascii.b2a_qp(data, istext=True).replace(b"\n", b"\r\n")
+    out: list[bytes] = []
+    for line in data.split(b"\n"):
+        if b"=" in line:
+            line = line.replace(b"=", b"=3D")
+        if line.endswith(b" "):
+            line = line[:-1] + b"=20"
+        elif line.endswith(b"\t"):
+            line = line[:-1] + b"=09"
+        if len(line) <= _QP_LINE:
+            out.append(line)
+        elif b"=" not in line:  # no escape to keep whole: cut every 75 characters
+            step = _QP_LINE - 1
+            out.append(b"=\r\n".join([line[i : i + step] for i in range(0, len(line), step)]))
+        else:
+            while len(line) > _QP_LINE:
+                cut = _QP_LINE - 1  # and the "=" of the soft line break
+                if line[cut - 1 : cut] == b"=":
+                    cut -= 1
+                elif line[cut - 2 : cut - 1] == b"=":
+                    cut -= 2
+                out.append(line[:cut] + b"=")
+                line = line[cut:]
+            out.append(line)
+    return b"\r\n".join(out)
 
 
 def _attachment(att: messages_pb2.Attachment) -> bytes:

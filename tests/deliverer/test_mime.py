@@ -88,6 +88,27 @@ def test_bodies_that_need_encoding_round_trip(text: str) -> None:
     assert text_of(msg, "plain") == expected
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "x" * 1000,
+        ("a=b " * 400) + " \n" + "c" * 73 + "=d" * 300 + "\t\n\n  \n" + "e=" * 600,
+        "".join(("y" * n + "=" + "z" * 5 + "\t ") for n in range(60, 80)) * 10 + "\n.dot\n",
+        "a control\x01 character and a long line " + "w" * 1000,
+    ],
+)
+def test_ascii_text_with_long_lines_is_quoted_printable(text: str) -> None:
+    """Lines over 998 characters need quoted-printable: escapes, white space at line ends
+    and soft line breaks (never inside an escape) all decode back to the text."""
+    data = build_message(payload(subject="s", text=text), pointer())
+    msg = parse(data)
+    assert msg["Content-Transfer-Encoding"] == "quoted-printable"
+    body = data.split(b"\r\n\r\n", 1)[1]
+    assert max(map(len, body.split(b"\r\n"))) <= 76
+    assert all(not line.endswith((b" ", b"\t")) for line in body.split(b"\r\n"))
+    assert text_of(msg, "plain") == (text if text.endswith("\n") else text + "\n")
+
+
 def test_headers_non_ascii_long_and_structured() -> None:
     long_subject = " ".join(f"word{i}" for i in range(60))
     p = payload(
