@@ -36,7 +36,7 @@ from sluice.resolver import DnsPermanent, DnsTemporary, MxHost, Resolver
 from sluice.retry import busy_delay, next_delay
 from sluice.singleflight import SingleFlight
 from sluice.store import PayloadNotFound, PayloadStore, StoreError
-from sluice.telemetry import count_site_wait, extract, tracer
+from sluice.telemetry import count_site_wait, extract, tracer, tracing
 from sluice.tenants import TenantCache, TenantStore
 from sluice.v1 import messages_pb2, scheduler_pb2
 
@@ -1031,7 +1031,10 @@ class Deliverer:
         conn: SmtpConnection | None,
     ) -> SmtpConnection | None:
         """One transaction in a span that continues the job's trace (the pointers of one
-        message carry the same traceparent); its events are published inside it."""
+        message carry the same traceparent); its events are published inside it. Without
+        tracing, no span at all (the API's no-op one cost 4 % of the deliverer's CPU)."""
+        if not tracing():
+            return await self._transaction(group, work, conn)
         with _tracer.start_as_current_span(
             "smtp deliver", context=extract(group[0][0].headers), kind=SpanKind.CLIENT
         ) as span:

@@ -62,6 +62,7 @@ __all__ = [
     "setup_tracing",
     "trace_headers",
     "tracer",
+    "tracing",
 ]
 
 log = logging.getLogger(__name__)
@@ -145,6 +146,12 @@ def setup_metrics(cfg: TelemetryConfig, service: str) -> None:
 
 
 # -- tracing helpers ----------------------------------------------------------------------
+
+
+def tracing() -> bool:
+    """Whether this process records traces (a tracer provider is installed): hot paths may
+    skip the API's no-op spans altogether when it does not."""
+    return _tracer_provider is not None
 
 
 def tracer(component: str) -> trace.Tracer:
