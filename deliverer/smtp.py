@@ -1,11 +1,12 @@
 """The SMTP seam: one client connection to one MX host.
 
 aiosmtplib opens the connection: the greeting, EHLO (HELO if refused), and STARTTLS when
-offered or required. The transactions then run over a reply reader of ours (`_Replies`),
-because aiosmtplib reads one reply per command written and drops whatever else arrives
-meanwhile, so it cannot pipeline. With PIPELINING (RFC 2920) advertised, MAIL, every RCPT and
-DATA go out in one write and their replies are read in turn: two writes a message instead of
-four, and one wait for the envelope's replies instead of one per command.
+offered or required. The transactions then run over a protocol of ours (`_Wire`), because
+aiosmtplib reads one reply per command written and drops whatever else arrives meanwhile, so
+it cannot pipeline. With PIPELINING (RFC 2920) advertised, MAIL, every RCPT and DATA go out
+in one write, and a message's end goes out with the next message's envelope (`submit`
+returns before the end is answered): one write and one wait a message on a busy
+connection, against four of each through aiosmtplib.
 
 Each reply is awaited under a timer of its own (RFC 5321 4.5.3.2) that cuts the connection
 when the reply is late: cheaper than `asyncio.wait_for` per command, which cost a quarter of
@@ -18,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from collections.abc import Awaitable
 from typing import cast
 
 import aiosmtplib
@@ -39,16 +41,39 @@ class ConnectionLost(Exception):
     """Could not connect, or the connection broke mid-transaction."""
 
 
-class _Replies(asyncio.Protocol):
-    """The replies of a connection once its transactions begin: every complete reply is
-    kept, in order, until it is read, however many arrive in one read."""
+class _Wire(asyncio.Protocol):
+    """A connection's commands and replies once its transactions begin.
+
+    Writes are corked: what is sent in one turn of the event loop goes out in one write, so
+    a message's end and the next message's envelope share a packet. Each command sent
+    expects a reply: `send` gives the futures its replies resolve, in order, however many
+    replies one read brings. A reply nobody expects breaks the connection."""
 
     def __init__(self, transport: asyncio.Transport) -> None:
         self.transport = transport
+        self._loop = asyncio.get_running_loop()
         self._buffer = bytearray()
-        self._ready: deque[aiosmtplib.SMTPResponse] = deque()
-        self._waiter: asyncio.Future[aiosmtplib.SMTPResponse] | None = None
+        self._expected: deque[asyncio.Future[aiosmtplib.SMTPResponse]] = deque()
+        self._out: list[bytes] = []
         self.lost: ConnectionLost | None = None
+
+    def send(self, data: bytes, replies: int) -> list[asyncio.Future[aiosmtplib.SMTPResponse]]:
+        """Write `data` (at the end of this turn of the loop) and expect `replies` replies."""
+        if self.lost is not None:
+            raise self.lost
+        if self.transport.is_closing():
+            raise ConnectionLost("connection closed")
+        if not self._out:
+            self._loop.call_soon(self._flush)
+        self._out.append(data)
+        futures = [self._loop.create_future() for _ in range(replies)]
+        self._expected.extend(futures)
+        return futures
+
+    def _flush(self) -> None:
+        if self._out and self.lost is None and not self.transport.is_closing():
+            self.transport.write(self._out[0] if len(self._out) == 1 else b"".join(self._out))
+        self._out.clear()
 
     def data_received(self, data: bytes) -> None:
         buffer = self._buffer
@@ -64,33 +89,39 @@ class _Replies(asyncio.Protocol):
             else:
                 start = end + 1
         if len(buffer) > MAX_REPLY:
-            self._fail(ConnectionLost(f"a reply of more than {MAX_REPLY} bytes"))
-            self.transport.abort()
-            return
-        if self._ready and self._waiter is not None:
-            waiter, self._waiter = self._waiter, None
-            if not waiter.done():
-                waiter.set_result(self._ready.popleft())
+            self._break(f"a reply of more than {MAX_REPLY} bytes")
 
     def _parse(self, reply: bytes) -> bool:
-        """Keep one complete reply; False (and the connection cut) if it is no SMTP reply."""
+        """Hand one complete reply to the command that expects it; False (and the
+        connection broken) if it is no SMTP reply, or nobody expects one."""
         lines = reply.split(b"\n")[:-1]
         try:
             code = int(lines[0][:3])
         except ValueError:
-            self._fail(ConnectionLost(f"malformed reply {lines[0][:80]!r}"))
-            self.transport.abort()
+            self._break(f"malformed reply {lines[0][:80]!r}")
             return False
         text = b"\n".join(line[4:].strip(b" \t\r") for line in lines)
-        self._ready.append(aiosmtplib.SMTPResponse(code, text.decode("utf-8", "surrogateescape")))
+        response = aiosmtplib.SMTPResponse(code, text.decode("utf-8", "surrogateescape"))
+        if not self._expected:
+            self._break(f"a reply to no command: {code} {response.message[:80]}")
+            return False
+        future = self._expected.popleft()
+        if not future.done():
+            future.set_result(response)
         return True
+
+    def _break(self, why: str) -> None:
+        self._fail(ConnectionLost(why))
+        self.transport.abort()
 
     def _fail(self, exc: ConnectionLost) -> None:
         if self.lost is None:
             self.lost = exc
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_exception(self.lost)
-        self._waiter = None
+        while self._expected:
+            future = self._expected.popleft()
+            if not future.done():
+                future.set_exception(self.lost)
+                future.exception()  # (retrieved: nobody may wait for it any more)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._fail(ConnectionLost(f"connection lost: {exc}" if exc else "connection lost"))
@@ -98,20 +129,6 @@ class _Replies(asyncio.Protocol):
     def eof_received(self) -> bool:
         self._fail(ConnectionLost("the server closed the connection"))
         return False
-
-    async def next(self) -> aiosmtplib.SMTPResponse:
-        """The next reply not yet read."""
-        if self._ready:
-            return self._ready.popleft()
-        if self.lost is not None:
-            raise self.lost
-        self._waiter = asyncio.get_running_loop().create_future()
-        return await self._waiter
-
-    @property
-    def pending(self) -> bool:
-        """Whether a reply is waiting to be read."""
-        return bool(self._ready)
 
 
 class SmtpConnection:
@@ -147,7 +164,12 @@ class SmtpConnection:
         self._command_timeout = command_timeout
         # RFC 5321 4.5.3.2: the end of DATA may take longer (10 min) than other commands.
         self._data_timeout = data_timeout or command_timeout
-        self._replies: _Replies | None = None
+        self._wire: _Wire | None = None
+        # The reply to the end of the last message sent, once it is expected.
+        self._last: asyncio.Future[aiosmtplib.SMTPResponse] | None = None
+        self._leaving = False  # (a 421 came at the end of a message)
+        # Transactions begun on the connection (and deliveries: those its server took).
+        self.transactions = 0
         self._pipelining = False
         self._size: int | None = None  # SIZE's limit (0: none said) if SIZE is offered
         # Set when a reply was late and the connection was cut for it: what was late.
@@ -155,8 +177,13 @@ class SmtpConnection:
 
     @property
     def usable(self) -> bool:
-        replies = self._replies
-        return replies is not None and replies.lost is None and not replies.transport.is_closing()
+        wire = self._wire
+        return (
+            wire is not None
+            and wire.lost is None
+            and not wire.transport.is_closing()
+            and not self._leaving
+        )
 
     @property
     def tls(self) -> bool:
@@ -192,8 +219,8 @@ class SmtpConnection:
             raise ConnectionLost(f"{self.host}: connection lost after EHLO")
         self._tls = transport.get_extra_info("ssl_object") is not None
         # From here on the replies come to our reader; aiosmtplib's part is done.
-        self._replies = _Replies(transport)
-        transport.set_protocol(self._replies)
+        self._wire = _Wire(transport)
+        transport.set_protocol(self._wire)
 
     async def _hello(self) -> aiosmtplib.SMTPResponse:
         """EHLO, or HELO if EHLO is refused (as aiosmtplib's own commands do): the reply that
@@ -216,32 +243,45 @@ class SmtpConnection:
         self, mail_from: str, recipients: list[str], data: bytes
     ) -> dict[str, Reply]:
         """One transaction for several recipients of the same message: each recipient's
-        deciding reply (its RCPT reply if refused there, else the reply to DATA or to the
-        end of the message).
+        deciding reply (see `submit`)."""
+        return await (await self.submit(mail_from, recipients, data))
 
-        A 4xx/5xx is returned rather than raised; RSET follows only an aborted transaction.
+    async def submit(
+        self, mail_from: str, recipients: list[str], data: bytes
+    ) -> Awaitable[dict[str, Reply]]:
+        """Start a transaction for several recipients of the same message; returned once
+        the message is written (or the transaction decided before that): what is returned
+        gives each recipient's deciding reply, its RCPT reply if refused there, else the
+        reply to DATA or to the end of the message. Meanwhile the next transaction may be
+        submitted: with PIPELINING its envelope goes out with this one's end (RFC 2920 3.1),
+        without it, once this one's end is answered.
+
+        A 4xx/5xx is a reply rather than an exception; RSET follows only an aborted
+        transaction. A broken connection raises ConnectionLost, here or from the result.
         """
-        if self._replies is None:
-            raise ConnectionLost(f"{self.host}: not connected")
+        if self._wire is None or self._leaving:
+            raise ConnectionLost(
+                f"{self.host}: " + ("leaving" if self._leaving else "not connected")
+            )
         limit = self._size
         if limit and len(data) > limit:
             # The server said how much it takes (SIZE, RFC 1870): do not send what it refuses.
             reply = Reply(
                 552, f"5.3.4 message is {len(data)} bytes, the server takes {limit}", "5.3.4"
             )
-            return dict.fromkeys(recipients, reply)
+            return _now(dict.fromkeys(recipients, reply))
+        self.transactions += 1
         try:
-            return await self._transaction(mail_from, recipients, data)
+            return await self._envelope(mail_from, recipients, data)
         except ConnectionLost as exc:
             await self.close()
             raise ConnectionLost(f"{self.host}: {self._late or exc}") from exc
-        except OSError as exc:
-            await self.close()
-            raise ConnectionLost(f"{self.host}: {exc}") from exc
 
-    async def _transaction(
+    async def _envelope(
         self, mail_from: str, recipients: list[str], data: bytes
-    ) -> dict[str, Reply]:
+    ) -> Awaitable[dict[str, Reply]]:
+        wire = self._wire
+        assert wire is not None
         # The addresses were validated at ingest; ascii_email refuses what SMTP cannot carry.
         mail = b"MAIL FROM:<" + ascii_email(mail_from).encode() + b">"
         if self._size is not None:
@@ -254,120 +294,140 @@ class SmtpConnection:
                 raise ValueError(f"a line break in an SMTP command: {line!r}")
         pipelined = self._pipelining
         if pipelined:
-            self._write(b"".join(envelope))
+            replies = wire.send(b"".join(envelope), len(envelope))
         else:
-            self._write(envelope[0])
-        resp = await self._reply("MAIL")
+            if self._last is not None:  # the last message's end is answered first
+                last = await self._reply(self._last, "the end of DATA", self._data_timeout)
+                if last.code == 421:
+                    self._leaving = True
+                    raise ConnectionLost("leaving (421 at the end of the last message)")
+            replies = wire.send(envelope[0], 1)
+        resp = await self._reply(replies[0], "MAIL")
         if resp.code != 250:
             refused = dict.fromkeys(recipients, parse_reply(resp.code, resp.message))
             if resp.code == 421:  # the server is leaving
                 await self.close()
-            elif pipelined:  # the RCPTs and DATA were sent all the same: read their replies
+            elif pipelined:  # the RCPTs and DATA were sent all the same: their replies
                 try:
-                    await self._skip(len(recipients))
+                    for rcpt_reply in replies[1:-1]:
+                        await self._reply(rcpt_reply, "RCPT")
+                    if (await self._reply(replies[-1], "DATA")).code == 354:
+                        await self._nothing()
                     await self._abort(resp.code)
                 except ConnectionLost:  # (the refusal of MAIL decided all the same)
                     await self.close()
             else:
                 await self._abort(resp.code)
-            return refused
-        replies: dict[str, Reply] = {}
+            return _now(refused)
+        decided: dict[str, Reply] = {}
         accepted = []
         for i, rcpt in enumerate(recipients):
             if not pipelined:
-                self._write(envelope[1 + i])
-            resp = await self._reply("RCPT")
+                replies.append(wire.send(envelope[1 + i], 1)[0])
+            resp = await self._reply(replies[1 + i], "RCPT")
             if resp.code in (250, 251):
                 accepted.append(rcpt)
                 continue
-            replies[rcpt] = parse_reply(resp.code, resp.message)
+            decided[rcpt] = parse_reply(resp.code, resp.message)
             if resp.code == 421:  # the server is leaving: the rest fail the same way
                 await self.close()
-                return {r: replies.get(r, replies[rcpt]) for r in recipients}
+                return _now({r: decided.get(r, decided[rcpt]) for r in recipients})
         if not pipelined:
             if not accepted:
                 await self._abort(0)
-                return replies
-            self._write(envelope[-1])
-        resp = await self._reply("DATA")
+                return _now(decided)
+            replies.append(wire.send(envelope[-1], 1)[0])
+        resp = await self._reply(replies[-1], "DATA")
         if not accepted:  # (pipelined) DATA went out with the RCPTs, all of them refused
-            if resp.code == 354:  # RFC 2920 3.1: a server should not, but then send nothing
-                self._write(b".\r\n")
-                await self._reply("the end of DATA")
+            if resp.code == 354:
+                await self._nothing()
             await self._abort(resp.code)
-            return replies
-        if resp.code == 354:
-            self._write(_wire_data(data))
-            resp = await self._reply("the end of DATA", self._data_timeout)
-            if resp.code < 400:
-                self.deliveries += 1
-            elif resp.code == 421:
-                await self.close()
-        else:
+            return _now(decided)
+        if resp.code != 354:
             await self._abort(resp.code)
+            refusal = parse_reply(resp.code, resp.message)
+            return _now({r: decided.get(r, refusal) for r in recipients})
+        [end] = wire.send(_wire_data(data), 1)
+        self._last = end
+        return self._end(end, recipients, accepted, decided)
+
+    async def _end(
+        self,
+        end: asyncio.Future[aiosmtplib.SMTPResponse],
+        recipients: list[str],
+        accepted: list[str],
+        decided: dict[str, Reply],
+    ) -> dict[str, Reply]:
+        """The reply to the end of a message decides its accepted recipients."""
+        try:
+            resp = await self._reply(end, "the end of DATA", self._data_timeout)
+        except ConnectionLost as exc:
+            self._drop()
+            raise ConnectionLost(f"{self.host}: {self._late or exc}") from exc
+        if resp.code < 400:
+            self.deliveries += 1
+        elif resp.code == 421:
+            # The server is leaving: no transaction more. Not cut here, though: the next
+            # message may be on its way already, and its reply is the one that tells.
+            self._leaving = True
         reply = parse_reply(resp.code, resp.message)
-        for rcpt in accepted:
-            replies[rcpt] = reply
-        return {r: replies[r] for r in recipients}
+        return {r: decided.get(r, reply) for r in recipients}
 
-    def _write(self, data: bytes) -> None:
-        replies = self._replies
-        if replies is None or replies.lost is not None or replies.transport.is_closing():
-            raise ConnectionLost(
-                str(replies.lost) if replies and replies.lost else "connection lost"
-            )
-        replies.transport.write(data)
-
-    async def _reply(self, what: str, seconds: float | None = None) -> aiosmtplib.SMTPResponse:
-        """The next reply, or the connection cut if it has not come within `seconds` (then
-        `ConnectionLost`, and `_late` says what was late)."""
-        replies = self._replies
-        assert replies is not None
-        if replies.pending:  # (came with an earlier one: no timer, no wait)
-            return await replies.next()
+    async def _reply(
+        self, reply: asyncio.Future[aiosmtplib.SMTPResponse], what: str, seconds: float = 0.0
+    ) -> aiosmtplib.SMTPResponse:
+        """A command's reply, or the connection cut if it has not come within `seconds`
+        (then `ConnectionLost`, and `_late` says what was late)."""
+        if reply.done():  # (came with an earlier one: no timer, no wait)
+            return reply.result()
         seconds = seconds or self._command_timeout
         timer = asyncio.get_running_loop().call_later(seconds, self._cut, what, seconds)
         try:
-            return await replies.next()
+            return await reply
         finally:
             timer.cancel()
 
-    async def _skip(self, rcpts: int) -> None:
-        """Read the replies to a refused MAIL's pipelined RCPTs and DATA."""
-        for _ in range(rcpts):
-            await self._reply("RCPT")
-        if (await self._reply("DATA")).code == 354:
-            self._write(b".\r\n")
-            await self._reply("the end of DATA")
+    async def _nothing(self) -> None:
+        """DATA was accepted with no recipient accepted (RFC 2920 3.1 says a server should
+        not): send the message's end alone."""
+        assert self._wire is not None
+        await self._reply(self._wire.send(b".\r\n", 1)[0], "the end of DATA")
 
     def _cut(self, what: str, seconds: float) -> None:
         self._late = f"no reply to {what} within {seconds:g} s"
         log.info("%s: %s: closing the connection", self.host, self._late)
-        if self._replies is not None:
-            self._replies.transport.abort()
+        if self._wire is not None:
+            self._wire.transport.abort()
 
     async def _abort(self, code: int) -> None:
         """End an aborted transaction: RSET, or close after 421 (the server is leaving)."""
         if code == 421:
             await self.close()
             return
-        self._write(b"RSET\r\n")
-        await self._reply("RSET")
+        assert self._wire is not None
+        await self._reply(self._wire.send(b"RSET\r\n", 1)[0], "RSET")
+
+    def _drop(self) -> None:
+        """Close without QUIT (the connection broke, or the server is leaving)."""
+        if self._wire is not None:
+            self._wire.transport.close()
+        self._smtp.close()  # (aiosmtplib's state: its connect lock and server state)
 
     async def close(self) -> None:
-        """QUIT (its reply awaited within the command timeout) and close."""
-        replies = self._replies
-        if replies is None:
-            self._smtp.close()
-            return
-        if self.usable:
+        """QUIT (after the replies still to come; its own awaited within the command
+        timeout) and close."""
+        wire = self._wire
+        if wire is not None and wire.lost is None and not wire.transport.is_closing():
             try:
-                replies.transport.write(b"QUIT\r\n")
-                await self._reply("QUIT")
-            except (ConnectionLost, OSError):
+                await self._reply(wire.send(b"QUIT\r\n", 1)[0], "QUIT")
+            except ConnectionLost:
                 pass
-        replies.transport.close()
-        self._smtp.close()  # (aiosmtplib's state: its connect lock and server state)
+        self._drop()
+
+
+async def _now(replies: dict[str, Reply]) -> dict[str, Reply]:
+    """A transaction decided before its message was sent."""
+    return replies
 
 
 def _wire_data(message: bytes) -> bytes:

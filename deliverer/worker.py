@@ -12,7 +12,7 @@ import re
 import socket
 import time
 from collections import deque
-from collections.abc import Awaitable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -150,6 +150,11 @@ def _trace_outcomes(span: Span, host: str, outcomes: dict[str, Outcome]) -> None
     span.set_attribute("smtp.reply_codes", codes)
     if kinds != ["delivered"]:
         span.set_status(Status(StatusCode.ERROR, ", ".join(kinds)))
+
+
+def _end_span(span: Span | None) -> None:
+    if span is not None and span.is_recording():
+        span.end()
 
 
 def late_messages(sub: JetStreamContext.PullSubscription) -> list[Msg]:
@@ -1031,32 +1036,42 @@ class Deliverer:
         conn: SmtpConnection | None,
     ) -> SmtpConnection | None:
         """One transaction in a span that continues the job's trace (the pointers of one
-        message carry the same traceparent); its events are published inside it. Without
-        tracing, no span at all (the API's no-op one cost 4 % of the deliverer's CPU)."""
+        message carry the same traceparent); its events are published inside it, and it
+        ends when the transaction is settled. Without tracing, no span at all (the API's
+        no-op one cost 4 % of the deliverer's CPU)."""
         if not tracing():
-            return await self._transaction(group, work, conn)
-        with _tracer.start_as_current_span(
+            return await self._transaction(group, work, conn, None)
+        span = _tracer.start_span(
             "smtp deliver", context=extract(group[0][0].headers), kind=SpanKind.CLIENT
-        ) as span:
-            if span.is_recording() and (p := group[0][1]) is not None:
-                span.set_attributes(
-                    {
-                        "sluice.site_id": work.lease.site_id,
-                        "sluice.tier": names.tier_token(p.tier),
-                        "sluice.job_id": p.job_id,
-                        "sluice.message_id": p.message_id,
-                        "smtp.recipients": len(group),
-                    }
-                )
-            return await self._transaction(group, work, conn)
+        )
+        try:
+            with trace.use_span(span, end_on_exit=False):
+                if span.is_recording() and (p := group[0][1]) is not None:
+                    span.set_attributes(
+                        {
+                            "sluice.site_id": work.lease.site_id,
+                            "sluice.tier": names.tier_token(p.tier),
+                            "sluice.job_id": p.job_id,
+                            "sluice.message_id": p.message_id,
+                            "smtp.recipients": len(group),
+                        }
+                    )
+                return await self._transaction(group, work, conn, span)
+        except BaseException:
+            _end_span(span)
+            raise
 
     async def _transaction(
         self,
         group: list[tuple[Msg, messages_pb2.DeliveryPointer | None]],
         work: LeaseWork,
         conn: SmtpConnection | None,
+        span: Span | None,
     ) -> SmtpConnection | None:
-        """Deliver one pointer, or several pointers of one message in one transaction."""
+        """Deliver one pointer, or several pointers of one message in one transaction:
+        returns once the message is written, so that the next message's envelope goes out
+        with its end (SmtpConnection.submit); the reply and the settling come in the
+        background (_conclude), which ends `span`."""
         lease = work.lease
         items: list[tuple[Msg, messages_pb2.DeliveryPointer, int, float, float]] = []
         for msg, p in group:
@@ -1078,6 +1093,7 @@ class Deliverer:
                 continue
             items.append((msg, p, attempt, age, horizon))
         if not items:
+            _end_span(span)
             return conn
         first = items[0][1]
         try:
@@ -1092,11 +1108,13 @@ class Deliverer:
                     None,
                     "payload_missing",
                 )
+            _end_span(span)
             return conn
         except StoreError as exc:
             log.warning("payload %s unreadable (%s); handing back", first.payload_ref, exc)
             for msg, *_ in items:
                 await msg.nak(delay=5.0)
+            _end_span(span)
             return conn
         tenant = await self._tenants.get(first.tenant_id)
         unsubscribe = ""
@@ -1109,48 +1127,77 @@ class Deliverer:
                 data = sign(data, dkim_key)
             except DkimError as exc:
                 log.warning("delivery=%s sent unsigned: %s", first.delivery_id, exc)
-        outcomes: dict[str, Outcome] = {}
+        outcomes: dict[str, Outcome] | None = None
+        result: Awaitable[dict[str, Reply]] | None = None
+        stop_keep_alive = self._keep_alive([msg for msg, *_ in items])
         try:
             if conn is None or not conn.usable or self._spent(conn, lease):
                 if conn is not None:
                     await conn.close()
                 await work.connections.wait(lease.max_connection_rate)
                 conn = await self._connect(first.domain)
-            replies = await self._keep_alive(
-                [msg for msg, *_ in items],
-                conn.send_many(self._mail_from(first), [p.recipient for _, p, *_ in items], data),
+            result = await conn.submit(
+                self._mail_from(first), [p.recipient for _, p, *_ in items], data
             )
-            outcomes = {r: classify(reply, self._throttle) for r, reply in replies.items()}
         except DnsPermanent as exc:
             outcomes = {p.recipient: Bounced(None, "bad_domain") for _, p, *_ in items}
             log.info("delivery=%s: %s", first.delivery_id, exc)
         except (DnsTemporary, ConnectionLost) as exc:
             outcomes = {p.recipient: Deferred(None, str(exc)) for _, p, *_ in items}
             conn = None
+        except BaseException:
+            stop_keep_alive()
+            raise
+        # The reply and the settling (event, then ack / nak / dead letter) come in the
+        # background, so the connection goes on with the next transaction meanwhile; a
+        # crash before the ack means a redelivery, which at-least-once allows.
         host = conn.host if conn else ""
-        span = trace.get_current_span()
-        if span.is_recording():
-            _trace_outcomes(span, host, outcomes)
-        # Settling (event, then ack / nak / dead letter) runs in the background, so the
-        # connection goes on with the next transaction meanwhile; a crash before the ack
-        # means a redelivery, which at-least-once allows.
         await self._background(
-            asyncio.gather(
-                *(
-                    self._settle(msg, p, attempt, age, horizon, outcomes[p.recipient], lease, host)
-                    for msg, p, attempt, age, horizon in items
-                )
-            )
+            self._conclude(items, result, outcomes, stop_keep_alive, lease, host, span)
         )
         return conn
 
-    async def _keep_alive(
-        self, msgs: list[Msg], send: Coroutine[Any, Any, dict[str, Reply]]
-    ) -> dict[str, Reply]:
-        """Run an SMTP transaction, telling JetStream the pointers are in progress every
-        third of ack_wait while it lasts (a slow DATA must not look like a dead deliverer).
-        A timer rather than a task and asyncio.wait per transaction: almost every
-        transaction ends long before the first tick."""
+    async def _conclude(
+        self,
+        items: list[tuple[Msg, messages_pb2.DeliveryPointer, int, float, float]],
+        result: Awaitable[dict[str, Reply]] | None,
+        outcomes: dict[str, Outcome] | None,
+        stop_keep_alive: Callable[[], None],
+        lease: scheduler_pb2.Lease,
+        host: str,
+        span: Span | None,
+    ) -> None:
+        """A transaction's end: its replies (unless it was decided without one), classified
+        into outcomes, and each pointer settled."""
+        try:
+            if result is not None:
+                try:
+                    replies = await result
+                    outcomes = {r: classify(reply, self._throttle) for r, reply in replies.items()}
+                except ConnectionLost as exc:
+                    outcomes = {p.recipient: Deferred(None, str(exc)) for _, p, *_ in items}
+        finally:
+            stop_keep_alive()
+            if span is not None and outcomes is not None and span.is_recording():
+                _trace_outcomes(span, host, outcomes)
+            _end_span(span)
+        assert outcomes is not None
+        if len(items) == 1:
+            msg, p, attempt, age, horizon = items[0]
+            await self._settle(msg, p, attempt, age, horizon, outcomes[p.recipient], lease, host)
+            return
+        await asyncio.gather(
+            *(
+                self._settle(msg, p, attempt, age, horizon, outcomes[p.recipient], lease, host)
+                for msg, p, attempt, age, horizon in items
+            )
+        )
+
+    def _keep_alive(self, msgs: list[Msg]) -> Callable[[], None]:
+        """Tell JetStream the pointers of a transaction are in progress every third of
+        ack_wait while it lasts (a slow DATA must not look like a dead deliverer); returns
+        what stops it. A timer rather than a task: almost every transaction ends long before
+        the first tick."""
         loop = asyncio.get_running_loop()
         period = self._ack_wait / 3
         timer: asyncio.TimerHandle | None = None
@@ -1160,11 +1207,12 @@ class Deliverer:
             self._spawn(self._in_progress(msgs))
             timer = loop.call_later(period, tick)
 
+        def stop() -> None:
+            if timer is not None:
+                timer.cancel()
+
         timer = loop.call_later(period, tick)
-        try:
-            return await send
-        finally:
-            timer.cancel()
+        return stop
 
     @staticmethod
     async def _in_progress(msgs: list[Msg]) -> None:
@@ -1234,8 +1282,10 @@ class Deliverer:
         return f"bounce+{p.delivery_id}@{verp}" if verp else p.envelope_from
 
     def _spent(self, conn: SmtpConnection, lease: scheduler_pb2.Lease) -> bool:
+        """Whether `conn` has carried the transactions a connection may (those still
+        awaiting their end's reply count)."""
         limit = lease.max_deliveries_per_connection
-        return bool(limit) and conn.deliveries >= limit
+        return bool(limit) and conn.transactions >= limit
 
     def _port(self, domain: str) -> int:
         """The port the domain's mail goes to: its route's, else [deliverer] smtp_port."""

@@ -8,6 +8,7 @@ answers an envelope only once it has all of it, which only a pipelining client g
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -293,3 +294,102 @@ async def test_what_is_no_smtp_reply_breaks_the_connection() -> None:
         await conn.close()
         srv.close()
         await srv.wait_closed()
+
+
+@dataclass
+class HeldEnd:
+    """A raw SMTP server that holds its reply to the end of each message for `hold`
+    seconds and notes when each command line arrived, read as it comes (so a command sent
+    before the reply it should wait for is seen early)."""
+
+    pipelining: bool
+    hold: float = 0.5
+    arrivals: list[tuple[float, bytes]] = field(default_factory=list)
+    ends_answered: list[float] = field(default_factory=list)
+    messages: list[bytes] = field(default_factory=list)
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        lines: asyncio.Queue[bytes] = asyncio.Queue()
+
+        async def read() -> None:
+            while line := await reader.readline():
+                self.arrivals.append((time.monotonic(), line))
+                lines.put_nowait(line)
+            lines.put_nowait(b"")
+
+        reading = asyncio.ensure_future(read())
+        writer.write(b"220 mx.test ESMTP\r\n")
+        extensions = b"250-PIPELINING\r\n" if self.pipelining else b""
+        while line := await lines.get():
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                writer.write(b"250-mx.test\r\n" + extensions + b"250 8BITMIME\r\n")
+            elif verb in (b"MAIL", b"RCPT"):
+                writer.write(b"250 ok\r\n")
+            elif verb == b"DATA":
+                writer.write(b"354 go on\r\n")
+                body = b""
+                while (chunk := await lines.get()) not in (b".\r\n", b""):
+                    body += chunk
+                self.messages.append(body)
+                await asyncio.sleep(self.hold)
+                self.ends_answered.append(time.monotonic())
+                writer.write(b"250 2.0.0 queued\r\n")
+            elif verb == b"QUIT":
+                writer.write(b"221 bye\r\n")
+                break
+        reading.cancel()
+        writer.close()
+
+
+@pytest.mark.parametrize("pipelining", [True, False], ids=["pipelining", "no-pipelining"])
+async def test_the_next_envelope_goes_with_the_end_only_when_pipelining(pipelining: bool) -> None:
+    """RFC 2920 3.1: a message's end may be followed at once by the next MAIL, RCPT and
+    DATA; without PIPELINING the next MAIL waits for the reply to the end."""
+    handler = HeldEnd(pipelining)
+    srv = await asyncio.start_server(handler.handle, "127.0.0.1", 0)
+    port = int(srv.sockets[0].getsockname()[1])
+    conn = SmtpConnection("mx.test", "127.0.0.1", port, "deliverer.test", 5.0, 5.0)
+    try:
+        await conn.open()
+        first = await conn.submit("f@y.test", ["a@x.test"], b"Subject: 1\r\n\r\none\r\n")
+        second = await conn.submit("f@y.test", ["b@x.test"], b"Subject: 2\r\n\r\ntwo\r\n")
+        assert (await first)["a@x.test"].code == 250
+        assert (await second)["b@x.test"].code == 250
+        assert handler.messages == [b"Subject: 1\r\n\r\none\r\n", b"Subject: 2\r\n\r\ntwo\r\n"]
+        assert conn.transactions == 2 and conn.deliveries == 2
+    finally:
+        await conn.close()
+        srv.close()
+        await srv.wait_closed()
+    mails = [t for t, line in handler.arrivals if line.startswith(b"MAIL")]
+    assert len(mails) == 2
+    # The second MAIL came while the first message's end was held, or only after it.
+    assert (mails[1] < handler.ends_answered[0]) == pipelining
+
+
+async def test_a_421_at_the_end_leaves_the_next_message_to_its_own_reply(
+    server: tuple[ScriptedSmtp, int],
+) -> None:
+    """The next message may be sent before a 421 at the end of the last one comes: the
+    connection takes no transaction more, but the message already sent gets its own reply
+    (cutting the connection then would make a delivered message look undelivered)."""
+    smtp, port = server
+    conn = await _open(port)
+    smtp.data_script.append("421 4.3.2 Shutting down")
+    first = await conn.submit("from@y.test", ["a@x.test"], MESSAGE)
+    if smtp.pipelining:
+        second = await conn.submit("from@y.test", ["b@x.test"], MESSAGE)
+        assert (await first)["a@x.test"].code == 421
+        # (aiosmtpd stays after a 421 of its handler: the second message is taken)
+        assert (await second)["b@x.test"].code == 250
+        assert [r.rcpt_tos for r in smtp.received] == [["b@x.test"]]
+    else:  # the next MAIL waits for the end's reply, which says the server is leaving
+        with pytest.raises(ConnectionLost, match="leaving"):
+            await conn.submit("from@y.test", ["b@x.test"], MESSAGE)
+        assert (await first)["a@x.test"].code == 421
+        assert not smtp.received
+    assert not conn.usable
+    with pytest.raises(ConnectionLost, match="leaving"):
+        await conn.submit("from@y.test", ["c@x.test"], MESSAGE)
+    await conn.close()
