@@ -20,7 +20,8 @@ site has 5 connections; the sink counts connections per site.
 
 Everything runs here: nats-server, the Sluice services as processes (ingest, expander,
 scheduler, D deliverers), a DNS server giving each site its own MX host, and an aiosmtpd
-sink that counts connections per site (by the domain of a connection's first RCPT).
+sink that counts connections per site (by the domain of a connection's first RCPT) and
+offers PIPELINING.
 """
 
 from __future__ import annotations
@@ -69,6 +70,19 @@ class Sink:
         self.seen.clear()
         self.site_connections.clear()
         self.site_mail.clear()
+
+    async def handle_EHLO(  # noqa: N802
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        """PIPELINING offered, as the big providers' and most MTAs' servers do (aiosmtpd
+        reads commands line by line, so it answers pipelined ones in turn)."""
+        session.host_name = hostname
+        return [responses[0], "250-PIPELINING", *responses[1:]]
 
     async def handle_RCPT(  # noqa: N802
         self, server: SMTP, session: Session, envelope: Envelope, address: str, _: Any
