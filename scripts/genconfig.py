@@ -52,7 +52,8 @@ SHAPING = """\
 Layers: `[default]` → `[provider.<name>]` (its `match` list of MX host patterns, e.g.
 `"*.google.com"`; a site whose MX hosts all match is that provider's site) →
 `[domain."<domain>"]`. Keys per layer: `max_connections`, `max_message_rate` (msgs/s, 0 = no
-limit), `max_deliveries_per_connection` (0 = no limit), `max_connection_rate` (new
+limit), `max_deliveries_per_connection` (transactions a connection carries before it is closed
+and a new one opened, those refused counted too; 0 = no limit), `max_connection_rate` (new
 connections/s, 0 = no limit), `bulk_reserve` (0-10: batches out of ten taken from bulk even
 while higher tiers wait; default 0 = strict tiers). Unknown keys are errors. A site is a
 provider name, else the sorted MX host set. Rates and connections are per site, split
