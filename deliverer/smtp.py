@@ -207,7 +207,7 @@ class SmtpConnection:
         except (aiosmtplib.SMTPException, OSError) as exc:
             self._smtp.close()
             raise ConnectionLost(f"{self.host}: connect failed: {exc}") from exc
-        except ConnectionLost:
+        except (ConnectionLost, asyncio.CancelledError):
             self._smtp.close()
             raise
         extensions = self._smtp.esmtp_extensions
@@ -297,16 +297,18 @@ class SmtpConnection:
             replies = wire.send(b"".join(envelope), len(envelope))
         else:
             if self._last is not None:  # the last message's end is answered first
-                last = await self._reply(self._last, "the end of DATA", self._data_timeout)
+                last = await self._reply(self._last, "the end of DATA", shared=True)
                 if last.code == 421:
                     self._leaving = True
                     raise ConnectionLost("leaving (421 at the end of the last message)")
             replies = wire.send(envelope[0], 1)
-        resp = await self._reply(replies[0], "MAIL")
+        # (MAIL's reply comes after the reply to the last message's end, if that is still
+        # to come: it has the end of DATA's time)
+        resp = await self._reply(replies[0], "MAIL", after_end=True)
         if resp.code != 250:
             refused = dict.fromkeys(recipients, parse_reply(resp.code, resp.message))
-            if resp.code == 421:  # the server is leaving
-                await self.close()
+            if resp.code == 421:  # the server is leaving (no QUIT: replies may still be due)
+                self._drop()
             elif pipelined:  # the RCPTs and DATA were sent all the same: their replies
                 try:
                     for rcpt_reply in replies[1:-1]:
@@ -329,8 +331,8 @@ class SmtpConnection:
                 accepted.append(rcpt)
                 continue
             decided[rcpt] = parse_reply(resp.code, resp.message)
-            if resp.code == 421:  # the server is leaving: the rest fail the same way
-                await self.close()
+            if resp.code == 421:  # the server is leaving: the rest fail the same way (no
+                self._drop()  # QUIT: DATA may have been taken, and QUIT read as the message)
                 return _now({r: decided.get(r, decided[rcpt]) for r in recipients})
         if not pipelined:
             if not accepted:
@@ -360,7 +362,7 @@ class SmtpConnection:
     ) -> dict[str, Reply]:
         """The reply to the end of a message decides its accepted recipients."""
         try:
-            resp = await self._reply(end, "the end of DATA", self._data_timeout)
+            resp = await self._reply(end, "the end of DATA")
         except ConnectionLost as exc:
             self._drop()
             raise ConnectionLost(f"{self.host}: {self._late or exc}") from exc
@@ -374,16 +376,29 @@ class SmtpConnection:
         return {r: decided.get(r, reply) for r in recipients}
 
     async def _reply(
-        self, reply: asyncio.Future[aiosmtplib.SMTPResponse], what: str, seconds: float = 0.0
+        self,
+        reply: asyncio.Future[aiosmtplib.SMTPResponse],
+        what: str,
+        seconds: float = 0.0,
+        after_end: bool = False,
+        shared: bool = False,
     ) -> aiosmtplib.SMTPResponse:
         """A command's reply, or the connection cut if it has not come within `seconds`
-        (then `ConnectionLost`, and `_late` says what was late)."""
+        (the command timeout by default; the end of DATA's for the end of a message and,
+        `after_end`, for a reply that comes after the last message's end while that is
+        still to come). Then `ConnectionLost`, and `_late` says what was late. `shared`: a
+        reply awaited elsewhere too (the last message's end), shielded from a cancel here."""
         if reply.done():  # (came with an earlier one: no timer, no wait)
             return reply.result()
-        seconds = seconds or self._command_timeout
+        if not seconds:
+            last = self._last
+            if what == "the end of DATA" or (after_end and last is not None and not last.done()):
+                seconds = self._data_timeout
+            else:
+                seconds = self._command_timeout
         timer = asyncio.get_running_loop().call_later(seconds, self._cut, what, seconds)
         try:
-            return await reply
+            return await (asyncio.shield(reply) if shared else reply)
         finally:
             timer.cancel()
 
@@ -394,6 +409,8 @@ class SmtpConnection:
         await self._reply(self._wire.send(b".\r\n", 1)[0], "the end of DATA")
 
     def _cut(self, what: str, seconds: float) -> None:
+        if self._last is not None and not self._last.done():  # (its reply comes first)
+            what = "the end of DATA"
         self._late = f"no reply to {what} within {seconds:g} s"
         log.info("%s: %s: closing the connection", self.host, self._late)
         if self._wire is not None:
@@ -402,7 +419,7 @@ class SmtpConnection:
     async def _abort(self, code: int) -> None:
         """End an aborted transaction: RSET, or close after 421 (the server is leaving)."""
         if code == 421:
-            await self.close()
+            self._drop()
             return
         assert self._wire is not None
         await self._reply(self._wire.send(b"RSET\r\n", 1)[0], "RSET")
@@ -414,15 +431,20 @@ class SmtpConnection:
         self._smtp.close()  # (aiosmtplib's state: its connect lock and server state)
 
     async def close(self) -> None:
-        """QUIT (after the replies still to come; its own awaited within the command
-        timeout) and close."""
+        """Close: once the last message's end is answered (its reply decides it: cutting
+        the connection before would make a message the server took look lost, and without
+        PIPELINING no command may go before it), QUIT and its reply within the command
+        timeout."""
         wire = self._wire
-        if wire is not None and wire.lost is None and not wire.transport.is_closing():
-            try:
+        try:
+            if self._last is not None and not self._last.done() and wire is not None:
+                await self._reply(self._last, "the end of DATA", shared=True)
+            if wire is not None and wire.lost is None and not wire.transport.is_closing():
                 await self._reply(wire.send(b"QUIT\r\n", 1)[0], "QUIT")
-            except ConnectionLost:
-                pass
-        self._drop()
+        except ConnectionLost:
+            pass
+        finally:
+            self._drop()
 
 
 async def _now(replies: dict[str, Reply]) -> dict[str, Reply]:

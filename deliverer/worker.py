@@ -302,6 +302,7 @@ class Deliverer:
                         await asyncio.wait_for(stop.wait(), self._cfg.deliverer.idle_poll)
             # Drain: each lease worker finishes the transaction in hand and hands back the rest.
             self._stopping = True
+            drained_by = time.monotonic() + self._cfg.shutdown.drain_timeout
             if tasks:
                 bound = min(self._cfg.deliverer.command_timeout, self._cfg.shutdown.drain_timeout)
                 await asyncio.wait(tasks, timeout=bound)
@@ -315,7 +316,9 @@ class Deliverer:
                 while (in_hand := self._dequeue(sq)) is not None:
                     groups.append(in_hand.groups[0])
                 await self._hand_back(groups)
-            await self.settle_all()
+            # (a transaction's reply is awaited in its settling: bounded by the drain too; a
+            # pointer left unsettled comes back after ack_wait)
+            await self.settle_all(max(0.0, drained_by - time.monotonic()))
         finally:
             renewer.cancel()
             keeper.cancel()
@@ -1152,9 +1155,16 @@ class Deliverer:
         # background, so the connection goes on with the next transaction meanwhile; a
         # crash before the ack means a redelivery, which at-least-once allows.
         host = conn.host if conn else ""
-        await self._background(
-            self._conclude(items, result, outcomes, stop_keep_alive, lease, host, span)
-        )
+        conclude = self._conclude(items, result, outcomes, stop_keep_alive, lease, host, span)
+        try:
+            await self._background(conclude)
+        except BaseException:  # (cancelled while waiting for room: it never runs)
+            conclude.close()
+            if asyncio.iscoroutine(result):
+                result.close()
+            stop_keep_alive()
+            _end_span(span)
+            raise
         return conn
 
     async def _conclude(
@@ -1237,10 +1247,15 @@ class Deliverer:
         if not task.cancelled() and task.exception() is not None:
             log.error("settling failed (the pointer comes back): %r", task.exception())
 
-    async def settle_all(self) -> None:
-        """Wait for every background settle (a drain)."""
+    async def settle_all(self, within: float | None = None) -> None:
+        """Wait for every background settle (a drain), for at most `within` seconds."""
+        deadline = None if within is None else time.monotonic() + within
         while self._settling:
-            await asyncio.wait(set(self._settling))
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                log.warning("drain: %d transactions left unsettled", len(self._settling))
+                return
+            await asyncio.wait(set(self._settling), timeout=left)
 
     async def _payload(self, ref: str) -> messages_pb2.Payload:
         """The payload a ref points at; "<uri>#<i>" is payload i of a streamed batch.

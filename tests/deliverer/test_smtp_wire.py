@@ -98,6 +98,9 @@ async def test_a_421_closes_the_connection_and_decides_the_rest(
         "c@x.test": 421,
     }
     assert not conn.usable and not smtp.received
+    # Left without QUIT: with DATA sent along (pipelined), QUIT would have been read as the
+    # message, and waited for until the command timeout cut the connection.
+    assert not conn._late
     with pytest.raises(ConnectionLost):
         await conn.send("from@y.test", "d@x.test", MESSAGE)
 
@@ -393,3 +396,29 @@ async def test_a_421_at_the_end_leaves_the_next_message_to_its_own_reply(
     with pytest.raises(ConnectionLost, match="leaving"):
         await conn.submit("from@y.test", ["c@x.test"], MESSAGE)
     await conn.close()
+
+
+@pytest.mark.parametrize("pipelining", [True, False], ids=["pipelining", "no-pipelining"])
+async def test_a_slow_end_has_the_end_of_datas_time_and_close_waits_for_it(
+    pipelining: bool,
+) -> None:
+    """The end of a message may take the end of DATA's timeout (here 3 s) although the
+    command timeout is 0.3 s: the next message's MAIL, whose reply comes after it, and
+    QUIT wait that long too, so a message the server took is never cut off as lost."""
+    handler = HeldEnd(pipelining, hold=1.0)
+    srv = await asyncio.start_server(handler.handle, "127.0.0.1", 0)
+    port = int(srv.sockets[0].getsockname()[1])
+    conn = SmtpConnection("mx.test", "127.0.0.1", port, "deliverer.test", 5.0, 0.3, False, 3.0)
+    try:
+        await conn.open()
+        first = await conn.submit("f@y.test", ["a@x.test"], b"Subject: 1\r\n\r\none\r\n")
+        second = await conn.submit("f@y.test", ["b@x.test"], b"Subject: 2\r\n\r\ntwo\r\n")
+        ends = asyncio.gather(first, second)
+        await conn.close()  # (right after the second message: its end is still held)
+        assert [r.popitem()[1].code for r in await ends] == [250, 250]
+        assert not conn._late and len(handler.messages) == 2
+    finally:
+        srv.close()
+        await srv.wait_closed()
+    [quit_at] = [t for t, line in handler.arrivals if line.startswith(b"QUIT")]
+    assert quit_at >= handler.ends_answered[1]  # QUIT only once the last end was answered
