@@ -1253,7 +1253,7 @@ class Deliverer:
         while self._settling:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
-                log.warning("drain: %d transactions left unsettled", len(self._settling))
+                log.warning("drain: transactions left unsettled: %d", len(self._settling))
                 return
             await asyncio.wait(set(self._settling), timeout=left)
 

@@ -1,0 +1,40 @@
+"""A drain waits for the transactions still settling (their replies are awaited there since
+the deliverer pipelines) at most `drain_timeout`: a pointer left unsettled comes back after
+ack_wait, while a process that outlives its orchestrator's grace period is killed anyway."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from types import SimpleNamespace
+
+import pytest
+
+from deliverer.worker import Deliverer
+
+
+async def test_settle_all_gives_up_at_its_bound(caplog: pytest.LogCaptureFixture) -> None:
+    never = asyncio.get_running_loop().create_future()  # (a server that never answers)
+    quick = asyncio.ensure_future(asyncio.sleep(0.05))
+    worker = SimpleNamespace(_settling={asyncio.ensure_future(never), quick})
+    quick.add_done_callback(worker._settling.discard)  # (as Deliverer._settled does)
+    with caplog.at_level(logging.WARNING, logger="deliverer.worker"):
+        await Deliverer.settle_all(worker, 0.3)  # type: ignore[arg-type]
+    assert quick.done() and not never.done()
+    assert "drain: transactions left unsettled: 1" in caplog.text
+    never.cancel()
+    for task in worker._settling:
+        task.cancel()
+
+
+async def test_settle_all_without_a_bound_waits_for_every_settling() -> None:
+    tasks = {asyncio.ensure_future(asyncio.sleep(0.05 * i)) for i in range(3)}
+    worker = SimpleNamespace(_settling=set(tasks))
+
+    def settled(task: asyncio.Future[None]) -> None:
+        worker._settling.discard(task)
+
+    for task in tasks:
+        task.add_done_callback(settled)
+    await Deliverer.settle_all(worker)  # type: ignore[arg-type]
+    assert all(t.done() for t in tasks) and not worker._settling
