@@ -54,7 +54,7 @@ _FOLD_AT = 78
 _MAX_LINE = 998
 # RFC 2045 6.7: quoted-printable lines are at most 76 characters.
 _QP_LINE = 76
-# What quoted-printable carries as it is (in ASCII text with LF line ends).
+# What quoted-printable carries as it is (in text with LF line ends).
 _QP_LITERAL = bytes(range(0x20, 0x7F)) + b"\t\n"
 # RFC 2047 2: an encoded word is at most 75 characters; "B" encoding of UTF-8.
 _EW_MAX = 75
@@ -281,25 +281,22 @@ def _text_part(content: str, subtype: str) -> bytes:
     lf = content.replace("\r\n", "\n").replace("\r", "\n")  # (a regex took 15 us a 2 KB)
     if not lf.endswith("\n"):
         lf += "\n"
-    if not lf.isascii():
-        cte, body = "quoted-printable", binascii.b2a_qp(lf.encode(), istext=True)
-        body = body.replace(b"\n", b"\r\n")
-    elif max(map(len, lf.split("\n"))) <= _MAX_LINE:
+    if lf.isascii() and max(map(len, lf.split("\n"))) <= _MAX_LINE:
         cte, body = "7bit", lf.encode().replace(b"\n", b"\r\n")
     else:
-        cte, body = "quoted-printable", _qp_ascii(lf)
+        cte, body = "quoted-printable", _quoted_printable(lf)
     return (
         f'Content-Type: text/{subtype}; charset="utf-8"\r\nContent-Transfer-Encoding: {cte}\r\n\r\n'
     ).encode() + body
 
 
-def _qp_ascii(lf: str) -> bytes:
-    """ASCII text with LF line ends as quoted-printable (RFC 2045 6.7) with CRLF line ends:
-    "=" and white space at a line's end escaped, lines longer than 76 characters cut with
-    soft line breaks, never inside an escape. A fraction of the time binascii.b2a_qp takes
-    (which looks at every character one by one); text with control characters still goes
-    to it."""
-    data = lf.encode("ascii")
+def _quoted_printable(lf: str) -> bytes:
+    """Text with LF line ends as UTF-8 quoted-printable (RFC 2045 6.7) with CRLF line ends.
+    Printable ASCII (tabs too) is done here: "=" and white space at a line's end escaped,
+    lines longer than 76 characters cut with soft line breaks, never inside an escape, in a
+    fraction of the time binascii.b2a_qp takes (it looks at every character one by one);
+    other text (not ASCII, or with control characters) goes to b2a_qp."""
+    data = lf.encode()
     if data.translate(None, _QP_LITERAL):  # something other than printable ASCII, tab, LF
         return binascii.b2a_qp(data, istext=True).replace(b"\n", b"\r\n")
     out: list[bytes] = []
