@@ -297,7 +297,9 @@ class SmtpConnection:
             replies = wire.send(b"".join(envelope), len(envelope))
         else:
             if self._last is not None:  # the last message's end is answered first
-                last = await self._reply(self._last, "the end of DATA", shared=True)
+                last = await self._reply(
+                    self._last, "the end of DATA", self._data_timeout, shared=True
+                )
                 if last.code == 421:
                     self._leaving = True
                     raise ConnectionLost("leaving (421 at the end of the last message)")
@@ -362,7 +364,7 @@ class SmtpConnection:
     ) -> dict[str, Reply]:
         """The reply to the end of a message decides its accepted recipients."""
         try:
-            resp = await self._reply(end, "the end of DATA")
+            resp = await self._reply(end, "the end of DATA", self._data_timeout)
         except ConnectionLost as exc:
             self._drop()
             raise ConnectionLost(f"{self.host}: {self._late or exc}") from exc
@@ -384,18 +386,16 @@ class SmtpConnection:
         shared: bool = False,
     ) -> aiosmtplib.SMTPResponse:
         """A command's reply, or the connection cut if it has not come within `seconds`
-        (the command timeout by default; the end of DATA's for the end of a message and,
-        `after_end`, for a reply that comes after the last message's end while that is
-        still to come). Then `ConnectionLost`, and `_late` says what was late. `shared`: a
-        reply awaited elsewhere too (the last message's end), shielded from a cancel here."""
+        (by default the command timeout; the end of DATA's, `after_end`, for a reply that
+        comes after the last message's end while that is still to come). Then
+        `ConnectionLost`, and `_late` says what was late. `shared`: a reply awaited elsewhere
+        too (the last message's end), shielded from a cancel here."""
         if reply.done():  # (came with an earlier one: no timer, no wait)
             return reply.result()
         if not seconds:
             last = self._last
-            if what == "the end of DATA" or (after_end and last is not None and not last.done()):
-                seconds = self._data_timeout
-            else:
-                seconds = self._command_timeout
+            pending_end = after_end and last is not None and not last.done()
+            seconds = self._data_timeout if pending_end else self._command_timeout
         timer = asyncio.get_running_loop().call_later(seconds, self._cut, what, seconds)
         try:
             return await (asyncio.shield(reply) if shared else reply)
@@ -406,7 +406,7 @@ class SmtpConnection:
         """DATA was accepted with no recipient accepted (RFC 2920 3.1 says a server should
         not): send the message's end alone."""
         assert self._wire is not None
-        await self._reply(self._wire.send(b".\r\n", 1)[0], "the end of DATA")
+        await self._reply(self._wire.send(b".\r\n", 1)[0], "the end of DATA", self._data_timeout)
 
     def _cut(self, what: str, seconds: float) -> None:
         if self._last is not None and not self._last.done():  # (its reply comes first)
@@ -438,7 +438,7 @@ class SmtpConnection:
         wire = self._wire
         try:
             if self._last is not None and not self._last.done() and wire is not None:
-                await self._reply(self._last, "the end of DATA", shared=True)
+                await self._reply(self._last, "the end of DATA", self._data_timeout, shared=True)
             if wire is not None and wire.lost is None and not wire.transport.is_closing():
                 await self._reply(wire.send(b"QUIT\r\n", 1)[0], "QUIT")
         except ConnectionLost:
