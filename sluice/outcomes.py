@@ -105,7 +105,12 @@ class BatchPublisher:
 
     A batch the server refuses as a whole (say one message repeats a Nats-Msg-Id after a
     crash) is sent again as plain publishes, like a small one, so each message gets the
-    usual per-message treatment (a repeat is deduplicated)."""
+    usual per-message treatment (a repeat is deduplicated).
+
+    With a `window` (seconds), a batch waits that long for company before it goes: the
+    deliverer's transactions end one by one (each when its server answers), and their
+    events, sent as they came, took a NATS write each, and so did the acks that follow
+    their PubAcks (nats-py writes once per turn of the event loop)."""
 
     def __init__(
         self,
@@ -115,6 +120,7 @@ class BatchPublisher:
         max_batch: int = 256,
         atomic_min: int = ATOMIC_MIN,
         timeout: float = 5.0,  # for each PubAck
+        window: float = 0.0,
     ) -> None:
         self._nc = nc
         self._js = js
@@ -122,6 +128,7 @@ class BatchPublisher:
         self._max = min(max_batch, MAX_BATCH)
         self._atomic_min = atomic_min
         self._timeout = timeout
+        self._window = window
         self._pending: list[_Pending] = []
         self._task: asyncio.Task[None] | None = None
 
@@ -134,6 +141,8 @@ class BatchPublisher:
 
     async def _run(self) -> None:
         try:
+            if self._window:
+                await asyncio.sleep(self._window)
             while self._pending:
                 batch, self._pending = self._pending[: self._max], self._pending[self._max :]
                 await self._send(batch)

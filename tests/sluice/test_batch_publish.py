@@ -85,3 +85,47 @@ async def test_small_batches_are_plain_publishes(nats_server: NatsServer) -> Non
         assert (await js.stream_info(names.EVENTS_STREAM)).state.messages == 27
     finally:
         await nc.close()
+
+
+async def test_a_window_gathers_publishes_that_come_one_by_one(nats_server: NatsServer) -> None:
+    """With a window, messages published one after another within it go out as one batch
+    (the deliverer's transactions end one by one); without one, each goes on its own."""
+    cfg = Config(nats=NatsConfig(url=nats_server.url))
+    nc = await connect(cfg, "test")
+    try:
+        js = nc.jetstream()
+        await ensure_layout(js, cfg)
+
+        def msg(i: int) -> tuple[str, bytes, dict[str, str]]:
+            return f"sluice.events.acme.delivered.job.{i}", b"e%d" % i, {"Nats-Msg-Id": f"w{i}"}
+
+        sizes: dict[float, list[int]] = {}
+        for window, base in ((0.0, 0), (0.5, 100)):
+            pub = BatchPublisher(nc, js, names.EVENTS_STREAM, window=window)
+            sizes[window] = []
+            real_send = pub._send
+
+            async def counting_send(
+                batch: list[tuple[str, bytes, dict[str, str], object]],
+                seen: list[int] = sizes[window],
+                send: object = real_send,
+            ) -> None:
+                seen.append(len(batch))
+                await send(batch)  # type: ignore[operator]
+
+            pub._send = counting_send  # type: ignore[method-assign,assignment]
+
+            async def one_by_one(pub: BatchPublisher = pub, base: int = base) -> None:
+                waits = []
+                for i in range(5):  # each a turn of the event loop (and more) after the last
+                    waits.append(asyncio.ensure_future(pub.publish(*msg(base + i))))
+                    await asyncio.sleep(0.01)
+                await asyncio.gather(*waits)
+
+            await one_by_one()
+        # (without a window a message waits only for the batch in flight, if any)
+        assert sum(sizes[0.0]) == 5 and len(sizes[0.0]) >= 2, sizes
+        assert sizes[0.5] == [5]
+        assert (await js.stream_info(names.EVENTS_STREAM)).state.messages == 10
+    finally:
+        await nc.close()
