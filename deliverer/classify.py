@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import cached_property
 
 from sluice.v1 import messages_pb2
 
@@ -21,6 +22,12 @@ class Reply:
     enhanced: str = ""
 
     def proto(self) -> messages_pb2.SmtpReply:
+        """The reply as a message (made once: the event and the outcome report of each
+        recipient of a transaction copy it; do not change it)."""
+        return self._proto
+
+    @cached_property
+    def _proto(self) -> messages_pb2.SmtpReply:
         return messages_pb2.SmtpReply(code=self.code, enhanced_code=self.enhanced, text=self.text)
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import html
 import logging
 import re
@@ -227,6 +228,7 @@ def address_header(name: str, addrs: Iterable[messages_pb2.Address]) -> bytes:
     return _fold(name, tokens)
 
 
+@functools.lru_cache(maxsize=256)  # (messages accepted in the same second share it)
 def _date(seconds: int) -> str:
     """RFC 5322 date-time in UTC, independent of the locale."""
     t = time.gmtime(seconds)

@@ -73,9 +73,9 @@ Group = list[tuple[Msg, messages_pb2.DeliveryPointer | None]]
 
 @dataclass(eq=False)
 class InHand:
-    """Mail the process holds un-acked, not yet in a transaction: a batch a connection loop
-    fetched (groups before `next` are sent or settled), or a group queued for its site.
-    Kept alive at JetStream by Deliverer._keep_in_hand_alive."""
+    """Mail the process holds un-acked: a batch a connection loop fetched (groups before
+    `next` are sent or settled), a group queued for its site, or a transaction's group until
+    it is settled. Kept alive at JetStream by Deliverer._keep_in_hand_alive."""
 
     groups: list[Group]
     alive: float  # when its pointers were last known alive (fetched, or in progress)
@@ -254,8 +254,10 @@ class Deliverer:
         # the queues waiting for a slot.
         self._idle: dict[asyncio.Future[bool | None], None] = {}
         self._starved: dict[str, None] = {}
-        # The batches the connection loops are working through.
+        # The batches the connection loops are working through, and the transactions not
+        # yet settled.
         self._batches: set[InHand] = set()
+        self._in_flight: set[InHand] = set()
         self._stopping = False
         self._settling: set[asyncio.Future[Any]] = set()
         self._outcomes: list[scheduler_pb2.Outcome] = []
@@ -872,13 +874,13 @@ class Deliverer:
         """Tell JetStream every third of ack_wait that the mail the loops hold is in
         progress: behind slow transactions, full sites or another site's queue it may wait
         longer than ack_wait, and must not be given to another deliverer meanwhile (a
-        duplicate). (A transaction's own pointers are kept alive by _keep_alive.)"""
+        duplicate). A transaction's pointers are kept alive too while it lasts (_keep_alive)."""
         while not stop.is_set():
             # (ack_wait may shrink once the consumers' own is known: see _sub)
             await asyncio.sleep(max(0.05, min(1.0, self._ack_wait / 6)))
             now = time.monotonic()
             held = [q for sq in self._site_queues.values() for q in sq.entries()]
-            for in_hand in [*self._batches, *held]:
+            for in_hand in [*self._batches, *held, *self._in_flight]:
                 if now - in_hand.alive > self._ack_wait / 3:
                     try:
                         for group in in_hand.groups[in_hand.next :]:
@@ -1132,7 +1134,7 @@ class Deliverer:
                 log.warning("delivery=%s sent unsigned: %s", first.delivery_id, exc)
         outcomes: dict[str, Outcome] | None = None
         result: Awaitable[dict[str, Reply]] | None = None
-        stop_keep_alive = self._keep_alive([msg for msg, *_ in items])
+        stop_keep_alive = self._keep_alive([(msg, p) for msg, p, *_ in items])
         try:
             if conn is None or not conn.usable or self._spent(conn, lease):
                 if conn is not None:
@@ -1203,31 +1205,14 @@ class Deliverer:
             )
         )
 
-    def _keep_alive(self, msgs: list[Msg]) -> Callable[[], None]:
-        """Tell JetStream the pointers of a transaction are in progress every third of
-        ack_wait while it lasts (a slow DATA must not look like a dead deliverer); returns
-        what stops it. A timer rather than a task: almost every transaction ends long before
-        the first tick."""
-        loop = asyncio.get_running_loop()
-        period = self._ack_wait / 3
-        timer: asyncio.TimerHandle | None = None
-
-        def tick() -> None:
-            nonlocal timer
-            self._spawn(self._in_progress(msgs))
-            timer = loop.call_later(period, tick)
-
-        def stop() -> None:
-            if timer is not None:
-                timer.cancel()
-
-        timer = loop.call_later(period, tick)
-        return stop
-
-    @staticmethod
-    async def _in_progress(msgs: list[Msg]) -> None:
-        for msg in msgs:
-            await msg.in_progress()
+    def _keep_alive(self, group: Group) -> Callable[[], None]:
+        """Keep a transaction's pointers alive at JetStream while it lasts (a slow DATA must
+        not look like a dead deliverer): it is mail in hand for _keep_in_hand_alive until
+        what is returned is called. (A timer per transaction cost 2 % of the deliverer's
+        CPU, and almost every transaction ends long before its first tick.)"""
+        entry = InHand([group], time.monotonic())
+        self._in_flight.add(entry)
+        return lambda: self._in_flight.discard(entry)
 
     async def _background(self, work: Awaitable[Any]) -> None:
         """Run `work` in the background, at most _SETTLING at once (then wait for room)."""
