@@ -19,7 +19,6 @@ from typing import Any
 import grpc
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
@@ -32,6 +31,7 @@ from deliverer.smtp import ConnectionLost, SmtpConnection
 from sluice import names, suppressions
 from sluice.config import Config
 from sluice.outcomes import BatchPublisher, event_message, publish_dead_letter
+from sluice.pull import fetch, late_messages
 from sluice.resolver import DnsPermanent, DnsTemporary, MxHost, Resolver
 from sluice.retry import busy_delay, next_delay
 from sluice.singleflight import SingleFlight
@@ -155,19 +155,6 @@ def _trace_outcomes(span: Span, host: str, outcomes: dict[str, Outcome]) -> None
 def _end_span(span: Span | None) -> None:
     if span is not None and span.is_recording():
         span.end()
-
-
-def late_messages(sub: JetStreamContext.PullSubscription) -> list[Msg]:
-    """The messages waiting in a pull subscription: those of a fetch that had timed out
-    when they came. nats-py hands them to the next fetch; this takes them out instead."""
-    queue: asyncio.Queue[Msg] = sub._sub._pending_queue
-    out: list[Msg] = []
-    while not queue.empty():
-        msg = queue.get_nowait()
-        sub._sub._pending_size -= len(msg.data)
-        if not JetStreamContext.is_status_msg(msg):  # (status replies are for old fetches)
-            out.append(msg)
-    return out
 
 
 def _resolve(waiter: asyncio.Future[bool | None], value: bool | None) -> None:
@@ -479,9 +466,7 @@ class Deliverer:
             q = queues[(first + i) % len(queues)]
             try:
                 sub = await self._sub(q.consumer)
-                msgs = await sub.fetch(self._cfg.deliverer.fetch_batch, timeout=0.1)
-            except (TimeoutError, NatsTimeoutError):
-                continue
+                msgs = await fetch(sub, self._cfg.deliverer.fetch_batch, 0.1)
             except NatsError as exc:
                 # e.g. the scheduler deleted an idle consumer: bind again next time.
                 log.info("queue %s unavailable: %r", q.consumer, exc)

@@ -1,6 +1,6 @@
 """Pointers that reach a pull subscription after its fetch timed out wait in nats-py for the
 next fetch; a deliverer that stops fetching from the queue takes them out and hands them
-back at once (deliverer.worker.late_messages), instead of leaving them un-acked for a whole
+back at once (sluice.pull.late_messages), instead of leaving them un-acked for a whole
 ack_wait. (A real nats-server.)"""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import nats
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import api
 
-from deliverer.worker import late_messages
 from sluice.natsserver import NatsServer
+from sluice.pull import late_messages
 
 
 async def test_messages_of_a_timed_out_fetch_are_handed_back(nats_server: NatsServer) -> None:
