@@ -35,7 +35,7 @@ async def serve(cfg: Config, stop: asyncio.Event) -> None:
     async with SchedulerClient.from_config(cfg.deliverer) as scheduler:
         # Events of transactions ending within a few milliseconds of each other go out
         # together, and so do their acks (see BatchPublisher).
-        events = BatchPublisher(nc, js, names.EVENTS_STREAM, window=_EVENT_WINDOW)
+        events = BatchPublisher(nc, names.EVENTS_STREAM, window=_EVENT_WINDOW)
         deliverer = Deliverer(cfg, js, store, Resolver(cfg.dns), scheduler, events)
         log.info("deliverer %s: scheduler at %s", deliverer.deliverer_id, cfg.deliverer.scheduler)
         health = ServiceHealth("deliverer", lambda: nats_problems(nc))

@@ -98,7 +98,7 @@ class Expander:
         self._lanes = lanes
         self._keys: dict[str, tuple[str, str]] = {}
         # (atomic batches; a batch repeating an event after a crash goes one by one)
-        self._events = BatchPublisher(nc, js, names.EVENTS_STREAM)
+        self._events = BatchPublisher(nc, names.EVENTS_STREAM)
 
     def _domain(self, email: str) -> tuple[str, str]:
         """(normalised domain, subject key) of an address, cached per domain."""

@@ -53,7 +53,7 @@ async def test_concurrent_misses_read_a_batch_once(nats_server: NatsServer) -> N
 
         counting = CountingStore(store)
         scheduler = SchedulerClient.from_config(cfg.deliverer)  # (never called here)
-        events = BatchPublisher(nc, js, names.EVENTS_STREAM)
+        events = BatchPublisher(nc, names.EVENTS_STREAM)
         deliverer = Deliverer(cfg, js, counting, Resolver(cfg.dns), scheduler, events)
         got = await asyncio.gather(*(deliverer._payload(f"{uri}#{i}") for i in range(300)))
         assert [p.subject for p in got] == [f"message {i}" for i in range(300)]

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import asyncio
 
+from nats.js.errors import APIError, NoStreamResponseError
+
 from sluice import names
 from sluice.config import Config, NatsConfig
 from sluice.nats_layout import connect, ensure_layout
 from sluice.natsserver import NatsServer
-from sluice.outcomes import BatchPublisher
+from sluice.outcomes import WRONG_LAST_SEQUENCE, BatchPublisher
 
 
 async def test_concurrent_publishes_go_out_in_batches_and_repeats_are_deduplicated(
@@ -22,7 +24,7 @@ async def test_concurrent_publishes_go_out_in_batches_and_repeats_are_deduplicat
     try:
         js = nc.jetstream()
         await ensure_layout(js, cfg)
-        pub = BatchPublisher(nc, js, names.EVENTS_STREAM, atomic_min=1)  # (always atomic)
+        pub = BatchPublisher(nc, names.EVENTS_STREAM, atomic_min=1)  # (always atomic)
         batches = 0
         real_send = pub._send
 
@@ -63,7 +65,7 @@ async def test_small_batches_are_plain_publishes(nats_server: NatsServer) -> Non
     try:
         js = nc.jetstream()
         await ensure_layout(js, cfg)
-        pub = BatchPublisher(nc, js, names.EVENTS_STREAM, atomic_min=64)
+        pub = BatchPublisher(nc, names.EVENTS_STREAM, atomic_min=64)
 
         def msg(i: int) -> tuple[str, bytes, dict[str, str]]:
             return f"sluice.events.acme.delivered.job.{i}", b"e%d" % i, {"Nats-Msg-Id": f"e{i}"}
@@ -78,10 +80,15 @@ async def test_small_batches_are_plain_publishes(nats_server: NatsServer) -> Non
             pub.publish(*msg(3)),  # a repeat
             pub.publish("sluice.nowhere.x", b"x", {}),  # no stream takes it
             pub.publish(*msg(100)),
+            # the stream refuses it (its PubAck is an error)
+            pub.publish(
+                "sluice.events.acme.delivered.job.x", b"x", {"Nats-Expected-Last-Sequence": "9"}
+            ),
             return_exceptions=True,
         )
         assert results[0] is None and results[2] is None
-        assert isinstance(results[1], Exception)
+        assert isinstance(results[1], NoStreamResponseError), results[1]
+        assert isinstance(results[3], APIError) and results[3].err_code == WRONG_LAST_SEQUENCE
         assert (await js.stream_info(names.EVENTS_STREAM)).state.messages == 27
     finally:
         await nc.close()
@@ -101,7 +108,7 @@ async def test_a_window_gathers_publishes_that_come_one_by_one(nats_server: Nats
 
         sizes: dict[float, list[int]] = {}
         for window, base in ((0.0, 0), (0.5, 100)):
-            pub = BatchPublisher(nc, js, names.EVENTS_STREAM, window=window)
+            pub = BatchPublisher(nc, names.EVENTS_STREAM, window=window)
             sizes[window] = []
             real_send = pub._send
 
