@@ -859,35 +859,50 @@ class Deliverer:
         """Tell JetStream every third of ack_wait that the mail the loops hold is in
         progress: behind slow transactions, full sites or another site's queue it may wait
         longer than ack_wait, and must not be given to another deliverer meanwhile (a
-        duplicate). A transaction's pointers are kept alive too while it lasts (_keep_alive)."""
-        while not stop.is_set():
+        duplicate). A transaction's pointers are kept alive too while it lasts (_keep_alive),
+        and they alone once `stop` is set: the drain hands the rest back, and waits for
+        the transactions' replies (run() cancels this then)."""
+        while True:
             # (ack_wait may shrink once the consumers' own is known: see _sub)
             await asyncio.sleep(max(0.05, min(1.0, self._ack_wait / 6)))
-            now = time.monotonic()
-            held = [q for sq in self._site_queues.values() for q in sq.entries()]
-            for in_hand in [*self._batches, *held, *self._in_flight]:
-                if now - in_hand.alive > self._ack_wait / 3:
-                    try:
-                        for group in in_hand.groups[in_hand.next :]:
-                            for msg, _ in group:
-                                await msg.in_progress()
-                        in_hand.alive = now
-                    except NatsError as exc:  # (NATS away: the next round tries again)
-                        log.warning("keeping mail in hand alive failed: %r", exc)
-            # Mail kept alive must also be on its way: a queue with mail always has a
-            # connection loop or a lease being asked for (a queue left with neither would
-            # keep its mail here for good).
-            for sq in list(self._site_queues.values()):
-                if (
-                    sq.size
-                    and not sq.loops
-                    and sq.acquiring is None
-                    and sq.site not in self._asking
-                    and sq.site not in self._starved
-                    and not self._stopping
-                ):
-                    log.warning("site %s: %d queued with no connection loop", sq.site, sq.size)
-                    self._staff(sq)
+            try:
+                await self._keep_alive_round(stopping=stop.is_set())
+            except Exception:  # (a bug here must not end the keeping alive for good)
+                log.exception("keeping mail in hand alive failed")
+
+    async def _keep_alive_round(self, stopping: bool) -> None:
+        now = time.monotonic()
+        held: list[InHand] = list(self._in_flight)
+        if not stopping:
+            held += [
+                *self._batches,
+                *(q for sq in self._site_queues.values() for q in sq.entries()),
+            ]
+        for in_hand in held:
+            if now - in_hand.alive > self._ack_wait / 3:
+                try:
+                    for group in in_hand.groups[in_hand.next :]:
+                        for msg, _ in group:
+                            await msg.in_progress()
+                    in_hand.alive = now
+                except NatsError as exc:  # (NATS away: the next round tries again)
+                    log.warning("keeping mail in hand alive failed: %r", exc)
+        if stopping:
+            return
+        # Mail kept alive must also be on its way: a queue with mail always has a
+        # connection loop or a lease being asked for (a queue left with neither would keep
+        # its mail here for good).
+        for sq in list(self._site_queues.values()):
+            if (
+                sq.size
+                and not sq.loops
+                and sq.acquiring is None
+                and sq.site not in self._asking
+                and sq.site not in self._starved
+                and not self._stopping
+            ):
+                log.warning("site %s: %d queued with no connection loop", sq.site, sq.size)
+                self._staff(sq)
 
     @staticmethod
     async def _hand_back_busy(groups: list[Group]) -> None:
@@ -1064,6 +1079,7 @@ class Deliverer:
         background (_conclude), which ends `span`."""
         lease = work.lease
         items: list[tuple[Msg, messages_pb2.DeliveryPointer, int, float, float]] = []
+        expired: list[Awaitable[None]] = []
         for msg, p in group:
             if p is None:
                 log.error("undecodable pointer terminated (seq %s)", msg.metadata.sequence.stream)
@@ -1077,11 +1093,15 @@ class Deliverer:
                     horizon, (p.expires_at.ToNanoseconds() - p.accepted_at.ToNanoseconds()) / 1e9
                 )
             if age >= horizon:
-                await self._dead_letter(
-                    msg, p, attempt, messages_pb2.DEAD_LETTER_REASON_EXPIRED, None, ""
+                expired.append(
+                    self._dead_letter(
+                        msg, p, attempt, messages_pb2.DEAD_LETTER_REASON_EXPIRED, None, ""
+                    )
                 )
                 continue
             items.append((msg, p, attempt, age, horizon))
+        if expired:  # (together: each event waits a few milliseconds for company)
+            await asyncio.gather(*expired)
         if not items:
             _end_span(span)
             return conn
@@ -1089,15 +1109,19 @@ class Deliverer:
         try:
             payload = await self._payload(first.payload_ref)
         except PayloadNotFound:
-            for msg, p, attempt, _, _ in items:
-                await self._dead_letter(
-                    msg,
-                    p,
-                    attempt,
-                    messages_pb2.DEAD_LETTER_REASON_EXPIRED,
-                    None,
-                    "payload_missing",
+            await asyncio.gather(
+                *(
+                    self._dead_letter(
+                        msg,
+                        p,
+                        attempt,
+                        messages_pb2.DEAD_LETTER_REASON_EXPIRED,
+                        None,
+                        "payload_missing",
+                    )
+                    for msg, p, attempt, _, _ in items
                 )
+            )
             _end_span(span)
             return conn
         except StoreError as exc:

@@ -239,3 +239,32 @@ async def test_a_transaction_longer_than_ack_wait_is_kept_alive(
             await proc.wait()
     assert stack.smtp.rcpt_attempts["slow@cap.test"] == 1
     assert len(stack.smtp.to("slow@cap.test")) == 1
+
+
+async def test_a_transaction_under_way_is_kept_alive_through_the_drain(
+    stack: Stack, dns_server: DnsServer, smtp: Any
+) -> None:
+    """SIGTERM while a DATA's reply takes 9 s (three ack_waits): the draining deliverer
+    waits for it and keeps the pointer in progress meanwhile, so the deliverer started in
+    its place does not get it again (a second copy at the server)."""
+    _, smtp_port = smtp
+    stack.smtp.data_delay["cap.test"] = 9.0
+    drain = {"SLUICE_SHUTDOWN__DRAIN_TIMEOUT": "14s"}
+    first = await deliverer_process(stack, dns_server.port, smtp_port, drain)
+    second = None
+    try:
+        await blast(stack, ["slow@cap.test"])
+        await wait_for(lambda: stack.smtp.rcpt_attempts["slow@cap.test"] >= 1, 30, "the RCPT")
+        await asyncio.sleep(0.5)  # (DATA under way)
+        first.send_signal(signal.SIGTERM)
+        second = await deliverer_process(stack, dns_server.port, smtp_port)
+        assert await first.wait() == 0
+        await wait_for(lambda: stack.smtp.to("slow@cap.test"), 30, "the slow message")
+        await asyncio.sleep(10.0)  # a redelivered copy would reach its end of DATA by now
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+                await proc.wait()
+    assert stack.smtp.rcpt_attempts["slow@cap.test"] == 1
+    assert len(stack.smtp.to("slow@cap.test")) == 1
