@@ -2,9 +2,10 @@
 
 Unary methods share one wrapper. SendBlast keeps the request's bytes (stored as the
 recipients object as they came). SendStream reads messages into batches, makes each batch
-durable with one payload object and one publish per tier, answers it, and only then reads
-on: a client that sends faster than batches become durable is held back by gRPC's flow
-control instead of filling memory here.
+durable with one payload object and one publish per tier, and answers it; while a batch is
+made durable the next one is read and made durable too, but no more (_IN_FLIGHT): a client
+that sends faster than batches become durable is held back by gRPC's flow control instead
+of filling memory here.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractContextManager
 from typing import Any
@@ -99,6 +101,26 @@ def _keep_bytes(data: bytes) -> tuple[bytes, ingest_pb2.SendBlastRequest]:
     return data, ingest_pb2.SendBlastRequest.FromString(data)
 
 
+# Batches of one SendStream call being made durable at once. A batch waits some tens of
+# milliseconds for the payload object and the job record to be stored; with one at a time
+# the ingest spent most of a stream's time waiting.
+_IN_FLIGHT = 2
+
+Numbered = list[tuple[int, ingest_pb2.SendRequest]]
+
+
+def _answer(numbered: Numbered, results: list[Any]) -> ingest_pb2.SendStreamResponse:
+    resp = ingest_pb2.SendStreamResponse()
+    for (sequence, _), res in zip(numbered, results, strict=True):
+        item = resp.results.add(sequence=sequence)
+        if isinstance(res, ApiError):
+            item.error.CopyFrom(res.status())
+        else:
+            item.job_id = res.job_id
+            item.message_id = res.message_id
+    return resp
+
+
 def _stream(core: Any, cfg: IngestConfig) -> Callable[[AsyncIterator[Any], Ctx], Any]:
     async def handle(
         requests: AsyncIterator[ingest_pb2.SendStreamRequest], context: Ctx
@@ -109,56 +131,75 @@ def _stream(core: Any, cfg: IngestConfig) -> Callable[[AsyncIterator[Any], Ctx],
         except ApiError as err:
             await _abort(context, err)
             return
-        it = requests.__aiter__()
-        pending: asyncio.Task[Any] | None = None
-        done = False
-        while not done:
-            batch: list[ingest_pb2.SendStreamRequest] = []
-            # Block for the first message, then linger briefly to fill the batch.
-            try:
-                first = pending if pending is not None else asyncio.ensure_future(it.__anext__())
-                pending = None
-                batch.append(await first)
-            except StopAsyncIteration:
-                break
-            size = len(batch[0].messages) or 1
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + cfg.stream_linger
-            while size < cfg.stream_batch:
-                nxt = asyncio.ensure_future(it.__anext__())
-                try:
-                    frame = await asyncio.wait_for(
-                        asyncio.shield(nxt), max(0.0, deadline - loop.time())
-                    )
-                    batch.append(frame)
-                    size += len(frame.messages) or 1
-                except TimeoutError:
-                    pending = nxt  # carried into the next batch, never dropped
-                    break
-                except StopAsyncIteration:
-                    done = True
-                    break
-            numbered = [
-                (frame.sequence + i, msg)
-                for frame in batch
-                for i, msg in enumerate(frame.messages or [frame.message])
-            ]
+
+        async def durable(numbered: Numbered) -> list[Any]:
             with _span("SendStream", metadata) as span:
                 results = await core.send_batch(principal, [m for _, m in numbered])
                 span.set_attribute("sluice.messages", len(numbered))
-            resp = ingest_pb2.SendStreamResponse()
-            for (sequence, _), res in zip(numbered, results, strict=True):
-                item = resp.results.add(sequence=sequence)
-                if isinstance(res, ApiError):
-                    item.error.CopyFrom(res.status())
+            return list(results)
+
+        it = requests.__aiter__()
+        pending: asyncio.Future[Any] | None = None  # the next frame, being read
+        # Batches being made durable, answered in the order they came.
+        in_flight: deque[tuple[Numbered, asyncio.Future[list[Any]]]] = deque()
+        done = False
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                if not done and pending is None:
+                    pending = asyncio.ensure_future(it.__anext__())
+                if pending is not None and len(in_flight) < _IN_FLIGHT:
+                    # A frame, or the oldest batch made durable (its answer may be what
+                    # the client waits for before it sends more).
+                    oldest = [in_flight[0][1]] if in_flight else []
+                    await asyncio.wait([pending, *oldest], return_when=asyncio.FIRST_COMPLETED)
+                elif in_flight:
+                    await asyncio.wait([in_flight[0][1]])
                 else:
-                    item.job_id = res.job_id
-                    item.message_id = res.message_id
-            yield resp
-        if pending is not None:
-            pending.cancel()
-            with contextlib.suppress(BaseException):
-                await pending
+                    break
+                while in_flight and in_flight[0][1].done():
+                    numbered, task = in_flight.popleft()
+                    yield _answer(numbered, task.result())
+                if pending is None or not pending.done() or len(in_flight) >= _IN_FLIGHT:
+                    continue
+                try:
+                    batch = [pending.result()]
+                except StopAsyncIteration:
+                    done, pending = True, None
+                    continue
+                pending = None
+                # Linger briefly to fill the batch.
+                size = len(batch[0].messages) or 1
+                deadline = loop.time() + cfg.stream_linger
+                while size < cfg.stream_batch:
+                    nxt = asyncio.ensure_future(it.__anext__())
+                    try:
+                        frame = await asyncio.wait_for(
+                            asyncio.shield(nxt), max(0.0, deadline - loop.time())
+                        )
+                        batch.append(frame)
+                        size += len(frame.messages) or 1
+                    except TimeoutError:
+                        pending = nxt  # carried into the next batch, never dropped
+                        break
+                    except StopAsyncIteration:
+                        done = True
+                        break
+                numbered = [
+                    (frame.sequence + i, msg)
+                    for frame in batch
+                    for i, msg in enumerate(frame.messages or [frame.message])
+                ]
+                in_flight.append((numbered, asyncio.ensure_future(durable(numbered))))
+        finally:
+            # (the call ended early: what was not answered was not accepted as far as the
+            # client knows, and it sends it again)
+            for _, task in in_flight:
+                task.cancel()
+            if pending is not None:
+                pending.cancel()
+                with contextlib.suppress(BaseException):
+                    await pending
 
     return handle
 

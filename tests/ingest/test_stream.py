@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
@@ -75,3 +76,27 @@ async def test_stream_with_bad_key_is_refused(stack: Stack) -> None:
             assert exc.code() == grpc.StatusCode.UNAUTHENTICATED
         else:
             raise AssertionError("expected UNAUTHENTICATED")
+
+
+async def test_a_client_that_waits_for_each_answer_gets_it(stack: Stack) -> None:
+    """Batches are made durable two at a time, but an answer never waits for the next
+    batch: a client that sends one message and waits for its answer before the next (a
+    window of one) goes on, message by message."""
+    queue: asyncio.Queue[ingest_pb2.SendStreamRequest | None] = asyncio.Queue()
+
+    async def requests() -> AsyncIterator[ingest_pb2.SendStreamRequest]:
+        while (req := await queue.get()) is not None:
+            yield req
+
+    async with grpc.aio.insecure_channel(stack.cfg.ingest.grpc_listen) as channel:
+        stub = ingest_pb2_grpc.IngestServiceStub(channel)
+        call = stub.SendStream(requests(), metadata=(("authorization", f"Bearer {stack.api_key}"),))
+        answered = []
+        for i in range(3):
+            await queue.put(_message(i))
+            resp = await asyncio.wait_for(call.read(), 10)
+            answered += [(r.sequence, bool(r.job_id)) for r in resp.results]
+        await queue.put(None)
+        assert await call.read() == grpc.aio.EOF
+    assert answered == [(0, True), (1, True), (2, True)]
+    await wait_for(lambda: len(stack.smtp.received) == 3, 30, "the three messages")
