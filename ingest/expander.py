@@ -279,7 +279,7 @@ class Expander:
                 inject({"Nats-Msg-Id": event.event_id}),
             )
 
-        await asyncio.gather(*(self._events.publish(*message(job)) for job in batch.jobs))
+        await self._events.publish_many([message(job) for job in batch.jobs])
 
     async def _is_done(self, batch_id: str) -> bool:
         kv = await self._js.key_value(names.EXPANDER_BUCKET)

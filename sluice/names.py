@@ -156,8 +156,17 @@ def mail_consumer(tier: Tier, lane: str, key: str, tenant_id: str) -> str:
 
 def event_token(event_type: EventType) -> str:
     """ "delivered" for EVENT_TYPE_DELIVERED, and so on."""
-    name = messages_pb2.EventType.Name(event_type)
-    return name.removeprefix("EVENT_TYPE_").lower()
+    token = _EVENT_TOKENS.get(event_type)
+    if token is None:  # (ValueError for a number the enum does not have)
+        token = messages_pb2.EventType.Name(event_type).removeprefix("EVENT_TYPE_").lower()
+    return token
+
+
+# (an event's subject and id name its type: worked out once, not per event)
+_EVENT_TOKENS: dict[int, str] = {
+    v.number: v.name.removeprefix("EVENT_TYPE_").lower()
+    for v in messages_pb2.EventType.DESCRIPTOR.values
+}
 
 
 def event_subject(tenant_id: str, event_type: EventType, job_id: str, index: int | str) -> str:

@@ -141,11 +141,26 @@ class BatchPublisher:
         self._seq = 0
 
     async def publish(self, subject: str, data: bytes, headers: dict[str, str]) -> None:
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append((subject, data, headers, done))
-        if self._task is None:
+        await self.publish_many([(subject, data, headers)])
+
+    async def publish_many(self, msgs: list[tuple[str, bytes, dict[str, str]]]) -> None:
+        """Publish each of msgs (as if by `publish`, without a task per message); returns
+        once all are stored, or raises the first failure once all are settled."""
+        loop = asyncio.get_running_loop()
+        waits: list[asyncio.Future[None]] = []
+        for subject, data, headers in msgs:
+            done: asyncio.Future[None] = loop.create_future()
+            self._pending.append((subject, data, headers, done))
+            waits.append(done)
+        if self._task is None and self._pending:
             self._task = asyncio.create_task(self._run())
-        await done
+        if len(waits) == 1:
+            await waits[0]
+            return
+        await asyncio.wait(waits)
+        for done in waits:
+            if (error := done.exception()) is not None:
+                raise error
 
     async def _run(self) -> None:
         try:

@@ -95,8 +95,10 @@ async def test_a_client_that_waits_for_each_answer_gets_it(stack: Stack) -> None
         for i in range(3):
             await queue.put(_message(i))
             resp = await asyncio.wait_for(call.read(), 10)
+            assert isinstance(resp, ingest_pb2.SendStreamResponse), resp
             answered += [(r.sequence, bool(r.job_id)) for r in resp.results]
         await queue.put(None)
-        assert await call.read() == grpc.aio.EOF
+        end = await call.read()  # (grpc.aio.EOF: the call is over)
+        assert not isinstance(end, ingest_pb2.SendStreamResponse), end
     assert answered == [(0, True), (1, True), (2, True)]
     await wait_for(lambda: len(stack.smtp.received) == 3, 30, "the three messages")
