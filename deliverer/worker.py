@@ -1079,7 +1079,7 @@ class Deliverer:
         background (_conclude), which ends `span`."""
         lease = work.lease
         items: list[tuple[Msg, messages_pb2.DeliveryPointer, int, float, float]] = []
-        expired: list[Awaitable[None]] = []
+        expired: list[tuple[Msg, messages_pb2.DeliveryPointer, int]] = []
         for msg, p in group:
             if p is None:
                 log.error("undecodable pointer terminated (seq %s)", msg.metadata.sequence.stream)
@@ -1093,15 +1093,16 @@ class Deliverer:
                     horizon, (p.expires_at.ToNanoseconds() - p.accepted_at.ToNanoseconds()) / 1e9
                 )
             if age >= horizon:
-                expired.append(
-                    self._dead_letter(
-                        msg, p, attempt, messages_pb2.DEAD_LETTER_REASON_EXPIRED, None, ""
-                    )
-                )
+                expired.append((msg, p, attempt))
                 continue
             items.append((msg, p, attempt, age, horizon))
         if expired:  # (together: each event waits a few milliseconds for company)
-            await asyncio.gather(*expired)
+            await asyncio.gather(
+                *(
+                    self._dead_letter(msg, p, n, messages_pb2.DEAD_LETTER_REASON_EXPIRED, None, "")
+                    for msg, p, n in expired
+                )
+            )
         if not items:
             _end_span(span)
             return conn

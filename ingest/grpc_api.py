@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -29,6 +30,8 @@ from sluice.telemetry import extract, rpc_status, tracer
 from sluice.v1 import ingest_pb2
 
 __all__ = ["servicer_handler"]
+
+log = logging.getLogger(__name__)
 
 _STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
@@ -133,9 +136,19 @@ def _stream(core: Any, cfg: IngestConfig) -> Callable[[AsyncIterator[Any], Ctx],
             return
 
         async def durable(numbered: Numbered) -> list[Any]:
-            with _span("SendStream", metadata) as span:
-                results = await core.send_batch(principal, [m for _, m in numbered])
-                span.set_attribute("sluice.messages", len(numbered))
+            try:
+                with _span("SendStream", metadata) as span:
+                    results = await core.send_batch(principal, [m for _, m in numbered])
+                    span.set_attribute("sluice.messages", len(numbered))
+            except Exception:
+                # (a bug: send_batch answers every failure it knows as an ApiError) The
+                # batch is answered with errors and the stream goes on, so the batch made
+                # durable beside it keeps its answers.
+                log.exception("SendStream: a batch failed")
+                failed = ApiError(
+                    grpc.StatusCode.INTERNAL, "INTERNAL", "the batch failed; nothing was accepted"
+                )
+                return [failed] * len(numbered)
             return list(results)
 
         it = requests.__aiter__()
@@ -185,6 +198,9 @@ def _stream(core: Any, cfg: IngestConfig) -> Callable[[AsyncIterator[Any], Ctx],
                     except StopAsyncIteration:
                         done = True
                         break
+                    except BaseException:  # (the call ended: the frame read is not wanted)
+                        nxt.cancel()
+                        raise
                 numbered = [
                     (frame.sequence + i, msg)
                     for frame in batch

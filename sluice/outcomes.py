@@ -152,7 +152,9 @@ class BatchPublisher:
             done: asyncio.Future[None] = loop.create_future()
             self._pending.append((subject, data, headers, done))
             waits.append(done)
-        if self._task is None and self._pending:
+        if not waits:
+            return
+        if self._task is None:
             self._task = asyncio.create_task(self._run())
         if len(waits) == 1:
             await waits[0]

@@ -129,8 +129,10 @@ class NatsObjectStore:
     async def put(self, key: str, data: bytes) -> str:
         try:
             obs = await self._store()
+            # (a server configured with a smaller max_payload gets smaller chunks)
+            chunk = min(_CHUNK, max(self._js._nc.max_payload - 4096, 64 * 1024))
             meta = js_api.ObjectMeta(
-                name=key, options=js_api.ObjectMetaOptions(max_chunk_size=_CHUNK)
+                name=key, options=js_api.ObjectMetaOptions(max_chunk_size=chunk)
             )
             await obs.put(key, data, meta=meta)
         except Exception as exc:
