@@ -11,10 +11,18 @@ import time
 import nats
 import pytest
 from nats.errors import Error as NatsError
-from nats.js import api
+from nats.js import JetStreamContext, api
 
 from sluice.natsserver import NatsServer
 from sluice.pull import fetch
+
+
+async def _queue(js: JetStreamContext, stream: str) -> JetStreamContext.PullSubscription:
+    """A work-queue stream on `<stream>.>` (lower case) with a pull consumer "q", bound."""
+    prefix = stream.lower()
+    await js.add_stream(name=stream, subjects=[f"{prefix}.>"], retention="workqueue")
+    await js.add_consumer(stream, api.ConsumerConfig(durable_name="q", ack_wait=60))
+    return await js.pull_subscribe_bind("q", stream)
 
 
 async def test_fetch_takes_what_is_ready_and_waits_only_when_nothing_is(
@@ -23,9 +31,7 @@ async def test_fetch_takes_what_is_ready_and_waits_only_when_nothing_is(
     nc = await nats.connect(nats_server.url)
     try:
         js = nc.jetstream()
-        await js.add_stream(name="P", subjects=["p.>"], retention="workqueue")
-        await js.add_consumer("P", api.ConsumerConfig(durable_name="q", ack_wait=60))
-        sub = await js.pull_subscribe_bind("q", "P")
+        sub = await _queue(js, "P")
         for i in range(7):
             await js.publish("p.x", b"m%d" % i)
 
@@ -61,9 +67,7 @@ async def test_messages_that_came_after_a_fetch_gave_up_come_with_the_next(
     nc = await nats.connect(nats_server.url)
     try:
         js = nc.jetstream()
-        await js.add_stream(name="L", subjects=["l.>"], retention="workqueue")
-        await js.add_consumer("L", api.ConsumerConfig(durable_name="q", ack_wait=60))
-        sub = await js.pull_subscribe_bind("q", "L")
+        sub = await _queue(js, "L")
         for i in range(2):
             await js.publish("l.x", b"m%d" % i)
         # The answer to a pull request that nobody waits for any more (a fetch that gave
@@ -88,9 +92,7 @@ async def test_a_consumer_that_is_gone_raises(nats_server: NatsServer) -> None:
     nc = await nats.connect(nats_server.url)
     try:
         js = nc.jetstream()
-        await js.add_stream(name="G", subjects=["g.>"], retention="workqueue")
-        await js.add_consumer("G", api.ConsumerConfig(durable_name="q"))
-        sub = await js.pull_subscribe_bind("q", "G")
+        sub = await _queue(js, "G")
         await js.delete_consumer("G", "q")
         with pytest.raises(NatsError):
             await fetch(sub, 5, 0.5)
