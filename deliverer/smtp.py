@@ -148,6 +148,8 @@ class SmtpConnection:
         self.host = host
         self.port = port
         self.deliveries = 0
+        # Domains whose mail this connection may carry (the deliverer's record).
+        self.serves: set[str] = set()
         self._tls = False
         self._smtp = aiosmtplib.SMTP(
             hostname=address,

@@ -23,6 +23,7 @@ from nats.js import JetStreamContext
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
+from deliverer.background import Background
 from deliverer.classify import Bounced, Deferred, Delivered, Outcome, Reply, classify
 from deliverer.dkim_sign import DkimError, key_for, sign
 from deliverer.mime import MessageTemplate
@@ -246,7 +247,7 @@ class Deliverer:
         self._batches: set[InHand] = set()
         self._in_flight: set[InHand] = set()
         self._stopping = False
-        self._settling: set[asyncio.Future[Any]] = set()
+        self._settling = Background(_SETTLING, "settling")
         self._outcomes: list[scheduler_pb2.Outcome] = []
         self._subs: dict[str, JetStreamContext.PullSubscription] = {}
         self._parsed: dict[str, Sequence[messages_pb2.Payload]] = {}
@@ -849,8 +850,13 @@ class Deliverer:
     async def _fit(self, conn: SmtpConnection, domain: str) -> SmtpConnection | None:
         """`conn` if it may carry mail for `domain` (see _serves), else None (closed): the
         domain goes elsewhere (another MX set, a route's port) or needs TLS it lacks, so a
-        new connection is opened under the same lease."""
+        new connection is opened under the same lease. (What it serves is remembered for
+        as long as it lasts: a site's connection carries mail of the same few domains
+        over and over.)"""
+        if domain in conn.serves:
+            return conn
         if await self._serves(conn, domain):
+            conn.serves.add(domain)
             return conn
         await conn.close()
         return None
@@ -1226,31 +1232,17 @@ class Deliverer:
 
     async def _background(self, work: Awaitable[Any]) -> None:
         """Run `work` in the background, at most _SETTLING at once (then wait for room)."""
-        while len(self._settling) >= _SETTLING:
-            await asyncio.wait(self._settling, return_when=asyncio.FIRST_COMPLETED)
-        self._spawn(work)
+        await self._settling.run(work)
 
     def _spawn(self, work: Awaitable[Any]) -> None:
         """Run `work` in the background now (from a callback: no waiting for room); a
         drain waits for it like for any settling."""
-        task = asyncio.ensure_future(work)
-        self._settling.add(task)
-        task.add_done_callback(self._settled)
-
-    def _settled(self, task: asyncio.Future[Any]) -> None:
-        self._settling.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("settling failed (the pointer comes back): %r", task.exception())
+        self._settling.start(work)
 
     async def settle_all(self, within: float | None = None) -> None:
         """Wait for every background settle (a drain), for at most `within` seconds."""
-        deadline = None if within is None else time.monotonic() + within
-        while self._settling:
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                log.warning("drain: transactions left unsettled: %d", len(self._settling))
-                return
-            await asyncio.wait(set(self._settling), timeout=left)
+        if not await self._settling.join(within):
+            log.warning("drain: transactions left unsettled: %d", len(self._settling))
 
     async def _payload(self, ref: str) -> messages_pb2.Payload:
         """The payload a ref points at; "<uri>#<i>" is payload i of a streamed batch.
@@ -1327,6 +1319,7 @@ class Deliverer:
                 )
                 try:
                     await conn.open()
+                    conn.serves.add(domain)
                     return conn
                 except ConnectionLost as exc:
                     errors.append(str(exc))

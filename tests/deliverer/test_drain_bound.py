@@ -10,31 +10,27 @@ from types import SimpleNamespace
 
 import pytest
 
+from deliverer.background import Background
 from deliverer.worker import Deliverer
 
 
 async def test_settle_all_gives_up_at_its_bound(caplog: pytest.LogCaptureFixture) -> None:
     never = asyncio.get_running_loop().create_future()  # (a server that never answers)
+    worker = SimpleNamespace(_settling=Background(8, "settling"))
+    worker._settling.start(never)
     quick = asyncio.ensure_future(asyncio.sleep(0.05))
-    worker = SimpleNamespace(_settling={asyncio.ensure_future(never), quick})
-    quick.add_done_callback(worker._settling.discard)  # (as Deliverer._settled does)
+    worker._settling.start(quick)
     with caplog.at_level(logging.WARNING, logger="deliverer.worker"):
         await Deliverer.settle_all(worker, 0.3)  # type: ignore[arg-type]
     assert quick.done() and not never.done()
     assert "drain: transactions left unsettled: 1" in caplog.text
     never.cancel()
-    for task in worker._settling:
-        task.cancel()
 
 
 async def test_settle_all_without_a_bound_waits_for_every_settling() -> None:
     tasks = {asyncio.ensure_future(asyncio.sleep(0.05 * i)) for i in range(3)}
-    worker = SimpleNamespace(_settling=set(tasks))
-
-    def settled(task: asyncio.Future[None]) -> None:
-        worker._settling.discard(task)
-
+    worker = SimpleNamespace(_settling=Background(8, "settling"))
     for task in tasks:
-        task.add_done_callback(settled)
+        worker._settling.start(task)
     await Deliverer.settle_all(worker)  # type: ignore[arg-type]
-    assert all(t.done() for t in tasks) and not worker._settling
+    assert all(t.done() for t in tasks) and not len(worker._settling)
