@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import socket
 import struct
 import time
 from dataclasses import dataclass
@@ -27,13 +28,9 @@ import dns.message
 import dns.name
 import dns.opcode
 import dns.rcode
-import dns.rdata
 import dns.rdataclass
 import dns.rdatatype
-import dns.rdtypes.ANY.CNAME
-import dns.rdtypes.ANY.MX
 import dns.resolver
-import dns.wire
 
 from sluice.config import DnsConfig
 
@@ -115,26 +112,106 @@ class _Endpoint(asyncio.DatagramProtocol):
 _HEADER = struct.Struct("!HHHHHH")  # id, flags, and the four section counts
 _QUESTION = struct.Struct("!HH")  # type, class
 _RECORD = struct.Struct("!HHIH")  # type, class, TTL, data length
-_Record = tuple[dns.name.Name, int, int, dns.rdata.Rdata]  # owner, type, TTL, data
+_U16 = struct.Struct("!H")
+# An answer's value: an address (A, AAAA), a name (CNAME), or (preference, host) (MX).
+Value = str | tuple[int, str]
+_Record = tuple[str, int, int, Value]  # owner, type, TTL, value
 _CHAIN = 16  # CNAMEs followed at most
+_POINTERS = 64  # compression pointers followed in one name at most
 _TO_QUESTION = b"\xc0\x0c"  # a compressed name: the one at offset 12, the question's
+# Label bytes written as they are in a name's text; dnspython escapes the others (the
+# special characters with a backslash, the rest as \DDD), and so does _label.
+_SPECIAL = b'"().;\\@$'
+_PLAIN = bytes(c for c in range(0x21, 0x7F) if c not in _SPECIAL)
+# Address record types: their family and size.
+_ADDRESS: dict[int, tuple[socket.AddressFamily, int]] = {
+    dns.rdatatype.A: (socket.AF_INET, 4),
+    dns.rdatatype.AAAA: (socket.AF_INET6, 16),
+}
+
+
+def _label(label: bytes) -> str:
+    if not label.translate(None, _PLAIN):
+        return label.decode("ascii")
+    return "".join(
+        chr(c) if c in _PLAIN else f"\\{chr(c)}" if c in _SPECIAL else f"\\{c:03d}" for c in label
+    )
+
+
+def _read_name(wire: bytes, pos: int) -> tuple[str, int]:
+    """The name at `pos` as text (lower case, no final dot: "" for the root) and the offset
+    after it. Compression pointers are followed (RFC 1035 4.1.4), at most _POINTERS of them
+    and only backwards, so a malformed reply cannot loop."""
+    labels: list[str] = []
+    after = -1
+    pointers = 0
+    size = 1
+    while True:
+        n = wire[pos]
+        if n >= 0xC0:
+            target = ((n & 0x3F) << 8) | wire[pos + 1]
+            if after < 0:
+                after = pos + 2
+            pointers += 1
+            if pointers > _POINTERS or target >= pos:
+                raise _Unanswered("a malformed name in the answer")
+            pos = target
+            continue
+        if n >= 0x40:
+            raise _Unanswered("an unknown label type in the answer")
+        if n == 0:
+            break
+        label = wire[pos + 1 : pos + 1 + n]
+        if len(label) != n:
+            raise _Unanswered("a name cut short in the answer")
+        size += n + 1
+        if size > 255:
+            raise _Unanswered("a name longer than 255 octets in the answer")
+        labels.append(_label(label.lower()))
+        pos += n + 1
+    return ".".join(labels), after if after >= 0 else pos + 1
+
+
+def _wire_name(name: str) -> bytes:
+    """`name` in wire form (a plain ASCII name directly; others through dnspython, which
+    reads escapes and encodes international names)."""
+    text = name[:-1] if name.endswith(".") else name
+    if text.isascii() and "\\" not in text and len(text) < 254:
+        labels = text.encode("ascii").split(b".")
+        if all(0 < len(label) < 64 for label in labels):
+            return b"".join(bytes((len(label),)) + label for label in labels) + b"\0"
+    return cast(bytes, dns.name.from_text(name).to_wire())
+
+
+def _value(wire: bytes, pos: int, rtype: int, size: int) -> Value:
+    if (address := _ADDRESS.get(rtype)) is not None:
+        family, length = address
+        if size != length:
+            raise _Unanswered("an address of the wrong size in the answer")
+        return socket.inet_ntop(family, wire[pos : pos + size])
+    if rtype == dns.rdatatype.MX:
+        (preference,) = _U16.unpack_from(wire, pos)
+        host, end = _read_name(wire, pos + 2)
+    else:  # CNAME
+        preference = -1
+        host, end = _read_name(wire, pos)
+    if end != pos + size:
+        raise _Unanswered("a record whose data is not its length")
+    return host if preference < 0 else (preference, host)
 
 
 def _read_reply(
-    wire: bytes,
-    qid: int,
-    question: bytes,
-    qname: dns.name.Name,
-    rdtype: dns.rdatatype.RdataType,
+    wire: bytes, qid: int, question: bytes, qname: str, rdtype: dns.rdatatype.RdataType
 ) -> tuple[int, list[_Record]] | None:
     """The rcode and the answer section's records of the question's class and of its type
-    or CNAME; None when truncated. `question` is the question section as sent.
+    or CNAME; None when truncated. `question` is the question section as sent, `qname` its
+    name as _read_name gives it.
 
     Building a whole `dns.message.Message` (sections, rrsets, their hashes) cost three
-    quarters of a lookup's CPU, and a long tail of domains makes thousands of lookups. So
-    the question is compared as bytes (case aside), an owner that points at it (the usual
-    compression) is taken for the asked name, and only the other names and the records are
-    read with dnspython's parsers."""
+    quarters of a lookup's CPU, and reading names and records with dnspython's parsers
+    most of the rest (a long tail of domains makes thousands of lookups). So the question
+    is compared as bytes (case aside), an owner that points at it (the usual compression)
+    is taken for the asked name, and names, addresses and MX records are read here."""
     if len(wire) < _HEADER.size + len(question):
         raise _Unanswered("a reply too short for the question")
     rid, flags, questions, answers, _, _ = _HEADER.unpack_from(wire)
@@ -151,23 +228,23 @@ def _read_reply(
         raise _Unanswered("an answer that does not match the question")
     if flags & dns.flags.TC:
         return None
-    parser = dns.wire.Parser(wire, end)
     records: list[_Record] = []
-    for _ in range(answers):
-        if wire[parser.current : parser.current + 2] == _TO_QUESTION:
-            parser.current += 2
-            owner = qname
-        else:
-            owner = dns.name.from_wire_parser(parser)
-        rtype, rclass, ttl, size = parser.get_struct(_RECORD.format)
-        if rclass != dns.rdataclass.IN or rtype not in (rdtype, dns.rdatatype.CNAME):
-            parser.get_bytes(size)
-            continue
-        with parser.restrict_to(size):
-            data = dns.rdata.from_wire_parser(
-                dns.rdataclass.IN, dns.rdatatype.RdataType(rtype), parser
-            )
-        records.append((owner, rtype, ttl, data))
+    pos = end
+    try:
+        for _ in range(answers):
+            if wire[pos : pos + 2] == _TO_QUESTION:
+                owner, pos = qname, pos + 2
+            else:
+                owner, pos = _read_name(wire, pos)
+            rtype, rclass, ttl, size = _RECORD.unpack_from(wire, pos)
+            pos += _RECORD.size
+            if pos + size > len(wire):
+                raise _Unanswered("a record cut short in the answer")
+            if rclass == dns.rdataclass.IN and rtype in (rdtype, dns.rdatatype.CNAME):
+                records.append((owner, rtype, ttl, _value(wire, pos, rtype, size)))
+            pos += size
+    except (IndexError, struct.error, OSError, ValueError) as exc:
+        raise _Unanswered(f"a malformed answer ({exc})") from exc
     return int(dns.rcode.from_flags(flags, 0)), records
 
 
@@ -177,28 +254,26 @@ def _time_out(waiter: asyncio.Future[bytes]) -> None:
 
 
 def _follow(
-    records: list[_Record], qname: dns.name.Name, rdtype: dns.rdatatype.RdataType
-) -> tuple[list[dns.rdata.Rdata], float] | None:
-    """The records of type `rdtype` for `qname`, through its CNAMEs, and the lowest TTL on
+    records: list[_Record], qname: str, rdtype: dns.rdatatype.RdataType
+) -> tuple[list[Value], float] | None:
+    """The values of type `rdtype` for `qname`, through its CNAMEs, and the lowest TTL on
     the way; None when the answer has none."""
     name, ttl = qname, float("inf")
     for _ in range(_CHAIN):
-        found = [
-            (t, data) for owner, rtype, t, data in records if rtype == rdtype and owner == name
-        ]
+        found = [(t, v) for owner, rtype, t, v in records if rtype == rdtype and owner == name]
         if found:
-            return [d for _, d in found], float(min(ttl, *(t for t, _ in found)))
+            return [v for _, v in found], float(min(ttl, *(t for t, _ in found)))
         alias = next(
             (
-                (t, cast(dns.rdtypes.ANY.CNAME.CNAME, data))
-                for owner, rtype, t, data in records
+                (t, cast(str, v))
+                for owner, rtype, t, v in records
                 if rtype == dns.rdatatype.CNAME and owner == name
             ),
             None,
         )
         if alias is None:
             return None
-        ttl, name = min(ttl, alias[0]), alias[1].target
+        ttl, name = min(ttl, alias[0]), alias[1]
     return None
 
 
@@ -213,13 +288,12 @@ class StubClient:
         self.timeout = timeout
         self._endpoints: dict[str, tuple[asyncio.AbstractEventLoop, _Endpoint]] = {}
 
-    async def query(
-        self, name: str, rdtype: dns.rdatatype.RdataType
-    ) -> tuple[list[dns.rdata.Rdata], float]:
-        """The answer's records (CNAMEs followed) and the TTL of the whole chain."""
+    async def query(self, name: str, rdtype: dns.rdatatype.RdataType) -> tuple[list[Value], float]:
+        """The answer's values (CNAMEs followed) and the TTL of the whole chain: addresses
+        as text for A and AAAA, (preference, host) for MX."""
         if not self.nameservers:
             raise _Unanswered(f"{name}: no nameservers")
-        qname = dns.name.from_text(name)
+        qname = _wire_name(name)
         deadline = time.monotonic() + self.timeout
         errors: list[str] = []
         while True:
@@ -239,14 +313,14 @@ class StubClient:
                 if rcode != dns.rcode.NOERROR:
                     errors.append(f"{ns}: {dns.rcode.to_text(dns.rcode.Rcode(rcode))}")
                     continue
-                answer = _follow(records, qname, rdtype)
+                answer = _follow(records, _read_name(qname, 0)[0], rdtype)
                 if answer is None:
                     raise _NoAnswer(name)
                 return answer
             await asyncio.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
 
     async def _ask(
-        self, ns: str, qname: dns.name.Name, rdtype: dns.rdatatype.RdataType, wait: float
+        self, ns: str, qname: bytes, rdtype: dns.rdatatype.RdataType, wait: float
     ) -> tuple[int, list[_Record]]:
         """The rcode and answer records of one try at one nameserver."""
         endpoint = await self._endpoint(ns)
@@ -256,7 +330,8 @@ class StubClient:
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[bytes] = loop.create_future()
         endpoint.waiting[qid] = waiter
-        question = cast(bytes, qname.to_wire()) + _QUESTION.pack(rdtype, dns.rdataclass.IN)
+        question = qname + _QUESTION.pack(rdtype, dns.rdataclass.IN)
+        name = _read_name(qname, 0)[0]
         # (a future and a timer: cheaper than wait_for)
         timer = loop.call_later(wait, _time_out, waiter)
         try:
@@ -266,12 +341,12 @@ class StubClient:
         finally:
             timer.cancel()
             endpoint.waiting.pop(qid, None)
-        reply = _read_reply(wire, qid, question, qname, rdtype)
+        reply = _read_reply(wire, qid, question, name, rdtype)
         if reply is None:  # truncated: again over TCP
-            query = dns.message.make_query(qname, rdtype)
+            query = dns.message.make_query(dns.name.from_wire(qname, 0)[0], rdtype)
             query.id = qid
             response = await dns.asyncquery.tcp(query, ns, timeout=wait, port=self.port)
-            reply = _read_reply(response.to_wire(), qid, question, qname, rdtype)
+            reply = _read_reply(response.to_wire(), qid, question, name, rdtype)
             if reply is None:
                 raise _Unanswered("a truncated answer over TCP")
         return reply
@@ -317,10 +392,7 @@ class Resolver:
         try:
             answer, ttl = await self._client.query(domain, dns.rdatatype.MX)
             hosts = sorted(
-                (
-                    MxHost(r.preference, r.exchange.to_text().rstrip(".").lower())
-                    for r in cast(list[dns.rdtypes.ANY.MX.MX], answer)
-                ),
+                (MxHost(*record) for record in cast(list[tuple[int, str]], answer)),
                 key=lambda h: (h.preference, h.host),
             )
         except _NoSuchName as exc:
@@ -370,7 +442,7 @@ class Resolver:
             if isinstance(result, BaseException):
                 raise result
             answer, answer_ttl = result
-            found.extend(r.to_text() for r in answer)
+            found.extend(cast(list[str], answer))
             ttl = min(ttl, answer_ttl)
         if not found:
             if temporary is not None:
