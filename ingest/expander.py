@@ -97,7 +97,7 @@ class Expander:
         self._suppressions = suppressions
         self._lanes = lanes
         self._keys: dict[str, tuple[str, str]] = {}
-        # (atomic batches; a batch repeating an event after a crash goes one by one)
+        # (published together; an event repeated after a crash is deduplicated by its id)
         self._events = BatchPublisher(nc, names.EVENTS_STREAM)
 
     def _domain(self, email: str) -> tuple[str, str]:

@@ -18,7 +18,6 @@ from nats.js.errors import APIError as JsApiError
 from nats.js.errors import NoStreamResponseError
 
 from sluice import names
-from sluice.atomic import MAX_BATCH, publish_atomic
 from sluice.telemetry import count_event, inject
 from sluice.tenants import now_ts
 from sluice.v1 import messages_pb2
@@ -94,25 +93,18 @@ async def publish_event(
 _Pending = tuple[str, bytes, dict[str, str], "asyncio.Future[None]"]
 
 
-# Batches smaller than this are not published atomically (see BatchPublisher).
-ATOMIC_MIN = 64
-
-
 class BatchPublisher:
-    """Publishes to one stream (created with allow_atomic) in batches: what concurrent
-    callers publish while a batch is in flight goes out together as the next one.
-    `publish` returns once its message is stored.
+    """Publishes to one stream in batches: what concurrent callers publish while a batch is
+    in flight goes out together as the next one. `publish` returns once its message is
+    stored.
 
-    A batch of at least `atomic_min` messages goes as one atomic batch, with one PubAck for
-    all of it (the expander's hundreds of `accepted` events). A smaller one (the deliverer's
-    events, a few per settling moment) goes as plain publishes that do not wait for each
-    other's PubAcks: nats-server stages every atomic batch in a file store of its own
-    (a directory, a metadata file written with fsync, removed at the commit), which for
-    batches of a few events cost nats-server more than all the rest of their work.
-
-    A batch the server refuses as a whole (say one message repeats a Nats-Msg-Id after a
-    crash) is sent again as plain publishes, like a small one, so each message gets the
-    usual per-message treatment (a repeat is deduplicated).
+    A batch is published message by message without waiting for each other's PubAcks, to
+    an inbox of its own (see _store_each). Not as a JetStream atomic batch: nats-server
+    stages each atomic batch in a file store of its own (a directory and files created and
+    removed), which cost it 29-35 µs of CPU per message in batches of 100 against 8-10 for
+    these publishes, and twice the time (bench run by hand, 2026-11-29); in one profile of
+    bench.compare the staging was 30 % of nats-server's CPU. A repeated Nats-Msg-Id is
+    deduplicated per message, as usual.
 
     With a `window` (seconds), a batch waits that long for company before it goes: the
     deliverer's transactions end one by one (each when its server answers), and their
@@ -124,14 +116,12 @@ class BatchPublisher:
         nc: NatsClient,
         stream: str,
         max_batch: int = 256,
-        atomic_min: int = ATOMIC_MIN,
         timeout: float = 5.0,  # for each PubAck
         window: float = 0.0,
     ) -> None:
         self._nc = nc
         self._stream = stream
-        self._max = min(max_batch, MAX_BATCH)
-        self._atomic_min = atomic_min
+        self._max = max_batch
         self._timeout = timeout
         self._window = window
         self._pending: list[_Pending] = []
@@ -176,7 +166,7 @@ class BatchPublisher:
 
     async def _send(self, batch: list[_Pending]) -> None:
         try:
-            await self._store(batch)
+            await self._store_each(batch)
         except BaseException as exc:  # the connection, or this task cancelled
             for *_, done in batch:
                 if not done.done():
@@ -185,19 +175,6 @@ class BatchPublisher:
                     )
             if not isinstance(exc, Exception):
                 raise
-
-    async def _store(self, batch: list[_Pending]) -> None:
-        if len(batch) < self._atomic_min:
-            await self._store_each(batch)
-            return
-        try:
-            await publish_atomic(self._nc, [(s, d, h) for s, d, h, _ in batch])
-        except JsApiError:
-            await self._store_each(batch)
-            return
-        for *_, done in batch:
-            if not done.done():
-                done.set_result(None)
 
     async def _store_each(self, batch: list[_Pending]) -> None:
         """Publish each message of `batch` without waiting for the PubAck of the one before,
