@@ -158,17 +158,6 @@ def _end_span(span: Span | None) -> None:
         span.end()
 
 
-def _busy_seconds() -> float:
-    """Seconds the calling thread has run or waited to run (Linux schedstat: on a CPU, and
-    on a run queue), else the process's CPU time."""
-    try:
-        with open("/proc/thread-self/schedstat", "rb") as f:
-            run, wait = f.read().split()[:2]
-        return (int(run) + int(wait)) / 1e9
-    except (OSError, ValueError):
-        return time.process_time()
-
-
 def _resolve(waiter: asyncio.Future[bool | None], value: bool | None) -> None:
     if not waiter.done():
         waiter.set_result(value)
@@ -260,7 +249,7 @@ class Deliverer:
         self._stopping = False
         self._settling = Background(_SETTLING, "settling")
         # The CPU reading behind the load reported to the scheduler (_cpu_load).
-        self._load, self._load_at, self._load_busy = 0.001, time.monotonic(), _busy_seconds()
+        self._load, self._load_at, self._load_cpu = 0.001, time.monotonic(), time.process_time()
         self._outcomes: list[scheduler_pb2.Outcome] = []
         self._subs: dict[str, JetStreamContext.PullSubscription] = {}
         self._parsed: dict[str, Sequence[messages_pb2.Payload]] = {}
@@ -276,18 +265,14 @@ class Deliverer:
     # -- the lease loop ------------------------------------------------------------------
 
     def _cpu_load(self) -> float:
-        """How busy this process's event loop has been since the last reading (at least
-        half a second ago; the reading before when more recent): the share of the time its
-        thread was running or waiting for a CPU to run on (Linux schedstat), else its CPU
-        time. Reported to the scheduler, which leaves the long tail's lanes with a
-        deliverer below [scheduler] lane_pack_below. A loop that is always ready to run is
-        the bottleneck even when the CPUs are shared and it gets only part of one, which CPU
-        time alone does not show. Never 0, which means "not reported"."""
-        now = time.monotonic()
+        """The share of one CPU this process has used since the last reading (at least half
+        a second ago; the reading before when more recent), reported to the scheduler, which
+        leaves the long tail's lanes with a deliverer below [scheduler] lane_pack_below.
+        Never 0, which means "not reported"."""
+        now, cpu = time.monotonic(), time.process_time()
         if now - self._load_at >= 0.5:
-            busy = _busy_seconds()
-            self._load = max(0.001, (busy - self._load_busy) / (now - self._load_at))
-            self._load_at, self._load_busy = now, busy
+            self._load = max(0.001, (cpu - self._load_cpu) / (now - self._load_at))
+            self._load_at, self._load_cpu = now, cpu
         return self._load
 
     async def run(self, stop: asyncio.Event) -> None:

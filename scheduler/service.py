@@ -62,7 +62,7 @@ class Scheduler:
         self._seen: dict[str, float] = {}
         # How many more leases each deliverer could take when it last asked.
         self._room: dict[str, int] = {}
-        # How busy each deliverer last reported being (0: not reported), and when.
+        # The share of one CPU each deliverer last reported using (0: not reported), and when.
         self._load: dict[str, tuple[float, float]] = {}
         self._last_decrease: dict[str, float] = {}
         self._grace_until = 0.0
@@ -214,8 +214,8 @@ class Scheduler:
         return held, max(1, math.ceil(len(lanes) / sharing))
 
     def _packs(self, deliverer_id: str) -> bool:
-        """Whether the deliverer reported being busy less than [scheduler] lane_pack_below
-        of the time: then it may hold every lane (it takes the free ones, keeps its own). A
+        """Whether the deliverer reported using less than [scheduler] lane_pack_below of a
+        CPU: then it may hold every lane (it takes the free ones, and keeps its own). A
         blast's long tail carried by one process cost less CPU per message than split
         between two (bench.shaping: fewer connections, leases and address lookups per
         site, fuller batches); a busy deliverer's lanes are shared out as before."""
@@ -253,8 +253,8 @@ class Scheduler:
     async def acquire(
         self, deliverer_id: str, max_leases: int, load: float = 0.0
     ) -> list[scheduler_pb2.Lease]:
-        """Leases for a deliverer asking for work (`load`: how busy it reports being, 0
-        when it does not)."""
+        """Leases for a deliverer asking for work (`load`: the share of one CPU it reports
+        using, 0 when it does not)."""
         async with self._lock:
             now = time.monotonic()
             self._seen[deliverer_id] = now

@@ -197,10 +197,9 @@ class AcquireLeasesRequest(_message.Message):
     at least one connection when any is free.
     """
     load: _builtins.float
-    """How busy the caller has been lately: the share of the time its event loop ran or
-    was ready to run (0 means not reported). A deliverer below [scheduler]
-    lane_pack_below may take every free hash-bucket lane and keeps those it holds; one
-    above it, or not reporting, gets an even share of them.
+    """The share of one CPU the caller's process has used lately (0 means not reported). A
+    deliverer below [scheduler] lane_pack_below may take every free hash-bucket lane and
+    keeps those it holds; one above it, or not reporting, gets an even share of them.
     """
     @_builtins.property
     def domains(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -382,7 +381,8 @@ class RenewLeasesRequest(_message.Message):
     deliverer_id: _builtins.str
     """The caller."""
     load: _builtins.float
-    """As in AcquireLeasesRequest: how busy the caller has been lately (0: not reported). A deliverer at or above [scheduler] lane_pack_below, or not reporting,
+    """As in AcquireLeasesRequest: the share of one CPU the caller has used lately (0: not
+    reported). A deliverer at or above [scheduler] lane_pack_below, or not reporting,
     gives back the hash-bucket lanes beyond its even share when another deliverer has room.
     """
     @_builtins.property

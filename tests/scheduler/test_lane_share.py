@@ -95,10 +95,10 @@ async def test_lanes_are_given_back_only_as_far_as_the_other_has_room(
 
 
 async def test_a_deliverer_with_cpu_to_spare_keeps_the_lanes(nats_server: NatsServer) -> None:
-    """With loads reported: a deliverer below [scheduler] lane_pack_below (its loop busy 0.75
-    of the time) takes every free lane and keeps them when a second one asks; once it
-    reports more, it gives back what is beyond its even share, the second takes them, and
-    neither gives anything back while both have CPU to spare."""
+    """With loads reported: a deliverer below [scheduler] lane_pack_below (0.75 of a CPU)
+    takes every free lane and keeps them when a second one asks; once it reports more, it
+    gives back what is beyond its even share, the second takes them, and neither gives
+    anything back while both have CPU to spare."""
     scheduler, lanes, nc = await _scheduler(nats_server)
     try:
         first = await scheduler.acquire("d1", 16, 0.3)
