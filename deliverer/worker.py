@@ -248,8 +248,6 @@ class Deliverer:
         self._in_flight: set[InHand] = set()
         self._stopping = False
         self._settling = Background(_SETTLING, "settling")
-        # The CPU reading behind the load reported to the scheduler (_cpu_load).
-        self._load, self._load_at, self._load_cpu = 0.001, time.monotonic(), time.process_time()
         self._outcomes: list[scheduler_pb2.Outcome] = []
         self._subs: dict[str, JetStreamContext.PullSubscription] = {}
         self._parsed: dict[str, Sequence[messages_pb2.Payload]] = {}
@@ -264,17 +262,6 @@ class Deliverer:
 
     # -- the lease loop ------------------------------------------------------------------
 
-    def _cpu_load(self) -> float:
-        """The share of one CPU this process has used since the last reading (at least half
-        a second ago; the reading before when more recent), reported to the scheduler, which
-        leaves the long tail's lanes with a deliverer below [scheduler] lane_pack_below.
-        Never 0, which means "not reported"."""
-        now, cpu = time.monotonic(), time.process_time()
-        if now - self._load_at >= 0.5:
-            self._load = max(0.001, (cpu - self._load_cpu) / (now - self._load_at))
-            self._load_at, self._load_cpu = now, cpu
-        return self._load
-
     async def run(self, stop: asyncio.Event) -> None:
         renewer = asyncio.create_task(self._renew_loop(stop))
         keeper = asyncio.create_task(self._keep_in_hand_alive(stop))
@@ -287,9 +274,7 @@ class Deliverer:
                     try:
                         resp = await self._scheduler.AcquireLeases(
                             scheduler_pb2.AcquireLeasesRequest(
-                                deliverer_id=self.deliverer_id,
-                                max_leases=free,
-                                load=self._cpu_load(),
+                                deliverer_id=self.deliverer_id, max_leases=free
                             ),
                             timeout=5.0,
                         )
@@ -352,9 +337,7 @@ class Deliverer:
                 continue
             try:
                 resp = await self._scheduler.RenewLeases(
-                    scheduler_pb2.RenewLeasesRequest(
-                        deliverer_id=self.deliverer_id, lease_ids=ids, load=self._cpu_load()
-                    ),
+                    scheduler_pb2.RenewLeasesRequest(deliverer_id=self.deliverer_id, lease_ids=ids),
                     timeout=min(5.0, interval * 3),
                 )
             except grpc.aio.AioRpcError as exc:

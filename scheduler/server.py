@@ -150,7 +150,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
                 max(1, request.connections),
             )
         else:
-            leases = await s.acquire(request.deliverer_id, max(1, request.max_leases), request.load)
+            leases = await s.acquire(request.deliverer_id, max(1, request.max_leases))
             resp = scheduler_pb2.AcquireLeasesResponse(leases=leases)
         self._still(s)
         return resp
@@ -162,7 +162,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         s = self._active()
         # After a takeover the leases are unknown here and come back lost: their holders
         # stop at once instead of at expiry.
-        resp = await s.renew(request.deliverer_id, list(request.lease_ids), request.load)
+        resp = await s.renew(request.deliverer_id, list(request.lease_ids))
         self._still(s)
         return resp
 

@@ -62,8 +62,6 @@ class Scheduler:
         self._seen: dict[str, float] = {}
         # How many more leases each deliverer could take when it last asked.
         self._room: dict[str, int] = {}
-        # The share of one CPU each deliverer last reported using (0: not reported), and when.
-        self._load: dict[str, tuple[float, float]] = {}
         self._last_decrease: dict[str, float] = {}
         self._grace_until = 0.0
         self.outcomes: Counter[tuple[str, int]] = Counter()
@@ -190,10 +188,9 @@ class Scheduler:
         return self._bucketed
 
     def _lane_share(self, deliverer_id: str, lanes: set[str]) -> tuple[int, int]:
-        """(lanes this deliverer holds, its share of the lanes with mail): every lane for a
-        deliverer that packs (see _packs); else lanes are split evenly between the
-        deliverers that asked for work lately, so a second deliverer is not left idle while
-        a busy first one holds every lane."""
+        """(lanes this deliverer holds, its fair share of the lanes with mail): lanes are
+        split evenly between the deliverers that asked for work lately, so a second
+        deliverer is not left idle while the first holds every lane."""
         now = time.monotonic()
         # Only deliverers that asked for work lately count: one at its max_leases never asks
         # (it only renews), and a crashed one stops asking; a deliverer with room asks
@@ -203,30 +200,16 @@ class Scheduler:
             if now - t > window:
                 del self._seen[d]
                 self._room.pop(d, None)
-        for d, (_, at) in list(self._load.items()):
-            if now - at > window:
-                del self._load[d]
         held = sum(1 for ls in self.leases.held_by(deliverer_id) if ls.kind == "lane")
         lanes |= {ls.lane for ls in self.leases.all() if ls.kind == "lane"}
-        if self._packs(deliverer_id):
-            return held, max(1, len(lanes))
         sharing = len(self._seen.keys() | {deliverer_id})
         return held, max(1, math.ceil(len(lanes) / sharing))
-
-    def _packs(self, deliverer_id: str) -> bool:
-        """Whether the deliverer reported using less than [scheduler] lane_pack_below of a
-        CPU: then it may hold every lane (it takes the free ones, and keeps its own). A
-        blast's long tail carried by one process cost less CPU per message than split
-        between two (bench.shaping: fewer connections, leases and address lookups per
-        site, fuller batches); a busy deliverer's lanes are shared out as before."""
-        load, _ = self._load.get(deliverer_id, (0.0, 0.0))
-        return 0.0 < load < self._cfg.scheduler.lane_pack_below
 
     def _rebalance_lanes(self, deliverer_id: str, lanes: set[str]) -> None:
         """Take back lanes this deliverer holds beyond its fair share while another
         deliverer holds fewer than its own (the newest first); they go to the next asker."""
         held, share = self._lane_share(deliverer_id, lanes)
-        if held <= share:  # (always so for a deliverer that packs)
+        if held <= share:
             return
         counts = {d: 0 for d in self._seen}
         for ls in self.leases.all():
@@ -250,16 +233,11 @@ class Scheduler:
             self.leases.release(deliverer_id, ls.lease_id)
             log.info("lease %s: lane=%s taken back for another deliverer", ls.lease_id, ls.lane)
 
-    async def acquire(
-        self, deliverer_id: str, max_leases: int, load: float = 0.0
-    ) -> list[scheduler_pb2.Lease]:
-        """Leases for a deliverer asking for work (`load`: the share of one CPU it reports
-        using, 0 when it does not)."""
+    async def acquire(self, deliverer_id: str, max_leases: int) -> list[scheduler_pb2.Lease]:
         async with self._lock:
             now = time.monotonic()
             self._seen[deliverer_id] = now
             self._room[deliverer_id] = max_leases
-            self._load[deliverer_id] = (load, now)
             if now < self._grace_until:
                 return []
             if now - self._backlog_at > self._cfg.scheduler.backlog_interval:
@@ -436,13 +414,11 @@ class Scheduler:
         )
 
     async def renew(
-        self, deliverer_id: str, lease_ids: list[str], load: float = 0.0
+        self, deliverer_id: str, lease_ids: list[str]
     ) -> scheduler_pb2.RenewLeasesResponse:
         """Extend leases, with their current queues (a new critical queue shows up here);
-        leases over a site's adapted limit, or of a suspended site, are taken back, and so
-        are lanes beyond the deliverer's share (see _packs)."""
+        leases over a site's adapted limit, or of a suspended site, are taken back."""
         async with self._lock:
-            self._load[deliverer_id] = (load, time.monotonic())
             by_site = await self._by_site()
             by_lane = self._by_lane()
             self._shrink()

@@ -211,11 +211,6 @@ class SchedulerConfig:
     bucket_connections: int = 4
     # A mail consumer with nothing stored on its subjects and no lease is deleted after this.
     consumer_idle: Duration = Duration(60.0)
-    # A deliverer that reports using less than this share of one CPU may take every free
-    # hash-bucket lane and keeps those it holds; busier ones (and deliverers that do not
-    # report) share the lanes evenly. One process carrying a long tail costs less CPU per
-    # message than two that split it (docs/scheduling.md). 0: always share evenly.
-    lane_pack_below: float = 0.75
 
 
 @dataclass(frozen=True)

@@ -178,7 +178,6 @@ class AcquireLeasesRequest(_message.Message):
     WAIT_MS_FIELD_NUMBER: _builtins.int
     RELEASE_LEASE_IDS_FIELD_NUMBER: _builtins.int
     CONNECTIONS_FIELD_NUMBER: _builtins.int
-    LOAD_FIELD_NUMBER: _builtins.int
     deliverer_id: _builtins.str
     """A stable id of the calling deliverer process."""
     max_leases: _builtins.int
@@ -195,11 +194,6 @@ class AcquireLeasesRequest(_message.Message):
     """For domain requests: how many connections the caller would open on each site (0 means
     1). A site's lease gets at most this, at most half the site's limit (rounded up), and
     at least one connection when any is free.
-    """
-    load: _builtins.float
-    """The share of one CPU the caller's process has used lately (0 means not reported). A
-    deliverer below [scheduler] lane_pack_below may take every free hash-bucket lane and
-    keeps those it holds; one above it, or not reporting, gets an even share of them.
     """
     @_builtins.property
     def domains(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -222,11 +216,10 @@ class AcquireLeasesRequest(_message.Message):
         wait_ms: _builtins.int = ...,
         release_lease_ids: _abc.Iterable[_builtins.str] | None = ...,
         connections: _builtins.int = ...,
-        load: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["connections", b"connections", "deliverer_id", b"deliverer_id", "domain", b"domain", "domains", b"domains", "load", b"load", "max_leases", b"max_leases", "release_lease_ids", b"release_lease_ids", "wait_ms", b"wait_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connections", b"connections", "deliverer_id", b"deliverer_id", "domain", b"domain", "domains", b"domains", "max_leases", b"max_leases", "release_lease_ids", b"release_lease_ids", "wait_ms", b"wait_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -377,14 +370,8 @@ class RenewLeasesRequest(_message.Message):
 
     DELIVERER_ID_FIELD_NUMBER: _builtins.int
     LEASE_IDS_FIELD_NUMBER: _builtins.int
-    LOAD_FIELD_NUMBER: _builtins.int
     deliverer_id: _builtins.str
     """The caller."""
-    load: _builtins.float
-    """As in AcquireLeasesRequest: the share of one CPU the caller has used lately (0: not
-    reported). A deliverer at or above [scheduler] lane_pack_below, or not reporting,
-    gives back the hash-bucket lanes beyond its even share when another deliverer has room.
-    """
     @_builtins.property
     def lease_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The leases to extend."""
@@ -394,11 +381,10 @@ class RenewLeasesRequest(_message.Message):
         *,
         deliverer_id: _builtins.str = ...,
         lease_ids: _abc.Iterable[_builtins.str] | None = ...,
-        load: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deliverer_id", b"deliverer_id", "lease_ids", b"lease_ids", "load", b"load"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deliverer_id", b"deliverer_id", "lease_ids", b"lease_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -92,33 +92,3 @@ async def test_lanes_are_given_back_only_as_far_as_the_other_has_room(
         assert len(again.leases) == 7 and not again.lost_lease_ids
     finally:
         await nc.close()
-
-
-async def test_a_deliverer_with_cpu_to_spare_keeps_the_lanes(nats_server: NatsServer) -> None:
-    """With loads reported: a deliverer below [scheduler] lane_pack_below (0.75 of a CPU)
-    takes every free lane and keeps them when a second one asks; once it reports more, it
-    gives back what is beyond its even share, the second takes them, and neither gives
-    anything back while both have CPU to spare."""
-    scheduler, lanes, nc = await _scheduler(nats_server)
-    try:
-        first = await scheduler.acquire("d1", 16, 0.3)
-        assert sorted(ls.lane for ls in first) == lanes
-        assert await scheduler.acquire("d2", 16, 0.05) == []
-        kept = await scheduler.renew("d1", [ls.lease_id for ls in first], 0.3)
-        assert len(kept.leases) == 8 and not kept.lost_lease_ids, "d1 has CPU to spare"
-        assert await scheduler.acquire("d2", 16, 0.05) == []
-
-        busy = await scheduler.renew("d1", [ls.lease_id for ls in first], 0.9)
-        assert len(busy.leases) == 4 and len(busy.lost_lease_ids) == 4
-        second = await scheduler.acquire("d2", 16, 0.05)
-        assert {ls.lane for ls in second} == set(lanes) - {ls.lane for ls in busy.leases}
-
-        # Both below the threshold now: the lanes stay where they are.
-        calm = await scheduler.renew("d1", [ls.lease_id for ls in busy.leases], 0.4)
-        assert len(calm.leases) == 4 and not calm.lost_lease_ids
-        also = await scheduler.renew("d2", [ls.lease_id for ls in second], 0.4)
-        assert len(also.leases) == 4 and not also.lost_lease_ids
-        held = [ls.lane for ls in scheduler.leases.all() if ls.kind == "lane"]
-        assert sorted(held) == lanes
-    finally:
-        await nc.close()
