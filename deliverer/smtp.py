@@ -148,8 +148,8 @@ class SmtpConnection:
         self.host = host
         self.port = port
         self.deliveries = 0
-        # Domains whose mail this connection may carry (the deliverer's record).
-        self.serves: set[str] = set()
+        # Domains whose mail this connection may carry, until when (the deliverer's record).
+        self.serves: dict[str, float] = {}
         self._tls = False
         self._smtp = aiosmtplib.SMTP(
             hostname=address,

@@ -66,6 +66,10 @@ _IN_HAND = 2048
 # ran thousands of connections at once, and the process's NATS calls timed out.
 _SITE_LOOPS = 64
 
+# A connection's record that it may carry a domain's mail lasts as long as the domain's MX
+# hosts are cached, and this long (seconds) at most (a route's domain: this long).
+_SERVES_FOR = 30.0
+
 # Transactions whose settling (events, acks) may still be in flight per process.
 _SETTLING = 256
 
@@ -850,13 +854,14 @@ class Deliverer:
     async def _fit(self, conn: SmtpConnection, domain: str) -> SmtpConnection | None:
         """`conn` if it may carry mail for `domain` (see _serves), else None (closed): the
         domain goes elsewhere (another MX set, a route's port) or needs TLS it lacks, so a
-        new connection is opened under the same lease. (What it serves is remembered for
-        as long as it lasts: a site's connection carries mail of the same few domains
-        over and over.)"""
-        if domain in conn.serves:
+        new connection is opened under the same lease. (What it serves is remembered while
+        the domain's MX hosts are cached, _SERVES_FOR at most: a site's connection carries
+        mail of the same few domains over and over.)"""
+        now = time.monotonic()
+        if conn.serves.get(domain, 0.0) > now:
             return conn
         if await self._serves(conn, domain):
-            conn.serves.add(domain)
+            self._remember_serves(conn, domain, now)
             return conn
         await conn.close()
         return None
@@ -925,6 +930,10 @@ class Deliverer:
         for domain, mx in resp.domain_mx.items():
             hosts = [MxHost(h.preference, h.host) for h in mx.hosts]
             self._resolver.learn_mx(domain, hosts, mx.ttl_seconds)
+
+    def _remember_serves(self, conn: SmtpConnection, domain: str, now: float) -> None:
+        known = self._resolver.known_mx(domain)
+        conn.serves[domain] = now + (min(known[1], _SERVES_FOR) if known else _SERVES_FOR)
 
     async def _serves(self, conn: SmtpConnection, domain: str) -> bool:
         """Whether mail for `domain` may go through `conn` (opened for another domain of the
@@ -1319,7 +1328,7 @@ class Deliverer:
                 )
                 try:
                     await conn.open()
-                    conn.serves.add(domain)
+                    self._remember_serves(conn, domain, time.monotonic())
                     return conn
                 except ConnectionLost as exc:
                     errors.append(str(exc))

@@ -140,11 +140,13 @@ def _label(label: bytes) -> str:
 
 def _read_name(wire: bytes, pos: int) -> tuple[str, int]:
     """The name at `pos` as text (lower case, no final dot: "" for the root) and the offset
-    after it. Compression pointers are followed (RFC 1035 4.1.4), at most _POINTERS of them
-    and only backwards, so a malformed reply cannot loop."""
+    after it. Compression pointers are followed (RFC 1035 4.1.4), at most _POINTERS of them,
+    each to before the last one's target (as dnspython requires: a malformed reply cannot
+    loop) and past the header."""
     labels: list[str] = []
     after = -1
     pointers = 0
+    limit = pos  # (the next pointer must point before this)
     size = 1
     while True:
         n = wire[pos]
@@ -153,9 +155,9 @@ def _read_name(wire: bytes, pos: int) -> tuple[str, int]:
             if after < 0:
                 after = pos + 2
             pointers += 1
-            if pointers > _POINTERS or target >= pos:
+            if pointers > _POINTERS or not _HEADER.size <= target < limit:
                 raise _Unanswered("a malformed name in the answer")
-            pos = target
+            pos = limit = target
             continue
         if n >= 0x40:
             raise _Unanswered("an unknown label type in the answer")
@@ -305,7 +307,13 @@ class StubClient:
                     # A try waits a third of the lifetime, so a silent nameserver leaves
                     # time for the next.
                     rcode, records = await self._ask(ns, qname, rdtype, min(left, self.timeout / 3))
-                except (TimeoutError, OSError, _Unanswered, dns.exception.DNSException) as exc:
+                except (
+                    TimeoutError,
+                    OSError,
+                    EOFError,  # (dnspython's TCP read of a connection closed early)
+                    _Unanswered,
+                    dns.exception.DNSException,
+                ) as exc:
                     errors.append(f"{ns}: {exc!r}")
                     continue
                 if rcode == dns.rcode.NXDOMAIN:

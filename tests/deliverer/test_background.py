@@ -88,3 +88,35 @@ async def test_join_gives_up_at_its_deadline_and_failures_are_logged(
     assert "settling failed (the pointer comes back): RuntimeError('boom')" in caplog.text
     stuck.set()
     assert await bg.join(1.0)
+
+
+async def test_a_newcomer_does_not_take_the_room_kept_for_a_waiter() -> None:
+    """The room a task leaves goes to the caller waiting longest, even when another caller
+    comes in the same turn of the loop, before the waiter has run again."""
+    bg = Background(1, "test")
+    gate = asyncio.Event()
+    hold = asyncio.Event()
+    started: list[str] = []
+
+    async def work(name: str, until: asyncio.Event) -> None:
+        started.append(name)
+        await until.wait()
+
+    await bg.run(work("a", gate))
+    waiter = asyncio.create_task(bg.run(work("waiter", hold)))
+    await asyncio.sleep(0.01)
+
+    async def newcomer() -> None:
+        await gate.wait()  # (woken with "a", it comes right after "a" ends)
+        await asyncio.sleep(0)
+        await bg.run(work("newcomer", hold))
+
+    late = asyncio.create_task(newcomer())
+    await asyncio.sleep(0.01)
+    gate.set()
+    await asyncio.wait_for(waiter, 1.0)
+    assert started == ["a", "waiter"]
+    hold.set()
+    await asyncio.wait_for(late, 1.0)
+    assert started == ["a", "waiter", "newcomer"]
+    assert await bg.join(1.0)

@@ -107,6 +107,18 @@ def test_malformed_answers_are_errors() -> None:
     looped = wire[:start] + bytes([0xC0 | start >> 8, start & 0xFF]) + wire[start + 2 :]
     with pytest.raises(_Unanswered, match="malformed name"):
         _read_reply(looped, qid, question, "x.example", dns.rdatatype.A)
+    # A pointer forward (to the record's own type field), and one into the header.
+    forward = wire[:start] + bytes([0xC0, start + 4]) + wire[start + 2 :]
+    with pytest.raises(_Unanswered, match="malformed name"):
+        _read_reply(forward, qid, question, "x.example", dns.rdatatype.A)
+    header = wire[:start] + b"\xc0\x02" + wire[start + 2 :]
+    with pytest.raises(_Unanswered, match="malformed name"):
+        _read_reply(header, qid, question, "x.example", dns.rdatatype.A)
+    # A label, then a pointer back to that label: each pointer must point before the last
+    # one's target (as dnspython requires), so this is refused at once, not followed 64 times.
+    looping = wire + b"\x01a\xc0" + bytes([len(wire)])
+    with pytest.raises(_Unanswered, match="malformed name"):
+        _read_name(looping + b"\xc0" + bytes([len(wire)]), len(looping))
     # The record cut short.
     with pytest.raises(_Unanswered):
         _read_reply(wire[:-2], qid, question, "x.example", dns.rdatatype.A)

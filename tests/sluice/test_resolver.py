@@ -227,6 +227,38 @@ async def test_truncated_answer_is_asked_again_over_tcp() -> None:
         transport.close()
 
 
+async def test_a_tcp_retry_cut_short_is_a_temporary_failure() -> None:
+    """A truncated answer whose TCP retry the server closes at once (dnspython raises the
+    builtin EOFError there) is a temporary failure, not an error out of the lookup."""
+
+    def truncated(q: dns.message.Message) -> dns.message.Message:
+        r = dns.message.make_response(q)
+        r.flags |= dns.flags.TC
+        return r
+
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    for _ in range(20):  # (a port free for both UDP and TCP, as above)
+        transport, port = await _serve_udp(truncated)
+        try:
+            server = await asyncio.start_server(hang_up, "127.0.0.1", port)
+            break
+        except OSError:
+            transport.close()
+    else:
+        raise AssertionError("no port free for both UDP and TCP")
+    try:
+        r = _resolver(port, "127.0.0.1", timeout=0.6)
+        with pytest.raises(DnsTemporary, match="MX lookup failed"):
+            await r.mx("cut.test")
+        with pytest.raises(DnsTemporary):
+            await r.addresses("cut.test")
+    finally:
+        server.close()
+        transport.close()
+
+
 async def test_a_silent_nameserver_is_skipped_for_the_next() -> None:
     srv = DnsServer({"ok.test": [("MX", "10 mx.ok.test.")]})
     port = await srv.start("127.0.0.1")
