@@ -980,7 +980,9 @@ class Deliverer:
         self._releasing.append(work.lease.lease_id)
         if not self._release_in_flight:
             self._release_in_flight = True
-            await self._background(self._release_pending())
+            # (at once, not waiting for room among the settling: one such task at a time,
+            # and a wait cancelled here would have left _release_in_flight set for good)
+            self._spawn(self._release_pending())
 
     async def _release_pending(self) -> None:
         try:
