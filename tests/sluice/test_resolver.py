@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import dns.flags
 import dns.message
@@ -188,12 +188,28 @@ async def test_only_the_records_asked_for_are_read() -> None:
         transport.close()
 
 
-async def test_truncated_answer_is_asked_again_over_tcp() -> None:
-    def truncated(q: dns.message.Message) -> dns.message.Message:
-        r = dns.message.make_response(q)
-        r.flags |= dns.flags.TC
-        return r
+def _truncated(q: dns.message.Message) -> dns.message.Message:
+    r = dns.message.make_response(q)
+    r.flags |= dns.flags.TC
+    return r
 
+
+async def _serve_truncated_and_tcp(
+    tcp: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+) -> tuple[asyncio.DatagramTransport, asyncio.Server, int]:
+    """A UDP server answering every question truncated, and `tcp` on the same port. The
+    UDP port the system picks may be taken for TCP (by another test's connection), so
+    pick again until both bind."""
+    for _ in range(20):
+        transport, port = await _serve_udp(_truncated)
+        try:
+            return transport, await asyncio.start_server(tcp, "127.0.0.1", port), port
+        except OSError:
+            transport.close()
+    raise AssertionError("no port free for both UDP and TCP")
+
+
+async def test_truncated_answer_is_asked_again_over_tcp() -> None:
     asked_over_tcp: list[str] = []
 
     async def tcp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -208,17 +224,7 @@ async def test_truncated_answer_is_asked_again_over_tcp() -> None:
         await writer.drain()
         writer.close()
 
-    # The same port for UDP and TCP: the UDP port the system picks may be taken for TCP
-    # (by another test's connection), so pick again until both bind.
-    for _ in range(20):
-        transport, port = await _serve_udp(truncated)
-        try:
-            server = await asyncio.start_server(tcp, "127.0.0.1", port)
-            break
-        except OSError:
-            transport.close()
-    else:
-        raise AssertionError("no port free for both UDP and TCP")
+    transport, server, port = await _serve_truncated_and_tcp(tcp)
     try:
         assert await _resolver(port, "127.0.0.1").addresses("big.test") == ["127.0.0.8"]
         assert asked_over_tcp and set(asked_over_tcp) == {"big.test."}
@@ -231,23 +237,10 @@ async def test_a_tcp_retry_cut_short_is_a_temporary_failure() -> None:
     """A truncated answer whose TCP retry the server closes at once (dnspython raises the
     builtin EOFError there) is a temporary failure, not an error out of the lookup."""
 
-    def truncated(q: dns.message.Message) -> dns.message.Message:
-        r = dns.message.make_response(q)
-        r.flags |= dns.flags.TC
-        return r
-
     async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.close()
 
-    for _ in range(20):  # (a port free for both UDP and TCP, as above)
-        transport, port = await _serve_udp(truncated)
-        try:
-            server = await asyncio.start_server(hang_up, "127.0.0.1", port)
-            break
-        except OSError:
-            transport.close()
-    else:
-        raise AssertionError("no port free for both UDP and TCP")
+    transport, server, port = await _serve_truncated_and_tcp(hang_up)
     try:
         r = _resolver(port, "127.0.0.1", timeout=0.6)
         with pytest.raises(DnsTemporary, match="MX lookup failed"):
