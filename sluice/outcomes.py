@@ -101,10 +101,11 @@ class BatchPublisher:
     A batch is published message by message without waiting for each other's PubAcks, to
     an inbox of its own (see _store_each). Not as a JetStream atomic batch: nats-server
     stages each atomic batch in a file store of its own (a directory and files created and
-    removed), which cost it 29-35 µs of CPU per message in batches of 100 against 8-10 for
-    these publishes, and twice the time (bench run by hand, 2026-11-29); in one profile of
-    bench.compare the staging was 30 % of nats-server's CPU. A repeated Nats-Msg-Id is
-    deduplicated per message, as usual.
+    removed): in batches of 100 it cost nats-server 24-31 µs of CPU per message against
+    8-13 for these publishes, the client 9-10 against 14-16, and twice the time
+    (bench/events_publish.py, 2026-11-29); in one profile of bench.compare the staging was
+    30 % of nats-server's CPU. A repeated Nats-Msg-Id is deduplicated per message, as
+    usual.
 
     With a `window` (seconds), a batch waits that long for company before it goes: the
     deliverer's transactions end one by one (each when its server answers), and their
