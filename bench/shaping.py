@@ -252,6 +252,13 @@ async def main() -> None:
             cpu0 = {p.pid: _cpu_seconds(p.pid) for p in procs}
             nats0 = _cpu_seconds(nats_pid)
             await blast(s, "u")
+        # Pointers JetStream handed out, counting redeliveries (mail handed back, expired
+        # acks): a consumer's delivered sequence counts every delivery.
+        handed_out = sum(
+            i.delivered.consumer_seq or 0
+            for i in await nc.jetstream().consumers_info("MAIL")
+            if i.name.startswith("mail_")
+        )
         await nc.close()
         elapsed = sink.last - sink.first
         cpu = {p.pid: _cpu_seconds(p.pid) - cpu0[p.pid] for p in procs}
@@ -273,6 +280,10 @@ async def main() -> None:
             print(f"  {name:10} CPU {cpu[pid]:7.1f} s = {cpu[pid] / total * 1e3:.2f} ms/msg")
         print(f"  all        CPU {sum(cpu.values()) / total * 1e3:.2f} ms/msg")
         print(f"most mail consumers at once: {most_consumers}")
+        print(
+            f"pointers fetched from JetStream: {handed_out} "
+            f"({handed_out - total * (2 if args.warm else 1)} more than messages sent)"
+        )
         print(f"recipients reached: {len(sink.seen)} of {total}, duplicates: {sink.duplicates}")
         print(
             f"connections that carried mail: {sink.connections}, transactions: {sink.delivered}"
