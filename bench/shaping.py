@@ -254,11 +254,10 @@ async def main() -> None:
             await blast(s, "u")
         # Pointers JetStream handed out, counting redeliveries (mail handed back, expired
         # acks): a consumer's delivered sequence counts every delivery.
-        handed_out = sum(
-            i.delivered.consumer_seq or 0
-            for i in await nc.jetstream().consumers_info("MAIL")
-            if i.name.startswith("mail_")
-        )
+        handed_out = 0
+        for info in await nc.jetstream().consumers_info("MAIL"):
+            if info.name.startswith("mail_") and info.delivered is not None:
+                handed_out += info.delivered.consumer_seq or 0
         await nc.close()
         elapsed = sink.last - sink.first
         cpu = {p.pid: _cpu_seconds(p.pid) - cpu0[p.pid] for p in procs}

@@ -27,11 +27,10 @@ def test_tuned_gc_freezes_startup_objects_and_still_collects_cycles() -> None:
         alive = weakref.ref(node)
         del node
         print(alive() is not None)  # not collected at once any more
-        keep = [[] for _ in range(%d)]  # enough new containers for a young collection
+        keep = [[] for _ in range(YOUNG)]  # enough new containers for a young collection
         print(alive() is None)
         """
-        % (services._GC_YOUNG + 1000)
-    )
+    ).replace("YOUNG", str(services._GC_YOUNG + 1000))
     out = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
     ).stdout.split()
