@@ -252,7 +252,10 @@ class Deliverer:
         self._in_flight: set[InHand] = set()
         self._stopping = False
         self._settling = Background(_SETTLING, "settling")
-        self._outcomes: list[scheduler_pb2.Outcome] = []
+        # Outcomes since the last report: counted per (lease, site, kind), throttled ones
+        # one by one with their reply (the scheduler logs why it cut a site's limits).
+        self._tallies: dict[tuple[str, str, scheduler_pb2.OutcomeKind.ValueType], int] = {}
+        self._throttles: list[scheduler_pb2.Outcome] = []
         self._subs: dict[str, JetStreamContext.PullSubscription] = {}
         self._parsed: dict[str, Sequence[messages_pb2.Payload]] = {}
         self._reads: SingleFlight[str, Sequence[messages_pb2.Payload]] = SingleFlight()
@@ -370,16 +373,22 @@ class Deliverer:
                     work.lost.set()
 
     async def _flush_outcomes(self) -> None:
-        if not self._outcomes:
+        if not self._tallies and not self._throttles:
             return
-        batch, self._outcomes = self._outcomes, []
+        batch, self._throttles = self._throttles, []
+        batch.extend(
+            scheduler_pb2.Outcome(lease_id=lease_id, site_id=site_id, kind=kind, count=n)
+            for (lease_id, site_id, kind), n in self._tallies.items()
+        )
+        self._tallies = {}
         try:
             await self._scheduler.ReportOutcomes(
                 scheduler_pb2.ReportOutcomesRequest(deliverer_id=self.deliverer_id, outcomes=batch),
                 timeout=5.0,
             )
         except grpc.aio.AioRpcError as exc:
-            log.warning("outcome report failed (%d dropped): %s", len(batch), exc.code().name)
+            dropped = sum(o.count or 1 for o in batch)
+            log.warning("outcome report failed (%d dropped): %s", dropped, exc.code().name)
 
     async def _work_lease(self, work: LeaseWork, stop: asyncio.Event) -> None:
         lease = work.lease
@@ -1453,18 +1462,19 @@ class Deliverer:
     def _report(
         self, lease: scheduler_pb2.Lease, p: messages_pb2.DeliveryPointer, outcome: Outcome
     ) -> None:
-        kind = _OUTCOME_KIND[type(outcome)]
         if isinstance(outcome, Deferred) and outcome.throttled:
-            kind = scheduler_pb2.OUTCOME_KIND_THROTTLED
-        reply = outcome.reply
-        self._outcomes.append(
-            scheduler_pb2.Outcome(
-                lease_id=lease.lease_id,
-                site_id=lease.site_id,
-                domain=p.domain,
-                tier=p.tier,
-                tenant_id=p.tenant_id,
-                kind=kind,
-                reply=reply.proto() if reply else None,
+            reply = outcome.reply
+            self._throttles.append(
+                scheduler_pb2.Outcome(
+                    lease_id=lease.lease_id,
+                    site_id=lease.site_id,
+                    domain=p.domain,
+                    tier=p.tier,
+                    tenant_id=p.tenant_id,
+                    kind=scheduler_pb2.OUTCOME_KIND_THROTTLED,
+                    reply=reply.proto() if reply else None,
+                )
             )
-        )
+            return
+        key = (lease.lease_id, lease.site_id, _OUTCOME_KIND[type(outcome)])
+        self._tallies[key] = self._tallies.get(key, 0) + 1

@@ -477,7 +477,8 @@ class Scheduler:
     async def report(self, outcomes: list[scheduler_pb2.Outcome]) -> None:
         successes: Counter[str] = Counter()
         for o in outcomes:
-            self.outcomes[(o.site_id, o.kind)] += 1
+            n = o.count or 1
+            self.outcomes[(o.site_id, o.kind)] += n
             if o.kind == scheduler_pb2.OUTCOME_KIND_THROTTLED:
                 now = time.monotonic()
                 # One decrease per cooldown: a burst of 421s is one signal, not twenty.
@@ -489,7 +490,7 @@ class Scheduler:
                         o.site_id, f"{o.reply.code} {o.reply.text}".strip()
                     )
             elif o.kind == scheduler_pb2.OUTCOME_KIND_DELIVERED:
-                successes[o.site_id] += 1
+                successes[o.site_id] += n
         for site, n in successes.items():
             await self.adaptive.succeeded(site, n)
 

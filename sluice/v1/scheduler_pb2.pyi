@@ -467,7 +467,7 @@ Global___ReleaseLeasesResponse: _TypeAlias = ReleaseLeasesResponse  # noqa: Y015
 
 @_typing.final
 class Outcome(_message.Message):
-    """Outcome is the result of one delivery attempt."""
+    """Outcome is the result of one delivery attempt, or (count > 1) of several alike."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -478,6 +478,7 @@ class Outcome(_message.Message):
     TENANT_ID_FIELD_NUMBER: _builtins.int
     KIND_FIELD_NUMBER: _builtins.int
     REPLY_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
     lease_id: _builtins.str
     """The lease it happened under."""
     site_id: _builtins.str
@@ -490,6 +491,11 @@ class Outcome(_message.Message):
     """The tenant."""
     kind: Global___OutcomeKind.ValueType
     """The class of result."""
+    count: _builtins.int
+    """How many attempts this stands for; 0 means 1. A deliverer reports its delivered,
+    deferred and bounced attempts as one count per lease and kind (domain, tier, tenant
+    and reply unset), and each throttled one on its own, with its reply.
+    """
     @_builtins.property
     def reply(self) -> _messages_pb2.SmtpReply:
         """The SMTP reply, if any."""
@@ -504,10 +510,11 @@ class Outcome(_message.Message):
         tenant_id: _builtins.str = ...,
         kind: Global___OutcomeKind.ValueType = ...,
         reply: _messages_pb2.SmtpReply | None = ...,
+        count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["reply", b"reply"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain", "kind", b"kind", "lease_id", b"lease_id", "reply", b"reply", "site_id", b"site_id", "tenant_id", b"tenant_id", "tier", b"tier"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "domain", b"domain", "kind", b"kind", "lease_id", b"lease_id", "reply", b"reply", "site_id", b"site_id", "tenant_id", b"tenant_id", "tier", b"tier"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
