@@ -6,6 +6,7 @@ counted from the blast's submission, once the processes have started.
     .venv/bin/python -m bench.shaping [--sites N] [--messages M] [--deliverers D]
     .venv/bin/python -m bench.shaping --zipf-domains 10000 --total 30000 [--zipf 1.0]
                                       [--hosted 0.8] [--providers 20] [--warm]
+                                      [--progress] [--log-level INFO]
 
 The second form sends one blast of --total messages over that many domains, drawn
 Zipf-distributed, and also prints the CPU time the Sluice processes spent per message and
@@ -130,6 +131,12 @@ async def main() -> None:
     ap.add_argument(
         "--warm", action="store_true", help="measure a second blast to the same domains"
     )
+    ap.add_argument(
+        "--progress",
+        action="store_true",
+        help="print arrivals, connections and JetStream's pending and in-hand mail every 2 s",
+    )
+    ap.add_argument("--log-level", default="WARNING", help="of the Sluice processes")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="sluice-shaping-"))
     srv, store_dir = start_nats()
@@ -203,17 +210,38 @@ async def main() -> None:
     for name in ["ingest", "expander", "scheduler", *["deliverer"] * args.deliverers]:
         procs.append(
             await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "sluice.cli", "--log-level", "WARNING", name, env=env
+                sys.executable, "-m", "sluice.cli", "--log-level", args.log_level, name, env=env
             )
         )
     try:
         total = len(rcpt_domains)
         nc = await connect(cfg, "bench-consumers")
         most_consumers = 0
+        # Pointers JetStream handed out, redeliveries included (mail handed back, expired
+        # acks): a consumer's delivered sequence counts every delivery. Read at every poll:
+        # the scheduler deletes idle consumers, and one made again starts from 0.
+        last_seq: dict[str, int] = {}
+        gone_seqs = 0
+
+        def handed_out() -> int:
+            return gone_seqs + sum(last_seq.values())
+
+        async def poll() -> list[Any]:
+            """The mail consumers now; counts them and their deliveries."""
+            nonlocal most_consumers, gone_seqs
+            infos = [
+                i for i in await nc.jetstream().consumers_info("MAIL") if i.name.startswith("mail_")
+            ]
+            most_consumers = max(most_consumers, len(infos))
+            for i in infos:
+                seq = i.delivered.consumer_seq or 0 if i.delivered else 0
+                if seq < last_seq.get(i.name, 0):  # (deleted and made again)
+                    gone_seqs += last_seq[i.name]
+                last_seq[i.name] = seq
+            return infos
 
         async def blast(s: aiohttp.ClientSession, prefix: str) -> None:
             """Send the blast (recipients named with `prefix`) and wait for every arrival."""
-            nonlocal most_consumers
             body = {
                 "from": {"email": "news@bench.test"},
                 "subject": "s",
@@ -224,11 +252,21 @@ async def main() -> None:
                 f"http://{http}/v1/blasts", json=body, headers={"Authorization": f"Bearer {key}"}
             ) as r:
                 assert r.status == 202, await r.text()
-            start = time.monotonic()
+            start = shown = time.monotonic()
             while len(sink.seen) < total and time.monotonic() - start < 900:
-                infos = await nc.jetstream().consumers_info("MAIL")
-                most_consumers = max(most_consumers, sum(i.name.startswith("mail_") for i in infos))
+                infos = await poll()
+                if args.progress and time.monotonic() - shown >= 2.0:
+                    shown = time.monotonic()
+                    print(
+                        f"  {shown - start:5.1f} s: {len(sink.seen)} arrived, "
+                        f"{sum(sink.active.values())} connections, mail consumers "
+                        f"{len(infos)}: {sum(i.num_pending or 0 for i in infos)} pending, "
+                        f"{sum(i.num_ack_pending or 0 for i in infos)} in hand, "
+                        f"{sum(i.num_redelivered or 0 for i in infos)} of them redelivered",
+                        flush=True,
+                    )
                 await asyncio.sleep(0.5)
+            await poll()
 
         async with aiohttp.ClientSession() as s:
             for _ in range(100):  # until ingest answers (any status)
@@ -251,13 +289,9 @@ async def main() -> None:
             # a cost per message.
             cpu0 = {p.pid: _cpu_seconds(p.pid) for p in procs}
             nats0 = _cpu_seconds(nats_pid)
+            handed_before = handed_out()
             await blast(s, "u")
-        # Pointers JetStream handed out, counting redeliveries (mail handed back, expired
-        # acks): a consumer's delivered sequence counts every delivery.
-        handed_out = 0
-        for info in await nc.jetstream().consumers_info("MAIL"):
-            if info.name.startswith("mail_") and info.delivered is not None:
-                handed_out += info.delivered.consumer_seq or 0
+        handed = handed_out() - handed_before
         await nc.close()
         elapsed = sink.last - sink.first
         cpu = {p.pid: _cpu_seconds(p.pid) - cpu0[p.pid] for p in procs}
@@ -280,8 +314,8 @@ async def main() -> None:
         print(f"  all        CPU {sum(cpu.values()) / total * 1e3:.2f} ms/msg")
         print(f"most mail consumers at once: {most_consumers}")
         print(
-            f"pointers fetched from JetStream: {handed_out} "
-            f"({handed_out - total * (2 if args.warm else 1)} more than messages sent)"
+            f"pointers JetStream handed out: {handed} ({handed - total} more than messages "
+            "sent; a lower bound if a consumer was deleted between two polls)"
         )
         print(f"recipients reached: {len(sink.seen)} of {total}, duplicates: {sink.duplicates}")
         print(

@@ -62,6 +62,9 @@ class LeaseStream:
         self._waiting: dict[int, asyncio.Future[scheduler_pb2.LeasesResponse]] = {}
         self._ids = itertools.count(1)
         self.error: grpc.aio.AioRpcError | None = None
+        # Whether the scheduler at the other end reads Outcome.count (its last response
+        # said so; an older one never does).
+        self.outcome_counts = False
         self._call = stub.Leases(self._requests())
         self._reader = asyncio.create_task(self._read())
 
@@ -73,6 +76,7 @@ class LeaseStream:
         error = _error(grpc.StatusCode.UNAVAILABLE, "the scheduler ended the lease stream")
         try:
             async for resp in self._call:
+                self.outcome_counts = resp.outcome_counts
                 waiter = self._waiting.pop(resp.id, None)
                 if waiter is not None and not waiter.done():
                     waiter.set_result(resp)
@@ -181,6 +185,13 @@ class SchedulerClient:
     def current(self) -> str:
         """The address calls go to first."""
         return self.addresses[self._current]
+
+    @property
+    def outcome_counts(self) -> bool:
+        """Whether the scheduler calls go to reads Outcome.count (as far as its lease
+        stream has told: False until it has answered once)."""
+        stream = self._streams.get(self.current)
+        return stream is not None and stream.error is None and stream.outcome_counts
 
     def _stub(self, address: str) -> scheduler_pb2_grpc.SchedulerServiceAsyncStub:
         channel = self._channels.get(address)

@@ -376,10 +376,15 @@ class Deliverer:
         if not self._tallies and not self._throttles:
             return
         batch, self._throttles = self._throttles, []
-        batch.extend(
-            scheduler_pb2.Outcome(lease_id=lease_id, site_id=site_id, kind=kind, count=n)
-            for (lease_id, site_id, kind), n in self._tallies.items()
-        )
+        counts = self._scheduler.outcome_counts
+        for (lease_id, site_id, kind), n in self._tallies.items():
+            if counts:
+                batch.append(
+                    scheduler_pb2.Outcome(lease_id=lease_id, site_id=site_id, kind=kind, count=n)
+                )
+            else:  # (an older scheduler, during a rolling upgrade: an Outcome per attempt)
+                one = scheduler_pb2.Outcome(lease_id=lease_id, site_id=site_id, kind=kind)
+                batch.extend(one for _ in range(n))
         self._tallies = {}
         try:
             await self._scheduler.ReportOutcomes(

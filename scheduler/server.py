@@ -228,7 +228,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         running: set[asyncio.Task[None]] = set()
 
         async def answer(request: scheduler_pb2.LeasesRequest) -> None:
-            resp = scheduler_pb2.LeasesResponse(id=request.id)
+            resp = scheduler_pb2.LeasesResponse(id=request.id, outcome_counts=True)
             try:
                 match request.WhichOneof("call"):
                     case "acquire":

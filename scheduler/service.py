@@ -54,6 +54,8 @@ class Scheduler:
         self._backlog = Backlog()
         self._bucketed: set[str] = set()
         self._bucketed_for: Backlog | None = None
+        # Looking up the sites of a new backlog's domains, outside the lock (run_backlog).
+        self._resolving: asyncio.Task[None] | None = None
         self.consumers = Consumers(js, cfg)
         self._backlog_at = 0.0
         self._sites: dict[str, tuple[float, str]] = {}
@@ -165,27 +167,39 @@ class Scheduler:
     def limits(self, site: str, domains: list[str]) -> Limits:
         return self.adaptive.current(site, self._rules.limits(site, domains))
 
-    async def _bucketed_sites(self) -> set[str]:
-        """Sites with mail in hash buckets (computed once per backlog read)."""
+    def _bucketed_sites(self) -> set[str]:
+        """The known sites with mail in hash buckets (computed once per backlog read, once
+        all of them are known). Nothing is looked up here, under the lock: a long tail's
+        new domains are thousands of lookups, seconds in which every other call waited for
+        the lock and deliverers' renewals ran out (a 100,000-recipient blast over 8,500
+        domains stalled deliveries for ten seconds and more); run_backlog looks them up."""
         if self._bucketed_for is not self._backlog:
             backlog = self._backlog
-            # One pass over the (thousands of) domains when their sites are known, as they
-            # are after the first read; the others are looked up.
-            now, sites, unknown = time.monotonic(), set(), set()
+            now, sites, complete = time.monotonic(), set(), True
             for key in backlog.bucketed:
-                domain = names.key_domain(key)
-                site = self._known_site(domain, now)
+                site = self._known_site(names.key_domain(key), now)
                 if site is None:
-                    unknown.add(domain)
+                    complete = False
                 else:
                     sites.add(site)
-            if unknown:
-                await self._learn_sites(unknown)  # (looked up together)
-                for domain in unknown:
-                    sites.add(await self.site_of(domain))
             self._bucketed = sites
-            self._bucketed_for = backlog
+            self._bucketed_for = backlog if complete else None
         return self._bucketed
+
+    def _unresolved(self) -> set[str]:
+        """Domains with mail in the backlog whose site is not known (or has expired)."""
+        now = time.monotonic()
+        return {
+            domain
+            for _, key in self._backlog.domains
+            if self._known_site(domain := names.key_domain(key), now) is None
+        }
+
+    async def _resolve(self, domains: set[str]) -> None:
+        try:
+            await self._learn_sites(domains)
+        except Exception as exc:  # (site_of turns DNS failures into a site of its own)
+            log.warning("looking up the sites of %d domains failed: %r", len(domains), exc)
 
     def _lane_share(self, deliverer_id: str, lanes: set[str]) -> tuple[int, int]:
         """(lanes this deliverer holds, its fair share of the lanes with mail): lanes are
@@ -244,7 +258,7 @@ class Scheduler:
                 await self.refresh_backlog()
             by_site = await self._by_site()
             by_lane = self._by_lane()
-            bucketed = await self._bucketed_sites()
+            bucketed = self._bucketed_sites()
             # Sites and lanes whose best queue is the highest tier come first.
             work: list[tuple[int, str, str]] = [
                 (min(q.tier for q in qs), "site", site) for site, qs in by_site.items()
@@ -338,10 +352,11 @@ class Scheduler:
     async def _acquire_domains(
         self, deliverer_id: str, domains: list[str], connections: int
     ) -> scheduler_pb2.AcquireLeasesResponse:
+        # (looked up before taking the lock: every other call waits for it)
+        await self._learn_sites(set(domains))
         async with self._lock:
             out = scheduler_pb2.AcquireLeasesResponse()
             by_site: dict[str, list[str]] = {}
-            await self._learn_sites(set(domains))
             for domain in dict.fromkeys(domains):
                 site = out.domain_sites[domain] = await self.site_of(domain)
                 by_site.setdefault(site, []).append(domain)
@@ -495,6 +510,7 @@ class Scheduler:
             await self.adaptive.succeeded(site, n)
 
     async def sites(self) -> scheduler_pb2.ListSitesResponse:
+        await self._learn_sites(self._unresolved())  # (before taking the lock, as above)
         async with self._lock:
             # Backlog per site and tier, dedicated and hash-bucket lanes alike.
             tiers: dict[str, Counter[names.Tier]] = defaultdict(Counter)
@@ -538,6 +554,10 @@ class Scheduler:
             try:
                 async with self._lock:
                     await self.refresh_backlog()
+                if self._resolving is None or self._resolving.done():
+                    # The sites of new domains, looked up beside (not under) the lock.
+                    if unresolved := self._unresolved():
+                        self._resolving = asyncio.create_task(self._resolve(unresolved))
                 now = time.monotonic()
                 if now - beats > self._cfg.scheduler.lease_ttl / 3:
                     beats = now
@@ -553,6 +573,10 @@ class Scheduler:
                 await asyncio.wait_for(stop.wait(), self._cfg.scheduler.backlog_interval)
             except TimeoutError:
                 pass
+        if self._resolving is not None:
+            self._resolving.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._resolving
 
     async def _leased_consumers(self) -> set[str]:
         """Consumers of queues a live lease covers (deliverers may be bound to them)."""

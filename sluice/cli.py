@@ -29,7 +29,7 @@ from sluice import __version__, deadletters, jsonpb, names, suppressions
 from sluice import config as config_mod
 from sluice.config import Config, ConfigError
 from sluice.nats_layout import connect, ensure_layout
-from sluice.services import SERVICES, run_until_signal, service, setup_logging
+from sluice.services import SERVICES, run_until_signal, service, setup_logging, tune_gc
 from sluice.tenants import TenantStore, new_webhook_secret, now_ts, valid_tenant_id
 from sluice.v1 import messages_pb2, tenant_pb2
 
@@ -400,10 +400,13 @@ def main(argv: list[str] | None = None) -> int:
         from sluice.dev import run_dev
 
         Path(args.data_dir).mkdir(parents=True, exist_ok=True)
+        tune_gc()
         run_until_signal(lambda stop: run_dev(cfg, Path(args.data_dir), stop))
         return 0
     if cmd in SERVICES:
-        run_until_signal(lambda stop: service(cmd)(cfg, stop))
+        serve = service(cmd)  # (imports the service's modules)
+        tune_gc()
+        run_until_signal(lambda stop: serve(cfg, stop))
         return 0
     if cmd == "sink":
         from sluice.dev import run_sink

@@ -14,8 +14,8 @@ from sluice.telemetry import setup_metrics, setup_tracing
 
 __all__ = ["SERVICES", "run_until_signal", "setup_logging", "tune_gc"]
 
-# Container objects allocated (net of those freed) before a young collection; CPython's
-# default is 700. A service allocates and frees thousands of short-lived objects per message
+# Container objects allocated (net of those freed) before a young collection; CPython
+# 3.11's default is 700. A service allocates and frees thousands of short-lived objects per message
 # (protobufs, events, coroutines), almost none of them in cycles, so most collections found
 # nothing to free: measured under bench.compare, 5-7 % of a deliverer's CPU and 10 % of the
 # expander's went to collections, and none with this threshold.
@@ -51,18 +51,19 @@ def service(name: str) -> Serve:
     async def run(cfg: Config, stop: asyncio.Event) -> None:
         setup_tracing(cfg.telemetry, f"sluice-{name}")
         setup_metrics(cfg.telemetry, f"sluice-{name}")
-        tune_gc()
         await serve(cfg, stop)
 
     return run
 
 
 def tune_gc() -> None:
-    """Garbage collection for a long-running service, once its modules are imported: what
-    exists now (modules, classes, configuration) lives as long as the process, so it is
-    moved out of the collector's sight (gc.freeze) instead of being traversed by every full
-    collection, and young collections wait for _GC_YOUNG new container objects. Cyclic
-    garbage is still collected, later."""
+    """Garbage collection for a process that runs services, called once, by the CLI, when
+    their modules are imported: what exists then (modules, classes, configuration) lives as
+    long as the process, so it is moved out of the collector's sight (gc.freeze) instead of
+    being traversed by every full collection, and young collections wait for _GC_YOUNG new
+    container objects (net of those freed). Cyclic garbage is still collected, later. (Not
+    called by `service`: a process that starts services among other work — the tests — keeps
+    its own settings.)"""
     gc.collect()
     gc.freeze()
     _, older, oldest = gc.get_threshold()

@@ -494,7 +494,8 @@ class Outcome(_message.Message):
     count: _builtins.int
     """How many attempts this stands for; 0 means 1. A deliverer reports its delivered,
     deferred and bounced attempts as one count per lease and kind (domain, tier, tenant
-    and reply unset), and each throttled one on its own, with its reply.
+    and reply unset: they are set on throttled outcomes, sent one by one with their reply)
+    to a scheduler that says it reads counts (LeasesResponse.outcome_counts).
     """
     @_builtins.property
     def reply(self) -> _messages_pb2.SmtpReply:
@@ -618,12 +619,17 @@ class LeasesResponse(_message.Message):
     REPORT_FIELD_NUMBER: _builtins.int
     ERROR_CODE_FIELD_NUMBER: _builtins.int
     ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
+    OUTCOME_COUNTS_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """The call's id."""
     error_code: _builtins.int
     """When the call failed: its gRPC status code (e.g. 3, INVALID_ARGUMENT), else 0."""
     error_message: _builtins.str
     """When the call failed: why."""
+    outcome_counts: _builtins.bool
+    """Set by a scheduler that reads Outcome.count. A deliverer reports counts only to one
+    that sets it; to an older scheduler it sends an Outcome per attempt.
+    """
     @_builtins.property
     def acquire(self) -> Global___AcquireLeasesResponse: ...
     @_builtins.property
@@ -642,10 +648,11 @@ class LeasesResponse(_message.Message):
         report: Global___ReportOutcomesResponse | None = ...,
         error_code: _builtins.int = ...,
         error_message: _builtins.str = ...,
+        outcome_counts: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["acquire", b"acquire", "release", b"release", "renew", b"renew", "reply", b"reply", "report", b"report"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acquire", b"acquire", "error_code", b"error_code", "error_message", b"error_message", "id", b"id", "release", b"release", "renew", b"renew", "reply", b"reply", "report", b"report"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acquire", b"acquire", "error_code", b"error_code", "error_message", b"error_message", "id", b"id", "outcome_counts", b"outcome_counts", "release", b"release", "renew", b"renew", "reply", b"reply", "report", b"report"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_reply: _TypeAlias = _typing.Literal["acquire", "renew", "release", "report"]  # noqa: Y015
     _WhichOneofArgType_reply: _TypeAlias = _typing.Literal["reply", b"reply"]  # noqa: Y015

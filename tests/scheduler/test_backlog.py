@@ -5,6 +5,8 @@ real DNS server)."""
 
 from __future__ import annotations
 
+import asyncio
+
 from scheduler.backlog import Queue, read_backlog
 from scheduler.service import Scheduler
 from scheduler.shaping import load_rules
@@ -16,7 +18,7 @@ from sluice.nats_layout import connect, ensure_layout
 from sluice.natsserver import NatsServer
 from sluice.resolver import Resolver
 from sluice.v1 import messages_pb2
-from tests.conftest import one_site
+from tests.conftest import one_site, wait_for
 
 BULK = messages_pb2.TIER_BULK
 CRITICAL = messages_pb2.TIER_CRITICAL
@@ -87,14 +89,54 @@ async def test_the_sites_of_bucket_mail(nats_server: NatsServer, dns_server: Dns
         await js.publish(names.mail_subject(BULK, "d", "big_test", "acme"), b"x")
         scheduler = Scheduler(cfg, js, load_rules(), Resolver(cfg.dns))
         await scheduler.refresh_backlog()
-        sites = await scheduler._bucketed_sites()
+        # Nothing is looked up for them under the scheduler's lock: sites not known yet
+        # are left out, until run_backlog has looked up the backlog's new domains.
+        before = len(dns_server.queries)
+        assert scheduler._bucketed_sites() == set()
+        assert len(dns_server.queries) == before
+        unresolved = {"a.test", "b.test", "c.test", "gone.test", "big.test"}
+        assert scheduler._unresolved() == unresolved
+        await scheduler._resolve(scheduler._unresolved())
+        assert {name for name, _ in dns_server.queries[before:]} == unresolved
+        sites = scheduler._bucketed_sites()
         shared = await scheduler.site_of("a.test")
         assert shared == await scheduler.site_of("b.test")
         assert sites == {shared, await scheduler.site_of("c.test"), "gone.test"}
-        assert "big.test" not in {name for name, _ in dns_server.queries}
         looked_up = len(dns_server.queries)
         await scheduler.refresh_backlog()
-        assert await scheduler._bucketed_sites() == sites
+        assert scheduler._unresolved() == set()
+        assert scheduler._bucketed_sites() == sites
         assert len(dns_server.queries) == looked_up
+    finally:
+        await nc.close()
+
+
+async def test_calls_do_not_wait_for_the_lookups_of_a_new_backlog(
+    nats_server: NatsServer, dns_server: DnsServer
+) -> None:
+    """The sites of a new backlog's domains are looked up beside the scheduler's lock: a
+    call for work is answered while a lookup is still unanswered (a long tail is thousands
+    of them, and calls waiting for them ran past their deadlines)."""
+    dns_server.silent.add("slow.test")
+    cfg = config_mod.replace(
+        Config(),
+        nats={"url": nats_server.url},
+        dns={"nameservers": ["127.0.0.1"], "port": dns_server.port, "timeout": "3s"},
+    )
+    nc = await connect(cfg, "test")
+    try:
+        js = nc.jetstream()
+        await ensure_layout(js, cfg)
+        await js.publish(names.mail_subject(BULK, "b01", "slow_test", "acme"), b"x")
+        scheduler = Scheduler(cfg, js, load_rules(), Resolver(cfg.dns))
+        await scheduler.refresh_backlog()
+        assert scheduler._unresolved() == {"slow.test"}
+        resolving = asyncio.create_task(scheduler._resolve(scheduler._unresolved()))
+        await wait_for(lambda: ("slow.test", "MX") in dns_server.queries, 10, "the lookup")
+        leases = await scheduler.acquire("d1", 10)
+        assert not resolving.done(), "the call waited for the unanswered lookup"
+        assert [lease.lane for lease in leases] == ["b01"]  # (its lane is worked meanwhile)
+        await resolving
+        assert scheduler._unresolved() == set()  # (a failed lookup: a site of its own)
     finally:
         await nc.close()

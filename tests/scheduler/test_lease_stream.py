@@ -76,8 +76,10 @@ def _acquire(deliverer: str, wait: float = 0.0) -> scheduler_pb2.AcquireLeasesRe
 async def test_calls_share_one_stream_without_holding_each_other_up(
     client: SchedulerClient,
 ) -> None:
+    assert not client.outcome_counts  # (nothing has been said on the stream yet)
     (held,) = (await client.AcquireLeases(_acquire("d2"), timeout=10)).leases
     assert held.site_id == "mx.full.test" and held.max_connections == 1
+    assert client.outcome_counts  # (the scheduler reads Outcome.count: its answer says so)
 
     # d1 waits for the full site; meanwhile the stream carries other calls.
     waiting = asyncio.ensure_future(client.AcquireLeases(_acquire("d1", wait=8), timeout=15))
