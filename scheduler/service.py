@@ -56,6 +56,10 @@ class Scheduler:
         self._bucketed_for: Backlog | None = None
         # Looking up the sites of a new backlog's domains, outside the lock (run_backlog).
         self._resolving: asyncio.Task[None] | None = None
+        # Lookups in flight, all callers together: the backlog loop's thousands and the
+        # deliverers' calls share the nameserver, which drops what it cannot answer (a
+        # failed lookup makes a domain its own site, with a limit of its own).
+        self._dns = asyncio.Semaphore(_RESOLVING)
         self.consumers = Consumers(js, cfg)
         self._backlog_at = 0.0
         self._sites: dict[str, tuple[float, str]] = {}
@@ -130,7 +134,8 @@ class Scheduler:
             return known
         now = time.monotonic()
         try:
-            hosts = [h.host for h in await self._resolver.mx(domain)]
+            async with self._dns:
+                hosts = [h.host for h in await self._resolver.mx(domain)]
             site = self._rules.site_of(domain, hosts)
             ttl = 300.0
         except DnsError as exc:

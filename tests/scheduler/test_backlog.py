@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 
+from scheduler import service as service_mod
 from scheduler.backlog import Queue, read_backlog
 from scheduler.service import Scheduler
 from scheduler.shaping import load_rules
@@ -16,7 +17,7 @@ from sluice.config import Config
 from sluice.devdns import DnsServer
 from sluice.nats_layout import connect, ensure_layout
 from sluice.natsserver import NatsServer
-from sluice.resolver import Resolver
+from sluice.resolver import MxHost, Resolver
 from sluice.v1 import messages_pb2
 from tests.conftest import one_site, wait_for
 
@@ -138,5 +139,51 @@ async def test_calls_do_not_wait_for_the_lookups_of_a_new_backlog(
         assert [lease.lane for lease in leases] == ["b01"]  # (its lane is worked meanwhile)
         await resolving
         assert scheduler._unresolved() == set()  # (a failed lookup: a site of its own)
+    finally:
+        await nc.close()
+
+
+class _CountingResolver(Resolver):
+    """The real resolver, counting its MX lookups in flight."""
+
+    def __init__(self, cfg: config_mod.DnsConfig) -> None:
+        super().__init__(cfg)
+        self.in_flight = self.most = 0
+
+    async def mx(self, domain: str) -> list[MxHost]:
+        self.in_flight += 1
+        self.most = max(self.most, self.in_flight)
+        try:
+            await asyncio.sleep(0.01)  # (answers take a while: lookups pile up)
+            return await super().mx(domain)
+        finally:
+            self.in_flight -= 1
+
+
+async def test_lookups_in_flight_are_capped_across_callers(
+    nats_server: NatsServer, dns_server: DnsServer
+) -> None:
+    """The backlog loop's lookups and a deliverer's call share one cap on lookups in flight
+    (the nameserver drops what it cannot answer, and a failed lookup makes a domain its own
+    site, with a limit of its own)."""
+    cfg = config_mod.replace(
+        Config(),
+        nats={"url": nats_server.url},
+        dns={"nameservers": ["127.0.0.1"], "port": dns_server.port, "timeout": "3s"},
+    )
+    nc = await connect(cfg, "test")
+    try:
+        js = nc.jetstream()
+        await ensure_layout(js, cfg)
+        resolver = _CountingResolver(cfg.dns)
+        scheduler = Scheduler(cfg, js, load_rules(), resolver)
+        backlog = {f"b{i}.test" for i in range(300)}
+        call = [f"c{i}.test" for i in range(100)]
+        await asyncio.gather(
+            scheduler._resolve(backlog),
+            scheduler._acquire_domains("d1", call, 1),
+        )
+        assert resolver.most == service_mod._RESOLVING, resolver.most
+        assert all(scheduler._known_site(d) is not None for d in [*backlog, *call])
     finally:
         await nc.close()
