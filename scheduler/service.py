@@ -129,6 +129,12 @@ class Scheduler:
         hit = self._sites.get(domain)
         return hit[1] if hit and hit[0] > (time.monotonic() if now is None else now) else None
 
+    def _last_site(self, domain: str) -> str | None:
+        """The domain's site from the cache, expired or not (None if never looked up): what
+        callers under the lock use, while the backlog loop looks expired ones up again."""
+        hit = self._sites.get(domain)
+        return hit[1] if hit else None
+
     async def site_of(self, domain: str) -> str:
         if (known := self._known_site(domain)) is not None:
             return known
@@ -154,12 +160,13 @@ class Scheduler:
         for i in range(0, len(unknown), _RESOLVING):
             await asyncio.gather(*(self.site_of(d) for d in unknown[i : i + _RESOLVING]))
 
-    async def _by_site(self) -> dict[str, list[Queue]]:
-        """Dedicated queues grouped by site."""
+    def _by_site(self) -> dict[str, list[Queue]]:
+        """Dedicated queues grouped by site; those of a domain not looked up yet wait for
+        the backlog loop (nothing is looked up under the lock)."""
         by_site: dict[str, list[Queue]] = defaultdict(list)
         for q in self._backlog.queues:
-            if not q.bucket:
-                by_site[await self.site_of(q.domain)].append(q)
+            if not q.bucket and (site := self._last_site(q.domain)) is not None:
+                by_site[site].append(q)
         return by_site
 
     def _by_lane(self) -> dict[str, list[Queue]]:
@@ -180,9 +187,10 @@ class Scheduler:
         domains stalled deliveries for ten seconds and more); run_backlog looks them up."""
         if self._bucketed_for is not self._backlog:
             backlog = self._backlog
-            now, sites, complete = time.monotonic(), set(), True
+            sites: set[str] = set()
+            complete = True
             for key in backlog.bucketed:
-                site = self._known_site(names.key_domain(key), now)
+                site = self._last_site(names.key_domain(key))
                 if site is None:
                     complete = False
                 else:
@@ -261,7 +269,7 @@ class Scheduler:
                 return []
             if now - self._backlog_at > self._cfg.scheduler.backlog_interval:
                 await self.refresh_backlog()
-            by_site = await self._by_site()
+            by_site = self._by_site()
             by_lane = self._by_lane()
             bucketed = self._bucketed_sites()
             # Sites and lanes whose best queue is the highest tier come first.
@@ -439,7 +447,7 @@ class Scheduler:
         """Extend leases, with their current queues (a new critical queue shows up here);
         leases over a site's adapted limit, or of a suspended site, are taken back."""
         async with self._lock:
-            by_site = await self._by_site()
+            by_site = self._by_site()
             by_lane = self._by_lane()
             self._shrink()
             self._rebalance_lanes(deliverer_id, set(by_lane))
@@ -585,7 +593,7 @@ class Scheduler:
 
     async def _leased_consumers(self) -> set[str]:
         """Consumers of queues a live lease covers (deliverers may be bound to them)."""
-        by_site = await self._by_site()
+        by_site = self._by_site()
         by_lane = self._by_lane()
         return {q.consumer for ls in self.leases.all() for q in _lease_queues(ls, by_site, by_lane)}
 
