@@ -22,6 +22,7 @@ from sluice import names
 from sluice.config import Config
 from sluice.nats_layout import kv_put_ttl
 from sluice.resolver import DnsError, Resolver
+from sluice.singleflight import SingleFlight
 from sluice.telemetry import observe_sites
 from sluice.v1 import scheduler_pb2
 
@@ -60,6 +61,7 @@ class Scheduler:
         # deliverers' calls share the nameserver, which drops what it cannot answer (a
         # failed lookup makes a domain its own site, with a limit of its own).
         self._dns = asyncio.Semaphore(_RESOLVING)
+        self._lookups: SingleFlight[str, str] = SingleFlight()
         self.consumers = Consumers(js, cfg)
         self._backlog_at = 0.0
         self._sites: dict[str, tuple[float, str]] = {}
@@ -138,6 +140,11 @@ class Scheduler:
     async def site_of(self, domain: str) -> str:
         if (known := self._known_site(domain)) is not None:
             return known
+        # (one lookup per domain at a time: the backlog loop and a deliverer's call may ask
+        # for the same new domain together)
+        return await self._lookups.do(domain, lambda: self._look_up_site(domain))
+
+    async def _look_up_site(self, domain: str) -> str:
         now = time.monotonic()
         try:
             async with self._dns:
