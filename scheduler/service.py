@@ -568,7 +568,18 @@ class Scheduler:
             return resp
 
     async def run_backlog(self, stop: asyncio.Event) -> None:
-        """Keep the backlog snapshot fresh and the liveness key alive; delete idle consumers."""
+        """Keep the backlog snapshot fresh and the liveness key alive; delete idle consumers;
+        look up the sites of the backlog's new domains (beside the lock)."""
+        try:
+            await self._backlog_loop(stop)
+        finally:
+            # (also when cancelled: leadership ends, and the lookups with it)
+            if self._resolving is not None:
+                self._resolving.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._resolving
+
+    async def _backlog_loop(self, stop: asyncio.Event) -> None:
         beats = collected = 0.0
         while not stop.is_set():
             try:
@@ -593,10 +604,6 @@ class Scheduler:
                 await asyncio.wait_for(stop.wait(), self._cfg.scheduler.backlog_interval)
             except TimeoutError:
                 pass
-        if self._resolving is not None:
-            self._resolving.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._resolving
 
     async def _leased_consumers(self) -> set[str]:
         """Consumers of queues a live lease covers (deliverers may be bound to them)."""
