@@ -15,10 +15,10 @@ from sluice.telemetry import setup_metrics, setup_tracing
 __all__ = ["SERVICES", "run_until_signal", "setup_logging", "tune_gc"]
 
 # Container objects allocated (net of those freed) before a young collection; CPython
-# 3.11's default is 700. A service allocates and frees thousands of short-lived objects per message
-# (protobufs, events, coroutines), almost none of them in cycles, so most collections found
-# nothing to free: measured under bench.compare, 5-7 % of a deliverer's CPU and 10 % of the
-# expander's went to collections, and none with this threshold.
+# 3.11's default is 700. A service allocates and frees thousands of short-lived objects a
+# message (protobufs, events, coroutines), almost none of them in cycles, so most
+# collections found nothing to free: measured under bench.compare, 5-7 % of a deliverer's
+# CPU and 10 % of the expander's went to collections, and none with this threshold.
 _GC_YOUNG = 50_000
 
 Serve = Callable[[Config, asyncio.Event], Coroutine[Any, Any, None]]
