@@ -30,6 +30,12 @@ def machine() -> str:
     )
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a live process (not its children), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def start_nats() -> tuple[NatsServer, tempfile.TemporaryDirectory[str]]:
     tmp = tempfile.TemporaryDirectory(prefix="sluice-bench-")
     srv = NatsServer(Path(tmp.name) / "js", log_file=Path(tmp.name) / "nats.log")

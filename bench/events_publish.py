@@ -11,21 +11,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import time
-from pathlib import Path
 
 import nats
 from nats.js import api
 
-from bench.common import machine, start_nats
+from bench.common import machine, process_cpu_seconds, start_nats
 from sluice.atomic import MAX_BATCH, publish_atomic
 from sluice.outcomes import BatchPublisher
-
-
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def main() -> None:
@@ -56,14 +49,14 @@ async def main() -> None:
                     ]
                     for b in range(args.batches)
                 ]
-                server0, client0 = _cpu_seconds(srv.proc.pid), time.process_time()
+                server0, client0 = process_cpu_seconds(srv.proc.pid), time.process_time()
                 wall0 = time.monotonic()
                 for batch in msgs:
                     if how == "atomic":
                         await publish_atomic(nc, batch)
                     else:
                         await plain.publish_many(batch)
-                server = (_cpu_seconds(srv.proc.pid) - server0) / n * 1e6
+                server = (process_cpu_seconds(srv.proc.pid) - server0) / n * 1e6
                 client = (time.process_time() - client0) / n * 1e6
                 print(
                     f"round {rnd + 1} {how:6}: nats-server {server:5.1f} µs/event, client "

@@ -41,7 +41,7 @@ from typing import Any
 import aiohttp
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from bench.common import machine, start_nats
+from bench.common import machine, process_cpu_seconds, start_nats
 from sluice import config as config_mod
 from sluice.devdns import DnsServer
 from sluice.nats_layout import connect, ensure_layout
@@ -277,9 +277,9 @@ async def main() -> None:
                     await asyncio.sleep(0.2)
             # Until the processes have started (imports, connections): their CPU stays flat.
             for _ in range(60):
-                before = sum(_cpu_seconds(p.pid) for p in procs)
+                before = sum(process_cpu_seconds(p.pid) for p in procs)
                 await asyncio.sleep(0.5)
-                if sum(_cpu_seconds(p.pid) for p in procs) - before < 0.05:
+                if sum(process_cpu_seconds(p.pid) for p in procs) - before < 0.05:
                     break
             if args.warm:  # the same domains once before, unmeasured: caches are warm
                 await blast(s, "w")
@@ -287,15 +287,15 @@ async def main() -> None:
                 await asyncio.sleep(1.0)  # (its last connections close)
             # CPU is counted from here: the processes' start (imports, connections) is not
             # a cost per message.
-            cpu0 = {p.pid: _cpu_seconds(p.pid) for p in procs}
-            nats0 = _cpu_seconds(nats_pid)
+            cpu0 = {p.pid: process_cpu_seconds(p.pid) for p in procs}
+            nats0 = process_cpu_seconds(nats_pid)
             handed_before = handed_out()
             await blast(s, "u")
         handed = handed_out() - handed_before
         await nc.close()
         elapsed = sink.last - sink.first
-        cpu = {p.pid: _cpu_seconds(p.pid) - cpu0[p.pid] for p in procs}
-        cpu[nats_pid] = _cpu_seconds(nats_pid) - nats0
+        cpu = {p.pid: process_cpu_seconds(p.pid) - cpu0[p.pid] for p in procs}
+        cpu[nats_pid] = process_cpu_seconds(nats_pid) - nats0
         print(machine())
         what = (
             f"{len(set(rcpt_domains))} of {args.zipf_domains} domains (Zipf s={args.zipf}) on "
@@ -345,12 +345,6 @@ async def main() -> None:
         dns.close()
         srv.stop()
         store_dir.cleanup()
-
-
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a live process, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 if __name__ == "__main__":

@@ -13,22 +13,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import zlib
-from pathlib import Path
 
 import nats
 from nats.js import api
 
-from bench.common import machine, start_nats
+from bench.common import machine, process_cpu_seconds, start_nats
 from sluice.pull import fetch
 
 _BUCKETS = 16
-
-
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def _run(domains: int, messages: int, one_token: bool) -> float:
@@ -60,7 +53,7 @@ async def _run(domains: int, messages: int, one_token: bool) -> float:
             f"m.b{zlib.crc32(d.encode()) % _BUCKETS:02d}.{'all' if one_token else d}.t"
             for d in names
         ]
-        cpu0 = _cpu_seconds(srv.proc.pid)
+        cpu0 = process_cpu_seconds(srv.proc.pid)
         for i in range(messages):
             await nc.publish(subjects[i % domains], b"x" * 200)
         await nc.flush()
@@ -80,7 +73,7 @@ async def _run(domains: int, messages: int, one_token: bool) -> float:
         # (acks are taken, and acked messages removed, after they are sent: until then)
         while (await js.stream_info("M")).state.messages:
             await asyncio.sleep(0.05)
-        cpu = _cpu_seconds(srv.proc.pid) - cpu0
+        cpu = process_cpu_seconds(srv.proc.pid) - cpu0
         await nc.close()
         return cpu
     finally:
