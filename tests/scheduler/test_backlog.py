@@ -6,6 +6,10 @@ real DNS server)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from nats.js import JetStreamContext
 
 from scheduler import service as service_mod
 from scheduler.backlog import Queue, read_backlog
@@ -23,6 +27,25 @@ from tests.conftest import one_site, wait_for
 
 BULK = messages_pb2.TIER_BULK
 CRITICAL = messages_pb2.TIER_CRITICAL
+
+
+@contextlib.asynccontextmanager
+async def _layout(
+    nats_server: NatsServer, dns_server: DnsServer, dns_timeout: str
+) -> AsyncIterator[tuple[Config, JetStreamContext]]:
+    """A configuration with the test DNS server, and JetStream with Sluice's layout."""
+    cfg = config_mod.replace(
+        Config(),
+        nats={"url": nats_server.url},
+        dns={"nameservers": ["127.0.0.1"], "port": dns_server.port, "timeout": dns_timeout},
+    )
+    nc = await connect(cfg, "test")
+    try:
+        js = nc.jetstream()
+        await ensure_layout(js, cfg)
+        yield cfg, js
+    finally:
+        await nc.close()
 
 
 async def test_backlog_per_queue_domain_and_bucket(nats_server: NatsServer) -> None:
@@ -71,15 +94,7 @@ async def test_the_sites_of_bucket_mail(nats_server: NatsServer, dns_server: Dns
     domain without DNS is its own; a later read with the same domains looks nothing up."""
     one_site(dns_server, ["a.test", "b.test"], "mx.shared.test")
     one_site(dns_server, ["c.test"], "mx.c.test")
-    cfg = config_mod.replace(
-        Config(),
-        nats={"url": nats_server.url},
-        dns={"nameservers": ["127.0.0.1"], "port": dns_server.port, "timeout": "2s"},
-    )
-    nc = await connect(cfg, "test")
-    try:
-        js = nc.jetstream()
-        await ensure_layout(js, cfg)
+    async with _layout(nats_server, dns_server, "2s") as (cfg, js):
         for lane, key in (
             ("b01", "a_test"),
             ("b02", "b_test"),
@@ -108,8 +123,6 @@ async def test_the_sites_of_bucket_mail(nats_server: NatsServer, dns_server: Dns
         assert scheduler._unresolved() == set()
         assert scheduler._bucketed_sites() == sites
         assert len(dns_server.queries) == looked_up
-    finally:
-        await nc.close()
 
 
 async def test_calls_do_not_wait_for_the_lookups_of_a_new_backlog(
@@ -119,15 +132,7 @@ async def test_calls_do_not_wait_for_the_lookups_of_a_new_backlog(
     call for work is answered while a lookup is still unanswered (a long tail is thousands
     of them, and calls waiting for them ran past their deadlines)."""
     dns_server.silent.add("slow.test")
-    cfg = config_mod.replace(
-        Config(),
-        nats={"url": nats_server.url},
-        dns={"nameservers": ["127.0.0.1"], "port": dns_server.port, "timeout": "3s"},
-    )
-    nc = await connect(cfg, "test")
-    try:
-        js = nc.jetstream()
-        await ensure_layout(js, cfg)
+    async with _layout(nats_server, dns_server, "3s") as (cfg, js):
         await js.publish(names.mail_subject(BULK, "b01", "slow_test", "acme"), b"x")
         scheduler = Scheduler(cfg, js, load_rules(), Resolver(cfg.dns))
         await scheduler.refresh_backlog()
@@ -139,8 +144,6 @@ async def test_calls_do_not_wait_for_the_lookups_of_a_new_backlog(
         assert [lease.lane for lease in leases] == ["b01"]  # (its lane is worked meanwhile)
         await resolving
         assert scheduler._unresolved() == set()  # (a failed lookup: a site of its own)
-    finally:
-        await nc.close()
 
 
 class _CountingResolver(Resolver):
@@ -166,15 +169,7 @@ async def test_lookups_in_flight_are_capped_across_callers(
     """The backlog loop's lookups and a deliverer's call share one cap on lookups in flight
     (the nameserver drops what it cannot answer, and a failed lookup makes a domain its own
     site, with a limit of its own)."""
-    cfg = config_mod.replace(
-        Config(),
-        nats={"url": nats_server.url},
-        dns={"nameservers": ["127.0.0.1"], "port": dns_server.port, "timeout": "3s"},
-    )
-    nc = await connect(cfg, "test")
-    try:
-        js = nc.jetstream()
-        await ensure_layout(js, cfg)
+    async with _layout(nats_server, dns_server, "3s") as (cfg, js):
         resolver = _CountingResolver(cfg.dns)
         scheduler = Scheduler(cfg, js, load_rules(), resolver)
         backlog = {f"b{i}.test" for i in range(300)}
@@ -185,5 +180,3 @@ async def test_lookups_in_flight_are_capped_across_callers(
         )
         assert resolver.most == service_mod._RESOLVING, resolver.most
         assert all(scheduler._known_site(d) is not None for d in [*backlog, *call])
-    finally:
-        await nc.close()
