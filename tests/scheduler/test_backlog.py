@@ -112,6 +112,9 @@ async def test_the_sites_of_bucket_mail(nats_server: NatsServer, dns_server: Dns
         assert len(dns_server.queries) == before
         unresolved = {"a.test", "b.test", "c.test", "gone.test", "big.test"}
         assert scheduler._unresolved() == unresolved
+        # Sites learnt later join the same read's set (one lookup now, the rest after).
+        await scheduler._resolve({"c.test"})
+        assert scheduler._bucketed_sites() == {await scheduler.site_of("c.test")}
         await scheduler._resolve(scheduler._unresolved())
         assert {name for name, _ in dns_server.queries[before:]} == unresolved
         sites = scheduler._bucketed_sites()
