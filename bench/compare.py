@@ -4,6 +4,12 @@ from the first submission to the last arrival at the sink, in one run on this ma
 
     .venv/bin/python -m bench.compare [--messages 20000] [--systems sluice,postfix,haraka]
                                       [--dkim both|on|off] [--deliverers 2] [--webhooks]
+                                      [--rounds 1]
+
+With --rounds N the systems run N times in turn (Postfix, Sluice, Postfix, Sluice, ...),
+each round compared with its own Postfix run, and the ratios of every round are summed up
+at the end: this machine's speed drifts by a third within minutes, and one pair of runs
+can land on either side of a drift.
 
 - Sluice: the whole stack as separate processes (nats-server with file storage, ingest,
   expander, scheduler, deliverers; webhooks with --webhooks), messages submitted through the
@@ -29,6 +35,7 @@ import asyncio
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -499,25 +506,50 @@ async def main() -> None:
     ap.add_argument("--clients", type=int, default=8, help="SMTP submission connections")
     ap.add_argument("--webhooks", action="store_true")
     ap.add_argument("--hook-receiver", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--rounds", type=int, default=1, help="run the systems this many times")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="sluice-compare-"))
     work.chmod(0o755)  # Postfix's and smtp-sink's users work in it
-    results: list[Result] = []
-    for system in args.systems.split(","):
-        if system == "sluice":
-            for dkim in {"both": [False, True], "on": [True], "off": [False]}[args.dkim]:
-                results.append(
-                    await run_sluice(
-                        args.messages, args.domains, args.deliverers, dkim, args.webhooks, work
+    rounds: list[list[Result]] = []
+    for i in range(args.rounds):
+        results: list[Result] = []
+        for system in args.systems.split(","):
+            if system == "sluice":
+                for dkim in {"both": [False, True], "on": [True], "off": [False]}[args.dkim]:
+                    results.append(
+                        await run_sluice(
+                            args.messages, args.domains, args.deliverers, dkim, args.webhooks, work
+                        )
                     )
-                )
-        elif system == "postfix":
-            results.append(await run_postfix(args.messages, args.clients, args.domains, work))
-        elif system == "haraka":
-            results.append(await run_haraka(args.messages, args.clients, args.domains, work))
-        else:
-            raise SystemExit(f"unknown system {system!r}")
-    report(results)
+            elif system == "postfix":
+                results.append(await run_postfix(args.messages, args.clients, args.domains, work))
+            elif system == "haraka":
+                results.append(await run_haraka(args.messages, args.clients, args.domains, work))
+            else:
+                raise SystemExit(f"unknown system {system!r}")
+        if args.rounds > 1:
+            print(f"--- round {i + 1} of {args.rounds}")
+        report(results)
+        rounds.append(results)
+    if args.rounds > 1:
+        summarize(rounds)
+
+
+def summarize(rounds: list[list[Result]]) -> None:
+    """Each system's rate against its own round's Postfix, every round, and the median."""
+    print(f"--- {len(rounds)} rounds, each system against the Postfix run of its round")
+    ratios: dict[str, list[float]] = {}
+    for results in rounds:
+        base = next((r for r in results if r.system.startswith("Postfix")), None)
+        for r in results:
+            if base is None or r is base or not base.rate or r.arrived != r.n:
+                continue
+            ratios.setdefault(f"{r.system}, {r.features}", []).append(r.rate / base.rate)
+    for name, values in ratios.items():
+        listed = " ".join(f"{v:.2f}x" for v in values)
+        print(
+            f"{name}: {listed} (median {statistics.median(values):.2f}x, lowest {min(values):.2f}x)"
+        )
 
 
 if __name__ == "__main__":
