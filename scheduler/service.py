@@ -21,7 +21,7 @@ from scheduler.shaping import Limits, Rules
 from sluice import names
 from sluice.config import Config
 from sluice.nats_layout import kv_put_ttl
-from sluice.resolver import DnsError, Resolver
+from sluice.resolver import DnsError, DnsPermanent, Resolver
 from sluice.singleflight import SingleFlight
 from sluice.telemetry import observe_sites
 from sluice.v1 import scheduler_pb2
@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 _ALIVE_KEY = "scheduler-alive"
 # Domains whose sites are looked up at once.
 _RESOLVING = 64
+# Seconds until a domain whose lookup failed is looked up again.
+_RETRY_LOOKUP = 5.0
 
 
 def _limits_proto(limits: Limits) -> scheduler_pb2.SiteLimits:
@@ -68,6 +70,11 @@ class Scheduler:
         self.consumers = Consumers(js, cfg)
         self._backlog_at = 0.0
         self._sites: dict[str, tuple[float, str]] = {}
+        # Domains whose lookups fail, since when; those of them whose site was never found
+        # (their site is their name for now); those held back from leases, until when.
+        self._failing: dict[str, float] = {}
+        self._unknown: set[str] = set()
+        self._held: dict[str, float] = {}
         self._cooldown: dict[str, float] = {}
         # Deliverers by when they last asked for work (lane fair shares).
         self._seen: dict[str, float] = {}
@@ -154,12 +161,49 @@ class Scheduler:
                 hosts = [h.host for h in await self._resolver.mx(domain)]
             site = self._rules.site_of(domain, hosts)
             ttl = 300.0
-        except DnsError as exc:
-            # The deliverer meets the same failure and classifies it; the domain is its own site.
-            log.info("site of %s unknown (%s)", domain, exc)
+        except DnsPermanent as exc:
+            # No such domain, or a null MX: the deliverer bounces its mail without connecting.
+            log.info("site of %s: %s", domain, exc)
             site, ttl = domain, 30.0
+        except DnsError as exc:
+            # A lookup that failed for a moment (an overloaded nameserver) must not make
+            # the domain a site of its own: with a limit of its own, its connections went
+            # to its provider's MX hosts on top of that site's limit. The site found last
+            # stays; a domain never looked up is held back (no lease) and asked about again
+            # soon, until its lookups have failed for `lookup_grace`: then it is its own site,
+            # and the deliverer meets the failure and defers its mail.
+            first = self._failing.setdefault(domain, now)
+            last = None if domain in self._unknown else self._last_site(domain)
+            if last is not None:
+                site, ttl = last, _RETRY_LOOKUP
+            else:
+                self._unknown.add(domain)
+                site = domain
+                if now - first < self._cfg.scheduler.lookup_grace:
+                    self._held[domain] = first + self._cfg.scheduler.lookup_grace
+                    ttl = _RETRY_LOOKUP
+                else:
+                    self._held.pop(domain, None)
+                    ttl = 30.0
+            log.info("site of %s: lookup failed (%s); site %s", domain, exc, site)
+            self._sites[domain] = (now + ttl, site)
+            return site
+        self._failing.pop(domain, None)
+        self._unknown.discard(domain)
+        self._held.pop(domain, None)
         self._sites[domain] = (now + ttl, site)
         return site
+
+    def _holding(self, site: str, now: float) -> bool:
+        """Whether no lease goes to `site` yet: a domain whose lookups have been failing for
+        less than lookup_grace (its real site is not known)."""
+        until = self._held.get(site)
+        if until is None:
+            return False
+        if until <= now:
+            del self._held[site]
+            return False
+        return True
 
     async def _learn_sites(self, domains: set[str]) -> None:
         """Resolve the sites of those of `domains` not known yet, _RESOLVING at a time (a
@@ -307,7 +351,7 @@ class Scheduler:
                         granted.append(await self._to_proto(lease, by_lane[name]))
                     continue
                 site = name
-                if self.adaptive.suspended(site):
+                if self.adaptive.suspended(site) or self._holding(site, now):
                     continue
                 queues = by_site[site]
                 domains = sorted({q.domain for q in queues})
@@ -398,7 +442,7 @@ class Scheduler:
             if len(self._wanted) > 1000:
                 self._wanted = {s: t for s, t in self._wanted.items() if t > now}
             for site, site_domains in by_site.items():
-                if self.adaptive.suspended(site):
+                if self.adaptive.suspended(site) or self._holding(site, now):
                     continue
                 if self._wanted.get(site, 0.0) > now and any(
                     ls.site_id == site for ls in self.leases.held_by(deliverer_id)

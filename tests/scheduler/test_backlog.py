@@ -183,3 +183,42 @@ async def test_lookups_in_flight_are_capped_across_callers(
         )
         assert resolver.most == service_mod._RESOLVING, resolver.most
         assert all(scheduler._known_site(d) is not None for d in [*backlog, *call])
+
+
+async def test_a_failed_lookup_makes_no_site_of_its_own(
+    nats_server: NatsServer, dns_server: DnsServer
+) -> None:
+    """A lookup that fails for a moment does not make a domain a site of its own (with a
+    limit of its own, its connections went to its provider's MX hosts on top of that site's
+    limit): a known domain keeps the site found last; a new one gets no lease until its
+    lookups have failed for lookup_grace, then it is its own site (its mail must still be
+    tried, and deferred by the deliverer); once a lookup works, its real site."""
+    one_site(dns_server, ["a.test", "b.test"], "mx.shared.test")
+    async with _layout(nats_server, dns_server, "0.3s") as (cfg, js):
+        cfg = config_mod.replace(cfg, scheduler={"lookup_grace": "1s"})
+        resolver = Resolver(cfg.dns)
+        scheduler = Scheduler(cfg, js, load_rules(), resolver)
+
+        def forget(domain: str) -> None:  # (both caches expired: the next call looks it up)
+            scheduler._sites[domain] = (0.0, scheduler._sites[domain][1])
+            resolver._mx.pop(domain, None)
+
+        shared = await scheduler.site_of("a.test")
+        assert shared != "a.test"
+        dns_server.silent.update({"a.test", "b.test"})
+        forget("a.test")
+        assert await scheduler.site_of("a.test") == shared
+        assert ("a.test", "MX") in dns_server.queries[-3:]  # (it was asked again)
+
+        resp = await scheduler.acquire_domains("d1", ["b.test"])
+        assert resp.domain_sites["b.test"] == "b.test"
+        assert not resp.leases, "a lease for a domain whose site is not known"
+        await asyncio.sleep(1.0)
+        forget("b.test")
+        resp = await scheduler.acquire_domains("d1", ["b.test"])
+        assert [lease.site_id for lease in resp.leases] == ["b.test"]
+
+        dns_server.silent.clear()
+        forget("b.test")
+        assert await scheduler.site_of("b.test") == shared
+        assert not scheduler._holding("b.test", 0.0)
