@@ -6,10 +6,10 @@ from the first submission to the last arrival at the sink, in one run on this ma
                                       [--dkim both|on|off] [--deliverers 2] [--webhooks]
                                       [--rounds 1]
 
-With --rounds N the systems run N times in turn (Postfix, Sluice, Postfix, Sluice, ...),
-each round compared with its own Postfix run, and the ratios of every round are summed up
-at the end: this machine's speed drifts by a third within minutes, and one pair of runs
-can land on either side of a drift.
+With --rounds N the systems run N times in turn, in --systems order, each round compared
+with its own Postfix run (a round whose Postfix run lost messages is left out), and the
+ratios of every round are summed up at the end: this machine's speed drifts by a third
+within minutes, and one pair of runs can land on either side of a drift.
 
 - Sluice: the whole stack as separate processes (nats-server with file storage, ingest,
   expander, scheduler, deliverers; webhooks with --webhooks), messages submitted through the
@@ -542,7 +542,7 @@ def summarize(rounds: list[list[Result]]) -> None:
     for results in rounds:
         base = next((r for r in results if r.system.startswith("Postfix")), None)
         for r in results:
-            if base is None or r is base or not base.rate or r.arrived != r.n:
+            if base is None or r is base or base.arrived != base.n or r.arrived != r.n:
                 continue
             ratios.setdefault(f"{r.system}, {r.features}", []).append(r.rate / base.rate)
     for name, values in ratios.items():

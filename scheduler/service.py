@@ -9,6 +9,7 @@ import logging
 import math
 import time
 from collections import Counter, defaultdict, deque
+from collections.abc import Collection
 
 from google.protobuf.timestamp_pb2 import Timestamp
 from nats.js import JetStreamContext
@@ -63,16 +64,17 @@ class Scheduler:
         # Looking up the sites of a new backlog's domains, outside the lock (run_backlog).
         self._resolving: asyncio.Task[None] | None = None
         # Lookups in flight, all callers together: the backlog loop's thousands and the
-        # deliverers' calls share the nameserver, which drops what it cannot answer (a
-        # failed lookup makes a domain its own site, with a limit of its own).
+        # deliverers' calls share the nameserver, which drops what it cannot answer (and a
+        # domain whose lookup fails gets no lease for a while: _lookup_failed).
         self._dns = asyncio.Semaphore(_RESOLVING)
         self._lookups: SingleFlight[str, str] = SingleFlight()
         self.consumers = Consumers(js, cfg)
         self._backlog_at = 0.0
         self._sites: dict[str, tuple[float, str]] = {}
-        # Domains whose lookups fail, since when; those of them whose site was never found
-        # (their site is their name for now); those held back from leases, until when.
-        self._failing: dict[str, float] = {}
+        # Domains whose lookups fail: (first, last) failure; those of them whose site was
+        # never found (their site is their name for now); those held back from leases, until
+        # when (_lookup_failed).
+        self._failing: dict[str, tuple[float, float]] = {}
         self._unknown: set[str] = set()
         self._held: dict[str, float] = {}
         self._cooldown: dict[str, float] = {}
@@ -155,7 +157,6 @@ class Scheduler:
         return await self._lookups.do(domain, lambda: self._look_up_site(domain))
 
     async def _look_up_site(self, domain: str) -> str:
-        now = time.monotonic()
         try:
             async with self._dns:
                 hosts = [h.host for h in await self._resolver.mx(domain)]
@@ -166,44 +167,68 @@ class Scheduler:
             log.info("site of %s: %s", domain, exc)
             site, ttl = domain, 30.0
         except DnsError as exc:
-            # A lookup that failed for a moment (an overloaded nameserver) must not make
-            # the domain a site of its own: with a limit of its own, its connections went
-            # to its provider's MX hosts on top of that site's limit. The site found last
-            # stays; a domain never looked up is held back (no lease) and asked about again
-            # soon, until its lookups have failed for `lookup_grace`: then it is its own site,
-            # and the deliverer meets the failure and defers its mail.
-            first = self._failing.setdefault(domain, now)
-            last = None if domain in self._unknown else self._last_site(domain)
-            if last is not None:
-                site, ttl = last, _RETRY_LOOKUP
-            else:
-                self._unknown.add(domain)
-                site = domain
-                if now - first < self._cfg.scheduler.lookup_grace:
-                    self._held[domain] = first + self._cfg.scheduler.lookup_grace
-                    ttl = _RETRY_LOOKUP
-                else:
-                    self._held.pop(domain, None)
-                    ttl = 30.0
+            site = self._lookup_failed(domain, time.monotonic())
             log.info("site of %s: lookup failed (%s); site %s", domain, exc, site)
-            self._sites[domain] = (now + ttl, site)
             return site
         self._failing.pop(domain, None)
         self._unknown.discard(domain)
         self._held.pop(domain, None)
-        self._sites[domain] = (now + ttl, site)
+        # (the time after the lookup: a failing one takes the whole [dns] timeout)
+        self._sites[domain] = (time.monotonic() + ttl, site)
         return site
 
-    def _holding(self, site: str, now: float) -> bool:
-        """Whether no lease goes to `site` yet: a domain whose lookups have been failing for
-        less than lookup_grace (its real site is not known)."""
+    def _lookup_failed(self, domain: str, now: float) -> str:
+        """The site of a domain whose lookup failed (timeout, SERVFAIL). That must not make
+        the domain a site of its own at once: with a limit of its own, its connections went
+        to its provider's MX hosts on top of that site's limit (6-12 against 5 when
+        bench.shaping's nameserver was overrun). A domain whose site was found before keeps
+        it; one never found is held back (no lease) until its lookups have failed for
+        `lookup_grace`, then it is its own site, and the deliverer meets the failure and
+        defers its mail. Either is asked about again _RETRY_LOOKUP later while the failure
+        is young, and every 30 s after."""
+        grace = self._cfg.scheduler.lookup_grace
+        first, last = self._failing.get(domain, (now, now))
+        if now - last > grace + 30.0:  # (an old failure, not this one's beginning)
+            first = now
+        self._failing[domain] = (first, now)
+        young = now - first < grace
+        known = None if domain in self._unknown else self._last_site(domain)
+        if known is not None:
+            site = known
+        else:
+            site = domain
+            self._unknown.add(domain)
+            if young:
+                self._held[domain] = first + grace
+            else:
+                self._held.pop(domain, None)
+        self._sites[domain] = (now + (_RETRY_LOOKUP if young else 30.0), site)
+        return site
+
+    def _holding(self, site: str, domains: Collection[str], now: float) -> bool:
+        """Whether `site`, with these domains, gets no lease yet: it is the placeholder site
+        of a domain whose lookups have failed for less than lookup_grace (its real site is
+        not known; a real site of the same name is no placeholder: it has other domains)."""
         until = self._held.get(site)
-        if until is None:
+        if until is None or site not in domains:
             return False
         if until <= now:
             del self._held[site]
             return False
         return True
+
+    def _forget_failures(self) -> None:
+        """Drop the lookup failures of domains no longer in the backlog (and the placeholder
+        sites of those never found: back in the backlog, such a domain is a new one)."""
+        if not self._failing:
+            return
+        queued = {names.key_domain(key) for _, key in self._backlog.domains}
+        for domain in [d for d in self._failing if d not in queued]:
+            del self._failing[domain]
+            self._held.pop(domain, None)
+            if domain in self._unknown:
+                self._unknown.discard(domain)
+                self._sites.pop(domain, None)
 
     async def _learn_sites(self, domains: set[str]) -> None:
         """Resolve the sites of those of `domains` not known yet, _RESOLVING at a time (a
@@ -268,7 +293,7 @@ class Scheduler:
     async def _resolve(self, domains: set[str]) -> None:
         try:
             await self._learn_sites(domains)
-        except Exception as exc:  # (site_of turns DNS failures into a site of its own)
+        except Exception as exc:  # (site_of turns DNS failures into a site)
             log.warning("looking up the sites of %d domains failed: %r", len(domains), exc)
 
     def _lane_share(self, deliverer_id: str, lanes: set[str]) -> tuple[int, int]:
@@ -351,10 +376,12 @@ class Scheduler:
                         granted.append(await self._to_proto(lease, by_lane[name]))
                     continue
                 site = name
-                if self.adaptive.suspended(site) or self._holding(site, now):
+                if self.adaptive.suspended(site):
                     continue
                 queues = by_site[site]
                 domains = sorted({q.domain for q in queues})
+                if self._holding(site, domains, now):
+                    continue
                 limits = self.limits(site, domains)
                 # A lease takes at most half the site's connections (rounded up), so that a
                 # second deliverer can share a busy site; a site that also has mail in hash
@@ -428,7 +455,9 @@ class Scheduler:
             out = scheduler_pb2.AcquireLeasesResponse()
             by_site: dict[str, list[str]] = {}
             for domain in dict.fromkeys(domains):
-                site = out.domain_sites[domain] = await self.site_of(domain)
+                # (as looked up just now; nothing is looked up under the lock)
+                site = self._last_site(domain) or domain
+                out.domain_sites[domain] = site
                 by_site.setdefault(site, []).append(domain)
                 if known := self._resolver.known_mx(domain):
                     hosts, ttl = known
@@ -442,7 +471,7 @@ class Scheduler:
             if len(self._wanted) > 1000:
                 self._wanted = {s: t for s, t in self._wanted.items() if t > now}
             for site, site_domains in by_site.items():
-                if self.adaptive.suspended(site) or self._holding(site, now):
+                if self.adaptive.suspended(site) or self._holding(site, site_domains, now):
                     continue
                 if self._wanted.get(site, 0.0) > now and any(
                     ls.site_id == site for ls in self.leases.held_by(deliverer_id)
@@ -586,7 +615,7 @@ class Scheduler:
             tiers: dict[str, Counter[names.Tier]] = defaultdict(Counter)
             domains: dict[str, set[str]] = defaultdict(set)
             for (tier, key), n in self._backlog.domains.items():
-                site = await self.site_of(names.key_domain(key))
+                site = self._last_site(names.key_domain(key)) or names.key_domain(key)
                 tiers[site][tier] += n
                 domains[site].add(names.key_domain(key))
             known = set(tiers) | set(self.adaptive.states)
@@ -648,6 +677,7 @@ class Scheduler:
                     async with self._lock:
                         leased = await self._leased_consumers()
                         await self.consumers.collect(self._backlog, leased)
+                    self._forget_failures()
             except Exception as exc:
                 log.warning("backlog read failed: %r", exc)
             try:

@@ -212,9 +212,10 @@ class SchedulerConfig:
     # A mail consumer with nothing stored on its subjects and no lease is deleted after this.
     consumer_idle: Duration = Duration(60.0)
     # A domain whose MX lookups fail (timeout, SERVFAIL) and whose site was never found gets
-    # no lease for this long, asked about again every 5 s: a lookup failed for a moment must
-    # not make the domain a site of its own, with connections to its provider's MX hosts on
-    # top of that site's limit. Then it is its own site, and the deliverer defers its mail.
+    # no lease for this long (looked up again 5 s after each failure, when the backlog or a
+    # deliverer still names it): a lookup failed for a moment must not make the domain a site
+    # of its own, with connections to its provider's MX hosts on top of that site's limit.
+    # Then it is its own site, and the deliverer defers its mail.
     lookup_grace: Duration = Duration(60.0)
 
 

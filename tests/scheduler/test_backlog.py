@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
+import pytest
 from nats.js import JetStreamContext
 
 from scheduler import service as service_mod
@@ -150,13 +151,14 @@ async def test_calls_do_not_wait_for_the_lookups_of_a_new_backlog(
 
 
 class _CountingResolver(Resolver):
-    """The real resolver, counting its MX lookups in flight."""
+    """The real resolver, counting its MX lookups (and those in flight)."""
 
     def __init__(self, cfg: config_mod.DnsConfig) -> None:
         super().__init__(cfg)
-        self.in_flight = self.most = 0
+        self.in_flight = self.most = self.calls = 0
 
     async def mx(self, domain: str) -> list[MxHost]:
+        self.calls += 1
         self.in_flight += 1
         self.most = max(self.most, self.in_flight)
         try:
@@ -186,17 +188,20 @@ async def test_lookups_in_flight_are_capped_across_callers(
 
 
 async def test_a_failed_lookup_makes_no_site_of_its_own(
-    nats_server: NatsServer, dns_server: DnsServer
+    nats_server: NatsServer, dns_server: DnsServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A lookup that fails for a moment does not make a domain a site of its own (with a
     limit of its own, its connections went to its provider's MX hosts on top of that site's
     limit): a known domain keeps the site found last; a new one gets no lease until its
     lookups have failed for lookup_grace, then it is its own site (its mail must still be
-    tried, and deferred by the deliverer); once a lookup works, its real site."""
-    one_site(dns_server, ["a.test", "b.test"], "mx.shared.test")
+    tried, and deferred by the deliverer); once a lookup works, its real site. A domain that
+    does not exist is its own site at once."""
+    one_site(dns_server, ["a.test", "b.test", "c.test"], "mx.shared.test")
+    # (failed entries expire sooner than a failed lookup takes: they must count from its end)
+    monkeypatch.setattr(service_mod, "_RETRY_LOOKUP", 0.2)
     async with _layout(nats_server, dns_server, "0.3s") as (cfg, js):
         cfg = config_mod.replace(cfg, scheduler={"lookup_grace": "1s"})
-        resolver = Resolver(cfg.dns)
+        resolver = _CountingResolver(cfg.dns)
         scheduler = Scheduler(cfg, js, load_rules(), resolver)
 
         def forget(domain: str) -> None:  # (both caches expired: the next call looks it up)
@@ -205,20 +210,36 @@ async def test_a_failed_lookup_makes_no_site_of_its_own(
 
         shared = await scheduler.site_of("a.test")
         assert shared != "a.test"
-        dns_server.silent.update({"a.test", "b.test"})
+        dns_server.silent.update({"a.test", "b.test", "c.test"})
         forget("a.test")
-        assert await scheduler.site_of("a.test") == shared
-        assert ("a.test", "MX") in dns_server.queries[-3:]  # (it was asked again)
+        resp = await scheduler.acquire_domains("d1", ["a.test"])
+        assert resp.domain_sites["a.test"] == shared
+        assert [lease.site_id for lease in resp.leases] == [shared]
 
-        resp = await scheduler.acquire_domains("d1", ["b.test"])
+        looked_up = resolver.calls
+        resp = await scheduler.acquire_domains("d2", ["b.test"])
         assert resp.domain_sites["b.test"] == "b.test"
         assert not resp.leases, "a lease for a domain whose site is not known"
-        await asyncio.sleep(1.0)
-        forget("b.test")
-        resp = await scheduler.acquire_domains("d1", ["b.test"])
-        assert [lease.site_id for lease in resp.leases] == ["b.test"]
-
-        dns_server.silent.clear()
+        assert resolver.calls == looked_up + 1, "looked up again under the lock"
+        assert scheduler._known_site("b.test") == "b.test"
+        dns_server.silent.discard("b.test")
         forget("b.test")
         assert await scheduler.site_of("b.test") == shared
-        assert not scheduler._holding("b.test", 0.0)
+        assert "b.test" not in {*scheduler._held, *scheduler._failing, *scheduler._unknown}
+
+        resp = await scheduler.acquire_domains("d2", ["c.test"])
+        assert not resp.leases
+        await asyncio.sleep(1.0)
+        forget("c.test")
+        resp = await scheduler.acquire_domains("d2", ["c.test"])
+        assert [lease.site_id for lease in resp.leases] == ["c.test"]
+
+        resp = await scheduler.acquire_domains("d2", ["gone.test"])
+        assert [lease.site_id for lease in resp.leases] == ["gone.test"]
+
+        # Out of the backlog, failures are forgotten: back in it, c.test is new again.
+        await scheduler.refresh_backlog()
+        scheduler._forget_failures()
+        assert "c.test" not in {*scheduler._failing, *scheduler._unknown, *scheduler._sites}
+        resp = await scheduler.acquire_domains("d2", ["c.test"])
+        assert not resp.leases
