@@ -454,9 +454,13 @@ class Scheduler:
         async with self._lock:
             out = scheduler_pb2.AcquireLeasesResponse()
             by_site: dict[str, list[str]] = {}
+            unknown: set[str] = set()  # (forgotten since the lookup: no lease this time)
             for domain in dict.fromkeys(domains):
                 # (as looked up just now; nothing is looked up under the lock)
-                site = self._last_site(domain) or domain
+                site = self._last_site(domain)
+                if site is None:
+                    site = domain
+                    unknown.add(domain)
                 out.domain_sites[domain] = site
                 by_site.setdefault(site, []).append(domain)
                 if known := self._resolver.known_mx(domain):
@@ -472,6 +476,8 @@ class Scheduler:
                 self._wanted = {s: t for s, t in self._wanted.items() if t > now}
             for site, site_domains in by_site.items():
                 if self.adaptive.suspended(site) or self._holding(site, site_domains, now):
+                    continue
+                if site in unknown:
                     continue
                 if self._wanted.get(site, 0.0) > now and any(
                     ls.site_id == site for ls in self.leases.held_by(deliverer_id)
