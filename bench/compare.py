@@ -9,7 +9,8 @@ from the first submission to the last arrival at the sink, in one run on this ma
 With --rounds N the systems run N times in turn, in --systems order, each round compared
 with its own Postfix run (a round whose Postfix run lost messages is left out), and the
 ratios of every round are summed up at the end: this machine's speed drifts by a third
-within minutes, and one pair of runs can land on either side of a drift.
+within minutes, and one pair of runs can land on either side of a drift. BENCH_LOG_LEVEL
+(default WARNING) is the log level of the Sluice processes.
 
 - Sluice: the whole stack as separate processes (nats-server with file storage, ingest,
   expander, scheduler, deliverers; webhooks with --webhooks), messages submitted through the
@@ -394,10 +395,9 @@ async def run_sluice(
     names = ["ingest", "expander", "scheduler", *["deliverer"] * deliverers]
     if webhooks:
         names.append("webhooks")
+    level = os.environ.get("BENCH_LOG_LEVEL", "WARNING")
     procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "sluice.cli", "--log-level", "WARNING", name], env=env
-        )
+        subprocess.Popen([sys.executable, "-m", "sluice.cli", "--log-level", level, name], env=env)
         for name in names
     ]
     try:
