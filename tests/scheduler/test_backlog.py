@@ -198,8 +198,8 @@ async def test_a_failed_lookup_makes_no_site_of_its_own(
     does not exist is its own site at once."""
     one_site(dns_server, ["a.test", "b.test", "c.test"], "mx.shared.test")
     # (failed entries expire sooner than a failed lookup takes: they must count from its end)
-    monkeypatch.setattr(service_mod, "_RETRY_LOOKUP", 0.2)
-    async with _layout(nats_server, dns_server, "0.3s") as (cfg, js):
+    monkeypatch.setattr(service_mod, "_RETRY_LOOKUP", 0.4)
+    async with _layout(nats_server, dns_server, "0.6s") as (cfg, js):
         cfg = config_mod.replace(cfg, scheduler={"lookup_grace": "1s"})
         resolver = _CountingResolver(cfg.dns)
         scheduler = Scheduler(cfg, js, load_rules(), resolver)
