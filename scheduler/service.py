@@ -72,11 +72,10 @@ class Scheduler:
         self._backlog_at = 0.0
         self._sites: dict[str, tuple[float, str]] = {}
         # Domains whose lookups fail: (first, last) failure; those of them whose site was
-        # never found (their site is their name for now); those held back from leases, until
-        # when (_lookup_failed).
+        # never found (their site is their name for now, held back from leases while the
+        # failure is young: _lookup_failed, _holding).
         self._failing: dict[str, tuple[float, float]] = {}
         self._unknown: set[str] = set()
-        self._held: dict[str, float] = {}
         self._cooldown: dict[str, float] = {}
         # Deliverers by when they last asked for work (lane fair shares).
         self._seen: dict[str, float] = {}
@@ -172,7 +171,6 @@ class Scheduler:
             return site
         self._failing.pop(domain, None)
         self._unknown.discard(domain)
-        self._held.pop(domain, None)
         # (the time after the lookup: a failing one takes the whole [dns] timeout)
         self._sites[domain] = (time.monotonic() + ttl, site)
         return site
@@ -198,10 +196,6 @@ class Scheduler:
         else:
             site = domain
             self._unknown.add(domain)
-            if young:
-                self._held[domain] = first + grace
-            else:
-                self._held.pop(domain, None)
         self._sites[domain] = (now + (_RETRY_LOOKUP if young else 30.0), site)
         return site
 
@@ -209,13 +203,10 @@ class Scheduler:
         """Whether `site`, with these domains, gets no lease yet: it is the placeholder site
         of a domain whose lookups have failed for less than lookup_grace (its real site is
         not known; a real site of the same name is no placeholder: it has other domains)."""
-        until = self._held.get(site)
-        if until is None or site not in domains:
+        if site not in self._unknown or site not in domains:
             return False
-        if until <= now:
-            del self._held[site]
-            return False
-        return True
+        first, _ = self._failing[site]
+        return now - first < self._cfg.scheduler.lookup_grace
 
     def _forget_failures(self) -> None:
         """Drop the lookup failures of domains no longer in the backlog (and the placeholder
@@ -225,7 +216,6 @@ class Scheduler:
         queued = {names.key_domain(key) for _, key in self._backlog.domains}
         for domain in [d for d in self._failing if d not in queued]:
             del self._failing[domain]
-            self._held.pop(domain, None)
             if domain in self._unknown:
                 self._unknown.discard(domain)
                 self._sites.pop(domain, None)

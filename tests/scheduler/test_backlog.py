@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -225,7 +226,8 @@ async def test_a_failed_lookup_makes_no_site_of_its_own(
         dns_server.silent.discard("b.test")
         forget("b.test")
         assert await scheduler.site_of("b.test") == shared
-        assert "b.test" not in {*scheduler._held, *scheduler._failing, *scheduler._unknown}
+        assert "b.test" not in {*scheduler._failing, *scheduler._unknown}
+        assert not scheduler._holding("b.test", ["b.test"], time.monotonic())
 
         resp = await scheduler.acquire_domains("d2", ["c.test"])
         assert not resp.leases
