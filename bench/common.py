@@ -8,7 +8,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from sluice.natsserver import NatsServer, nats_server_binary
+from sluice.natsserver import NatsServer, embedded_gomaxprocs, nats_server_binary
 
 
 def machine() -> str:
@@ -26,7 +26,8 @@ def machine() -> str:
     ).stdout
     return (
         f"{platform.node()}: {os.cpu_count()} cores ({cpu}), {mem:.0f} GiB, "
-        f"Python {platform.python_version()}, {nats.strip() or 'nats-server ?'}"
+        f"Python {platform.python_version()}, {nats.strip() or 'nats-server ?'} "
+        f"(GOMAXPROCS {os.environ.get('GOMAXPROCS') or embedded_gomaxprocs()})"
     )
 
 
@@ -38,6 +39,7 @@ def process_cpu_seconds(pid: int) -> float:
 
 def start_nats() -> tuple[NatsServer, tempfile.TemporaryDirectory[str]]:
     tmp = tempfile.TemporaryDirectory(prefix="sluice-bench-")
-    srv = NatsServer(Path(tmp.name) / "js", log_file=Path(tmp.name) / "nats.log")
+    root = Path(tmp.name)
+    srv = NatsServer(root / "js", log_file=root / "nats.log", gomaxprocs=embedded_gomaxprocs())
     srv.start()
     return srv, tmp

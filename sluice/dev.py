@@ -22,7 +22,7 @@ from sluice.config import Config
 from sluice.devdns import DnsServer
 from sluice.devsmtp import start_sink
 from sluice.nats_layout import connect, ensure_layout
-from sluice.natsserver import NatsServer, free_port, port_open
+from sluice.natsserver import NatsServer, embedded_gomaxprocs, free_port, port_open
 from sluice.services import SERVICES, service
 from sluice.tenants import TenantStore, new_webhook_secret, now_ts
 from sluice.v1 import tenant_pb2
@@ -61,7 +61,12 @@ async def run_dev(base: Config, data_dir: Path, stop: asyncio.Event) -> None:
     dns_port = free_port(kind=2)  # SOCK_DGRAM
     hook_port = _port(8025)
     http_port = _port(8080)
-    nats_srv = NatsServer(data_dir / "jetstream", nats_port, log_file=data_dir / "nats.log")
+    nats_srv = NatsServer(
+        data_dir / "jetstream",
+        nats_port,
+        log_file=data_dir / "nats.log",
+        gomaxprocs=embedded_gomaxprocs(),
+    )
     nats_srv.start()
     dns_srv = DnsServer(records={SINK_HOST: [("A", "127.0.0.1")]}, catch_all_mx=SINK_HOST)
     await dns_srv.start(port=dns_port)
