@@ -656,10 +656,14 @@ class Scheduler:
 
     async def _backlog_loop(self, stop: asyncio.Event) -> None:
         beats = collected = 0.0
+        interval = self._cfg.scheduler.backlog_interval
         while not stop.is_set():
             try:
                 async with self._lock:
-                    await self.refresh_backlog()
+                    # (unless an acquire read it meanwhile: with a long tail a read is
+                    # thousands of subjects, for nats-server and for us)
+                    if time.monotonic() - self._backlog_at >= interval / 2:
+                        await self.refresh_backlog()
                 if self._resolving is None or self._resolving.done():
                     # The sites of new domains, looked up beside (not under) the lock.
                     if unresolved := self._unresolved():
@@ -674,10 +678,13 @@ class Scheduler:
                         leased = await self._leased_consumers()
                         await self.consumers.collect(self._backlog, leased)
                     self._forget_failures()
+                # The next read is due an interval after the last one, whoever made it.
+                due = self._backlog_at + interval - time.monotonic()
             except Exception as exc:
                 log.warning("backlog read failed: %r", exc)
+                due = interval
             try:
-                await asyncio.wait_for(stop.wait(), self._cfg.scheduler.backlog_interval)
+                await asyncio.wait_for(stop.wait(), max(due, interval / 10))
             except TimeoutError:
                 pass
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import time
 from collections.abc import AsyncIterator
 
@@ -245,3 +246,38 @@ async def test_a_failed_lookup_makes_no_site_of_its_own(
         assert "c.test" not in {*scheduler._failing, *scheduler._unknown, *scheduler._sites}
         resp = await scheduler.acquire_domains("d2", ["c.test"])
         assert not resp.leases
+
+
+async def test_the_backlog_is_read_once_an_interval_by_the_loop_or_a_call(
+    nats_server: NatsServer, dns_server: DnsServer
+) -> None:
+    """Calls for work read a stale backlog themselves; the backlog loop then skips its own
+    read and waits an interval from theirs (with a long tail each read is thousands of
+    subjects, for nats-server and for the scheduler; both reading made two an interval)."""
+    async with _layout(nats_server, dns_server, "3s") as (cfg, js):
+        cfg = config_mod.replace(cfg, scheduler={"backlog_interval": "200ms"})
+        await js.publish(names.mail_subject(BULK, "d", "big_test", "acme"), b"x")
+        scheduler = Scheduler(cfg, js, load_rules(), Resolver(cfg.dns))
+        reads: list[float] = []
+        refresh = scheduler.refresh_backlog
+
+        async def counted() -> None:
+            reads.append(time.monotonic())
+            await refresh()
+
+        scheduler.refresh_backlog = counted  # type: ignore[method-assign]
+        stop = asyncio.Event()
+        loop = asyncio.create_task(scheduler.run_backlog(stop))
+        try:
+            start = time.monotonic()
+            while time.monotonic() - start < 2.0:  # calls every 10 ms for 2 s
+                await scheduler.acquire("d1", 10)
+                await asyncio.sleep(0.01)
+        finally:
+            stop.set()
+            await loop
+        took = time.monotonic() - start
+        # One read an interval (the first at once), and some slack for a busy machine.
+        assert len(reads) <= took / 0.2 + 3, (len(reads), took)
+        gaps = [b - a for a, b in itertools.pairwise(reads)]
+        assert min(gaps) >= 0.1 - 0.01, gaps  # never two reads within half an interval
