@@ -559,13 +559,11 @@ async def main() -> None:
                         )
                     )
             elif system == "postfix":
-                results.append(
-                    await run_postfix(args.messages, args.clients or 8, args.domains, work)
-                )
+                clients = 8 if args.clients is None else args.clients
+                results.append(await run_postfix(args.messages, clients, args.domains, work))
             elif system == "haraka":
-                results.append(
-                    await run_haraka(args.messages, args.clients or 64, args.domains, work)
-                )
+                clients = 64 if args.clients is None else args.clients
+                results.append(await run_haraka(args.messages, clients, args.domains, work))
             else:
                 raise SystemExit(f"unknown system {system!r}")
         if args.rounds > 1:

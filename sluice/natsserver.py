@@ -43,7 +43,7 @@ def embedded_gomaxprocs() -> int:
     GOMAXPROCS=1 against 2.1-2.5 s without (20,000 messages, three interleaved pairs), and
     a 4,289-domain `bench.shaping` tail 0.58-0.66 ms of CPU per message for everything
     against 0.72-0.79 (2026-11-30)."""
-    return max(1, (os.cpu_count() or 2) // 2)
+    return max(1, len(os.sched_getaffinity(0)) // 2)
 
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:

@@ -15,8 +15,13 @@ def _environ(pid: int) -> dict[str, str]:
     return dict(item.split("=", 1) for item in raw.decode().split("\0") if "=" in item)
 
 
-def test_embedded_gomaxprocs_is_half_the_cores_at_least_one() -> None:
-    assert embedded_gomaxprocs() == max(1, (os.cpu_count() or 2) // 2)
+@pytest.mark.parametrize(("cores", "expected"), [(1, 1), (2, 1), (3, 1), (8, 4)])
+def test_embedded_gomaxprocs_is_half_the_cores_at_least_one(
+    monkeypatch: pytest.MonkeyPatch, cores: int, expected: int
+) -> None:
+    """Half the cores this process may run on (its affinity, as Go's own default counts)."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(cores)))
+    assert embedded_gomaxprocs() == expected
 
 
 @pytest.mark.parametrize(
