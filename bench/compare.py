@@ -4,7 +4,7 @@ from the first submission to the last arrival at the sink, in one run on this ma
 
     .venv/bin/python -m bench.compare [--messages 20000] [--systems sluice,postfix,haraka]
                                       [--dkim both|on|off] [--deliverers 2] [--webhooks]
-                                      [--rounds 1]
+                                      [--clients N] [--rounds 1]
 
 With --rounds N the systems run N times in turn, in --systems order, each round compared
 with its own Postfix run (a round whose Postfix run lost messages is left out), and the
