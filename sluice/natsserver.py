@@ -35,7 +35,8 @@ def nats_server_binary() -> str:
 
 def embedded_gomaxprocs() -> int:
     """GOMAXPROCS for a nats-server that shares its machine with Sluice's own processes (the
-    dev stack, the benchmarks): half the cores, at least one.
+    dev stack, the benchmarks): half the cores this process may run on (its CPU affinity, as
+    Go counts them), at least one.
 
     With Go's default (every core) its idle processors spin looking for work and its
     system monitor wakes often, taking cores the Python processes beside it need: on the
