@@ -465,9 +465,11 @@ class Scheduler:
             if len(self._wanted) > 1000:
                 self._wanted = {s: t for s, t in self._wanted.items() if t > now}
             for site, site_domains in by_site.items():
-                if self.adaptive.suspended(site) or self._holding(site, site_domains, now):
-                    continue
-                if site in unknown:
+                if (
+                    site in unknown
+                    or self.adaptive.suspended(site)
+                    or self._holding(site, site_domains, now)
+                ):
                     continue
                 if self._wanted.get(site, 0.0) > now and any(
                     ls.site_id == site for ls in self.leases.held_by(deliverer_id)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -162,15 +163,11 @@ class NatsServer:
         env = None
         if self.gomaxprocs is not None and "GOMAXPROCS" not in os.environ:
             env = dict(os.environ, GOMAXPROCS=str(self.gomaxprocs))
-        if self.log_file:
-            with open(self.log_file, "ab") as out:
-                self.proc = subprocess.Popen(
-                    args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env
-                )
-        else:
+        with contextlib.ExitStack() as files:
+            out = files.enter_context(open(self.log_file, "ab")) if self.log_file else None
             self.proc = subprocess.Popen(
                 args,
-                stdout=subprocess.DEVNULL,
+                stdout=out or subprocess.DEVNULL,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 env=env,
