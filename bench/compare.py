@@ -4,7 +4,8 @@ from the first submission to the last arrival at the sink, in one run on this ma
 
     .venv/bin/python -m bench.compare [--messages 20000] [--systems sluice,postfix,haraka]
                                       [--dkim both|on|off] [--deliverers 2] [--webhooks]
-                                      [--clients N] [--rounds 1]
+                                      [--clients N] [--submitter smtp-source|aiosmtplib]
+                                      [--rounds 1]
 
 With --rounds N the systems run N times in turn, in --systems order, each round compared
 with its own Postfix run (a round whose Postfix run lost messages is left out), and the
@@ -16,18 +17,23 @@ within minutes, and one pair of runs can land on either side of a drift. BENCH_L
   expander, scheduler, deliverers; webhooks with --webhooks), messages submitted through the
   gRPC SendStream API (the SDK's `stream()`), delivered through `[dns] routes = *=sink`.
 - Postfix: a private instance (its own config and queue directory) relaying everything to
-  the sink (`relayhost`), messages submitted over SMTP by the same kind of client.
+  the sink (`relayhost`), messages submitted over SMTP.
 - Haraka: an instance relaying to the sink (`queue/smtp_forward`), submitted likewise.
 
-Needs (not test dependencies): Debian's `postfix` package (smtp-sink and postfix), and
-Haraka from npm: `apt-get install postfix` and `npm install --prefix /opt/haraka Haraka`
-(or set HARAKA=/path/to/bin/haraka). The SMTP submission client runs in this process with
-`--clients` connections: by default 8 for Postfix and 64 for Haraka. Haraka's smtp_forward
-relays each message before it answers the client, so its rate is connections over that round
-trip: with 8 it sat three quarters idle (164 msgs/s, 22 % of the cores), with 64 it reached
-916. Postfix queues first and is bound by its CPU either way (600 msgs/s with 8, 569 with
-64; 2026-11-30). Every figure is printed with the machine it ran on; arrivals at the
-sink must equal N for a run to count.
+Needs (not test dependencies): Debian's `postfix` package (smtp-sink, smtp-source and
+postfix), and Haraka from npm: `apt-get install postfix` and `npm install --prefix /opt/haraka
+Haraka` (or set HARAKA=/path/to/bin/haraka).
+
+The SMTP submission client is Postfix's own C client, `smtp-source`, with `--clients`
+connections kept open: by default 8 for Postfix and 256 for Haraka. `--submitter aiosmtplib`
+submits from this process in Python instead, as runs before 2026-11-30 (tenth session) did;
+that client took 0.42-0.44 ms of CPU per message from the same two cores and slowed Postfix
+by 12-22 % (604 / 578 msgs/s against 679 / 706 with smtp-source, interleaved). Haraka's
+smtp_forward relays each message before it answers the client, so its rate is connections
+over that round trip: 1,017 msgs/s with 64 connections (60 % of the cores busy), 1,457 with
+128, 1,564 with 256 (94 %). Postfix queues first and is bound by its CPU either way (664
+msgs/s with 32, 680 with 8). Every figure is printed with the machine it ran on; arrivals at
+the sink must equal N for a run to count.
 """
 
 # A benchmark script: blocking calls while nothing else runs on its loop are fine here.
@@ -137,8 +143,13 @@ async def wait_arrivals(sink: Sink, n: int, start: float, limit: float) -> tuple
     return last, last_t - start
 
 
-async def smtp_submit(port: int, n: int, clients: int, domains: int) -> None:
-    """N messages over `clients` reused SMTP connections."""
+async def smtp_submit(
+    port: int, n: int, clients: int, domains: int, submitter: str, work: Path
+) -> dict[str, float]:
+    """N messages over `clients` reused SMTP connections; the CPU of a client that runs as a
+    process of its own (smtp-source), which this process's CPU does not count."""
+    if submitter == "smtp-source":
+        return {"submitting client (smtp-source)": await _smtp_source(port, n, clients, work)}
     counter = iter(range(n))
 
     async def worker() -> None:
@@ -155,6 +166,34 @@ async def smtp_submit(port: int, n: int, clients: int, domains: int) -> None:
         await smtp.quit()
 
     await asyncio.gather(*(worker() for _ in range(clients)))
+    return {}
+
+
+def _count_client(cpu: dict[str, float], client: dict[str, float]) -> None:
+    """With smtp-source submitting, this process only waits: the client's CPU is its own."""
+    if client:
+        del cpu["submitting client (this process)"]
+        cpu.update(client)
+
+
+async def _smtp_source(port: int, n: int, clients: int, work: Path) -> float:
+    """Postfix's C client: the same 2 KB message (-F, its lines end in CRLF on the wire) to
+    N distinct recipients (-N numbers them), over `clients` connections kept open (-d).
+    Returns its CPU seconds."""
+    message = work / "smtp-source.eml"
+    message.write_bytes(mime(0, 1).replace(b"\r\n", b"\n"))
+    argv = ["smtp-source", "-s", str(clients), "-m", str(n), "-d", "-N", "-M", "bench.test"]
+    argv += ["-f", FROM, "-t", rcpt(0, 1), "-F", str(message), f"127.0.0.1:{port}"]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
+
+    def reap() -> float:
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode:
+            raise RuntimeError(f"smtp-source exited with {proc.returncode}")
+        return usage.ru_utime + usage.ru_stime
+
+    return await asyncio.to_thread(reap)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -225,7 +264,7 @@ def _children(pid: int) -> list[int]:
 # -- Postfix ---------------------------------------------------------------------------------
 
 
-async def run_postfix(n: int, clients: int, domains: int, work: Path) -> Result:
+async def run_postfix(n: int, clients: int, domains: int, submitter: str, work: Path) -> Result:
     sink = Sink(work)
     await sink.wait_ready()
     conf = work / "postfix"
@@ -273,11 +312,12 @@ smtpd_tls_security_level = none
         cpu0, shared0 = tree_cpu([master_pid]), bench_cpu(sink)
         busy0 = machine_busy_seconds()
         start = time.monotonic()
-        await smtp_submit(port, n, clients, domains)
+        client = await smtp_submit(port, n, clients, domains, submitter, work)
         submitted = time.monotonic() - start
         arrived, seconds = await wait_arrivals(sink, n, start, 1800)
         cpu = {"postfix (all processes)": tree_cpu([master_pid]) - cpu0}
         cpu.update(_since(bench_cpu(sink), shared0))
+        _count_client(cpu, client)
         busy = machine_busy_seconds() - busy0
     finally:
         subprocess.run(["postfix", "-c", str(conf), "stop"], capture_output=True)
@@ -308,7 +348,7 @@ def haraka_bin() -> str:
     raise SystemExit("Haraka not found: npm install --prefix /opt/haraka Haraka, or set HARAKA")
 
 
-async def run_haraka(n: int, clients: int, domains: int, work: Path) -> Result:
+async def run_haraka(n: int, clients: int, domains: int, submitter: str, work: Path) -> Result:
     sink = Sink(work)
     await sink.wait_ready()
     inst = work / "haraka"
@@ -344,11 +384,12 @@ async def run_haraka(n: int, clients: int, domains: int, work: Path) -> Result:
         cpu0, shared0 = tree_cpu([proc.pid]), bench_cpu(sink)
         busy0 = machine_busy_seconds()
         start = time.monotonic()
-        await smtp_submit(port, n, clients, domains)
+        client = await smtp_submit(port, n, clients, domains, submitter, work)
         submitted = time.monotonic() - start
         arrived, seconds = await wait_arrivals(sink, n, start, 1800)
         cpu = {f"haraka ({nodes} workers)": tree_cpu([proc.pid]) - cpu0}
         cpu.update(_since(bench_cpu(sink), shared0))
+        _count_client(cpu, client)
         busy = machine_busy_seconds() - busy0
     finally:
         proc.terminate()
@@ -539,7 +580,13 @@ async def main() -> None:
         "--clients",
         type=int,
         default=None,
-        help="SMTP submission connections (default: 8 for Postfix, 64 for Haraka)",
+        help="SMTP submission connections (default: 8 for Postfix, 256 for Haraka)",
+    )
+    ap.add_argument(
+        "--submitter",
+        choices=["smtp-source", "aiosmtplib"],
+        default="smtp-source",
+        help="the SMTP client that submits to Postfix and Haraka (default: Postfix's smtp-source)",
     )
     ap.add_argument("--webhooks", action="store_true")
     ap.add_argument("--hook-receiver", type=int, help=argparse.SUPPRESS)
@@ -560,10 +607,14 @@ async def main() -> None:
                     )
             elif system == "postfix":
                 clients = 8 if args.clients is None else args.clients
-                results.append(await run_postfix(args.messages, clients, args.domains, work))
+                results.append(
+                    await run_postfix(args.messages, clients, args.domains, args.submitter, work)
+                )
             elif system == "haraka":
-                clients = 64 if args.clients is None else args.clients
-                results.append(await run_haraka(args.messages, clients, args.domains, work))
+                clients = 256 if args.clients is None else args.clients
+                results.append(
+                    await run_haraka(args.messages, clients, args.domains, args.submitter, work)
+                )
             else:
                 raise SystemExit(f"unknown system {system!r}")
         if args.rounds > 1:
