@@ -37,9 +37,16 @@ def process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def start_nats() -> tuple[NatsServer, tempfile.TemporaryDirectory[str]]:
+def start_nats(sync_always: bool = False) -> tuple[NatsServer, tempfile.TemporaryDirectory[str]]:
+    """A nats-server with file storage in a temporary directory; `sync_always`: every write
+    flushed to disk before it is acknowledged (`sync_interval: always`)."""
     tmp = tempfile.TemporaryDirectory(prefix="sluice-bench-")
     root = Path(tmp.name)
-    srv = NatsServer(root / "js", log_file=root / "nats.log", gomaxprocs=embedded_gomaxprocs())
+    srv = NatsServer(
+        root / "js",
+        log_file=root / "nats.log",
+        gomaxprocs=embedded_gomaxprocs(),
+        sync_always=sync_always,
+    )
     srv.start()
     return srv, tmp

@@ -408,11 +408,17 @@ def _dkim_key() -> str:
 
 
 async def run_sluice(
-    n: int, domains: int, deliverers: int, dkim: bool, webhooks: bool, work: Path
+    n: int,
+    domains: int,
+    deliverers: int,
+    dkim: bool,
+    webhooks: bool,
+    work: Path,
+    sync_always: bool = False,
 ) -> Result:
     sink = Sink(work)
     await sink.wait_ready()
-    srv, store_dir = start_nats()
+    srv, store_dir = start_nats(sync_always)
     shaping = work / "shaping.toml"
     shaping.write_text("[default]\nmax_connections = 20\n")
     grpc_addr, sched = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
@@ -510,6 +516,7 @@ async def run_sluice(
             "DKIM on" if dkim else "DKIM off",
             "webhooks on" if webhooks else "webhooks off",
             "tracing off",
+            *(["sync always"] if sync_always else []),
         ]
     )
     return Result(
@@ -588,6 +595,13 @@ async def main() -> None:
         default="smtp-source",
         help="the SMTP client that submits to Postfix and Haraka (default: Postfix's smtp-source)",
     )
+    ap.add_argument(
+        "--sync",
+        choices=["interval", "always"],
+        default="interval",
+        help="nats-server's sync_interval for Sluice: its default (2 min), or always (every "
+        "write flushed before it is acknowledged, as Postfix fsyncs each queue file)",
+    )
     ap.add_argument("--webhooks", action="store_true")
     ap.add_argument("--hook-receiver", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--rounds", type=int, default=1, help="run the systems this many times")
@@ -602,7 +616,13 @@ async def main() -> None:
                 for dkim in {"both": [False, True], "on": [True], "off": [False]}[args.dkim]:
                     results.append(
                         await run_sluice(
-                            args.messages, args.domains, args.deliverers, dkim, args.webhooks, work
+                            args.messages,
+                            args.domains,
+                            args.deliverers,
+                            dkim,
+                            args.webhooks,
+                            work,
+                            args.sync == "always",
                         )
                     )
             elif system == "postfix":

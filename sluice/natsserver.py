@@ -149,7 +149,11 @@ class NatsServer:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         args = [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port)]
         # extra_args replace the default JetStream flags (the compose test passes its own).
-        args += self.extra_args or ["-js", "-sd", str(self.store_dir)]
+        # With sync_always the config's jetstream block names the store directory (nats-server
+        # refuses it named twice, by -sd and in the config).
+        args += self.extra_args or (
+            ["-js"] if self.sync_always else ["-js", "-sd", str(self.store_dir)]
+        )
         if self.cluster is not None:
             args += self.cluster.args()
         # nats-server reads one config file: sync_always and config share it.

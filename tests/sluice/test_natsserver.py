@@ -1,13 +1,17 @@
-"""The local nats-server launcher: the Go runtime's GOMAXPROCS it hands the server."""
+"""The local nats-server launcher: the Go runtime's GOMAXPROCS it hands the server, and
+`sync_interval: always` when asked."""
 
 from __future__ import annotations
 
+import json
 import os
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 
-from sluice.natsserver import NatsServer, embedded_gomaxprocs
+from sluice.natsserver import NatsServer, embedded_gomaxprocs, free_port, port_open
 
 
 def _environ(pid: int) -> dict[str, str]:
@@ -45,5 +49,31 @@ def test_the_server_runs_with_the_gomaxprocs_given(
     try:
         assert srv.proc is not None
         assert _environ(srv.proc.pid).get("GOMAXPROCS") == expected
+    finally:
+        srv.stop()
+
+
+@pytest.mark.parametrize("sync_always", [True, False], ids=["always", "default"])
+def test_sync_always_flushes_every_write(tmp_path: Path, sync_always: bool) -> None:
+    """The server runs with the store directory given, and with `sync_interval: always` when
+    asked (read back from its own /varz); it once refused to start with it, the directory
+    named twice."""
+    monitor = free_port()
+    srv = NatsServer(
+        tmp_path / "js",
+        log_file=tmp_path / "nats.log",
+        sync_always=sync_always,
+        config=f'http: "127.0.0.1:{monitor}"',
+    )
+    srv.start()
+    try:
+        for _ in range(100):
+            if port_open("127.0.0.1", monitor):
+                break
+            time.sleep(0.05)
+        with urllib.request.urlopen(f"http://127.0.0.1:{monitor}/varz", timeout=5) as resp:
+            config = json.load(resp)["jetstream"]["config"]
+        assert config.get("sync_always", False) is sync_always
+        assert config["store_dir"] == str(tmp_path / "js" / "jetstream")
     finally:
         srv.stop()
