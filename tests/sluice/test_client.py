@@ -108,3 +108,55 @@ async def test_sync_client(stack: Stack) -> None:
     assert job_id.startswith("job_")
     assert [isinstance(r, SluiceError) for r in many] == [False] * 5 + [True]
     await wait_for(lambda: len(stack.smtp.received) == 6, what="6 sync messages")
+
+
+def test_build_send_sets_every_argument_given_and_nothing_else() -> None:
+    """Addresses in all three forms, each field where it belongs; fields not given unset."""
+    from sluice.client import build_send
+    from sluice.v1 import ingest_pb2, messages_pb2
+
+    attachment = messages_pb2.Attachment(filename="a.txt", content=b"x")
+    req = build_send(
+        ("app@acme.test", "App"),
+        ["c@mail.test", ("e@mail.test", "E"), messages_pb2.Address(email="g@mail.test", name="G")],
+        subject="S",
+        text="t",
+        html="<p>h</p>",
+        cc=["x@mail.test"],
+        bcc=[("z@mail.test", "Z")],
+        reply_to=["r@acme.test"],
+        headers={"X-A": "1"},
+        tier="bulk",
+        tags=["t1"],
+        metadata={"k": "v"},
+        attachments=[attachment],
+        request_id="rid",
+    )
+    addr = messages_pb2.Address
+    expected = ingest_pb2.SendRequest(
+        to=[
+            addr(email="c@mail.test"),
+            addr(email="e@mail.test", name="E"),
+            addr(email="g@mail.test", name="G"),
+        ],
+        cc=[addr(email="x@mail.test")],
+        bcc=[addr(email="z@mail.test", name="Z")],
+        reply_to=[addr(email="r@acme.test")],
+        subject="S",
+        text="t",
+        html="<p>h</p>",
+        headers={"X-A": "1"},
+        tier=messages_pb2.TIER_BULK,
+        tags=["t1"],
+        metadata={"k": "v"},
+        attachments=[attachment],
+        request_id="rid",
+    )
+    getattr(expected, "from").CopyFrom(addr(email="app@acme.test", name="App"))
+    assert req == expected
+    bare = build_send("app@acme.test", ["c@mail.test"], text="t")
+    assert bare.ListFields() == [
+        (ingest_pb2.SendRequest.DESCRIPTOR.fields_by_name["from"], addr(email="app@acme.test")),
+        (ingest_pb2.SendRequest.DESCRIPTOR.fields_by_name["to"], [addr(email="c@mail.test")]),
+        (ingest_pb2.SendRequest.DESCRIPTOR.fields_by_name["text"], "t"),
+    ]
