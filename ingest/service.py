@@ -42,7 +42,6 @@ from sluice import deadletters, names, suppressions
 from sluice.config import Config
 from sluice.store import PayloadStore, StoreError
 from sluice.telemetry import count_accepted, inject
-from sluice.tenants import now_ts
 from sluice.v1 import ingest_pb2, messages_pb2
 
 __all__ = ["IngestCore", "new_job_id"]
@@ -220,38 +219,54 @@ class IngestCore:
     def _job(
         self, tenant_id: str, req: Any, tier: names.Tier, job_id: str
     ) -> messages_pb2.JobRecord:
+        # (only the fields given: protobuf copies every argument, empty lists and maps too)
         job = messages_pb2.JobRecord(
             job_id=job_id,
             tenant_id=tenant_id,
             tier=tier,
-            accepted_at=now_ts(),
             envelope_from=getattr(req, "from").email,
-            tags=req.tags,
-            metadata=req.metadata,
         )
+        job.accepted_at.FromNanoseconds(time.time_ns())
+        if req.tags:
+            job.tags.extend(req.tags)
+        if req.metadata:
+            job.metadata.update(req.metadata)
         if req.HasField("send_at"):
             job.send_at.CopyFrom(req.send_at)
         return job
 
     @staticmethod
-    def _payload(req: Any) -> messages_pb2.Payload:
-        payload = messages_pb2.Payload(
-            reply_to=req.reply_to,
-            subject=req.subject,
-            text=req.text,
-            html=req.html,
-            headers=req.headers,
-            attachments=req.attachments,
-        )
+    def _payload(req: Any, payload: messages_pb2.Payload | None = None) -> messages_pb2.Payload:
+        """The request's content as a Payload, built in `payload` if given (a batch's
+        payloads are built in place: appending one copies it)."""
+        if payload is None:
+            payload = messages_pb2.Payload()
+        payload.subject = req.subject
+        payload.text = req.text
+        payload.html = req.html
         getattr(payload, "from").CopyFrom(getattr(req, "from"))
+        if req.reply_to:
+            payload.reply_to.extend(req.reply_to)
+        if req.headers:
+            payload.headers.update(req.headers)
+        if req.attachments:
+            payload.attachments.extend(req.attachments)
         if isinstance(req, ingest_pb2.SendRequest):
-            payload.to.extend(req.to)
-            payload.cc.extend(req.cc)
+            if req.to:
+                payload.to.extend(req.to)
+            if req.cc:
+                payload.cc.extend(req.cc)
         return payload
 
     def _prepare_send(
-        self, principal: Principal, req: ingest_pb2.SendRequest, job_id: str
+        self,
+        principal: Principal,
+        req: ingest_pb2.SendRequest,
+        job_id: str,
+        payloads: messages_pb2.PayloadBatch | None = None,
     ) -> tuple[messages_pb2.JobRecord, messages_pb2.Payload, ingest_pb2.SendResponse]:
+        """A valid, authorised request's job, payload and response (its payload built as the
+        last of `payloads` if given); ApiError otherwise, with nothing added to `payloads`."""
         violations = validate_send(req, self._cfg.ingest)
         if violations:
             raise bad_request(violations)
@@ -259,15 +274,10 @@ class IngestCore:
         self._authorize(principal, req, tier)
         message_id = f"{job_id}@{_from_domain(req)}"
         job = self._job(principal[1].tenant_id, req, tier, job_id)
-        job.recipients.extend(
-            messages_pb2.Recipient(email=a.email, message_id=message_id)
-            for a in [*req.to, *req.cc, *req.bcc]
-        )
-        return (
-            job,
-            self._payload(req),
-            ingest_pb2.SendResponse(job_id=job_id, message_id=message_id),
-        )
+        for a in [*req.to, *req.cc, *req.bcc]:
+            job.recipients.add(email=a.email, message_id=message_id)
+        payload = self._payload(req, None if payloads is None else payloads.payloads.add())
+        return job, payload, ingest_pb2.SendResponse(job_id=job_id, message_id=message_id)
 
     # -- Send ---------------------------------------------------------------------------
 
@@ -321,11 +331,10 @@ class IngestCore:
                 continue
             try:
                 self.rate_limit(principal)
-                job, payload, response = self._prepare_send(principal, req, f"{batch_id}_{i}")
+                job, _, response = self._prepare_send(principal, req, f"{batch_id}_{i}", payloads)
             except ApiError as err:
                 results.append(err)
                 continue
-            payloads.payloads.append(payload)
             job.payload_ref = f"#{len(payloads.payloads) - 1}"
             jobs.append(job)
             results.append(response)
