@@ -151,9 +151,12 @@ class Expander:
             envelope_from=job.envelope_from,
             accepted_at=_due(job),
             index=item.index,
-            recipient_name=item.name,
-            substitutions=item.substitutions,
         )
+        # (only when there are any: protobuf copies an empty map too)
+        if item.name:
+            p.recipient_name = item.name
+        if item.substitutions:
+            p.substitutions.update(item.substitutions)
         if job.HasField("expires_at"):
             p.expires_at.CopyFrom(job.expires_at)
         lane = self._lanes.lane(key, key in busy)
@@ -267,12 +270,14 @@ class Expander:
                 job_id=job.job_id,
                 tier=job.tier,
                 timestamp=job.accepted_at,
-                tags=job.tags,
-                metadata=job.metadata,
                 recipient_count=job.recipient_count or len(job.recipients),
                 recipients=[r.email for r in job.recipients],
                 message_id=job.recipients[0].message_id if job.recipients else "",
             )
+            if job.tags:
+                event.tags.extend(job.tags)
+            if job.metadata:
+                event.metadata.update(job.metadata)
             return (
                 names.event_subject(job.tenant_id, event.type, job.job_id, "job"),
                 event.SerializeToString(),

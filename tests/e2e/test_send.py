@@ -42,7 +42,10 @@ async def post(stack: Stack, body: Any, key: str | None = "default") -> tuple[in
 
 
 async def test_send_is_accepted_and_delivered_with_right_headers(stack: Stack) -> None:
-    status, body, _ = await post(stack, message(cc=[{"email": "carol@other.test"}]))
+    status, body, _ = await post(
+        stack,
+        message(cc=[{"email": "carol@other.test"}], tags=["otp"], metadata={"user": "42"}),
+    )
     assert status == 202, body
     assert body["job_id"].startswith("job_")
     assert body["message_id"] == f"{body['job_id']}@acme.test"
@@ -72,6 +75,14 @@ async def test_send_is_accepted_and_delivered_with_right_headers(stack: Stack) -
     recipients = {c.verified["data"]["recipient"] for c in delivered if c.verified}
     assert recipients == {"bob@mail.test", "carol@other.test"}
     assert all(c.verified and c.verified["data"]["tier"] == "critical" for c in delivered)
+    # The job's tags and metadata ride on its accepted event.
+    [accepted] = await wait_for(
+        lambda: stack.hooks.of_type("message.accepted"), what="the accepted webhook"
+    )
+    assert accepted.verified is not None
+    assert accepted.verified["data"]["tags"] == ["otp"]
+    assert accepted.verified["data"]["metadata"] == {"user": "42"}
+    assert accepted.verified["data"]["recipients"] == ["bob@mail.test", "carol@other.test"]
     # Work-queue streams are empty once everything is settled.
     assert await stream_messages(stack, names.JOBS_STREAM) == 0
     assert await wait_for(_mail_empty(stack), what="MAIL drained")
