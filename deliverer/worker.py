@@ -32,7 +32,7 @@ from deliverer.smtp import ConnectionLost, SmtpConnection
 from sluice import names, suppressions
 from sluice.config import Config
 from sluice.outcomes import BatchPublisher, event_message, publish_dead_letter
-from sluice.pull import fetch, late_messages
+from sluice.pull import delivered_count, fetch, late_messages
 from sluice.resolver import DnsPermanent, DnsTemporary, MxHost, Resolver
 from sluice.retry import busy_delay, next_delay
 from sluice.singleflight import SingleFlight
@@ -935,7 +935,7 @@ class Deliverer:
         count_site_wait(sum(len(g) for g in groups), queued=False)
         for group in groups:
             for msg, _ in group:
-                await msg.nak(delay=busy_delay(msg.metadata.num_delivered or 1))
+                await msg.nak(delay=busy_delay(delivered_count(msg)))
 
     def _learn_sites(self, resp: scheduler_pb2.AcquireLeasesResponse) -> None:
         """The domains' sites, and their MX hosts as the scheduler found them (so this
@@ -1116,7 +1116,7 @@ class Deliverer:
                 log.error("undecodable pointer terminated (seq %s)", msg.metadata.sequence.stream)
                 await msg.term()
                 continue
-            attempt = msg.metadata.num_delivered or 1
+            attempt = delivered_count(msg)
             age = time.time() - p.accepted_at.ToNanoseconds() / 1e9
             horizon = self._cfg.horizon(names.tier_token(p.tier))
             if p.HasField("expires_at"):

@@ -21,7 +21,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.errors import APIError
 
-__all__ = ["fetch", "late_messages"]
+__all__ = ["delivered_count", "fetch", "late_messages"]
 
 # Status replies that end a pull request without an error: no messages (404), the request
 # expired (408), and conflicts such as a consumer deleted or too many waiting requests (409),
@@ -31,6 +31,22 @@ _ENDS = frozenset({"404", "408", "409"})
 _ALONG = "100"
 # How much longer than the request's `expires` the client waits for the server's 408.
 _GRACE = 0.05
+
+
+def delivered_count(msg: Msg) -> int:
+    """How many times msg has been delivered (1 on its first delivery), read from its ack
+    subject: $JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<ns>.<pending>,
+    or with <domain>.<account hash> after ACK (and a random token at the end). nats-py's
+    `metadata` parses every field into a dataclass, with a datetime: a deliverer spent 3 % of
+    its CPU there for this one number."""
+    tokens = (msg.reply or "").split(".")
+    if len(tokens) == 9:
+        field = tokens[4]
+    elif len(tokens) >= 11:
+        field = tokens[6]
+    else:
+        return msg.metadata.num_delivered or 1  # (raises for a message with no ack subject)
+    return int(field) or 1
 
 
 def _taken(sub: JetStreamContext.PullSubscription, msg: Msg) -> Msg:

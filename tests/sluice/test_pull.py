@@ -10,11 +10,12 @@ import time
 
 import nats
 import pytest
+from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext, api
 
 from sluice.natsserver import NatsServer
-from sluice.pull import fetch
+from sluice.pull import delivered_count, fetch
 
 
 async def _queue(js: JetStreamContext, stream: str) -> JetStreamContext.PullSubscription:
@@ -98,3 +99,25 @@ async def test_a_consumer_that_is_gone_raises(nats_server: NatsServer) -> None:
             await fetch(sub, 5, 0.5)
     finally:
         await nc.close()
+
+
+async def test_delivered_count_agrees_with_the_metadata_across_redeliveries(
+    nats_server: NatsServer,
+) -> None:
+    """The count read from the ack subject is nats-py's num_delivered, redelivery after
+    redelivery; and the two ack subject forms (with and without domain and account hash)."""
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        sub = await _queue(js, "D")
+        await js.publish("d.x", b"m")
+        for n in (1, 2, 3):
+            [msg] = await fetch(sub, 1, 5.0)
+            assert delivered_count(msg) == msg.metadata.num_delivered == n
+            await msg.nak()
+    finally:
+        await nc.close()
+    v1 = Msg(nc, reply="$JS.ACK.S.C.4.10.9.1700000000000000000.0")
+    v2 = Msg(nc, reply="$JS.ACK._.HASH.S.C.5.10.9.1700000000000000000.0.rand")
+    assert (delivered_count(v1), delivered_count(v2)) == (4, 5)
+    assert (v1.metadata.num_delivered, v2.metadata.num_delivered) == (4, 5)
