@@ -5,7 +5,7 @@ from the first submission to the last arrival at the sink, in one run on this ma
     .venv/bin/python -m bench.compare [--messages 20000] [--systems sluice,postfix,haraka]
                                       [--dkim both|on|off] [--deliverers 2] [--webhooks]
                                       [--clients N] [--submitter smtp-source|aiosmtplib]
-                                      [--rounds 1]
+                                      [--sync interval|always] [--rounds 1]
 
 With --rounds N the systems run N times in turn, in --systems order, each round compared
 with its own Postfix run (a round whose Postfix run lost messages is left out), and the
@@ -26,9 +26,11 @@ Haraka` (or set HARAKA=/path/to/bin/haraka).
 
 The SMTP submission client is Postfix's own C client, `smtp-source`, with `--clients`
 connections kept open: by default 8 for Postfix and 256 for Haraka. `--submitter aiosmtplib`
-submits from this process in Python instead, as runs before 2026-11-30 (tenth session) did;
-that client took 0.42-0.44 ms of CPU per message from the same two cores and slowed Postfix
-by 12-22 % (604 / 578 msgs/s against 679 / 706 with smtp-source, interleaved). Haraka's
+submits from this process in Python instead, as runs before the tenth session did; that
+client took 0.42-0.44 ms of CPU per message from the same two cores, and Postfix relayed
+12-22 % faster with smtp-source (679 / 706 msgs/s against 604 / 578, interleaved).
+smtp-source sends one message to numbered recipients of one domain (`--domains` spreads
+only Sluice's recipients; Postfix and Haraka relay everything to the sink either way). Haraka's
 smtp_forward relays each message before it answers the client, so its rate is connections
 over that round trip: 1,017 msgs/s with 64 connections (60 % of the cores busy), 1,457 with
 128, 1,564 with 256 (94 %). Postfix queues first and is bound by its CPU either way (664
@@ -187,13 +189,18 @@ async def _smtp_source(port: int, n: int, clients: int, work: Path) -> float:
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
 
     def reap() -> float:
+        # (if the run is cancelled meanwhile, the thread still reaps it once it is killed)
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
         if proc.returncode:
             raise RuntimeError(f"smtp-source exited with {proc.returncode}")
         return usage.ru_utime + usage.ru_stime
 
-    return await asyncio.to_thread(reap)
+    try:
+        return await asyncio.to_thread(reap)
+    except BaseException:
+        proc.kill()
+        raise
 
 
 def cpu_seconds(pid: int) -> float:

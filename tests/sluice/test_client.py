@@ -7,7 +7,14 @@ import asyncio
 
 import pytest
 
-from sluice.client import AsyncClient, Client, InvalidRequest, PermissionDenied, SluiceError
+from sluice.client import (
+    AsyncClient,
+    Client,
+    InvalidRequest,
+    PermissionDenied,
+    SluiceError,
+    build_send,
+)
 from tests.conftest import Stack, wait_for
 
 
@@ -86,10 +93,16 @@ async def test_streaming_sender(stack: Stack) -> None:
                 for i in range(200)
             ]
             bad = await sender.send(from_="app@acme.test", to=["broken"], text="x")
+            # One request object changed and sent again: each send goes as it was then.
+            reused = build_send("app@acme.test", ["r0@mail.test"], subject="r", text="x")
+            for i in range(3):
+                reused.to[0].email = f"r{i}@mail.test"
+                futures.append(await sender.send(reused))
         results = [f.result() for f in futures]
-        assert len({r.job_id for r in results}) == 200
+        assert len({r.job_id for r in results}) == 203
         assert isinstance(bad.exception(), InvalidRequest)
-    await wait_for(lambda: len(stack.smtp.received) == 200, 60, "200 streamed messages")
+    await wait_for(lambda: len(stack.smtp.received) == 203, 60, "203 streamed messages")
+    assert all(len(stack.smtp.to(f"r{i}@mail.test")) == 1 for i in range(3))
 
 
 async def test_sync_client(stack: Stack) -> None:
@@ -154,6 +167,9 @@ def test_build_send_sets_every_argument_given_and_nothing_else() -> None:
     )
     getattr(expected, "from").CopyFrom(addr(email="app@acme.test", name="App"))
     assert req == expected
+    # (an untyped caller's name of None is no name, as before)
+    no_name = build_send(("app@acme.test", None), [])  # type: ignore[arg-type]
+    assert getattr(no_name, "from") == addr(email="app@acme.test")
     bare = build_send("app@acme.test", ["c@mail.test"], text="t")
     assert bare.ListFields() == [
         (ingest_pb2.SendRequest.DESCRIPTOR.fields_by_name["from"], addr(email="app@acme.test")),

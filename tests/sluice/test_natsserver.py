@@ -54,7 +54,7 @@ def test_the_server_runs_with_the_gomaxprocs_given(
 
 
 @pytest.mark.parametrize("sync_always", [True, False], ids=["always", "default"])
-def test_sync_always_flushes_every_write(tmp_path: Path, sync_always: bool) -> None:
+def test_sync_always_reaches_the_servers_config(tmp_path: Path, sync_always: bool) -> None:
     """The server runs with the store directory given, and with `sync_interval: always` when
     asked (read back from its own /varz); it once refused to start with it, the directory
     named twice."""
