@@ -200,14 +200,15 @@ Content = ingest_pb2.SendRequest | ingest_pb2.SendBlastRequest
 def validate_send(req: ingest_pb2.SendRequest, cfg: IngestConfig) -> list[tuple[str, str]]:
     """Every schema violation of req as (field path, reason); empty if valid."""
     out: list[tuple[str, str]] = []
-    count = len(req.to) + len(req.cc) + len(req.bcc)
+    to, cc, bcc = req.to, req.cc, req.bcc
+    count = len(to) + len(cc) + len(bcc)
     if count == 0:
         out.append(("to", "at least one recipient is required in to, cc or bcc"))
     elif count > cfg.max_recipients:
         out.append(("to", f"{count} recipients; at most {cfg.max_recipients} per message"))
-    _addresses("to", list(req.to), out)
-    _addresses("cc", list(req.cc), out)
-    _addresses("bcc", list(req.bcc), out)
+    for field, addrs in (("to", to), ("cc", cc), ("bcc", bcc)):
+        if addrs:
+            _addresses(field, list(addrs), out)
     _content(req, cfg, out)
     return out
 
@@ -263,14 +264,17 @@ def _content(req: Content, cfg: IngestConfig, out: list[tuple[str, str]]) -> Non
             out.append(("from.email", why))
         if (why := _check_name(sender.name)) is not None:
             out.append(("from.name", why))
-    _addresses("reply_to", list(req.reply_to), out)
-    if _CONTROL.search(req.subject):
+    if req.reply_to:
+        _addresses("reply_to", list(req.reply_to), out)
+    # (each read of a string field makes a new str: read once)
+    subject, text, html = req.subject, req.text, req.html
+    if _CONTROL.search(subject):
         out.append(("subject", "must not contain control characters (CR/LF)"))
-    elif len(req.subject) > MAX_SUBJECT:
+    elif len(subject) > MAX_SUBJECT:
         out.append(("subject", f"is longer than {MAX_SUBJECT} characters"))
-    if not req.text and not req.html:
+    if not text and not html:
         out.append(("text", "text or html is required"))
-    for name, value in req.headers.items():
+    for name, value in req.headers.items() if req.headers else ():
         path = f"headers.{name}"
         if not _HEADER_NAME.match(name):
             out.append((path, "is not a valid header name"))
@@ -280,17 +284,19 @@ def _content(req: Content, cfg: IngestConfig, out: list[tuple[str, str]]) -> Non
             out.append((path, "must not contain control characters (CR/LF)"))
         elif len(value) > MAX_HEADER_VALUE:
             out.append((path, f"is longer than {MAX_HEADER_VALUE} characters"))
-    if len(req.tags) > MAX_TAGS:
+    tags = req.tags
+    if len(tags) > MAX_TAGS:
         out.append(("tags", f"at most {MAX_TAGS} tags"))
-    for i, tag in enumerate(req.tags):
+    for i, tag in enumerate(tags) if tags else ():
         if not tag or len(tag) > 128 or _CONTROL.search(tag):
             out.append((f"tags[{i}]", "must be 1-128 characters without control characters"))
     if len(req.metadata) > MAX_METADATA:
         out.append(("metadata", f"at most {MAX_METADATA} entries"))
     if req.tier not in _TIERS:
         out.append(("tier", "unknown tier"))
-    size = len(req.subject) + len(req.text.encode()) + len(req.html.encode())
-    for i, att in enumerate(req.attachments):
+    # (an ASCII str's length is its UTF-8 size; isascii is a flag CPython keeps)
+    size = len(subject) + sum(len(t) if t.isascii() else len(t.encode()) for t in (text, html))
+    for i, att in enumerate(req.attachments) if req.attachments else ():
         path = f"attachments[{i}]"
         size += len(att.content)
         if not att.filename or _CONTROL.search(att.filename) or len(att.filename) > 255:

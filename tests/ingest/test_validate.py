@@ -75,3 +75,14 @@ def test_missing_content_recipients_and_limits() -> None:
     many.bcc.extend(messages_pb2.Address(email=f"r{i}@example.com") for i in range(5))
     fields = dict(validate_send(many, IngestConfig(max_recipients=3)))
     assert fields["to"].startswith("6 recipients")
+
+
+def test_the_message_size_counts_utf8_bytes_of_text_and_html() -> None:
+    """Text and html count as their UTF-8 bytes (two for an "é"), the subject as characters."""
+    cfg = IngestConfig(max_message_bytes=1000)
+    fits = _req()
+    fits.subject, fits.text, fits.html = "s" * 10, "a" * 490, "b" * 490
+    assert validate_send(fits, cfg) == []
+    wide = _req()
+    wide.subject, wide.text, wide.html = "s" * 10, "é" * 300, "ü" * 200
+    assert dict(validate_send(wide, cfg)) == {"html": "message is 1010 bytes; at most 1000"}
