@@ -8,7 +8,12 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from sluice.natsserver import NatsServer, embedded_gomaxprocs, nats_server_binary
+from sluice.natsserver import (
+    NatsServer,
+    embedded_gomaxprocs,
+    nats_server_binary,
+    server_gomaxprocs,
+)
 
 
 def machine() -> str:
@@ -27,7 +32,7 @@ def machine() -> str:
     return (
         f"{platform.node()}: {os.cpu_count()} cores ({cpu}), {mem:.0f} GiB, "
         f"Python {platform.python_version()}, {nats.strip() or 'nats-server ?'} "
-        f"(GOMAXPROCS {os.environ.get('GOMAXPROCS') or embedded_gomaxprocs()})"
+        f"(GOMAXPROCS {server_gomaxprocs(embedded_gomaxprocs())})"
     )
 
 

@@ -20,6 +20,7 @@ __all__ = [
     "free_port",
     "free_ports",
     "nats_server_binary",
+    "server_gomaxprocs",
 ]
 
 
@@ -46,6 +47,14 @@ def embedded_gomaxprocs() -> int:
     a 4,289-domain `bench.shaping` tail 0.58-0.66 ms of CPU per message for everything
     against 0.72-0.79 (2026-11-30)."""
     return max(1, len(os.sched_getaffinity(0)) // 2)
+
+
+def server_gomaxprocs(given: int | None) -> str | None:
+    """The GOMAXPROCS a server started with `given` runs with: one set in the environment
+    wins; else `given` (None: Go's default, every core)."""
+    if "GOMAXPROCS" in os.environ:
+        return os.environ["GOMAXPROCS"]
+    return None if given is None else str(given)
 
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
@@ -164,9 +173,8 @@ class NatsServer:
             conf = self.store_dir / "server.conf"
             conf.write_text(conf_text)
             args += ["-c", str(conf)]
-        env = None
-        if self.gomaxprocs is not None and "GOMAXPROCS" not in os.environ:
-            env = dict(os.environ, GOMAXPROCS=str(self.gomaxprocs))
+        procs = server_gomaxprocs(self.gomaxprocs)
+        env = None if procs is None else dict(os.environ, GOMAXPROCS=procs)
         with contextlib.ExitStack() as files:
             out = files.enter_context(open(self.log_file, "ab")) if self.log_file else None
             self.proc = subprocess.Popen(
