@@ -227,6 +227,10 @@ class Deliverer:
         self._scheduler = scheduler
         self.deliverer_id = f"{socket.gethostname()}-{os.getpid()}-{id(self):x}"
         self._work: dict[str, LeaseWork] = {}
+        # Set when a lease's work ends (or on stop): the lease loop asks for work again at
+        # once instead of after idle_poll (a deliverer whose lanes ran dry idled while the
+        # other finished a blast's last lanes alone).
+        self._freed = asyncio.Event()
         # One-connection leases on the sites of mail taken from hash-bucket lanes.
         self._domain_leases: dict[str, LeaseWork] = {}
         self._site_of: dict[str, str] = {}  # domain -> site, as the scheduler named it
@@ -272,9 +276,11 @@ class Deliverer:
     async def run(self, stop: asyncio.Event) -> None:
         renewer = asyncio.create_task(self._renew_loop(stop))
         keeper = asyncio.create_task(self._keep_in_hand_alive(stop))
+        waker = asyncio.create_task(self._wake_on(stop))
         tasks: set[asyncio.Task[None]] = set()
         try:
             while not stop.is_set():
+                self._freed.clear()
                 free = self._cfg.deliverer.max_leases - len(self._work)
                 leases: list[scheduler_pb2.Lease] = []
                 if free > 0:
@@ -296,7 +302,8 @@ class Deliverer:
                     task.add_done_callback(tasks.discard)
                 if not leases:
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), self._cfg.deliverer.idle_poll)
+                        async with asyncio.timeout(self._cfg.deliverer.idle_poll):
+                            await self._freed.wait()
             # Drain: each lease worker finishes the transaction in hand and hands back the rest.
             self._stopping = True
             drained_by = time.monotonic() + self._cfg.shutdown.drain_timeout
@@ -319,7 +326,12 @@ class Deliverer:
         finally:
             renewer.cancel()
             keeper.cancel()
+            waker.cancel()
             await self._flush_outcomes()
+
+    async def _wake_on(self, stop: asyncio.Event) -> None:
+        await stop.wait()
+        self._freed.set()
 
     async def _renew_loop(self, stop: asyncio.Event) -> None:
         # Renewals also bring a site's current queues (a new critical queue starts here).
@@ -410,6 +422,7 @@ class Deliverer:
             self._work.pop(lease.lease_id, None)
             await self._hand_back_late(lease)
             await self._release(lease.lease_id)
+            self._freed.set()
 
     async def _hand_back_late(self, lease: scheduler_pb2.Lease) -> None:
         """Give back, at once, the pointers that came for this lease's queues after a fetch

@@ -36,6 +36,9 @@ _ALIVE_KEY = "scheduler-alive"
 _RESOLVING = 64
 # Seconds until a domain whose lookup failed is looked up again.
 _RETRY_LOOKUP = 5.0
+# A lane with at least this many messages stored gets a second deliverer when one has no
+# lane with mail (Scheduler._share_lane).
+_SHARE_LANE = 256
 
 
 def _limits_proto(limits: Limits) -> scheduler_pb2.SiteLimits:
@@ -392,8 +395,39 @@ class Scheduler:
                     lease.connections,
                     len(domains),
                 )
+            if not granted and max_leases > 0:
+                shared = self._share_lane(deliverer_id, by_lane, now)
+                if shared is not None:
+                    granted.append(await self._to_proto(shared, by_lane[shared.lane]))
             self._room[deliverer_id] = max_leases - len(granted)
             return granted
+
+    def _share_lane(
+        self, deliverer_id: str, by_lane: dict[str, list[Queue]], now: float
+    ) -> LeaseState | None:
+        """A second holder for the lane with the most mail, when this deliverer has no lane
+        with mail and every lane with mail is held: a blast's last lanes were otherwise
+        worked by one deliverer while the other idled (lanes are whole: ten domains in five
+        lanes are dealt three and two)."""
+        mine = {ls.lane for ls in self.leases.held_by(deliverer_id) if ls.kind == "lane"}
+        if mine & by_lane.keys():
+            return None
+        holders: Counter[str] = Counter(ls.lane for ls in self.leases.all() if ls.kind == "lane")
+        best, most = "", _SHARE_LANE
+        for lane, queues in by_lane.items():
+            if holders[lane] != 1 or self._cooldown.get(LANE_PREFIX + lane, 0.0) > now:
+                continue
+            n = sum(self._backlog.queues.get(q, 0) for q in queues)
+            if n >= most:
+                best, most = lane, n
+        if not best:
+            return None
+        n = self._cfg.scheduler.bucket_connections
+        limits = Limits(max_connections=2 * n, max_deliveries_per_connection=0)
+        lease = self.leases.grant(LANE_PREFIX + best, deliverer_id, limits, [], n, kind="lane")
+        if lease is not None:
+            log.info("lease %s: lane=%s deliverer=%s (shared)", lease.lease_id, best, deliverer_id)
+        return lease
 
     def _grant_lane(self, deliverer_id: str, lane: str) -> LeaseState | None:
         """A hash-bucket lane goes to one deliverer at a time; the sites of its domains are

@@ -255,7 +255,7 @@ class DelivererConfig:
     verp_domain: str = ""
     # Pointers fetched per pull.
     fetch_batch: int = 32
-    # Wait between lease requests when there is no work.
+    # Wait between lease requests when there is no work (cut short when a lease ends).
     idle_poll: Duration = Duration(0.5)
     # Hash-bucket mail whose site is at its connection limit waits this long for a
     # connection there (asking again every few hundred ms) before it is handed back; at most

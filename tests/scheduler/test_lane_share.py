@@ -92,3 +92,37 @@ async def test_lanes_are_given_back_only_as_far_as_the_other_has_room(
         assert len(again.leases) == 7 and not again.lost_lease_ids
     finally:
         await nc.close()
+
+
+async def test_an_idle_deliverer_shares_the_busiest_lane(nats_server: NatsServer) -> None:
+    """Lanes are whole (ten domains fell into five lanes, dealt three and two): a deliverer
+    with no lane with mail, while every lane with mail is held, gets a second lease on the
+    lane with the most mail, if it has at least _SHARE_LANE messages; not a third holder,
+    and not a lane with little mail."""
+    from scheduler import service
+
+    scheduler, lanes, nc = await _scheduler(nats_server)
+    try:
+        js = nc.jetstream()
+        busy, busier = lanes[2], lanes[5]
+        for lane, n in ((busy, service._SHARE_LANE), (busier, service._SHARE_LANE + 10)):
+            for _ in range(n):
+                await js.publish(
+                    names.mail_subject(messages_pb2.TIER_BULK, lane, "mail_test", "acme"), b"p"
+                )
+        await scheduler.refresh_backlog()
+        first = await scheduler.acquire("d1", 16)
+        assert sorted(ls.lane for ls in first) == lanes
+
+        shared = await scheduler.acquire("d2", 16)
+        assert [ls.lane for ls in shared] == [busier], "the lane with the most mail"
+        assert shared[0].queues, "with the lane's queues"
+        # d2 holds a lane with mail now: no second share.
+        assert await scheduler.acquire("d2", 16) == []
+        # A third deliverer shares the other busy lane, not `busier` a third time.
+        assert [ls.lane for ls in await scheduler.acquire("d3", 16)] == [busy]
+        assert await scheduler.acquire("d4", 16) == [], "the rest have too little mail"
+        holders = [ls.deliverer_id for ls in scheduler.leases.all() if ls.lane == busier]
+        assert sorted(holders) == ["d1", "d2"]
+    finally:
+        await nc.close()
