@@ -3,11 +3,14 @@
 # versions from constraints.txt) on first use, then:
 #   ./run.sh dev  [sluice dev options]   run the whole stack locally (Ctrl-C stops it)
 #   ./run.sh test [pytest options]       run the test suite
+#   ./run.sh bench NAME [options]        run bench/NAME.py (a benchmark; see README)
+# PYTHON picks the interpreter a new venv is made with, VENV the venv's directory (a
+# benchmark venv on an optimized interpreter build beside the default one, for example).
 set -eu
 cd "$(dirname "$0")"
 
 PYTHON="${PYTHON:-python3}"
-VENV=.venv
+VENV="${VENV:-.venv}"
 
 setup() {
     extras="$1"
@@ -41,8 +44,14 @@ case "$cmd" in
         fi
         exec "$VENV/bin/python" -m pytest "$@"
         ;;
+    bench)
+        setup "[test]"
+        name="${1:?usage: ./run.sh bench NAME [options]}"
+        shift
+        exec "$VENV/bin/python" -m "bench.$name" "$@"
+        ;;
     *)
-        echo "usage: ./run.sh dev | ./run.sh test" >&2
+        echo "usage: ./run.sh dev | ./run.sh test | ./run.sh bench NAME" >&2
         exit 2
         ;;
 esac

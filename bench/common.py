@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -31,9 +32,22 @@ def machine() -> str:
     ).stdout
     return (
         f"{platform.node()}: {os.cpu_count()} cores ({cpu}), {mem:.0f} GiB, "
-        f"Python {platform.python_version()}, {nats.strip() or 'nats-server ?'} "
+        f"Python {platform.python_version()} ({interpreter()}), {nats.strip() or 'nats-server ?'} "
         f"(GOMAXPROCS {server_gomaxprocs(embedded_gomaxprocs())})"
     )
+
+
+def interpreter() -> str:
+    """Which Python build runs the benchmark (and the Sluice processes it starts): its
+    executable, and whether the interpreter is in a shared libpython. How it was built
+    matters: pyenv's default build (no PGO or LTO, a shared libpython) ran bench.compare's
+    Sluice 13 % slower than Debian's python3.11 (docs/performance.md)."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        maps = ""
+    linked = "shared libpython" if "libpython" in maps else "libpython linked in"
+    return f"{os.path.realpath(sys.executable)}, {linked}"
 
 
 def process_cpu_seconds(pid: int) -> float:
