@@ -4,8 +4,8 @@
 #   ./run.sh dev  [sluice dev options]   run the whole stack locally (Ctrl-C stops it)
 #   ./run.sh test [pytest options]       run the test suite
 #   ./run.sh bench NAME [options]        run bench/NAME.py (a benchmark; see README)
-# PYTHON picks the interpreter a new venv is made with, VENV the venv's directory (a
-# benchmark venv on an optimized interpreter build beside the default one, for example).
+# PYTHON picks the interpreter a new venv is made with, VENV the venv's directory, relative
+# to this checkout (a benchmark venv on an optimized interpreter build beside .venv, say).
 set -eu
 cd "$(dirname "$0")"
 

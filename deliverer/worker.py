@@ -420,9 +420,11 @@ class Deliverer:
             log.exception("lease %s failed", lease.lease_id)
         finally:
             self._work.pop(lease.lease_id, None)
-            await self._hand_back_late(lease)
-            await self._release(lease.lease_id)
-            self._freed.set()
+            try:
+                await self._hand_back_late(lease)
+                await self._release(lease.lease_id)
+            finally:
+                self._freed.set()
 
     async def _hand_back_late(self, lease: scheduler_pb2.Lease) -> None:
         """Give back, at once, the pointers that came for this lease's queues after a fetch

@@ -28,6 +28,9 @@ class LeaseState:
     # until its holder hears of it (its next renewal) or it expires, since the holder's
     # connections stay open until then.
     revoked: bool = False
+    # A lane's second holder (Scheduler._share_lane): not counted when lanes are shared out
+    # whole between deliverers.
+    shared: bool = False
 
     @property
     def lane(self) -> str:

@@ -39,6 +39,8 @@ _RETRY_LOOKUP = 5.0
 # A lane with at least this many messages stored gets a second deliverer when one has no
 # lane with mail (Scheduler._share_lane).
 _SHARE_LANE = 256
+# Seconds after a shared lane lease ends before that lane is shared again.
+_SHARE_COOLDOWN = 5.0
 
 
 def _limits_proto(limits: Limits) -> scheduler_pb2.SiteLimits:
@@ -79,6 +81,7 @@ class Scheduler:
         self._failing: dict[str, tuple[float, float]] = {}
         self._unknown: set[str] = set()
         self._cooldown: dict[str, float] = {}
+        self._share_cooldown: dict[str, float] = {}  # by lane (_share_lane)
         # Deliverers by when they last asked for work (lane fair shares).
         self._seen: dict[str, float] = {}
         # How many more leases each deliverer could take when it last asked.
@@ -308,7 +311,9 @@ class Scheduler:
             if now - t > window:
                 del self._seen[d]
                 self._room.pop(d, None)
-        held = sum(1 for ls in self.leases.held_by(deliverer_id) if ls.kind == "lane")
+        held = sum(
+            1 for ls in self.leases.held_by(deliverer_id) if ls.kind == "lane" and not ls.shared
+        )
         lanes |= {ls.lane for ls in self.leases.all() if ls.kind == "lane"}
         sharing = len(self._seen.keys() | {deliverer_id})
         return held, max(1, math.ceil(len(lanes) / sharing))
@@ -321,7 +326,7 @@ class Scheduler:
             return
         counts = {d: 0 for d in self._seen}
         for ls in self.leases.all():
-            if ls.kind == "lane" and ls.deliverer_id in counts:
+            if ls.kind == "lane" and not ls.shared and ls.deliverer_id in counts:
                 counts[ls.deliverer_id] += 1
         # As many as the others short of their share have room for: lanes taken back for a
         # deliverer too busy to take them went back to this one a moment later, and the
@@ -334,7 +339,7 @@ class Scheduler:
         if wanted <= 0:
             return
         mine = sorted(
-            (ls for ls in self.leases.held_by(deliverer_id) if ls.kind == "lane"),
+            (ls for ls in self.leases.held_by(deliverer_id) if ls.kind == "lane" and not ls.shared),
             key=lambda ls: ls.expires_at,
         )
         for ls in mine[share:][:wanted]:
@@ -421,7 +426,11 @@ class Scheduler:
         holders: Counter[str] = Counter(ls.lane for ls in self.leases.all() if ls.kind == "lane")
         best, most = "", _SHARE_LANE
         for lane, queues in by_lane.items():
-            if holders[lane] != 1 or self._cooldown.get(LANE_PREFIX + lane, 0.0) > now:
+            if (
+                holders[lane] != 1
+                or self._cooldown.get(LANE_PREFIX + lane, 0.0) > now
+                or self._share_cooldown.get(lane, 0.0) > now
+            ):
                 continue
             n = sum(self._backlog.queues.get(q, 0) for q in queues)
             if n >= most:
@@ -432,6 +441,7 @@ class Scheduler:
         limits = Limits(max_connections=2 * n, max_deliveries_per_connection=0)
         lease = self.leases.grant(LANE_PREFIX + best, deliverer_id, limits, [], n, kind="lane")
         if lease is not None:
+            lease.shared = True
             log.info("lease %s: lane=%s deliverer=%s (shared)", lease.lease_id, best, deliverer_id)
         return lease
 
@@ -608,6 +618,10 @@ class Scheduler:
             ls = self.leases.get(lease_id)
             if ls is None or ls.deliverer_id != deliverer_id:
                 continue
+            if ls.shared:
+                # Its mail may have been in the other holder's hands already (stored counts
+                # it until it is acked): not shared again for a while.
+                self._share_cooldown[ls.lane] = time.monotonic() + _SHARE_COOLDOWN
             if ls.kind != "domain":
                 # A released site or lane had nothing ready; do not hand it straight back.
                 self._cooldown[ls.site_id] = time.monotonic() + self._cfg.scheduler.backlog_interval

@@ -126,3 +126,68 @@ async def test_an_idle_deliverer_shares_the_busiest_lane(nats_server: NatsServer
         assert sorted(holders) == ["d1", "d2"]
     finally:
         await nc.close()
+
+
+async def _fill(nc: Any, lane: str, n: int) -> None:
+    js = nc.jetstream()
+    for _ in range(n):
+        await js.publish(
+            names.mail_subject(messages_pb2.TIER_BULK, lane, "mail_test", "acme"), b"p"
+        )
+
+
+async def test_a_shared_lane_does_not_stop_whole_lanes_being_given_back(
+    nats_server: NatsServer,
+) -> None:
+    """At the start of a blast the second deliverer may ask before the first renews, and
+    share a lane then; the first still gives back its whole lanes beyond its share (a
+    shared lease is not counted as one of the sharer's lanes)."""
+    from scheduler import service
+
+    scheduler, lanes, nc = await _scheduler(nats_server)
+    try:
+        for lane in lanes[:2]:
+            await _fill(nc, lane, service._SHARE_LANE)
+        # Only the two busy lanes have mail now: the others' pointers are taken away.
+        for ls in lanes[2:]:
+            await nc.jetstream().purge_stream(
+                names.MAIL_STREAM,
+                subject=names.mail_subject(messages_pb2.TIER_BULK, ls, "mail_test", "acme"),
+            )
+        await scheduler.refresh_backlog()
+        first = await scheduler.acquire("d1", 16)
+        assert sorted(ls.lane for ls in first) == lanes[:2]
+        shared = await scheduler.acquire("d2", 16)
+        assert len(shared) == 1 and shared[0].lane in lanes[:2]
+
+        renewed = await scheduler.renew("d1", [ls.lease_id for ls in first])
+        assert len(renewed.leases) == 1 and len(renewed.lost_lease_ids) == 1
+        await scheduler.acquire("d2", 16)
+        held = {
+            d: {ls.lane for ls in scheduler.leases.held_by(d) if ls.kind == "lane"}
+            for d in ("d1", "d2")
+        }
+        assert len(held["d1"]) == 1 and held["d1"] | held["d2"] == set(lanes[:2])
+    finally:
+        await nc.close()
+
+
+async def test_a_lane_is_not_shared_again_at_once(nats_server: NatsServer) -> None:
+    """A shared lease that ended (its lane's mail was in the other holder's hands, say)
+    is not granted again for _SHARE_COOLDOWN, even once the lane's own cooldown is over."""
+    from scheduler import service
+
+    scheduler, lanes, nc = await _scheduler(nats_server)
+    try:
+        await _fill(nc, lanes[3], service._SHARE_LANE)
+        await scheduler.refresh_backlog()
+        assert len(await scheduler.acquire("d1", 16)) == len(lanes)
+        shared = await scheduler.acquire("d2", 16)
+        assert [ls.lane for ls in shared] == [lanes[3]]
+        scheduler.release("d2", [shared[0].lease_id])
+        scheduler._cooldown.clear()  # (as if backlog_interval had passed)
+        assert await scheduler.acquire("d2", 16) == []
+        scheduler._share_cooldown.clear()  # (as if _SHARE_COOLDOWN had passed)
+        assert [ls.lane for ls in await scheduler.acquire("d2", 16)] == [lanes[3]]
+    finally:
+        await nc.close()
