@@ -40,6 +40,17 @@ def _port(preferred: int) -> int:
     return preferred if not port_open("127.0.0.1", preferred) else free_port()
 
 
+async def _until_listening(addresses: list[str], tasks: list[asyncio.Task[None]]) -> None:
+    """Return once every host:port accepts connections or a service task has ended (its
+    failure is reported after the banner)."""
+    for address in addresses:
+        host, _, port = address.rpartition(":")
+        while not port_open(host, int(port)):
+            if any(t.done() for t in tasks):
+                return
+            await asyncio.sleep(0.05)
+
+
 async def _webhook_receiver(path: Path, port: int) -> web.AppRunner:
     async def receive(request: web.Request) -> web.Response:
         body = await request.read()
@@ -95,7 +106,12 @@ async def run_dev(base: Config, data_dir: Path, stop: asyncio.Event) -> None:
     )
     api_key = await _demo_tenant(cfg, f"http://127.0.0.1:{hook_port}/webhooks")
     tasks = [asyncio.create_task(service(name)(cfg, stop), name=name) for name in SERVICES]
-    await asyncio.sleep(0.5)
+    # The banner's curl must work as soon as it is printed: wait for the API's listeners
+    # (a fixed half second was too short on a busy machine: the test of this command's curl
+    # was refused once, under CI beside other work).
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(60.0):
+            await _until_listening([cfg.ingest.http_listen, cfg.ingest.grpc_listen], tasks)
     body = json.dumps(
         {
             "from": {"email": f"hello@{DEMO_DOMAIN}", "name": "Sluice demo"},
