@@ -277,8 +277,7 @@ class Scheduler:
     def _learned(self, domain: str, site: str) -> None:
         """Record a domain's site (looked up just now, or standing in for a failed lookup),
         and count it among the sites with bucket mail if the domain has some."""
-        # (the backlog's domains are its subjects' keys with "_" for "."; names.key_domain)
-        if self._bucketed_for is self._backlog and domain.replace(".", "_") in (
+        if self._bucketed_for is self._backlog and names.domain_key_of(domain) in (
             self._backlog.bucketed
         ):
             self._bucketed.add(site)
@@ -435,24 +434,25 @@ class Scheduler:
             n = sum(self._backlog.queues.get(q, 0) for q in queues)
             if n >= most:
                 best, most = lane, n
-        if not best:
-            return None
-        n = self._cfg.scheduler.bucket_connections
-        limits = Limits(max_connections=2 * n, max_deliveries_per_connection=0)
-        lease = self.leases.grant(LANE_PREFIX + best, deliverer_id, limits, [], n, kind="lane")
-        if lease is not None:
-            lease.shared = True
-            log.info("lease %s: lane=%s deliverer=%s (shared)", lease.lease_id, best, deliverer_id)
-        return lease
+        return self._grant_lane(deliverer_id, best, shared=True) if best else None
 
-    def _grant_lane(self, deliverer_id: str, lane: str) -> LeaseState | None:
-        """A hash-bucket lane goes to one deliverer at a time; the sites of its domains are
-        leased one connection at a time as its mail is delivered (acquire_domains)."""
+    def _grant_lane(self, deliverer_id: str, lane: str, shared: bool = False) -> LeaseState | None:
+        """A hash-bucket lane goes to one deliverer at a time (a `shared` lease is its second
+        holder: the lane's limit is doubled for it, so never a third); the sites of its
+        domains are leased one connection at a time as its mail is delivered
+        (acquire_domains)."""
         n = self._cfg.scheduler.bucket_connections
-        limits = Limits(max_connections=n, max_deliveries_per_connection=0)
+        limits = Limits(max_connections=2 * n if shared else n, max_deliveries_per_connection=0)
         lease = self.leases.grant(LANE_PREFIX + lane, deliverer_id, limits, [], n, kind="lane")
         if lease is not None:
-            log.info("lease %s: lane=%s deliverer=%s", lease.lease_id, lane, deliverer_id)
+            lease.shared = shared
+            log.info(
+                "lease %s: lane=%s deliverer=%s%s",
+                lease.lease_id,
+                lane,
+                deliverer_id,
+                " (shared)" if shared else "",
+            )
         return lease
 
     async def acquire_domains(

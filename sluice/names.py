@@ -117,6 +117,12 @@ def key_domain(key: str) -> str:
     return key.replace("_", ".")
 
 
+def domain_key_of(domain: str) -> str:
+    """key_domain's inverse, for a domain that came from a key (already an A-label in
+    lower case): no IDNA round trip, unlike domain_key."""
+    return domain.replace(".", "_")
+
+
 def job_subject(tier: Tier, batch_id: str) -> str:
     """One subject per batch, so a pending job can be found by id (status lookups)."""
     return f"sluice.jobs.{tier_token(tier)}.{batch_id}"
