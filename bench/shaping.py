@@ -6,18 +6,21 @@ counted from the blast's submission, once the processes have started.
     .venv/bin/python -m bench.shaping [--sites N] [--messages M] [--deliverers D]
     .venv/bin/python -m bench.shaping --zipf-domains 10000 --total 30000 [--zipf 1.0]
                                       [--hosted 0.8] [--providers 20] [--warm]
-                                      [--progress] [--log-level INFO]
+                                      [--progress] [--log-level INFO] [--ratio ROUNDS]
 
-The second form sends one blast of --total messages over that many domains, drawn
-Zipf-distributed, and also prints the CPU time the Sluice processes spent per message and
-the most mail consumers JetStream ever held: run it with 10 and with 10000 domains to
-compare the per-message cost. The ten most popular domains are big providers, each with its
-own MX (a site of its own). Of the long tail, a fraction --hosted has its MX at one of
---providers hosting providers (drawn Zipf-distributed too: a few big ones), as most small
-domains do (Google Workspace, Microsoft 365, hosting companies), so the domains of one
-provider are one site; the rest have an MX of their own. --hosted 0 gives every domain its
-own MX: the worst case, one site (MX lookup, address lookups, connection) per domain. Every
-site has 5 connections; the sink counts connections per site.
+The second form sends one blast of --total messages over that many domains, drawn Zipf-
+distributed, and also prints the CPU time the Sluice processes spent per message and the
+most mail consumers JetStream ever held: run it with 10 and with 10000 domains to compare
+the per-message cost, or add `--ratio ROUNDS` to have it run both, in rounds of four runs
+(10 domains, the tail, the tail, 10 domains: a drift of the machine's speed within a round
+cancels out), and print each round's ratio and the median. The ten most popular domains are
+big providers, each with its own MX (a site of its own). Of the long tail, a fraction
+--hosted has its MX at one of --providers hosting providers (drawn Zipf-distributed too: a
+few big ones), as most small domains do (Google Workspace, Microsoft 365, hosting
+companies), so the domains of one provider are one site; the rest have an MX of their own.
+--hosted 0 gives every domain its own MX: the worst case, one site (MX lookup, address
+lookups, connection) per domain. Every site has 5 connections; the sink counts connections
+per site.
 
 Everything runs here: nats-server, the Sluice services as processes (ingest, expander,
 scheduler, D deliverers), a DNS server giving each site its own MX host, and an aiosmtpd
@@ -31,10 +34,13 @@ import argparse
 import asyncio
 import os
 import random
+import shutil
+import statistics
 import sys
 import tempfile
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +124,15 @@ class CountingSMTP(SMTP):
         super().connection_lost(exc)
 
 
+@dataclass
+class Measured:
+    """One run's figures: CPU per message (ms) of the Sluice processes and nats-server
+    together, and the delivery rate."""
+
+    cpu_ms: float
+    rate: float
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sites", type=int, default=10)
@@ -132,12 +147,55 @@ async def main() -> None:
         "--warm", action="store_true", help="measure a second blast to the same domains"
     )
     ap.add_argument(
+        "--ratio",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="compare the blast with the same blast over 10 domains, ROUNDS rounds",
+    )
+    ap.add_argument(
         "--progress",
         action="store_true",
         help="print arrivals, connections and JetStream's pending and in-hand mail every 2 s",
     )
     ap.add_argument("--log-level", default="WARNING", help="of the Sluice processes")
     args = ap.parse_args()
+    if args.ratio:
+        await ratio(args)
+    else:
+        await shape(args)
+
+
+async def ratio(args: argparse.Namespace) -> None:
+    """Rounds of the 10-domain case (A) and the long tail (B) in the order A B B A: a drift
+    of the machine's speed within a round (this machine is shared; its speed moves by a
+    third over an hour) cancels out of the round's ratio, B's CPU per message over A's."""
+    tail = argparse.Namespace(**{**vars(args), "zipf_domains": args.zipf_domains or 10_000})
+    ten = argparse.Namespace(**{**vars(tail), "zipf_domains": 10, "hosted": 0.0})
+    ratios = []
+    for r in range(1, args.ratio + 1):
+        a1 = await shape(ten, quiet=True)
+        b1 = await shape(tail, quiet=True)
+        b2 = await shape(tail, quiet=True)
+        a2 = await shape(ten, quiet=True)
+        ratios.append((b1.cpu_ms + b2.cpu_ms) / (a1.cpu_ms + a2.cpu_ms))
+        print(
+            f"round {r}: CPU per message, 10 domains {a1.cpu_ms:.3f} / {a2.cpu_ms:.3f} ms, "
+            f"{tail.zipf_domains} domains {b1.cpu_ms:.3f} / {b2.cpu_ms:.3f} ms: "
+            f"{ratios[-1]:.2f}x",
+            flush=True,
+        )
+    print(machine())
+    print(
+        f"the long tail's CPU per message against the 10-domain case's, {tail.total} "
+        f"messages, {args.deliverers} deliverer processes: "
+        + ", ".join(f"{x:.2f}x" for x in ratios)
+        + f"; median {statistics.median(ratios):.2f}x"
+    )
+
+
+async def shape(args: argparse.Namespace, quiet: bool = False) -> Measured:
+    """One run: the full report, or (quiet) a line of it."""
     tmp = Path(tempfile.mkdtemp(prefix="sluice-shaping-"))
     srv, store_dir = start_nats()
     assert srv.proc is not None
@@ -296,6 +354,20 @@ async def main() -> None:
         elapsed = sink.last - sink.first
         cpu = {p.pid: process_cpu_seconds(p.pid) - cpu0[p.pid] for p in procs}
         cpu[nats_pid] = process_cpu_seconds(nats_pid) - nats0
+        measured = Measured(sum(cpu.values()) / total * 1e3, sink.delivered / max(elapsed, 1e-9))
+        names = ["ingest", "expander", "scheduler", *["deliverer"] * args.deliverers]
+        by_process = [*zip(names, (p.pid for p in procs), strict=True), ("nats", nats_pid)]
+        over = [site for site in sites if sink.peak[site] > limits[site]]
+        if quiet:
+            print(
+                f"  {len(set(rcpt_domains))} domains on {len({mx[d] for d in rcpt_domains})} "
+                f"sites: {measured.rate:,.0f} msgs/s, CPU {measured.cpu_ms:.3f} ms per message ("
+                + ", ".join(f"{name} {cpu[pid] / total * 1e3:.3f}" for name, pid in by_process)
+                + f"); {len(sink.seen)} of {total} reached, {sink.duplicates} duplicates, "
+                f"{len(over)} sites over their limit, at most {most_consumers} mail consumers",
+                flush=True,
+            )
+            return measured
         print(machine())
         what = (
             f"{len(set(rcpt_domains))} of {args.zipf_domains} domains (Zipf s={args.zipf}) on "
@@ -306,12 +378,11 @@ async def main() -> None:
         ) + (" (measured: a second blast to the same domains, caches warm)" if args.warm else "")
         print(
             f"shaping: {what}, {args.deliverers} deliverer processes: {sink.delivered} "
-            f"delivered in {elapsed:.1f} s = {sink.delivered / max(elapsed, 1e-9):,.0f} msgs/s"
+            f"delivered in {elapsed:.1f} s = {measured.rate:,.0f} msgs/s"
         )
-        names = ["ingest", "expander", "scheduler", *["deliverer"] * args.deliverers]
-        for name, pid in [*zip(names, (p.pid for p in procs), strict=True), ("nats", nats_pid)]:
-            print(f"  {name:10} CPU {cpu[pid]:7.1f} s = {cpu[pid] / total * 1e3:.2f} ms/msg")
-        print(f"  all        CPU {sum(cpu.values()) / total * 1e3:.2f} ms/msg")
+        for name, pid in by_process:
+            print(f"  {name:10} CPU {cpu[pid]:7.1f} s = {cpu[pid] / total * 1e3:.3f} ms/msg")
+        print(f"  all        CPU {measured.cpu_ms:.3f} ms/msg")
         print(f"most mail consumers at once: {most_consumers}")
         print(
             f"pointers JetStream handed out: {handed} ({handed - total} more than messages "
@@ -329,7 +400,6 @@ async def main() -> None:
             f"to the 10 most connected sites: "
             f"{sum(sorted(sink.site_connections.values())[-10:]) if sink.site_connections else 0}"
         )
-        over = [site for site in sites if sink.peak[site] > limits[site]]
         busiest = sorted(sites, key=lambda site: -sink.peak[site])[:10]
         for site in busiest if args.zipf_domains else sites:
             flag = "  OVER LIMIT" if sink.peak[site] > limits[site] else ""
@@ -337,6 +407,7 @@ async def main() -> None:
                 f"  {site:20} limit {limits[site]}  most connections seen {sink.peak[site]}{flag}"
             )
         print(f"sites over their limit: {len(over)}")
+        return measured
     finally:
         for p in procs:
             p.terminate()
@@ -345,6 +416,7 @@ async def main() -> None:
         dns.close()
         srv.stop()
         store_dir.cleanup()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
