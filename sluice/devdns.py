@@ -39,6 +39,7 @@ class DnsServer(asyncio.DatagramProtocol):
         self.catch_all_mx = catch_all_mx
         self.ttl = ttl
         self.queries: list[tuple[str, str]] = []
+        self.clients: set[tuple[str, int]] = set()  # (address, port) of every query's sender
         self.transport: asyncio.DatagramTransport | None = None
         self.port = 0
 
@@ -73,6 +74,7 @@ class DnsServer(asyncio.DatagramProtocol):
             query = dns.message.from_wire(data)
         except Exception:
             return
+        self.clients.add(addr)
         response = dns.message.make_response(query)
         response.flags |= dns.flags.AA
         for q in query.question:
