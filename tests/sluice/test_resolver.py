@@ -278,3 +278,24 @@ async def test_concurrent_lookups_share_one_socket() -> None:
         assert len(srv.clients) == 1, "the lookups that started together opened one socket"
     finally:
         srv.close()
+
+
+async def test_concurrent_lookups_of_one_name_ask_once(
+    resolver: tuple[Resolver, DnsServer],
+) -> None:
+    """A site's connection loops open together: they share one lookup of its MX and of its
+    host's addresses rather than asking the nameserver once each."""
+    r, srv = resolver
+    hosts = await asyncio.gather(*(r.mx("multi.test") for _ in range(5)))
+    addresses = await asyncio.gather(*(r.addresses("a.multi.test") for _ in range(5)))
+    assert hosts == [[MxHost(10, "a.multi.test"), MxHost(20, "b.multi.test")]] * 5
+    assert addresses == [["127.0.0.2"]] * 5
+    assert srv.queries.count(("multi.test", "MX")) == 1
+    assert srv.queries.count(("a.multi.test", "A")) == 1
+    assert srv.queries.count(("a.multi.test", "AAAA")) == 1
+    with pytest.raises(ExceptionGroup) as failed:
+        async with asyncio.TaskGroup() as tg:
+            for _ in range(3):
+                tg.create_task(r.mx("broken.test"))
+    assert all(isinstance(e, DnsTemporary) for e in failed.value.exceptions)
+    assert len(failed.value.exceptions) == 3
