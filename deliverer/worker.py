@@ -1336,8 +1336,8 @@ class Deliverer:
 
     async def _connect(self, domain: str) -> SmtpConnection:
         """A connection to the first reachable MX host of domain (preference order)."""
-        # A connection this loop dropped just now keeps its socket until the event loop's
-        # next turn (asyncio and uvloop close it from a callback): that turn first, so the
+        # A connection this loop dropped just now may keep its socket until the event
+        # loop's next turn (asyncio closes it from a callback): that turn first, so the
         # site never has one connection more than the lease allows, not even for a moment
         # (after 421s at RCPT, loops reconnecting together made the test server count 5
         # connections against a cap of 3).
