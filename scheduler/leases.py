@@ -37,6 +37,11 @@ class LeaseState:
         """The hash-bucket lane of a lane lease ("" for the other kinds)."""
         return self.site_id.removeprefix(LANE_PREFIX) if self.kind == "lane" else ""
 
+    @property
+    def whole_lane(self) -> bool:
+        """A lane lease that counts in the deal of lanes between deliverers (not shared)."""
+        return self.kind == "lane" and not self.shared
+
 
 # The site id under which a hash-bucket lane's lease is kept.
 LANE_PREFIX = "lane:"

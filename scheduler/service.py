@@ -310,9 +310,7 @@ class Scheduler:
             if now - t > window:
                 del self._seen[d]
                 self._room.pop(d, None)
-        held = sum(
-            1 for ls in self.leases.held_by(deliverer_id) if ls.kind == "lane" and not ls.shared
-        )
+        held = sum(1 for ls in self.leases.held_by(deliverer_id) if ls.whole_lane)
         lanes |= {ls.lane for ls in self.leases.all() if ls.kind == "lane"}
         sharing = len(self._seen.keys() | {deliverer_id})
         return held, max(1, math.ceil(len(lanes) / sharing))
@@ -325,7 +323,7 @@ class Scheduler:
             return
         counts = {d: 0 for d in self._seen}
         for ls in self.leases.all():
-            if ls.kind == "lane" and not ls.shared and ls.deliverer_id in counts:
+            if ls.whole_lane and ls.deliverer_id in counts:
                 counts[ls.deliverer_id] += 1
         # As many as the others short of their share have room for: lanes taken back for a
         # deliverer too busy to take them went back to this one a moment later, and the
@@ -338,7 +336,7 @@ class Scheduler:
         if wanted <= 0:
             return
         mine = sorted(
-            (ls for ls in self.leases.held_by(deliverer_id) if ls.kind == "lane" and not ls.shared),
+            (ls for ls in self.leases.held_by(deliverer_id) if ls.whole_lane),
             key=lambda ls: ls.expires_at,
         )
         for ls in mine[share:][:wanted]:
