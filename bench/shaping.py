@@ -39,7 +39,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -407,6 +407,12 @@ async def shape(args: argparse.Namespace, quiet: bool = False) -> Measured:
                 f"  {site:20} limit {limits[site]}  most connections seen {sink.peak[site]}{flag}"
             )
         print(f"sites over their limit: {len(over)}")
+        asked = Counter(rdtype for _, rdtype in dns.queries)
+        print(
+            f"DNS queries: {sum(asked.values())} ("
+            + ", ".join(f"{rdtype} {n}" for rdtype, n in sorted(asked.items()))
+            + f") from {len(dns.clients)} sockets"
+        )
         return measured
     finally:
         for p in procs:
