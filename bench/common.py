@@ -33,8 +33,40 @@ def machine() -> str:
     return (
         f"{platform.node()}: {os.cpu_count()} cores ({cpu}), {mem:.0f} GiB, "
         f"Python {platform.python_version()} ({interpreter()}), {nats.strip() or 'nats-server ?'} "
-        f"(GOMAXPROCS {server_gomaxprocs(embedded_gomaxprocs())})"
+        f"(GOMAXPROCS {server_gomaxprocs(embedded_gomaxprocs())}), "
+        f"nats store in {tempfile.gettempdir()}: {filesystem(Path(tempfile.gettempdir()))}"
     )
+
+
+def filesystem(path: Path) -> str:
+    """The file system `path` is on (from /proc/self/mounts), and for ext4 whether it has a
+    journal. Without one, ext4 checks every inode it allocates against those freed in the
+    last minutes and skips them (fs/ext4/ialloc.c, find_inode_bit), so nats-server's
+    consumer state files, written to a new file and renamed several times a second per
+    active consumer, cost more the more consumers are active: a quarter of nats-server's
+    CPU in the long tail of bench.shaping on such a disk (docs/performance.md). Set TMPDIR
+    to put the benchmarks' store elsewhere."""
+    real = os.path.realpath(path)
+    best: tuple[str, str, str] | None = None
+    try:
+        lines = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return "file system unknown"
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        dev, mount, fstype = fields[0], fields[1].replace("\\040", " "), fields[2]
+        inside = real == mount or real.startswith(mount.rstrip("/") + "/")
+        if inside and (best is None or len(mount) >= len(best[1])):
+            best = (dev, mount, fstype)
+    if best is None:
+        return "file system unknown"
+    dev, _, fstype = best
+    if fstype != "ext4":
+        return f"{fstype} on {dev}"
+    journal = any(Path("/proc/fs/jbd2").glob(f"{Path(dev).name}-*"))
+    return f"ext4 on {dev}, {'with a journal' if journal else 'no journal'}"
 
 
 def interpreter() -> str:

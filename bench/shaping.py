@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import random
 import shutil
@@ -51,7 +52,7 @@ from bench.common import machine, process_cpu_seconds, start_nats
 from sluice import config as config_mod
 from sluice.devdns import DnsServer
 from sluice.nats_layout import connect, ensure_layout
-from sluice.natsserver import free_port
+from sluice.natsserver import NatsServer, free_port
 from sluice.tenants import TenantStore, now_ts
 from sluice.v1 import tenant_pb2
 
@@ -191,18 +192,50 @@ async def ratio(args: argparse.Namespace) -> None:
         f"messages, {args.deliverers} deliverer processes: "
         + ", ".join(f"{x:.2f}x" for x in ratios)
         + f"; median {statistics.median(ratios):.2f}x"
+        + (f"; mean {interval(ratios)}" if len(ratios) > 1 else "")
     )
+
+
+# Student's t, two-sided 95 %, by degrees of freedom (2.0 beyond 20: within 5 %).
+_T95 = [12.71, 4.30, 3.18, 2.78, 2.57, 2.45, 2.36, 2.31, 2.26, 2.23]
+_T95 += [2.20, 2.18, 2.16, 2.14, 2.13, 2.12, 2.11, 2.10, 2.09, 2.09]
+
+
+def interval(xs: list[float]) -> str:
+    """The mean of `xs` and its 95 % confidence interval (Student's t): with rounds this
+    noisy, whether a target is met is a question about the mean, not about any one round."""
+    mean, n = statistics.mean(xs), len(xs)
+    half = (_T95[n - 2] if n - 2 < len(_T95) else 2.0) * statistics.stdev(xs) / n**0.5
+    return f"{mean:.3f}x (95 % interval {mean - half:.3f}-{mean + half:.3f}x)"
 
 
 async def shape(args: argparse.Namespace, quiet: bool = False) -> Measured:
     """One run: the full report, or (quiet) a line of it."""
     tmp = Path(tempfile.mkdtemp(prefix="sluice-shaping-"))
     srv, store_dir = start_nats()
+    procs: list[asyncio.subprocess.Process] = []
+    cleanup = contextlib.AsyncExitStack()  # (whatever was started, should a step fail)
+    cleanup.callback(shutil.rmtree, tmp, ignore_errors=True)
+    cleanup.callback(store_dir.cleanup)
+    cleanup.callback(srv.stop)
+    async with cleanup:
+        return await _shape(args, quiet, tmp, srv, procs, cleanup)
+
+
+async def _shape(
+    args: argparse.Namespace,
+    quiet: bool,
+    tmp: Path,
+    srv: NatsServer,
+    procs: list[asyncio.subprocess.Process],
+    cleanup: contextlib.AsyncExitStack,
+) -> Measured:
     assert srv.proc is not None
     nats_pid = srv.proc.pid
     sink = Sink()
     loop = asyncio.get_running_loop()
     smtp_server = await loop.create_server(lambda: CountingSMTP(sink), "127.0.0.1", 0)
+    cleanup.callback(smtp_server.close)
     smtp_port = smtp_server.sockets[0].getsockname()[1]
     mx = {}  # domain -> its MX host
     if args.zipf_domains:
@@ -233,6 +266,7 @@ async def shape(args: argparse.Namespace, quiet: bool = False) -> Measured:
         records[host] = [("A", "127.0.0.1")]
     dns = DnsServer(records)
     dns_port = await dns.start()
+    cleanup.callback(dns.close)
     shaping = tmp / "shaping.toml"
     shaping.write_text(
         "[default]\nmax_connections = 5\n\n"
@@ -264,165 +298,159 @@ async def shape(args: argparse.Namespace, quiet: bool = False) -> Measured:
     )
     key, _ = await tenants.create_key("bench")
     await nc.close()
-    procs = []
+    cleanup.push_async_callback(_stop, procs)
     for name in ["ingest", "expander", "scheduler", *["deliverer"] * args.deliverers]:
         procs.append(
             await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "sluice.cli", "--log-level", args.log_level, name, env=env
             )
         )
-    try:
-        total = len(rcpt_domains)
-        nc = await connect(cfg, "bench-consumers")
-        most_consumers = 0
-        # Pointers JetStream handed out, redeliveries included (mail handed back, expired
-        # acks): a consumer's delivered sequence counts every delivery. Read at every poll:
-        # the scheduler deletes idle consumers, and one made again starts from 0.
-        last_seq: dict[str, int] = {}
-        gone_seqs = 0
+    total = len(rcpt_domains)
+    nc = await connect(cfg, "bench-consumers")
+    most_consumers = 0
+    # Pointers JetStream handed out, redeliveries included (mail handed back, expired
+    # acks): a consumer's delivered sequence counts every delivery. Read at every poll:
+    # the scheduler deletes idle consumers, and one made again starts from 0.
+    last_seq: dict[str, int] = {}
+    gone_seqs = 0
 
-        def handed_out() -> int:
-            return gone_seqs + sum(last_seq.values())
+    def handed_out() -> int:
+        return gone_seqs + sum(last_seq.values())
 
-        async def poll() -> list[Any]:
-            """The mail consumers now; counts them and their deliveries."""
-            nonlocal most_consumers, gone_seqs
-            infos = [
-                i for i in await nc.jetstream().consumers_info("MAIL") if i.name.startswith("mail_")
-            ]
-            most_consumers = max(most_consumers, len(infos))
-            for i in infos:
-                seq = i.delivered.consumer_seq or 0 if i.delivered else 0
-                if seq < last_seq.get(i.name, 0):  # (deleted and made again)
-                    gone_seqs += last_seq[i.name]
-                last_seq[i.name] = seq
-            return infos
+    async def poll() -> list[Any]:
+        """The mail consumers now; counts them and their deliveries."""
+        nonlocal most_consumers, gone_seqs
+        infos = [
+            i for i in await nc.jetstream().consumers_info("MAIL") if i.name.startswith("mail_")
+        ]
+        most_consumers = max(most_consumers, len(infos))
+        for i in infos:
+            seq = i.delivered.consumer_seq or 0 if i.delivered else 0
+            if seq < last_seq.get(i.name, 0):  # (deleted and made again)
+                gone_seqs += last_seq[i.name]
+            last_seq[i.name] = seq
+        return infos
 
-        async def blast(s: aiohttp.ClientSession, prefix: str) -> None:
-            """Send the blast (recipients named with `prefix`) and wait for every arrival."""
-            body = {
-                "from": {"email": "news@bench.test"},
-                "subject": "s",
-                "text": "x" * 2000,
-                "recipients": [{"email": f"{prefix}{i}@{d}"} for i, d in enumerate(rcpt_domains)],
-            }
-            async with s.post(
-                f"http://{http}/v1/blasts", json=body, headers={"Authorization": f"Bearer {key}"}
-            ) as r:
-                assert r.status == 202, await r.text()
-            start = shown = time.monotonic()
-            while len(sink.seen) < total and time.monotonic() - start < 900:
-                infos = await poll()
-                if args.progress and time.monotonic() - shown >= 2.0:
-                    shown = time.monotonic()
-                    print(
-                        f"  {shown - start:5.1f} s: {len(sink.seen)} arrived, "
-                        f"{sum(sink.active.values())} connections, mail consumers "
-                        f"{len(infos)}: {sum(i.num_pending or 0 for i in infos)} pending, "
-                        f"{sum(i.num_ack_pending or 0 for i in infos)} in hand, "
-                        f"{sum(i.num_redelivered or 0 for i in infos)} of them redelivered",
-                        flush=True,
-                    )
-                await asyncio.sleep(0.5)
-            await poll()
+    async def blast(s: aiohttp.ClientSession, prefix: str) -> None:
+        """Send the blast (recipients named with `prefix`) and wait for every arrival."""
+        body = {
+            "from": {"email": "news@bench.test"},
+            "subject": "s",
+            "text": "x" * 2000,
+            "recipients": [{"email": f"{prefix}{i}@{d}"} for i, d in enumerate(rcpt_domains)],
+        }
+        async with s.post(
+            f"http://{http}/v1/blasts", json=body, headers={"Authorization": f"Bearer {key}"}
+        ) as r:
+            assert r.status == 202, await r.text()
+        start = shown = time.monotonic()
+        while len(sink.seen) < total and time.monotonic() - start < 900:
+            infos = await poll()
+            if args.progress and time.monotonic() - shown >= 2.0:
+                shown = time.monotonic()
+                print(
+                    f"  {shown - start:5.1f} s: {len(sink.seen)} arrived, "
+                    f"{sum(sink.active.values())} connections, mail consumers "
+                    f"{len(infos)}: {sum(i.num_pending or 0 for i in infos)} pending, "
+                    f"{sum(i.num_ack_pending or 0 for i in infos)} in hand, "
+                    f"{sum(i.num_redelivered or 0 for i in infos)} of them redelivered",
+                    flush=True,
+                )
+            await asyncio.sleep(0.5)
+        await poll()
 
-        async with aiohttp.ClientSession() as s:
-            for _ in range(100):  # until ingest answers (any status)
-                try:
-                    async with s.get(f"http://{http}/v1/blasts"):
-                        break
-                except aiohttp.ClientConnectionError:
-                    await asyncio.sleep(0.2)
-            # Until the processes have started (imports, connections): their CPU stays flat.
-            for _ in range(60):
-                before = sum(process_cpu_seconds(p.pid) for p in procs)
-                await asyncio.sleep(0.5)
-                if sum(process_cpu_seconds(p.pid) for p in procs) - before < 0.05:
+    async with aiohttp.ClientSession() as s:
+        for _ in range(100):  # until ingest answers (any status)
+            try:
+                async with s.get(f"http://{http}/v1/blasts"):
                     break
-            if args.warm:  # the same domains once before, unmeasured: caches are warm
-                await blast(s, "w")
-                sink.reset()
-                await asyncio.sleep(1.0)  # (its last connections close)
-            # CPU is counted from here: the processes' start (imports, connections) is not
-            # a cost per message.
-            cpu0 = {p.pid: process_cpu_seconds(p.pid) for p in procs}
-            nats0 = process_cpu_seconds(nats_pid)
-            handed_before = handed_out()
-            await blast(s, "u")
-        handed = handed_out() - handed_before
-        await nc.close()
-        elapsed = sink.last - sink.first
-        cpu = {p.pid: process_cpu_seconds(p.pid) - cpu0[p.pid] for p in procs}
-        cpu[nats_pid] = process_cpu_seconds(nats_pid) - nats0
-        measured = Measured(sum(cpu.values()) / total * 1e3, sink.delivered / max(elapsed, 1e-9))
-        names = ["ingest", "expander", "scheduler", *["deliverer"] * args.deliverers]
-        by_process = [*zip(names, (p.pid for p in procs), strict=True), ("nats", nats_pid)]
-        over = [site for site in sites if sink.peak[site] > limits[site]]
-        if quiet:
-            print(
-                f"  {len(set(rcpt_domains))} domains on {len({mx[d] for d in rcpt_domains})} "
-                f"sites: {measured.rate:,.0f} msgs/s, CPU {measured.cpu_ms:.3f} ms per message ("
-                + ", ".join(f"{name} {cpu[pid] / total * 1e3:.3f}" for name, pid in by_process)
-                + f"); {len(sink.seen)} of {total} reached, {sink.duplicates} duplicates, "
-                f"{len(over)} sites over their limit, at most {most_consumers} mail consumers",
-                flush=True,
-            )
-            return measured
-        print(machine())
-        what = (
-            f"{len(set(rcpt_domains))} of {args.zipf_domains} domains (Zipf s={args.zipf}) on "
-            f"{len({mx[d] for d in rcpt_domains})} sites ({args.hosted:.0%} of the tail hosted "
-            f"by {args.providers} providers), {total} messages"
-            if args.zipf_domains
-            else f"{args.sites} sites x {args.messages} messages"
-        ) + (" (measured: a second blast to the same domains, caches warm)" if args.warm else "")
+            except aiohttp.ClientConnectionError:
+                await asyncio.sleep(0.2)
+        # Until the processes have started (imports, connections): their CPU stays flat.
+        for _ in range(60):
+            before = sum(process_cpu_seconds(p.pid) for p in procs)
+            await asyncio.sleep(0.5)
+            if sum(process_cpu_seconds(p.pid) for p in procs) - before < 0.05:
+                break
+        if args.warm:  # the same domains once before, unmeasured: caches are warm
+            await blast(s, "w")
+            sink.reset()
+            await asyncio.sleep(1.0)  # (its last connections close)
+        # CPU is counted from here: the processes' start (imports, connections) is not
+        # a cost per message.
+        cpu0 = {p.pid: process_cpu_seconds(p.pid) for p in procs}
+        nats0 = process_cpu_seconds(nats_pid)
+        handed_before = handed_out()
+        await blast(s, "u")
+    handed = handed_out() - handed_before
+    await nc.close()
+    elapsed = sink.last - sink.first
+    cpu = {p.pid: process_cpu_seconds(p.pid) - cpu0[p.pid] for p in procs}
+    cpu[nats_pid] = process_cpu_seconds(nats_pid) - nats0
+    measured = Measured(sum(cpu.values()) / total * 1e3, sink.delivered / max(elapsed, 1e-9))
+    names = ["ingest", "expander", "scheduler", *["deliverer"] * args.deliverers]
+    by_process = [*zip(names, (p.pid for p in procs), strict=True), ("nats", nats_pid)]
+    over = [site for site in sites if sink.peak[site] > limits[site]]
+    if quiet:
         print(
-            f"shaping: {what}, {args.deliverers} deliverer processes: {sink.delivered} "
-            f"delivered in {elapsed:.1f} s = {measured.rate:,.0f} msgs/s"
-        )
-        for name, pid in by_process:
-            print(f"  {name:10} CPU {cpu[pid]:7.1f} s = {cpu[pid] / total * 1e3:.3f} ms/msg")
-        print(f"  all        CPU {measured.cpu_ms:.3f} ms/msg")
-        print(f"most mail consumers at once: {most_consumers}")
-        print(
-            f"pointers JetStream handed out: {handed} ({handed - total} more than messages "
-            "sent; a lower bound if a consumer was deleted between two polls)"
-        )
-        print(f"recipients reached: {len(sink.seen)} of {total}, duplicates: {sink.duplicates}")
-        print(
-            f"connections that carried mail: {sink.connections}, transactions: {sink.delivered}"
-            f" ({sink.delivered / max(sink.connections, 1):.1f} per connection)"
-        )
-        small = [site for site in sites if 0 < sink.site_mail[site] <= 3]
-        print(
-            f"  of them to sites with at most 3 messages: "
-            f"{sum(sink.site_connections[site] for site in small)} ({len(small)} sites); "
-            f"to the 10 most connected sites: "
-            f"{sum(sorted(sink.site_connections.values())[-10:]) if sink.site_connections else 0}"
-        )
-        busiest = sorted(sites, key=lambda site: -sink.peak[site])[:10]
-        for site in busiest if args.zipf_domains else sites:
-            flag = "  OVER LIMIT" if sink.peak[site] > limits[site] else ""
-            print(
-                f"  {site:20} limit {limits[site]}  most connections seen {sink.peak[site]}{flag}"
-            )
-        print(f"sites over their limit: {len(over)}")
-        asked = Counter(rdtype for _, rdtype in dns.queries)
-        print(
-            f"DNS queries: {sum(asked.values())} ("
-            + ", ".join(f"{rdtype} {n}" for rdtype, n in sorted(asked.items()))
-            + f") from {len(dns.clients)} sockets"
+            f"  {len(set(rcpt_domains))} domains on {len({mx[d] for d in rcpt_domains})} "
+            f"sites: {measured.rate:,.0f} msgs/s, CPU {measured.cpu_ms:.3f} ms per message ("
+            + ", ".join(f"{name} {cpu[pid] / total * 1e3:.3f}" for name, pid in by_process)
+            + f"); {len(sink.seen)} of {total} reached, {sink.duplicates} duplicates, "
+            f"{len(over)} sites over their limit, at most {most_consumers} mail consumers",
+            flush=True,
         )
         return measured
-    finally:
-        for p in procs:
-            p.terminate()
-            await p.wait()
-        smtp_server.close()
-        dns.close()
-        srv.stop()
-        store_dir.cleanup()
-        shutil.rmtree(tmp, ignore_errors=True)
+    print(machine())
+    what = (
+        f"{len(set(rcpt_domains))} of {args.zipf_domains} domains (Zipf s={args.zipf}) on "
+        f"{len({mx[d] for d in rcpt_domains})} sites ({args.hosted:.0%} of the tail hosted "
+        f"by {args.providers} providers), {total} messages"
+        if args.zipf_domains
+        else f"{args.sites} sites x {args.messages} messages"
+    ) + (" (measured: a second blast to the same domains, caches warm)" if args.warm else "")
+    print(
+        f"shaping: {what}, {args.deliverers} deliverer processes: {sink.delivered} "
+        f"delivered in {elapsed:.1f} s = {measured.rate:,.0f} msgs/s"
+    )
+    for name, pid in by_process:
+        print(f"  {name:10} CPU {cpu[pid]:7.1f} s = {cpu[pid] / total * 1e3:.3f} ms/msg")
+    print(f"  all        CPU {measured.cpu_ms:.3f} ms/msg")
+    print(f"most mail consumers at once: {most_consumers}")
+    print(
+        f"pointers JetStream handed out: {handed} ({handed - total} more than messages "
+        "sent; a lower bound if a consumer was deleted between two polls)"
+    )
+    print(f"recipients reached: {len(sink.seen)} of {total}, duplicates: {sink.duplicates}")
+    print(
+        f"connections that carried mail: {sink.connections}, transactions: {sink.delivered}"
+        f" ({sink.delivered / max(sink.connections, 1):.1f} per connection)"
+    )
+    small = [site for site in sites if 0 < sink.site_mail[site] <= 3]
+    print(
+        f"  of them to sites with at most 3 messages: "
+        f"{sum(sink.site_connections[site] for site in small)} ({len(small)} sites); "
+        f"to the 10 most connected sites: "
+        f"{sum(sorted(sink.site_connections.values())[-10:]) if sink.site_connections else 0}"
+    )
+    busiest = sorted(sites, key=lambda site: -sink.peak[site])[:10]
+    for site in busiest if args.zipf_domains else sites:
+        flag = "  OVER LIMIT" if sink.peak[site] > limits[site] else ""
+        print(f"  {site:20} limit {limits[site]}  most connections seen {sink.peak[site]}{flag}")
+    print(f"sites over their limit: {len(over)}")
+    asked = Counter(rdtype for _, rdtype in dns.queries)
+    print(
+        f"DNS queries: {sum(asked.values())} ("
+        + ", ".join(f"{rdtype} {n}" for rdtype, n in sorted(asked.items()))
+        + f") from {len(dns.clients)} sockets"
+    )
+    return measured
+
+
+async def _stop(procs: list[asyncio.subprocess.Process]) -> None:
+    for p in procs:
+        p.terminate()
+        await p.wait()
 
 
 if __name__ == "__main__":
