@@ -9,6 +9,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import aiohttp
+
 from sluice.natsserver import (
     NatsServer,
     embedded_gomaxprocs,
@@ -88,9 +90,12 @@ def process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def start_nats(sync_always: bool = False) -> tuple[NatsServer, tempfile.TemporaryDirectory[str]]:
+def start_nats(
+    sync_always: bool = False, monitor_port: int | None = None
+) -> tuple[NatsServer, tempfile.TemporaryDirectory[str]]:
     """A nats-server with file storage in a temporary directory; `sync_always`: every write
-    flushed to disk before it is acknowledged (`sync_interval: always`)."""
+    flushed to disk before it is acknowledged (`sync_interval: always`); `monitor_port`:
+    its HTTP monitoring on that loopback port (read by `nats_traffic`)."""
     tmp = tempfile.TemporaryDirectory(prefix="sluice-bench-")
     root = Path(tmp.name)
     srv = NatsServer(
@@ -98,6 +103,21 @@ def start_nats(sync_always: bool = False) -> tuple[NatsServer, tempfile.Temporar
         log_file=root / "nats.log",
         gomaxprocs=embedded_gomaxprocs(),
         sync_always=sync_always,
+        config=f'http: "127.0.0.1:{monitor_port}"\n' if monitor_port else "",
     )
     srv.start()
     return srv, tmp
+
+
+async def nats_traffic(monitor_port: int) -> dict[str, tuple[int, int]]:
+    """Messages each connected client has published to nats-server and received from it so
+    far, summed by connection name (from the monitoring endpoint /connz)."""
+    url = f"http://127.0.0.1:{monitor_port}/connz?limit=4096"
+    async with aiohttp.ClientSession() as s, s.get(url) as r:
+        data = await r.json()
+    out: dict[str, tuple[int, int]] = {}
+    for conn in data.get("connections") or []:
+        name = conn.get("name") or "?"
+        sent, got = out.get(name, (0, 0))
+        out[name] = (sent + conn["in_msgs"], got + conn["out_msgs"])
+    return out

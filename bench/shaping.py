@@ -48,7 +48,7 @@ from typing import Any
 import aiohttp
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from bench.common import machine, process_cpu_seconds, start_nats
+from bench.common import machine, nats_traffic, process_cpu_seconds, start_nats
 from sluice import config as config_mod
 from sluice.devdns import DnsServer
 from sluice.nats_layout import connect, ensure_layout
@@ -212,14 +212,15 @@ def interval(xs: list[float]) -> str:
 async def shape(args: argparse.Namespace, quiet: bool = False) -> Measured:
     """One run: the full report, or (quiet) a line of it."""
     tmp = Path(tempfile.mkdtemp(prefix="sluice-shaping-"))
-    srv, store_dir = start_nats()
+    monitor = free_port()
+    srv, store_dir = start_nats(monitor_port=monitor)
     procs: list[asyncio.subprocess.Process] = []
     cleanup = contextlib.AsyncExitStack()  # (whatever was started, should a step fail)
     cleanup.callback(shutil.rmtree, tmp, ignore_errors=True)
     cleanup.callback(store_dir.cleanup)
     cleanup.callback(srv.stop)
     async with cleanup:
-        return await _shape(args, quiet, tmp, srv, procs, cleanup)
+        return await _shape(args, quiet, tmp, srv, monitor, procs, cleanup)
 
 
 async def _shape(
@@ -227,6 +228,7 @@ async def _shape(
     quiet: bool,
     tmp: Path,
     srv: NatsServer,
+    monitor: int,
     procs: list[asyncio.subprocess.Process],
     cleanup: contextlib.AsyncExitStack,
 ) -> Measured:
@@ -438,6 +440,17 @@ async def _shape(
         flag = "  OVER LIMIT" if sink.peak[site] > limits[site] else ""
         print(f"  {site:20} limit {limits[site]}  most connections seen {sink.peak[site]}{flag}")
     print(f"sites over their limit: {len(over)}")
+    # (the same count of NATS messages with more CPU per message is the machine, not the
+    # work: how two deliverers were told from one)
+    traffic = await nats_traffic(monitor)
+    print(
+        "NATS messages per recipient, published / received: "
+        + ", ".join(
+            f"{name.removeprefix('sluice-')} {sent / total:.2f} / {got / total:.2f}"
+            for name, (sent, got) in sorted(traffic.items())
+            if name.startswith("sluice-")
+        )
+    )
     asked = Counter(rdtype for _, rdtype in dns.queries)
     print(
         f"DNS queries: {sum(asked.values())} ("
