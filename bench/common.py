@@ -45,9 +45,9 @@ def filesystem(path: Path) -> str:
     journal. Without one, ext4 checks every inode it allocates against those freed in the
     last minutes and skips them (fs/ext4/ialloc.c, find_inode_bit), so nats-server's
     consumer state files, written to a new file and renamed several times a second per
-    active consumer, cost more the more consumers are active: a quarter of nats-server's
-    CPU in the long tail of bench.shaping on such a disk (docs/performance.md). Set TMPDIR
-    to put the benchmarks' store elsewhere."""
+    active consumer, cost more the more consumers are active: a fifth to a quarter of
+    nats-server's CPU in bench.shaping's long tail on such a disk (docs/scheduling.md,
+    Measured). Set TMPDIR to put the benchmarks' store elsewhere."""
     real = os.path.realpath(path)
     best: tuple[str, str, str] | None = None
     try:
