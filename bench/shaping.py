@@ -23,6 +23,15 @@ companies), so the domains of one provider are one site; the rest have an MX of 
 lookups, connection) per domain. Every site has 5 connections; the sink counts connections
 per site.
 
+nats-server's store goes in a temporary directory under TMPDIR, and the file system there
+matters (see bench.common.filesystem). To measure on a journaled ext4 when the machine's is
+not, as the thirteenth session did (nats-server wants room for the streams' max_bytes: an
+8 GiB file system was refused):
+
+    truncate -s 200G /work/ext4j.img && mkfs.ext4 -q -F /work/ext4j.img
+    mkdir -p /mnt/j && mount -o loop /work/ext4j.img /mnt/j
+    TMPDIR=/mnt/j .venv/bin/python -m bench.shaping ...
+
 Everything runs here: nats-server, the Sluice services as processes (ingest, expander,
 scheduler, D deliverers), a DNS server giving each site its own MX host, and an SMTP sink
 that counts connections per site (by the domain of a connection's first RCPT), offers
