@@ -211,16 +211,14 @@ def interval(xs: list[float]) -> str:
 
 async def shape(args: argparse.Namespace, quiet: bool = False) -> Measured:
     """One run: the full report, or (quiet) a line of it."""
-    tmp = Path(tempfile.mkdtemp(prefix="sluice-shaping-"))
-    monitor = free_port()
-    srv, store_dir = start_nats(monitor_port=monitor)
-    procs: list[asyncio.subprocess.Process] = []
-    cleanup = contextlib.AsyncExitStack()  # (whatever was started, should a step fail)
-    cleanup.callback(shutil.rmtree, tmp, ignore_errors=True)
-    cleanup.callback(store_dir.cleanup)
-    cleanup.callback(srv.stop)
-    async with cleanup:
-        return await _shape(args, quiet, tmp, srv, monitor, procs, cleanup)
+    async with contextlib.AsyncExitStack() as cleanup:  # (what started, if a step fails)
+        tmp = Path(tempfile.mkdtemp(prefix="sluice-shaping-"))
+        cleanup.callback(shutil.rmtree, tmp, ignore_errors=True)
+        monitor = free_port()
+        srv, store_dir = start_nats(monitor_port=monitor)
+        cleanup.callback(store_dir.cleanup)
+        cleanup.callback(srv.stop)
+        return await _shape(args, quiet, tmp, srv, monitor, cleanup)
 
 
 async def _shape(
@@ -229,7 +227,6 @@ async def _shape(
     tmp: Path,
     srv: NatsServer,
     monitor: int,
-    procs: list[asyncio.subprocess.Process],
     cleanup: contextlib.AsyncExitStack,
 ) -> Measured:
     assert srv.proc is not None
@@ -304,6 +301,7 @@ async def _shape(
     )
     key, _ = await tenants.create_key("bench")
     await nc.close()
+    procs: list[asyncio.subprocess.Process] = []
     cleanup.push_async_callback(_stop, procs)
     for name in ["ingest", "expander", "scheduler", *["deliverer"] * args.deliverers]:
         procs.append(
