@@ -245,6 +245,13 @@ class Deliverer:
         self._queued = 0
         self._room = asyncio.Event()
         self._asking: set[str] = set()  # known sites a batch call is asking for
+        # The next batch lease call's domains, known sites and future (_name), whether a
+        # call is in flight, and the call naming each domain asked for.
+        self._next_domains: dict[str, None] = {}
+        self._next_sites: set[str] = set()
+        self._next_call: asyncio.Future[None] | None = None
+        self._calling = False
+        self._naming: dict[str, asyncio.Future[None]] = {}
         self._site_loops = 0  # connection loops of site queues running
         # Their idle loops, longest idle first (resolved with None: give up your slot), and
         # the queues waiting for a slot.
@@ -819,14 +826,23 @@ class Deliverer:
                 del self._site_queues[sq.site]
 
     async def _lease_sites(self, groups: list[Group]) -> None:
-        """Lease, in one call, the sites of a fetched batch that this process holds no
-        lease on (nor is asking for), and learn the sites of its new domains; a site that
-        gets none is full (or suspended) and its queue waits for one (_acquire_site)."""
+        """Lease the sites of a fetched batch that this process holds no lease on (nor is
+        asking for), and learn the sites of its new domains; a site that gets none is full
+        (or suspended) and its queue waits for one (_acquire_site).
+
+        The lanes' batches share the calls: a batch fetched while a call is in flight waits
+        for it if it names the batch's domains, and its other domains go together in the
+        next call, made when this one is answered (_name). (In a long tail every batch has
+        new domains, and each made a call of its own: more calls than sites.)"""
         domains: dict[str, None] = {}
         sites: set[str] = set()  # (known sites asked for)
+        calls: set[asyncio.Future[None]] = set()  # (answered when the call naming a domain is)
         for group in groups:
             p = group[0][1]
             if p is None or p.domain in domains:
+                continue
+            if (call := self._naming.get(p.domain)) is not None:
+                calls.add(call)
                 continue
             site = self._site_of.get(p.domain)
             if site is not None:
@@ -839,14 +855,68 @@ class Deliverer:
                     continue
                 sites.add(site)
             domains[p.domain] = None
-        if not domains:
-            return
+        if domains:
+            calls.add(self._name(domains, sites))
+        if calls:
+            # (not awaited directly: a cancelled wait must not cancel the others' call)
+            await asyncio.wait(calls)
+
+    def _name(self, domains: dict[str, None], sites: set[str]) -> asyncio.Future[None]:
+        """Put `domains` (and the known `sites` among theirs) in the next lease call, made at
+        once unless one is in flight; returns that call's future."""
+        call = self._next_call
+        if call is None:
+            call = self._next_call = asyncio.get_running_loop().create_future()
+        for domain in domains:
+            self._naming[domain] = call
+        self._next_domains.update(domains)
+        self._next_sites |= sites
         self._asking |= sites
+        if not self._calling:
+            self._calling = True
+            self._spawn(self._lease_calls())
+        return call
+
+    async def _lease_calls(self) -> None:
+        """Make the lease calls _name gathers, one at a time, until none is left."""
+        try:
+            while self._next_domains:
+                domains, self._next_domains = self._next_domains, {}
+                sites, self._next_sites = self._next_sites, set()
+                call, self._next_call = self._next_call, None
+                try:
+                    await self._lease_domains(list(domains), sites)
+                finally:
+                    self._asking -= sites  # (also when cancelled)
+                    for domain in domains:
+                        if self._naming.get(domain) is call:
+                            del self._naming[domain]
+                    if call is not None and not call.done():
+                        call.set_result(None)
+        finally:
+            # (cancelled in a drain: what was gathered is not asked for; its mail is
+            # handed back like mail whose site is unknown)
+            self._calling = False
+            if self._next_domains and not self._stopping:
+                self._calling = True
+                self._spawn(self._lease_calls())
+            else:
+                for domain in self._next_domains:
+                    self._naming.pop(domain, None)
+                self._asking -= self._next_sites
+                self._next_domains, self._next_sites = {}, set()
+                if self._next_call is not None and not self._next_call.done():
+                    self._next_call.set_result(None)
+                self._next_call = None
+
+    async def _lease_domains(self, domains: list[str], sites: set[str]) -> None:
+        """One call: a lease on the sites of `domains` (`sites`: the known ones among them,
+        in _asking until it is answered)."""
         try:
             resp = await self._scheduler.AcquireLeases(
                 scheduler_pb2.AcquireLeasesRequest(
                     deliverer_id=self.deliverer_id,
-                    domains=list(domains),
+                    domains=domains,
                     connections=_CONNECTIONS,
                     release_lease_ids=self._take_releases(),
                 ),
