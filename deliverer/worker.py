@@ -106,25 +106,40 @@ class SiteQueue:
     pops: int = 0
     asked_more: float = 0.0  # when more connections were last asked for
 
+    def live(self) -> bool:
+        """Whether one of the queue's leases is still good."""
+        for work in self.leases:
+            if not work.lost.is_set():
+                return True
+        return False
+
     def push(self, in_hand: InHand, tier: int) -> None:
-        self.tiers.setdefault(tier, deque()).append(in_hand)
+        queue = self.tiers.get(tier)
+        if queue is None:
+            queue = self.tiers[tier] = deque()
+        queue.append(in_hand)
         self.size += 1
 
     def pop(self, bulk_reserve: int = 0) -> InHand | None:
         """The next transaction, highest tier first; with a bulk reserve of k, k pops out of
         ten look at bulk first (as a site lease's batches do: see _next_batch)."""
         self.pops += 1
-        tiers = sorted(self.tiers)
-        if bulk_reserve and self.pops % 10 < bulk_reserve:
-            tiers.sort(key=lambda t: t != messages_pb2.TIER_BULK)
-        for tier in tiers:
-            queue = self.tiers[tier]
-            in_hand = queue.popleft()
-            if not queue:
-                del self.tiers[tier]
-            self.size -= 1
-            return in_hand
-        return None
+        tiers = self.tiers
+        if not tiers:
+            return None
+        if len(tiers) == 1:  # (mostly: one blast's tier)
+            tier = next(iter(tiers))
+        else:
+            order = sorted(tiers)
+            if bulk_reserve and self.pops % 10 < bulk_reserve:
+                order.sort(key=lambda t: t != messages_pb2.TIER_BULK)
+            tier = order[0]
+        queue = tiers[tier]
+        in_hand = queue.popleft()
+        if not queue:
+            del tiers[tier]
+        self.size -= 1
+        return in_hand
 
     def oldest(self) -> InHand | None:
         return min((q[0] for q in self.tiers.values()), key=lambda h: h.since, default=None)
@@ -582,42 +597,55 @@ class Deliverer:
                         await self._deliver(group, work, None)
                     elif (site := self._site_of.get(p.domain)) is None:
                         await self._hand_back_busy([group])  # (the scheduler is unreachable)
-                    else:
-                        await self._enqueue(site, group, batch.alive, deadline)
+                    elif not self._enqueue(site, group, batch.alive):
+                        await self._enqueue_when_room(site, group, batch.alive, deadline)
                 batch.next = len(groups)
             finally:
                 self._batches.discard(batch)
 
-    async def _enqueue(self, site: str, group: Group, alive: float, until: float) -> None:
-        """Queue `group` for `site`'s connection loops. While the site's queue is full the
-        lane waits (its mail is in the same proportions all along: fetching ahead only to
-        hand back what the site cannot take yet cost more than it gained), up to `until`,
-        then gives the group back for a moment. Mail of a higher tier than the queue's
-        lowest goes in regardless (it is delivered first): critical mail never waits
-        behind bulk."""
+    def _enqueue(self, site: str, group: Group, alive: float) -> bool:
+        """Queue `group` for `site`'s connection loops, unless the site's queue is full
+        (False: see _enqueue_when_room). Mail of a higher tier than the queue's lowest goes
+        in regardless (it is delivered first): critical mail never waits behind bulk. (Not
+        a coroutine: a lane queues every transaction it fetches.)"""
         sq = self._site_queues.get(site)
         if sq is None:
             sq = self._site_queues[site] = SiteQueue(site)
         p = group[0][1]
         tier = p.tier if p is not None else 0
         if sq.size >= _SITE_QUEUE and tier >= max(sq.tiers):
-            # (until it is a quarter empty: one wait per group kept the lane waking up for
-            # every transaction the site finished)
-            while sq.size >= _SITE_QUEUE and (left := until - time.monotonic()) > 0:
-                sq.room.clear()
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(left):
-                        await sq.room.wait()
-            if sq.size >= _SITE_QUEUE:
-                await self._hand_back_busy([group])
-                self._staff(sq)
-                return
-            sq = self._site_queues.setdefault(site, sq)  # (in case it was dropped meanwhile)
-        if not any(not w.lost.is_set() for w in sq.leases):
+            return False
+        self._push(sq, group, alive, tier)
+        return True
+
+    def _push(self, sq: SiteQueue, group: Group, alive: float, tier: int) -> None:
+        if not sq.live():
             count_site_wait(len(group), queued=True)  # (it waits for a lease on the site)
         sq.push(InHand([group], alive, since=time.monotonic()), tier)
         self._queued += len(group)
         self._staff(sq)
+
+    async def _enqueue_when_room(self, site: str, group: Group, alive: float, until: float) -> None:
+        """Queue `group` for `site`, whose queue is full: the lane waits (its mail is in the
+        same proportions all along: fetching ahead only to hand back what the site cannot
+        take yet cost more than it gained), up to `until`, then gives the group back for a
+        moment."""
+        sq = self._site_queues[site]
+        p = group[0][1]
+        tier = p.tier if p is not None else 0
+        # (until it is a quarter empty: one wait per group kept the lane waking up for
+        # every transaction the site finished)
+        while sq.size >= _SITE_QUEUE and (left := until - time.monotonic()) > 0:
+            sq.room.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(left):
+                    await sq.room.wait()
+        if sq.size >= _SITE_QUEUE:
+            await self._hand_back_busy([group])
+            self._staff(sq)
+            return
+        sq = self._site_queues.setdefault(site, sq)  # (in case it was dropped meanwhile)
+        self._push(sq, group, alive, tier)
 
     def _dequeue(self, sq: SiteQueue, bulk_reserve: int = 0) -> InHand | None:
         in_hand = sq.pop(bulk_reserve)
@@ -632,10 +660,17 @@ class Deliverer:
     def _staff(self, sq: SiteQueue) -> None:
         """Start connection loops for `sq`'s mail: about one per _PER_LOOP transactions
         queued, as many as its leases have connections; without a live lease, ask for one."""
-        for work in [w for w in sq.leases if w.lost.is_set() and not w.loops]:
-            sq.leases.remove(work)
-            self._spawn(self._release_domain_lease(work))
-        live = [w for w in sq.leases if not w.lost.is_set()]
+        live: list[LeaseWork] = []
+        done = False  # (a lost lease without loops: it goes)
+        for work in sq.leases:
+            if not work.lost.is_set():
+                live.append(work)
+            elif not work.loops:
+                done = True
+        if done:
+            for work in [w for w in sq.leases if w.lost.is_set() and not w.loops]:
+                sq.leases.remove(work)
+                self._spawn(self._release_domain_lease(work))
         if not live:
             if (
                 sq.size
@@ -707,7 +742,7 @@ class Deliverer:
         site_wait = min(self._cfg.deliverer.site_wait, self._ack_wait / 3)
         try:
             while sq.size and not self._stopping:
-                if any(not w.lost.is_set() for w in sq.leases):
+                if sq.live():
                     return
                 oldest = sq.oldest()
                 assert oldest is not None
@@ -760,7 +795,7 @@ class Deliverer:
         """A site lease granted: its site's queue delivers under it (or it goes back);
         `more`: asked for beside the queue's live lease."""
         sq = self._site_queues.get(work.lease.site_id)
-        if sq is None or not sq.size or (not more and any(not w.lost.is_set() for w in sq.leases)):
+        if sq is None or not sq.size or (not more and sq.live()):
             self._spawn(self._release_domain_lease(work))
             return
         sq.leases.append(work)
@@ -786,8 +821,10 @@ class Deliverer:
                     finally:
                         timer.cancel()
                         self._idle.pop(waiter, None)
-                        with contextlib.suppress(ValueError):
-                            sq.idle.remove(waiter)
+                        # (a waiter woken with True was taken off sq.idle: _staff)
+                        if waiter.cancelled() or waiter.result() is not True:
+                            with contextlib.suppress(ValueError):
+                                sq.idle.remove(waiter)
                     if more is None or (not more and not sq.size):
                         return  # (None: its slot goes to another site's queue)
                     continue
@@ -849,9 +886,7 @@ class Deliverer:
                 sq = self._site_queues.get(site)
                 if site in sites or site in self._asking:
                     continue
-                if sq is not None and (
-                    sq.acquiring is not None or any(not w.lost.is_set() for w in sq.leases)
-                ):
+                if sq is not None and (sq.acquiring is not None or sq.live()):
                     continue
                 sites.add(site)
             domains[p.domain] = None
@@ -932,7 +967,7 @@ class Deliverer:
             sq = self._site_queues.get(lease.site_id)
             if sq is None:
                 sq = self._site_queues[lease.site_id] = SiteQueue(lease.site_id)
-            if any(not w.lost.is_set() for w in sq.leases):
+            if sq.live():
                 # (another lane of this process leased the site meanwhile: one is enough)
                 self._spawn(self._release_domain_lease(work))
             else:
