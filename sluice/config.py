@@ -240,8 +240,9 @@ class DelivererConfig:
     ehlo_name: str = "localhost"
     # The port MX hosts are contacted on (25 in production; tests and `sluice dev` change it).
     smtp_port: int = 25
-    # Leases (sites) one process works at once.
-    max_leases: int = 16
+    # Leases (sites and hash-bucket lanes) one process works at once. A lone deliverer holds
+    # every lane (16 by default) and needs room for the busy domains' sites beside them.
+    max_leases: int = 64
     # SMTP connections one lease may use in this process (the lease caps it too).
     connections_per_lease: int = 4
     # How often leases are renewed (and their queues refreshed); at most lease_ttl / 3.
