@@ -240,9 +240,8 @@ class DelivererConfig:
     ehlo_name: str = "localhost"
     # The port MX hosts are contacted on (25 in production; tests and `sluice dev` change it).
     smtp_port: int = 25
-    # Leases (sites and hash-bucket lanes) one process works at once. A lone deliverer holds
-    # every lane (16 by default) and needs room for the busy domains' sites beside them.
-    max_leases: int = 64
+    # Leases (sites) one process works at once.
+    max_leases: int = 16
     # SMTP connections one lease may use in this process (the lease caps it too).
     connections_per_lease: int = 4
     # How often leases are renewed (and their queues refreshed); at most lease_ttl / 3.
