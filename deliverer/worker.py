@@ -310,19 +310,23 @@ class Deliverer:
         try:
             while not stop.is_set():
                 self._freed.clear()
-                free = self._cfg.deliverer.max_leases - len(self._work)
+                # Hash-bucket lanes take no lease slots: at max_leases this still asks, for
+                # its share of the lanes (the scheduler deals them out between the askers).
+                sites = sum(1 for w in self._work.values() if not w.lease.lane)
+                free = max(0, self._cfg.deliverer.max_leases - sites)
                 leases: list[scheduler_pb2.Lease] = []
-                if free > 0:
-                    try:
-                        resp = await self._scheduler.AcquireLeases(
-                            scheduler_pb2.AcquireLeasesRequest(
-                                deliverer_id=self.deliverer_id, max_leases=free
-                            ),
-                            timeout=5.0,
-                        )
-                        leases = list(resp.leases)
-                    except grpc.aio.AioRpcError as exc:
-                        log.warning("scheduler unavailable: %s", exc.code().name)
+                try:
+                    resp = await self._scheduler.AcquireLeases(
+                        scheduler_pb2.AcquireLeasesRequest(
+                            deliverer_id=self.deliverer_id,
+                            max_leases=max(1, free),
+                            lanes_only=free == 0,
+                        ),
+                        timeout=5.0,
+                    )
+                    leases = list(resp.leases)
+                except grpc.aio.AioRpcError as exc:
+                    log.warning("scheduler unavailable: %s", exc.code().name)
                 for lease in leases:
                     work = LeaseWork(lease)
                     self._work[lease.lease_id] = work

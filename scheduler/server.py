@@ -150,7 +150,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
                 max(1, request.connections),
             )
         else:
-            leases = await s.acquire(request.deliverer_id, max(1, request.max_leases))
+            room = 0 if request.lanes_only else max(1, request.max_leases)
+            leases = await s.acquire(request.deliverer_id, room)
             resp = scheduler_pb2.AcquireLeasesResponse(leases=leases)
         self._still(s)
         return resp

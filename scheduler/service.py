@@ -302,9 +302,8 @@ class Scheduler:
         split evenly between the deliverers that asked for work lately, so a second
         deliverer is not left idle while the first holds every lane."""
         now = time.monotonic()
-        # Only deliverers that asked for work lately count: one at its max_leases never asks
-        # (it only renews), and a crashed one stops asking; a deliverer with room asks
-        # every idle_poll.
+        # Only deliverers that asked for work lately count: a crashed one stops asking; a
+        # live one asks every idle_poll (for lanes only when it is at its max_leases).
         window = max(2.0, 4 * self._cfg.deliverer.idle_poll)
         for d, t in list(self._seen.items()):
             if now - t > window:
@@ -325,14 +324,9 @@ class Scheduler:
         for ls in self.leases.all():
             if ls.whole_lane and ls.deliverer_id in counts:
                 counts[ls.deliverer_id] += 1
-        # As many as the others short of their share have room for: lanes taken back for a
-        # deliverer too busy to take them went back to this one a moment later, and the
-        # lanes went back and forth every few seconds.
-        wanted = sum(
-            min(share - n, self._room.get(d, 0))
-            for d, n in counts.items()
-            if d != deliverer_id and n < share
-        )
+        # As many as the others are short of (lanes do not take lease slots, and every
+        # deliverer asks for its share of them each idle_poll, busy or not).
+        wanted = sum(share - n for d, n in counts.items() if d != deliverer_id and n < share)
         if wanted <= 0:
             return
         mine = sorted(
@@ -362,13 +356,17 @@ class Scheduler:
             work += [(min(q.tier for q in qs), "lane", lane) for lane, qs in by_lane.items()]
             work.sort()
             granted: list[scheduler_pb2.Lease] = []
+            sites_granted = 0
             lanes_held, lane_share = self._lane_share(deliverer_id, set(by_lane))
+            mine = self._second_lease_withheld(deliverer_id)
             for _, kind, name in work:
-                if len(granted) >= max_leases:
-                    break
                 if self._cooldown.get(LANE_PREFIX + name if kind == "lane" else name, 0.0) > now:
                     continue
                 if kind == "lane":
+                    # Lanes are dealt apart from max_leases (a fair share each): counted
+                    # against it, a lone deliverer's 16 slots went to the 16 lanes, which
+                    # sort first, and a long tail's busiest domains (their own queues, a
+                    # third of its mail) waited for the lanes to drain.
                     if lanes_held >= lane_share:
                         continue
                     lease = self._grant_lane(deliverer_id, name)
@@ -377,7 +375,7 @@ class Scheduler:
                         granted.append(await self._to_proto(lease, by_lane[name]))
                     continue
                 site = name
-                if self.adaptive.suspended(site):
+                if sites_granted >= max_leases or site in mine or self.adaptive.suspended(site):
                     continue
                 queues = by_site[site]
                 domains = sorted({q.domain for q in queues})
@@ -395,6 +393,7 @@ class Scheduler:
                 if lease is None:
                     continue
                 granted.append(await self._to_proto(lease, queues))
+                sites_granted += 1
                 log.info(
                     "lease %s: site=%s deliverer=%s connections=%d domains=%d",
                     lease.lease_id,
@@ -407,8 +406,17 @@ class Scheduler:
                 shared = self._share_lane(deliverer_id, by_lane, now)
                 if shared is not None:
                     granted.append(await self._to_proto(shared, by_lane[shared.lane]))
-            self._room[deliverer_id] = max_leases - len(granted)
+            self._room[deliverer_id] = max_leases - sites_granted
             return granted
+
+    def _second_lease_withheld(self, deliverer_id: str) -> set[str]:
+        """The sites this deliverer already has a lease on, when another deliverer with room
+        asked for work lately: a site's second lease (a lease takes at most half of it) is
+        left for that one. Otherwise the first to ask took both halves of every site, and
+        with enough lease slots the other idled."""
+        if not any(d != deliverer_id and n > 0 for d, n in self._room.items()):
+            return set()
+        return {ls.site_id for ls in self.leases.held_by(deliverer_id) if ls.kind == "site"}
 
     def _share_lane(
         self, deliverer_id: str, by_lane: dict[str, list[Queue]], now: float

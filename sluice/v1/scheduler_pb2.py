@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from sluice.v1 import messages_pb2 as sluice_dot_v1_dot_messages__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19sluice/v1/scheduler.proto\x12\tsluice.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18sluice/v1/messages.proto\"k\n\nLeaseQueue\x12\x1d\n\x04tier\x18\x01 \x01(\x0e\x32\x0f.sluice.v1.Tier\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x10\n\x08\x63onsumer\x18\x03 \x01(\t\x12\x0c\n\x04lane\x18\x04 \x01(\t\x12\x11\n\ttenant_id\x18\x05 \x01(\t\"\xad\x02\n\x05Lease\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0f\n\x07site_id\x18\x02 \x01(\t\x12\x0f\n\x07\x64omains\x18\x03 \x03(\t\x12%\n\x06queues\x18\x04 \x03(\x0b\x32\x15.sluice.v1.LeaseQueue\x12\x17\n\x0fmax_connections\x18\x05 \x01(\r\x12\x18\n\x10max_message_rate\x18\x06 \x01(\x01\x12%\n\x1dmax_deliveries_per_connection\x18\x07 \x01(\r\x12.\n\nexpires_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1b\n\x13max_connection_rate\x18\t \x01(\x01\x12\x14\n\x0c\x62ulk_reserve\x18\n \x01(\r\x12\x0c\n\x04lane\x18\x0b \x01(\t\"\xa2\x01\n\x14\x41\x63quireLeasesRequest\x12\x14\n\x0c\x64\x65liverer_id\x18\x01 \x01(\t\x12\x12\n\nmax_leases\x18\x02 \x01(\r\x12\x0e\n\x06\x64omain\x18\x03 \x01(\t\x12\x0f\n\x07\x64omains\x18\x04 \x03(\t\x12\x0f\n\x07wait_ms\x18\x05 \x01(\r\x12\x19\n\x11release_lease_ids\x18\x06 \x03(\t\x12\x13\n\x0b\x63onnections\x18\x07 \x01(\r\"\xbf\x02\n\x15\x41\x63quireLeasesResponse\x12 \n\x06leases\x18\x01 \x03(\x0b\x32\x10.sluice.v1.Lease\x12G\n\x0c\x64omain_sites\x18\x02 \x03(\x0b\x32\x31.sluice.v1.AcquireLeasesResponse.DomainSitesEntry\x12\x41\n\tdomain_mx\x18\x03 \x03(\x0b\x32..sluice.v1.AcquireLeasesResponse.DomainMxEntry\x1a\x32\n\x10\x44omainSitesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x44\n\rDomainMxEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.sluice.v1.DomainMx:\x02\x38\x01\"A\n\x08\x44omainMx\x12 \n\x05hosts\x18\x01 \x03(\x0b\x32\x11.sluice.v1.MxHost\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\r\"X\n\x06MxHost\x12\x12\n\npreference\x18\x01 \x01(\r\x12\x0c\n\x04host\x18\x02 \x01(\tJ\x04\x08\x03\x10\x04J\x04\x08\x04\x10\x05R\taddressesR\x15\x61\x64\x64resses_ttl_seconds\"=\n\x12RenewLeasesRequest\x12\x14\n\x0c\x64\x65liverer_id\x18\x01 \x01(\t\x12\x11\n\tlease_ids\x18\x02 \x03(\t\"O\n\x13RenewLeasesResponse\x12 \n\x06leases\x18\x01 \x03(\x0b\x32\x10.sluice.v1.Lease\x12\x16\n\x0elost_lease_ids\x18\x02 \x03(\t\"?\n\x14ReleaseLeasesRequest\x12\x14\n\x0c\x64\x65liverer_id\x18\x01 \x01(\t\x12\x11\n\tlease_ids\x18\x02 \x03(\t\"\x17\n\x15ReleaseLeasesResponse\"\xc8\x01\n\x07Outcome\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0f\n\x07site_id\x18\x02 \x01(\t\x12\x0e\n\x06\x64omain\x18\x03 \x01(\t\x12\x1d\n\x04tier\x18\x04 \x01(\x0e\x32\x0f.sluice.v1.Tier\x12\x11\n\ttenant_id\x18\x05 \x01(\t\x12$\n\x04kind\x18\x06 \x01(\x0e\x32\x16.sluice.v1.OutcomeKind\x12#\n\x05reply\x18\x07 \x01(\x0b\x32\x14.sluice.v1.SmtpReply\x12\r\n\x05\x63ount\x18\x08 \x01(\r\"S\n\x15ReportOutcomesRequest\x12\x14\n\x0c\x64\x65liverer_id\x18\x01 \x01(\t\x12$\n\x08outcomes\x18\x02 \x03(\x0b\x32\x12.sluice.v1.Outcome\"\x18\n\x16ReportOutcomesResponse\"\xef\x01\n\rLeasesRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x32\n\x07\x61\x63quire\x18\x02 \x01(\x0b\x32\x1f.sluice.v1.AcquireLeasesRequestH\x00\x12.\n\x05renew\x18\x03 \x01(\x0b\x32\x1d.sluice.v1.RenewLeasesRequestH\x00\x12\x32\n\x07release\x18\x04 \x01(\x0b\x32\x1f.sluice.v1.ReleaseLeasesRequestH\x00\x12\x32\n\x06report\x18\x05 \x01(\x0b\x32 .sluice.v1.ReportOutcomesRequestH\x00\x42\x06\n\x04\x63\x61ll\"\xb8\x02\n\x0eLeasesResponse\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x33\n\x07\x61\x63quire\x18\x02 \x01(\x0b\x32 .sluice.v1.AcquireLeasesResponseH\x00\x12/\n\x05renew\x18\x03 \x01(\x0b\x32\x1e.sluice.v1.RenewLeasesResponseH\x00\x12\x33\n\x07release\x18\x04 \x01(\x0b\x32 .sluice.v1.ReleaseLeasesResponseH\x00\x12\x33\n\x06report\x18\x05 \x01(\x0b\x32!.sluice.v1.ReportOutcomesResponseH\x00\x12\x12\n\nerror_code\x18\x06 \x01(\x05\x12\x15\n\rerror_message\x18\x07 \x01(\t\x12\x16\n\x0eoutcome_counts\x18\x08 \x01(\x08\x42\x07\n\x05reply\"\x12\n\x10ListSitesRequest\"\x83\x01\n\nSiteLimits\x12\x17\n\x0fmax_connections\x18\x01 \x01(\r\x12\x18\n\x10max_message_rate\x18\x02 \x01(\x01\x12%\n\x1dmax_deliveries_per_connection\x18\x03 \x01(\r\x12\x1b\n\x13max_connection_rate\x18\x04 \x01(\x01\">\n\x0bTierBacklog\x12\x1d\n\x04tier\x18\x01 \x01(\x0e\x32\x0f.sluice.v1.Tier\x12\x10\n\x08messages\x18\x02 \x01(\x04\"\x9b\x02\n\nSiteStatus\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\x0f\n\x07\x64omains\x18\x02 \x03(\t\x12)\n\nconfigured\x18\x03 \x01(\x0b\x32\x15.sluice.v1.SiteLimits\x12&\n\x07\x63urrent\x18\x04 \x01(\x0b\x32\x15.sluice.v1.SiteLimits\x12\x0e\n\x06leases\x18\x05 \x01(\r\x12\x1a\n\x12\x63onnections_in_use\x18\x06 \x01(\r\x12\'\n\x07\x62\x61\x63klog\x18\x07 \x03(\x0b\x32\x16.sluice.v1.TierBacklog\x12\x33\n\x0fsuspended_until\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\t \x01(\t\"9\n\x11ListSitesResponse\x12$\n\x05sites\x18\x01 \x03(\x0b\x32\x15.sluice.v1.SiteStatus*\x98\x01\n\x0bOutcomeKind\x12\x1c\n\x18OUTCOME_KIND_UNSPECIFIED\x10\x00\x12\x1a\n\x16OUTCOME_KIND_DELIVERED\x10\x01\x12\x19\n\x15OUTCOME_KIND_DEFERRED\x10\x02\x12\x18\n\x14OUTCOME_KIND_BOUNCED\x10\x03\x12\x1a\n\x16OUTCOME_KIND_THROTTLED\x10\x04\x32\xea\x03\n\x10SchedulerService\x12R\n\rAcquireLeases\x12\x1f.sluice.v1.AcquireLeasesRequest\x1a .sluice.v1.AcquireLeasesResponse\x12L\n\x0bRenewLeases\x12\x1d.sluice.v1.RenewLeasesRequest\x1a\x1e.sluice.v1.RenewLeasesResponse\x12R\n\rReleaseLeases\x12\x1f.sluice.v1.ReleaseLeasesRequest\x1a .sluice.v1.ReleaseLeasesResponse\x12U\n\x0eReportOutcomes\x12 .sluice.v1.ReportOutcomesRequest\x1a!.sluice.v1.ReportOutcomesResponse\x12\x46\n\tListSites\x12\x1b.sluice.v1.ListSitesRequest\x1a\x1c.sluice.v1.ListSitesResponse\x12\x41\n\x06Leases\x12\x18.sluice.v1.LeasesRequest\x1a\x19.sluice.v1.LeasesResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19sluice/v1/scheduler.proto\x12\tsluice.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18sluice/v1/messages.proto\"k\n\nLeaseQueue\x12\x1d\n\x04tier\x18\x01 \x01(\x0e\x32\x0f.sluice.v1.Tier\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x10\n\x08\x63onsumer\x18\x03 \x01(\t\x12\x0c\n\x04lane\x18\x04 \x01(\t\x12\x11\n\ttenant_id\x18\x05 \x01(\t\"\xad\x02\n\x05Lease\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0f\n\x07site_id\x18\x02 \x01(\t\x12\x0f\n\x07\x64omains\x18\x03 \x03(\t\x12%\n\x06queues\x18\x04 \x03(\x0b\x32\x15.sluice.v1.LeaseQueue\x12\x17\n\x0fmax_connections\x18\x05 \x01(\r\x12\x18\n\x10max_message_rate\x18\x06 \x01(\x01\x12%\n\x1dmax_deliveries_per_connection\x18\x07 \x01(\r\x12.\n\nexpires_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1b\n\x13max_connection_rate\x18\t \x01(\x01\x12\x14\n\x0c\x62ulk_reserve\x18\n \x01(\r\x12\x0c\n\x04lane\x18\x0b \x01(\t\"\xb6\x01\n\x14\x41\x63quireLeasesRequest\x12\x14\n\x0c\x64\x65liverer_id\x18\x01 \x01(\t\x12\x12\n\nmax_leases\x18\x02 \x01(\r\x12\x0e\n\x06\x64omain\x18\x03 \x01(\t\x12\x0f\n\x07\x64omains\x18\x04 \x03(\t\x12\x0f\n\x07wait_ms\x18\x05 \x01(\r\x12\x19\n\x11release_lease_ids\x18\x06 \x03(\t\x12\x13\n\x0b\x63onnections\x18\x07 \x01(\r\x12\x12\n\nlanes_only\x18\x08 \x01(\x08\"\xbf\x02\n\x15\x41\x63quireLeasesResponse\x12 \n\x06leases\x18\x01 \x03(\x0b\x32\x10.sluice.v1.Lease\x12G\n\x0c\x64omain_sites\x18\x02 \x03(\x0b\x32\x31.sluice.v1.AcquireLeasesResponse.DomainSitesEntry\x12\x41\n\tdomain_mx\x18\x03 \x03(\x0b\x32..sluice.v1.AcquireLeasesResponse.DomainMxEntry\x1a\x32\n\x10\x44omainSitesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x44\n\rDomainMxEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.sluice.v1.DomainMx:\x02\x38\x01\"A\n\x08\x44omainMx\x12 \n\x05hosts\x18\x01 \x03(\x0b\x32\x11.sluice.v1.MxHost\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\r\"X\n\x06MxHost\x12\x12\n\npreference\x18\x01 \x01(\r\x12\x0c\n\x04host\x18\x02 \x01(\tJ\x04\x08\x03\x10\x04J\x04\x08\x04\x10\x05R\taddressesR\x15\x61\x64\x64resses_ttl_seconds\"=\n\x12RenewLeasesRequest\x12\x14\n\x0c\x64\x65liverer_id\x18\x01 \x01(\t\x12\x11\n\tlease_ids\x18\x02 \x03(\t\"O\n\x13RenewLeasesResponse\x12 \n\x06leases\x18\x01 \x03(\x0b\x32\x10.sluice.v1.Lease\x12\x16\n\x0elost_lease_ids\x18\x02 \x03(\t\"?\n\x14ReleaseLeasesRequest\x12\x14\n\x0c\x64\x65liverer_id\x18\x01 \x01(\t\x12\x11\n\tlease_ids\x18\x02 \x03(\t\"\x17\n\x15ReleaseLeasesResponse\"\xc8\x01\n\x07Outcome\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0f\n\x07site_id\x18\x02 \x01(\t\x12\x0e\n\x06\x64omain\x18\x03 \x01(\t\x12\x1d\n\x04tier\x18\x04 \x01(\x0e\x32\x0f.sluice.v1.Tier\x12\x11\n\ttenant_id\x18\x05 \x01(\t\x12$\n\x04kind\x18\x06 \x01(\x0e\x32\x16.sluice.v1.OutcomeKind\x12#\n\x05reply\x18\x07 \x01(\x0b\x32\x14.sluice.v1.SmtpReply\x12\r\n\x05\x63ount\x18\x08 \x01(\r\"S\n\x15ReportOutcomesRequest\x12\x14\n\x0c\x64\x65liverer_id\x18\x01 \x01(\t\x12$\n\x08outcomes\x18\x02 \x03(\x0b\x32\x12.sluice.v1.Outcome\"\x18\n\x16ReportOutcomesResponse\"\xef\x01\n\rLeasesRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x32\n\x07\x61\x63quire\x18\x02 \x01(\x0b\x32\x1f.sluice.v1.AcquireLeasesRequestH\x00\x12.\n\x05renew\x18\x03 \x01(\x0b\x32\x1d.sluice.v1.RenewLeasesRequestH\x00\x12\x32\n\x07release\x18\x04 \x01(\x0b\x32\x1f.sluice.v1.ReleaseLeasesRequestH\x00\x12\x32\n\x06report\x18\x05 \x01(\x0b\x32 .sluice.v1.ReportOutcomesRequestH\x00\x42\x06\n\x04\x63\x61ll\"\xb8\x02\n\x0eLeasesResponse\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x33\n\x07\x61\x63quire\x18\x02 \x01(\x0b\x32 .sluice.v1.AcquireLeasesResponseH\x00\x12/\n\x05renew\x18\x03 \x01(\x0b\x32\x1e.sluice.v1.RenewLeasesResponseH\x00\x12\x33\n\x07release\x18\x04 \x01(\x0b\x32 .sluice.v1.ReleaseLeasesResponseH\x00\x12\x33\n\x06report\x18\x05 \x01(\x0b\x32!.sluice.v1.ReportOutcomesResponseH\x00\x12\x12\n\nerror_code\x18\x06 \x01(\x05\x12\x15\n\rerror_message\x18\x07 \x01(\t\x12\x16\n\x0eoutcome_counts\x18\x08 \x01(\x08\x42\x07\n\x05reply\"\x12\n\x10ListSitesRequest\"\x83\x01\n\nSiteLimits\x12\x17\n\x0fmax_connections\x18\x01 \x01(\r\x12\x18\n\x10max_message_rate\x18\x02 \x01(\x01\x12%\n\x1dmax_deliveries_per_connection\x18\x03 \x01(\r\x12\x1b\n\x13max_connection_rate\x18\x04 \x01(\x01\">\n\x0bTierBacklog\x12\x1d\n\x04tier\x18\x01 \x01(\x0e\x32\x0f.sluice.v1.Tier\x12\x10\n\x08messages\x18\x02 \x01(\x04\"\x9b\x02\n\nSiteStatus\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\x0f\n\x07\x64omains\x18\x02 \x03(\t\x12)\n\nconfigured\x18\x03 \x01(\x0b\x32\x15.sluice.v1.SiteLimits\x12&\n\x07\x63urrent\x18\x04 \x01(\x0b\x32\x15.sluice.v1.SiteLimits\x12\x0e\n\x06leases\x18\x05 \x01(\r\x12\x1a\n\x12\x63onnections_in_use\x18\x06 \x01(\r\x12\'\n\x07\x62\x61\x63klog\x18\x07 \x03(\x0b\x32\x16.sluice.v1.TierBacklog\x12\x33\n\x0fsuspended_until\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\t \x01(\t\"9\n\x11ListSitesResponse\x12$\n\x05sites\x18\x01 \x03(\x0b\x32\x15.sluice.v1.SiteStatus*\x98\x01\n\x0bOutcomeKind\x12\x1c\n\x18OUTCOME_KIND_UNSPECIFIED\x10\x00\x12\x1a\n\x16OUTCOME_KIND_DELIVERED\x10\x01\x12\x19\n\x15OUTCOME_KIND_DEFERRED\x10\x02\x12\x18\n\x14OUTCOME_KIND_BOUNCED\x10\x03\x12\x1a\n\x16OUTCOME_KIND_THROTTLED\x10\x04\x32\xea\x03\n\x10SchedulerService\x12R\n\rAcquireLeases\x12\x1f.sluice.v1.AcquireLeasesRequest\x1a .sluice.v1.AcquireLeasesResponse\x12L\n\x0bRenewLeases\x12\x1d.sluice.v1.RenewLeasesRequest\x1a\x1e.sluice.v1.RenewLeasesResponse\x12R\n\rReleaseLeases\x12\x1f.sluice.v1.ReleaseLeasesRequest\x1a .sluice.v1.ReleaseLeasesResponse\x12U\n\x0eReportOutcomes\x12 .sluice.v1.ReportOutcomesRequest\x1a!.sluice.v1.ReportOutcomesResponse\x12\x46\n\tListSites\x12\x1b.sluice.v1.ListSitesRequest\x1a\x1c.sluice.v1.ListSitesResponse\x12\x41\n\x06Leases\x12\x18.sluice.v1.LeasesRequest\x1a\x19.sluice.v1.LeasesResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,52 +37,52 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ACQUIRELEASESRESPONSE_DOMAINSITESENTRY']._serialized_options = b'8\001'
   _globals['_ACQUIRELEASESRESPONSE_DOMAINMXENTRY']._loaded_options = None
   _globals['_ACQUIRELEASESRESPONSE_DOMAINMXENTRY']._serialized_options = b'8\001'
-  _globals['_OUTCOMEKIND']._serialized_start=2825
-  _globals['_OUTCOMEKIND']._serialized_end=2977
+  _globals['_OUTCOMEKIND']._serialized_start=2845
+  _globals['_OUTCOMEKIND']._serialized_end=2997
   _globals['_LEASEQUEUE']._serialized_start=99
   _globals['_LEASEQUEUE']._serialized_end=206
   _globals['_LEASE']._serialized_start=209
   _globals['_LEASE']._serialized_end=510
   _globals['_ACQUIRELEASESREQUEST']._serialized_start=513
-  _globals['_ACQUIRELEASESREQUEST']._serialized_end=675
-  _globals['_ACQUIRELEASESRESPONSE']._serialized_start=678
-  _globals['_ACQUIRELEASESRESPONSE']._serialized_end=997
-  _globals['_ACQUIRELEASESRESPONSE_DOMAINSITESENTRY']._serialized_start=877
-  _globals['_ACQUIRELEASESRESPONSE_DOMAINSITESENTRY']._serialized_end=927
-  _globals['_ACQUIRELEASESRESPONSE_DOMAINMXENTRY']._serialized_start=929
-  _globals['_ACQUIRELEASESRESPONSE_DOMAINMXENTRY']._serialized_end=997
-  _globals['_DOMAINMX']._serialized_start=999
-  _globals['_DOMAINMX']._serialized_end=1064
-  _globals['_MXHOST']._serialized_start=1066
-  _globals['_MXHOST']._serialized_end=1154
-  _globals['_RENEWLEASESREQUEST']._serialized_start=1156
-  _globals['_RENEWLEASESREQUEST']._serialized_end=1217
-  _globals['_RENEWLEASESRESPONSE']._serialized_start=1219
-  _globals['_RENEWLEASESRESPONSE']._serialized_end=1298
-  _globals['_RELEASELEASESREQUEST']._serialized_start=1300
-  _globals['_RELEASELEASESREQUEST']._serialized_end=1363
-  _globals['_RELEASELEASESRESPONSE']._serialized_start=1365
-  _globals['_RELEASELEASESRESPONSE']._serialized_end=1388
-  _globals['_OUTCOME']._serialized_start=1391
-  _globals['_OUTCOME']._serialized_end=1591
-  _globals['_REPORTOUTCOMESREQUEST']._serialized_start=1593
-  _globals['_REPORTOUTCOMESREQUEST']._serialized_end=1676
-  _globals['_REPORTOUTCOMESRESPONSE']._serialized_start=1678
-  _globals['_REPORTOUTCOMESRESPONSE']._serialized_end=1702
-  _globals['_LEASESREQUEST']._serialized_start=1705
-  _globals['_LEASESREQUEST']._serialized_end=1944
-  _globals['_LEASESRESPONSE']._serialized_start=1947
-  _globals['_LEASESRESPONSE']._serialized_end=2259
-  _globals['_LISTSITESREQUEST']._serialized_start=2261
-  _globals['_LISTSITESREQUEST']._serialized_end=2279
-  _globals['_SITELIMITS']._serialized_start=2282
-  _globals['_SITELIMITS']._serialized_end=2413
-  _globals['_TIERBACKLOG']._serialized_start=2415
-  _globals['_TIERBACKLOG']._serialized_end=2477
-  _globals['_SITESTATUS']._serialized_start=2480
-  _globals['_SITESTATUS']._serialized_end=2763
-  _globals['_LISTSITESRESPONSE']._serialized_start=2765
-  _globals['_LISTSITESRESPONSE']._serialized_end=2822
-  _globals['_SCHEDULERSERVICE']._serialized_start=2980
-  _globals['_SCHEDULERSERVICE']._serialized_end=3470
+  _globals['_ACQUIRELEASESREQUEST']._serialized_end=695
+  _globals['_ACQUIRELEASESRESPONSE']._serialized_start=698
+  _globals['_ACQUIRELEASESRESPONSE']._serialized_end=1017
+  _globals['_ACQUIRELEASESRESPONSE_DOMAINSITESENTRY']._serialized_start=897
+  _globals['_ACQUIRELEASESRESPONSE_DOMAINSITESENTRY']._serialized_end=947
+  _globals['_ACQUIRELEASESRESPONSE_DOMAINMXENTRY']._serialized_start=949
+  _globals['_ACQUIRELEASESRESPONSE_DOMAINMXENTRY']._serialized_end=1017
+  _globals['_DOMAINMX']._serialized_start=1019
+  _globals['_DOMAINMX']._serialized_end=1084
+  _globals['_MXHOST']._serialized_start=1086
+  _globals['_MXHOST']._serialized_end=1174
+  _globals['_RENEWLEASESREQUEST']._serialized_start=1176
+  _globals['_RENEWLEASESREQUEST']._serialized_end=1237
+  _globals['_RENEWLEASESRESPONSE']._serialized_start=1239
+  _globals['_RENEWLEASESRESPONSE']._serialized_end=1318
+  _globals['_RELEASELEASESREQUEST']._serialized_start=1320
+  _globals['_RELEASELEASESREQUEST']._serialized_end=1383
+  _globals['_RELEASELEASESRESPONSE']._serialized_start=1385
+  _globals['_RELEASELEASESRESPONSE']._serialized_end=1408
+  _globals['_OUTCOME']._serialized_start=1411
+  _globals['_OUTCOME']._serialized_end=1611
+  _globals['_REPORTOUTCOMESREQUEST']._serialized_start=1613
+  _globals['_REPORTOUTCOMESREQUEST']._serialized_end=1696
+  _globals['_REPORTOUTCOMESRESPONSE']._serialized_start=1698
+  _globals['_REPORTOUTCOMESRESPONSE']._serialized_end=1722
+  _globals['_LEASESREQUEST']._serialized_start=1725
+  _globals['_LEASESREQUEST']._serialized_end=1964
+  _globals['_LEASESRESPONSE']._serialized_start=1967
+  _globals['_LEASESRESPONSE']._serialized_end=2279
+  _globals['_LISTSITESREQUEST']._serialized_start=2281
+  _globals['_LISTSITESREQUEST']._serialized_end=2299
+  _globals['_SITELIMITS']._serialized_start=2302
+  _globals['_SITELIMITS']._serialized_end=2433
+  _globals['_TIERBACKLOG']._serialized_start=2435
+  _globals['_TIERBACKLOG']._serialized_end=2497
+  _globals['_SITESTATUS']._serialized_start=2500
+  _globals['_SITESTATUS']._serialized_end=2783
+  _globals['_LISTSITESRESPONSE']._serialized_start=2785
+  _globals['_LISTSITESRESPONSE']._serialized_end=2842
+  _globals['_SCHEDULERSERVICE']._serialized_start=3000
+  _globals['_SCHEDULERSERVICE']._serialized_end=3490
 # @@protoc_insertion_point(module_scope)

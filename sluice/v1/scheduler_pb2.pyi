@@ -178,10 +178,13 @@ class AcquireLeasesRequest(_message.Message):
     WAIT_MS_FIELD_NUMBER: _builtins.int
     RELEASE_LEASE_IDS_FIELD_NUMBER: _builtins.int
     CONNECTIONS_FIELD_NUMBER: _builtins.int
+    LANES_ONLY_FIELD_NUMBER: _builtins.int
     deliverer_id: _builtins.str
     """A stable id of the calling deliverer process."""
     max_leases: _builtins.int
-    """How many new leases the caller can work at once."""
+    """How many new site leases the caller can work at once (0 means 1). Hash-bucket lane
+    leases take none of these: each caller also gets its fair share of the lanes with mail.
+    """
     domain: _builtins.str
     """When set: one lease of one connection on this domain's site, for mail taken from a
     hash-bucket lease (no queues); empty when the site is at its limit or suspended.
@@ -194,6 +197,11 @@ class AcquireLeasesRequest(_message.Message):
     """For domain requests: how many connections the caller would open on each site (0 means
     1). A site's lease gets at most this, at most half the site's limit (rounded up), and
     at least one connection when any is free.
+    """
+    lanes_only: _builtins.bool
+    """Set by a caller at its max_leases: it asks only for its share of the hash-bucket lanes
+    (max_leases is ignored). Callers ask every few moments, busy or not, and those that
+    stop asking (stopped, crashed) are left out when lanes are shared.
     """
     @_builtins.property
     def domains(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -216,10 +224,11 @@ class AcquireLeasesRequest(_message.Message):
         wait_ms: _builtins.int = ...,
         release_lease_ids: _abc.Iterable[_builtins.str] | None = ...,
         connections: _builtins.int = ...,
+        lanes_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["connections", b"connections", "deliverer_id", b"deliverer_id", "domain", b"domain", "domains", b"domains", "max_leases", b"max_leases", "release_lease_ids", b"release_lease_ids", "wait_ms", b"wait_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connections", b"connections", "deliverer_id", b"deliverer_id", "domain", b"domain", "domains", b"domains", "lanes_only", b"lanes_only", "max_leases", b"max_leases", "release_lease_ids", b"release_lease_ids", "wait_ms", b"wait_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
