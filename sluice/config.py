@@ -240,7 +240,8 @@ class DelivererConfig:
     ehlo_name: str = "localhost"
     # The port MX hosts are contacted on (25 in production; tests and `sluice dev` change it).
     smtp_port: int = 25
-    # Leases (sites) one process works at once.
+    # Site leases one process works at once (hash-bucket lanes, shared out between the
+    # deliverers, come on top).
     max_leases: int = 16
     # SMTP connections one lease may use in this process (the lease caps it too).
     connections_per_lease: int = 4
