@@ -3,7 +3,7 @@ work-queue stream on file storage with 16 wildcard consumers (as the hash-bucket
 N messages published (plain publishes, no PubAck) evenly over D domain tokens, then fetched
 and acked in batches of 64.
 
-    .venv/bin/python -m bench.subjects [--messages 40000] [--rounds 2]
+    .venv/bin/python -m bench.subjects [--messages 40000] [--rounds 2] [--idle-consumers 0,50,200]
 
 Each round runs 10 domains, 4,289 domains (a 20,000-recipient Zipf blast over 10,000
 domains hits that many) and 4,289 domains sharing one subject token per bucket.
@@ -24,8 +24,10 @@ from sluice.pull import fetch
 _BUCKETS = 16
 
 
-async def _run(domains: int, messages: int, one_token: bool) -> float:
-    """nats-server's CPU seconds for publishing, fetching and acking `messages`."""
+async def _run(domains: int, messages: int, one_token: bool, idle: int = 0) -> float:
+    """nats-server's CPU seconds for publishing, fetching and acking `messages`, with `idle`
+    more consumers whose filters match none of them (as a dedicated queue's consumer is
+    for every other domain's mail)."""
     srv, store = start_nats()
     assert srv.proc is not None
     try:
@@ -48,6 +50,15 @@ async def _run(domains: int, messages: int, one_token: bool) -> float:
                 ),
             )
             subs.append(await js.pull_subscribe_bind(f"b{b}", "M"))
+        for i in range(idle):
+            await js.add_consumer(
+                "M",
+                api.ConsumerConfig(
+                    durable_name=f"idle{i}",
+                    filter_subject=f"m.d.idle{i}_test.t",
+                    ack_policy=api.AckPolicy.EXPLICIT,
+                ),
+            )
         names = [f"d{i}_zipf_test" for i in range(domains)]
         subjects = [
             f"m.b{zlib.crc32(d.encode()) % _BUCKETS:02d}.{'all' if one_token else d}.t"
@@ -85,14 +96,25 @@ async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--messages", type=int, default=40_000)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument(
+        "--idle-consumers",
+        default="",
+        help="instead: 10 domains with this many more consumers (comma-separated counts) "
+        "that match none of the mail",
+    )
     args = ap.parse_args()
     print(machine())
     for rnd in range(args.rounds):
         figures = []
-        for domains, one_token in ((10, False), (4289, False), (4289, True)):
-            cpu = await _run(domains, args.messages, one_token)
-            what = f"{domains} domains" + (", one token" if one_token else "")
-            figures.append(f"{what} {cpu / args.messages * 1e6:.1f} µs")
+        if args.idle_consumers:
+            for idle in (int(n) for n in args.idle_consumers.split(",")):
+                cpu = await _run(10, args.messages, False, idle)
+                figures.append(f"{_BUCKETS + idle} consumers {cpu / args.messages * 1e6:.1f} µs")
+        else:
+            for domains, one_token in ((10, False), (4289, False), (4289, True)):
+                cpu = await _run(domains, args.messages, one_token)
+                what = f"{domains} domains" + (", one token" if one_token else "")
+                figures.append(f"{what} {cpu / args.messages * 1e6:.1f} µs")
         print(f"round {rnd + 1}: nats-server CPU per message: " + "; ".join(figures))
 
 
