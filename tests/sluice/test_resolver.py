@@ -293,9 +293,7 @@ async def test_concurrent_lookups_of_one_name_ask_once(
     assert srv.queries.count(("multi.test", "MX")) == 1
     assert srv.queries.count(("a.multi.test", "A")) == 1
     assert srv.queries.count(("a.multi.test", "AAAA")) == 1
-    with pytest.raises(ExceptionGroup) as failed:
-        async with asyncio.TaskGroup() as tg:
-            for _ in range(3):
-                tg.create_task(r.mx("broken.test"))
-    assert all(isinstance(e, DnsTemporary) for e in failed.value.exceptions)
-    assert len(failed.value.exceptions) == 3
+    # (gathered, not in a TaskGroup: the caller making the lookup fails first, and a
+    # TaskGroup would cancel the others before the failure reached them)
+    failed = await asyncio.gather(*(r.mx("broken.test") for _ in range(3)), return_exceptions=True)
+    assert all(isinstance(e, DnsTemporary) for e in failed), failed

@@ -30,7 +30,33 @@ async def test_callers_that_come_while_a_call_runs_share_it() -> None:
     assert await flight.do("a", lambda: read("a")) == 3
 
 
-async def test_a_cancelled_caller_does_not_cancel_the_call_for_the_others() -> None:
+async def test_a_cancelled_caller_leaves_the_others_a_call_of_their_own() -> None:
+    """The first caller makes the call; cancelled, it takes its call with it, and the
+    callers waiting for it make the call again (one of them), rather than fail."""
+    flight: SingleFlight[str, str] = SingleFlight()
+    release = asyncio.Event()
+    calls = 0
+
+    async def read() -> str:
+        nonlocal calls
+        calls += 1
+        await release.wait()
+        return "payload"
+
+    first = asyncio.ensure_future(flight.do("k", read))
+    others = [asyncio.ensure_future(flight.do("k", read)) for _ in range(3)]
+    await asyncio.sleep(0.01)
+    assert calls == 1
+    first.cancel()
+    await asyncio.sleep(0.01)
+    release.set()
+    assert await asyncio.gather(*others) == ["payload"] * 3
+    assert calls == 2, "one more call, for the three"
+    with pytest.raises(asyncio.CancelledError):
+        await first
+
+
+async def test_a_cancelled_waiter_does_not_cancel_the_call() -> None:
     flight: SingleFlight[str, str] = SingleFlight()
     release = asyncio.Event()
 
@@ -41,11 +67,11 @@ async def test_a_cancelled_caller_does_not_cancel_the_call_for_the_others() -> N
     first = asyncio.ensure_future(flight.do("k", read))
     second = asyncio.ensure_future(flight.do("k", read))
     await asyncio.sleep(0.01)
-    first.cancel()
+    second.cancel()
     release.set()
-    assert await second == "payload"
+    assert await first == "payload"
     with pytest.raises(asyncio.CancelledError):
-        await first
+        await second
 
 
 async def test_a_failure_reaches_every_caller_and_is_not_kept() -> None:
