@@ -26,9 +26,9 @@ class SingleFlight(Generic[K, V]):
         The first caller makes the call itself and the others wait for its outcome. If
         that caller is cancelled, so is its call, and the others try again (one of them
         makes the next call). Running each call as a task of its own, so that no caller's
-        cancellation touched it, cost a task and a shield per call: a scheduler resolving a
-        long tail's 8,500 domains went through two of these per lookup, 18 µs each of a
-        lookup's 78."""
+        cancellation touched it, cost a task and a shield per call, about 18 µs: the
+        scheduler goes through two of these per MX lookup, and its lookups of 3,000 new
+        domains cost 87-108 µs each that way, 59-67 this way."""
         while (running := self._running.get(key)) is not None:
             try:
                 return await asyncio.shield(running)
@@ -40,12 +40,12 @@ class SingleFlight(Generic[K, V]):
         self._running[key] = mine
         try:
             value = await call()
-        except asyncio.CancelledError:
-            mine.cancel()
-            raise
-        except BaseException as exc:
+        except Exception as exc:
             mine.set_exception(exc)
             mine.exception()  # (retrieved: there may be no other caller)
+            raise
+        except BaseException:  # (cancelled, or the process is stopping)
+            mine.cancel()
             raise
         finally:
             if self._running.get(key) is mine:
