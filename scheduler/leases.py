@@ -58,6 +58,9 @@ class LeaseTable:
     def __init__(self, ttl: float) -> None:
         self.ttl = ttl
         self._leases: dict[str, LeaseState] = {}
+        # The same leases by holder: a call for work asks what its caller holds several
+        # times, and a long tail keeps thousands of leases live.
+        self._held: dict[str, dict[str, LeaseState]] = {}
         self._expiry: list[tuple[float, str]] = []
         self._in_use: dict[str, int] = {}
 
@@ -76,7 +79,7 @@ class LeaseTable:
         return self._in_use.get(site_id, 0)
 
     def held_by(self, deliverer_id: str) -> list[LeaseState]:
-        return [ls for ls in self._leases.values() if ls.deliverer_id == deliverer_id]
+        return list(self._held.get(deliverer_id, {}).values())
 
     def get(self, lease_id: str) -> LeaseState | None:
         return self._leases.get(lease_id)
@@ -110,6 +113,7 @@ class LeaseTable:
             kind=kind,
         )
         self._leases[lease.lease_id] = lease
+        self._held.setdefault(deliverer_id, {})[lease.lease_id] = lease
         self._in_use[site_id] = self.in_use(site_id) + free
         heapq.heappush(self._expiry, (lease.expires_at, lease.lease_id))
         return lease
@@ -145,6 +149,10 @@ class LeaseTable:
 
     def _drop(self, ls: LeaseState) -> None:
         del self._leases[ls.lease_id]
+        held = self._held[ls.deliverer_id]
+        del held[ls.lease_id]
+        if not held:
+            del self._held[ls.deliverer_id]
         left = self._in_use[ls.site_id] - ls.connections
         if left:
             self._in_use[ls.site_id] = left
