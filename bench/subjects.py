@@ -39,26 +39,23 @@ async def _run(domains: int, messages: int, one_token: bool, idle: int = 0) -> f
             retention=api.RetentionPolicy.WORK_QUEUE,
             storage=api.StorageType.FILE,
         )
+
+        async def consumer(name: str, filter_subject: str) -> None:
+            await js.add_consumer(
+                "M",
+                api.ConsumerConfig(
+                    durable_name=name,
+                    filter_subject=filter_subject,
+                    ack_policy=api.AckPolicy.EXPLICIT,
+                ),
+            )
+
         subs = []
         for b in range(_BUCKETS):
-            await js.add_consumer(
-                "M",
-                api.ConsumerConfig(
-                    durable_name=f"b{b}",
-                    filter_subject=f"m.b{b:02d}.*.t",
-                    ack_policy=api.AckPolicy.EXPLICIT,
-                ),
-            )
+            await consumer(f"b{b}", f"m.b{b:02d}.*.t")
             subs.append(await js.pull_subscribe_bind(f"b{b}", "M"))
         for i in range(idle):
-            await js.add_consumer(
-                "M",
-                api.ConsumerConfig(
-                    durable_name=f"idle{i}",
-                    filter_subject=f"m.d.idle{i}_test.t",
-                    ack_policy=api.AckPolicy.EXPLICIT,
-                ),
-            )
+            await consumer(f"idle{i}", f"m.d.idle{i}_test.t")
         names = [f"d{i}_zipf_test" for i in range(domains)]
         subjects = [
             f"m.b{zlib.crc32(d.encode()) % _BUCKETS:02d}.{'all' if one_token else d}.t"
