@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -11,11 +12,14 @@ from typing import Any
 
 import pytest
 
+from scheduler.service import Scheduler
+from scheduler.shaping import load_rules
 from sluice import config as config_mod
 from sluice.config import Config
 from sluice.devdns import DnsServer
 from sluice.nats_layout import connect, ensure_layout
 from sluice.natsserver import NatsServer, free_ports
+from sluice.resolver import Resolver
 from sluice.services import service
 from sluice.tenants import TenantStore, new_webhook_secret, now_ts
 from sluice.v1 import tenant_pb2
@@ -83,6 +87,44 @@ async def webhook_receiver() -> AsyncIterator[WebhookReceiver]:
     await receiver.start()
     yield receiver
     await receiver.stop()
+
+
+def scheduler_config(
+    nats_server: NatsServer, dns_port: int | None = None, **sections: dict[str, Any]
+) -> Config:
+    """A configuration for a Scheduler under test: the test nats-server, the test DNS server
+    on `dns_port` if given, and `sections` (e.g. scheduler={"lease_ttl": "30s"})."""
+    dns = {"nameservers": ["127.0.0.1"], "port": dns_port} if dns_port is not None else {}
+    return config_mod.replace(
+        Config(),
+        nats={"url": nats_server.url},
+        **{**sections, "dns": {**dns, **sections.get("dns", {})}},
+    )
+
+
+@contextlib.asynccontextmanager
+async def running_scheduler(
+    cfg: Config,
+    *,
+    shaping: Path | None = None,
+    resolver: Resolver | None = None,
+    start: bool = True,
+) -> AsyncIterator[Scheduler]:
+    """A Scheduler on Sluice's JetStream layout, with the rules of `shaping` (a TOML file;
+    the shipped defaults if None) and `resolver` (a real one for cfg.dns if None); started
+    (its KV state loaded) unless `start` is False. Its JetStream is `scheduler._js`."""
+    if shaping is not None:
+        cfg = config_mod.replace(cfg, scheduler={"shaping": str(shaping)})
+    nc = await connect(cfg, "test")
+    try:
+        js = nc.jetstream()
+        await ensure_layout(js, cfg)
+        scheduler = Scheduler(cfg, js, load_rules(shaping), resolver or Resolver(cfg.dns))
+        if start:
+            await scheduler.start()
+        yield scheduler
+    finally:
+        await nc.close()
 
 
 def make_config(

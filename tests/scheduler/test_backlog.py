@@ -6,18 +6,14 @@ real DNS server)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import time
-from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
-from nats.js import JetStreamContext
 
 from scheduler import service as service_mod
 from scheduler.backlog import Queue, read_backlog
-from scheduler.service import Scheduler
-from scheduler.shaping import load_rules
 from sluice import config as config_mod
 from sluice import names
 from sluice.config import Config
@@ -26,29 +22,20 @@ from sluice.nats_layout import connect, ensure_layout
 from sluice.natsserver import NatsServer
 from sluice.resolver import MxHost, Resolver
 from sluice.v1 import messages_pb2
-from tests.conftest import one_site, wait_for
+from tests.conftest import one_site, running_scheduler, scheduler_config, wait_for
 
 BULK = messages_pb2.TIER_BULK
 CRITICAL = messages_pb2.TIER_CRITICAL
 
 
-@contextlib.asynccontextmanager
-async def _layout(
-    nats_server: NatsServer, dns_server: DnsServer, dns_timeout: str
-) -> AsyncIterator[tuple[Config, JetStreamContext]]:
-    """A configuration with the test DNS server, and JetStream with Sluice's layout."""
-    cfg = config_mod.replace(
-        Config(),
-        nats={"url": nats_server.url},
-        dns={"nameservers": ["127.0.0.1"], "port": dns_server.port, "timeout": dns_timeout},
+def _config(
+    nats_server: NatsServer, dns_server: DnsServer, dns_timeout: str, **scheduler: Any
+) -> Config:
+    """A configuration with the test DNS server (lookups time out after dns_timeout), and
+    some [scheduler] keys."""
+    return scheduler_config(
+        nats_server, dns_server.port, dns={"timeout": dns_timeout}, scheduler=scheduler
     )
-    nc = await connect(cfg, "test")
-    try:
-        js = nc.jetstream()
-        await ensure_layout(js, cfg)
-        yield cfg, js
-    finally:
-        await nc.close()
 
 
 async def test_backlog_per_queue_domain_and_bucket(nats_server: NatsServer) -> None:
@@ -97,7 +84,8 @@ async def test_the_sites_of_bucket_mail(nats_server: NatsServer, dns_server: Dns
     domain without DNS is its own; a later read with the same domains looks nothing up."""
     one_site(dns_server, ["a.test", "b.test"], "mx.shared.test")
     one_site(dns_server, ["c.test"], "mx.c.test")
-    async with _layout(nats_server, dns_server, "2s") as (cfg, js):
+    async with running_scheduler(_config(nats_server, dns_server, "2s"), start=False) as scheduler:
+        js = scheduler._js
         for lane, key in (
             ("b01", "a_test"),
             ("b02", "b_test"),
@@ -106,7 +94,6 @@ async def test_the_sites_of_bucket_mail(nats_server: NatsServer, dns_server: Dns
         ):
             await js.publish(names.mail_subject(BULK, lane, key, "acme"), b"x")
         await js.publish(names.mail_subject(BULK, "d", "big_test", "acme"), b"x")
-        scheduler = Scheduler(cfg, js, load_rules(), Resolver(cfg.dns))
         await scheduler.refresh_backlog()
         # Nothing is looked up for them under the scheduler's lock: sites not known yet
         # are left out, until run_backlog has looked up the backlog's new domains.
@@ -138,9 +125,8 @@ async def test_calls_do_not_wait_for_the_lookups_of_a_new_backlog(
     call for work is answered while a lookup is still unanswered (a long tail is thousands
     of them, and calls waiting for them ran past their deadlines)."""
     dns_server.silent.add("slow.test")
-    async with _layout(nats_server, dns_server, "3s") as (cfg, js):
-        await js.publish(names.mail_subject(BULK, "b01", "slow_test", "acme"), b"x")
-        scheduler = Scheduler(cfg, js, load_rules(), Resolver(cfg.dns))
+    async with running_scheduler(_config(nats_server, dns_server, "3s"), start=False) as scheduler:
+        await scheduler._js.publish(names.mail_subject(BULK, "b01", "slow_test", "acme"), b"x")
         await scheduler.refresh_backlog()
         assert scheduler._unresolved() == {"slow.test"}
         resolving = asyncio.create_task(scheduler._resolve(scheduler._unresolved()))
@@ -176,9 +162,9 @@ async def test_lookups_in_flight_are_capped_across_callers(
     """The backlog loop's lookups and a deliverer's call share one cap on lookups in flight
     (the nameserver drops what it cannot answer, and a failed lookup makes a domain its own
     site, with a limit of its own)."""
-    async with _layout(nats_server, dns_server, "3s") as (cfg, js):
-        resolver = _CountingResolver(cfg.dns)
-        scheduler = Scheduler(cfg, js, load_rules(), resolver)
+    cfg = _config(nats_server, dns_server, "3s")
+    resolver = _CountingResolver(cfg.dns)
+    async with running_scheduler(cfg, resolver=resolver, start=False) as scheduler:
         backlog = {f"b{i}.test" for i in range(300)}
         call = [f"c{i}.test" for i in range(100)]
         await asyncio.gather(
@@ -201,10 +187,9 @@ async def test_a_failed_lookup_makes_no_site_of_its_own(
     one_site(dns_server, ["a.test", "b.test", "c.test"], "mx.shared.test")
     # (failed entries expire sooner than a failed lookup takes: they must count from its end)
     monkeypatch.setattr(service_mod, "_RETRY_LOOKUP", 0.4)
-    async with _layout(nats_server, dns_server, "0.6s") as (cfg, js):
-        cfg = config_mod.replace(cfg, scheduler={"lookup_grace": "1s"})
-        resolver = _CountingResolver(cfg.dns)
-        scheduler = Scheduler(cfg, js, load_rules(), resolver)
+    cfg = _config(nats_server, dns_server, "0.6s", lookup_grace="1s")
+    resolver = _CountingResolver(cfg.dns)
+    async with running_scheduler(cfg, resolver=resolver, start=False) as scheduler:
 
         def forget(domain: str) -> None:  # (both caches expired: the next call looks it up)
             scheduler._sites[domain] = (0.0, scheduler._sites[domain][1])
@@ -254,10 +239,9 @@ async def test_the_backlog_is_read_once_an_interval_by_the_loop_or_a_call(
     """Calls for work read a stale backlog themselves; the backlog loop then skips its own
     read and waits an interval from theirs (with a long tail each read is thousands of
     subjects, for nats-server and for the scheduler; both reading made two an interval)."""
-    async with _layout(nats_server, dns_server, "3s") as (cfg, js):
-        cfg = config_mod.replace(cfg, scheduler={"backlog_interval": "200ms"})
-        await js.publish(names.mail_subject(BULK, "d", "big_test", "acme"), b"x")
-        scheduler = Scheduler(cfg, js, load_rules(), Resolver(cfg.dns))
+    cfg = _config(nats_server, dns_server, "3s", backlog_interval="200ms")
+    async with running_scheduler(cfg, start=False) as scheduler:
+        await scheduler._js.publish(names.mail_subject(BULK, "d", "big_test", "acme"), b"x")
         reads: list[float] = []
         refresh = scheduler.refresh_backlog
 

@@ -11,16 +11,11 @@ from pathlib import Path
 import pytest
 
 from scheduler.service import Scheduler
-from scheduler.shaping import load_rules
-from sluice import config as config_mod
 from sluice import names
-from sluice.config import Config
 from sluice.devdns import DnsServer
-from sluice.nats_layout import connect, ensure_layout
 from sluice.natsserver import NatsServer
-from sluice.resolver import Resolver
 from sluice.v1 import messages_pb2, scheduler_pb2
-from tests.conftest import one_site
+from tests.conftest import one_site, running_scheduler, scheduler_config
 
 BULK = messages_pb2.TIER_BULK
 LANES = [f"b{i:02d}" for i in range(4)]
@@ -37,21 +32,9 @@ async def scheduler(
         one_site(dns_server, [domain], f"mx.{domain}")
     shaping = tmp_path / "shaping.toml"
     shaping.write_text("[default]\nmax_connections = 5\n")
-    cfg = config_mod.replace(
-        Config(),
-        nats={"url": nats_server.url},
-        dns={"nameservers": ["127.0.0.1"], "port": dns_server.port},
-        scheduler={"shaping": str(shaping), "lease_ttl": "30s"},
-    )
-    nc = await connect(cfg, "test")
-    try:
-        js = nc.jetstream()
-        await ensure_layout(js, cfg)
-        s = Scheduler(cfg, js, load_rules(shaping), Resolver(cfg.dns))
-        await s.start()
+    cfg = scheduler_config(nats_server, dns_server.port, scheduler={"lease_ttl": "30s"})
+    async with running_scheduler(cfg, shaping=shaping) as s:
         yield s
-    finally:
-        await nc.close()
 
 
 async def _fill(scheduler: Scheduler) -> None:

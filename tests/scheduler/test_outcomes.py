@@ -4,30 +4,20 @@ adaptive limits. (A real nats-server keeps the adapted limits.)"""
 
 from __future__ import annotations
 
-from scheduler.service import Scheduler
-from scheduler.shaping import load_rules
-from sluice import config as config_mod
-from sluice.config import Config
-from sluice.nats_layout import connect, ensure_layout
 from sluice.natsserver import NatsServer
-from sluice.resolver import Resolver
 from sluice.v1 import messages_pb2, scheduler_pb2
+from tests.conftest import running_scheduler, scheduler_config
 
 DELIVERED = scheduler_pb2.OUTCOME_KIND_DELIVERED
 THROTTLED = scheduler_pb2.OUTCOME_KIND_THROTTLED
 
 
 async def test_counted_and_single_outcomes_count_alike(nats_server: NatsServer) -> None:
-    cfg = config_mod.replace(
-        Config(),
-        nats={"url": nats_server.url},
+    cfg = scheduler_config(
+        nats_server,
         scheduler={"recover_after": 10, "recover_step": 0.25, "throttle_cooldown": "0s"},
     )
-    nc = await connect(cfg, "test")
-    try:
-        js = nc.jetstream()
-        await ensure_layout(js, cfg)
-        scheduler = Scheduler(cfg, js, load_rules(), Resolver(cfg.dns))
+    async with running_scheduler(cfg, start=False) as scheduler:
         site = "mx.slow.test"
         throttle = scheduler_pb2.Outcome(
             site_id=site,
@@ -45,5 +35,3 @@ async def test_counted_and_single_outcomes_count_alike(nats_server: NatsServer) 
         assert scheduler.adaptive.states[site].factor == 0.75
         assert scheduler.outcomes[(site, DELIVERED)] == 10
         assert scheduler.outcomes[(site, THROTTLED)] == 1
-    finally:
-        await nc.close()
