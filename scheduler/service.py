@@ -74,7 +74,12 @@ class Scheduler:
         self._lookups: SingleFlight[str, str] = SingleFlight()
         self.consumers = Consumers(js, cfg)
         self._backlog_at = 0.0
+        # Sites by domain, until when (monotonic) they are good; and the same by domain key,
+        # as the backlog names domains (_set_site keeps the two alike): a long tail's backlog
+        # is thousands of keys a read, and turning each into its domain to look it up cost
+        # more than the look-up.
         self._sites: dict[str, tuple[float, str]] = {}
+        self._key_sites: dict[str, tuple[float, str]] = {}
         # Domains whose lookups fail: (first, last) failure; those of them whose site was
         # never found (their site is their name for now, held back from leases while the
         # failure is young: _lookup_failed, _holding).
@@ -118,9 +123,8 @@ class Scheduler:
     def _backlog_gauge(self) -> Counter[tuple[str, ...]]:
         out: Counter[tuple[str, ...]] = Counter()
         for (tier, key), n in self._backlog.domains.items():
-            domain = names.key_domain(key)
-            hit = self._sites.get(domain)
-            out[(names.tier_token(tier), hit[1] if hit else domain)] += n
+            hit = self._key_sites.get(key)
+            out[(names.tier_token(tier), hit[1] if hit else names.key_domain(key))] += n
         return out
 
     def _leases_gauge(self) -> Counter[tuple[str, ...]]:
@@ -177,8 +181,7 @@ class Scheduler:
         self._failing.pop(domain, None)
         self._unknown.discard(domain)
         # (the time after the lookup: a failing one takes the whole [dns] timeout)
-        self._sites[domain] = (time.monotonic() + ttl, site)
-        self._learned(domain, site)
+        self._set_site(domain, time.monotonic() + ttl, site)
         return site
 
     def _lookup_failed(self, domain: str, now: float) -> str:
@@ -202,8 +205,7 @@ class Scheduler:
         else:
             site = domain
             self._unknown.add(domain)
-        self._sites[domain] = (now + (_RETRY_LOOKUP if young else 30.0), site)
-        self._learned(domain, site)
+        self._set_site(domain, now + (_RETRY_LOOKUP if young else 30.0), site)
         return site
 
     def _holding(self, site: str, domains: Collection[str], now: float) -> bool:
@@ -226,6 +228,7 @@ class Scheduler:
             if domain in self._unknown:
                 self._unknown.discard(domain)
                 self._sites.pop(domain, None)
+                self._key_sites.pop(names.domain_key_of(domain), None)
 
     async def _learn_sites(self, domains: set[str]) -> None:
         """Resolve the sites of those of `domains` not known yet, _RESOLVING at a time (a
@@ -261,34 +264,33 @@ class Scheduler:
         other call waited for the lock and deliverers' renewals ran out (a 100,000-recipient
         blast over 8,500 domains stalled deliveries for ten seconds and more); run_backlog
         looks them up. Each backlog read is gone through once; a site learned later is added
-        as it is learned (_learned). Every call for work went through all the domains again
+        as it is learned (_set_site). Every call for work went through all the domains again
         while any was unknown (thousands in a long tail; 15 % of the scheduler's CPU), and
         later through those still unknown (a 100,000-recipient tail: 9 % of its busy time)."""
         if self._bucketed_for is not self._backlog:
             self._bucketed_for = self._backlog
-            self._bucketed = set()
-            sites = self._sites
-            for key in self._backlog.bucketed:
-                hit = sites.get(names.key_domain(key))
-                if hit is not None:
-                    self._bucketed.add(hit[1])
+            key_sites = self._key_sites
+            self._bucketed = {
+                hit[1] for key in self._backlog.bucketed if (hit := key_sites.get(key))
+            }
         return self._bucketed
 
-    def _learned(self, domain: str, site: str) -> None:
-        """Record a domain's site (looked up just now, or standing in for a failed lookup),
-        and count it among the sites with bucket mail if the domain has some."""
-        if self._bucketed_for is self._backlog and names.domain_key_of(domain) in (
-            self._backlog.bucketed
-        ):
+    def _set_site(self, domain: str, until: float, site: str) -> None:
+        """Record a domain's site (looked up just now, or standing in for a failed lookup)
+        until `until`, and count it among the sites with bucket mail if the domain has some."""
+        key = names.domain_key_of(domain)
+        self._sites[domain] = self._key_sites[key] = (until, site)
+        if self._bucketed_for is self._backlog and key in self._backlog.bucketed:
             self._bucketed.add(site)
 
     def _unresolved(self) -> set[str]:
         """Domains with mail in the backlog whose site is not known (or has expired)."""
         now = time.monotonic()
+        key_sites = self._key_sites
         return {
-            domain
+            names.key_domain(key)
             for _, key in self._backlog.domains
-            if self._known_site(domain := names.key_domain(key), now) is None
+            if (hit := key_sites.get(key)) is None or hit[0] <= now
         }
 
     async def _resolve(self, domains: set[str]) -> None:
