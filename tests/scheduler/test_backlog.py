@@ -270,3 +270,58 @@ async def test_the_backlog_is_read_once_an_interval_by_the_loop_or_a_call(
         gaps = [b - a for a, b in itertools.pairwise(reads)]
         assert min(gaps) >= 0.1 - 0.01, gaps  # never two reads within half an interval
         assert alone >= 2, alone  # (five intervals: at least two reads, on a slow machine)
+
+
+async def test_a_big_backlog_is_read_again_when_mail_was_stored_or_its_counts_are_old(
+    nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A backlog of _BIG_BACKLOG subjects or more is read again at once when mail was stored
+    since the last read; otherwise (counts can only have fallen) only once that read is
+    _RECOUNT old, and a queue released with nothing ready waits that long to be handed out
+    again. A small backlog is read every time."""
+    monkeypatch.setattr(service_mod, "_BIG_BACKLOG", 3)
+    monkeypatch.setattr(service_mod, "_RECOUNT", 1.0)
+    cfg = scheduler_config(nats_server, scheduler={"backlog_interval": "0.1s"})
+    async with running_scheduler(cfg, start=False) as scheduler:
+        js = scheduler._js
+
+        def subject(lane: str, key: str) -> str:
+            return names.mail_subject(BULK, lane, key, "acme")
+
+        async def take(lane: str, key: str) -> None:  # (its mail gone, as if delivered)
+            await js.purge_stream(names.MAIL_STREAM, subject=subject(lane, key))
+
+        for key in ("a_test", "b_test", "c_test"):
+            await js.publish(subject("b01", key), b"x")
+        await scheduler.refresh_backlog()
+        keys = {(BULK, k) for k in ("a_test", "b_test", "c_test")}
+        assert set(scheduler._backlog.domains) == keys
+        read_at = time.monotonic()
+
+        await take("b01", "a_test")
+        await scheduler.refresh_backlog()
+        assert (BULK, "a_test") in scheduler._backlog.domains, "nothing stored: not read"
+        # A lane released with nothing ready is not handed out again until the counts are
+        # read again (not just for backlog_interval).
+        (lane,) = await scheduler.acquire("d1", 10)
+        scheduler.release("d1", [lane.lease_id])
+        assert scheduler._cooldown[lane.site_id] >= read_at + 1.0 - 0.05
+
+        await js.publish(subject("b02", "d_test"), b"x")
+        await scheduler.refresh_backlog()
+        domains = set(scheduler._backlog.domains)
+        assert (BULK, "d_test") in domains and (BULK, "a_test") not in domains, "mail stored"
+
+        await take("b01", "b_test")
+        await scheduler.refresh_backlog()
+        assert (BULK, "b_test") in scheduler._backlog.domains
+        await asyncio.sleep(1.1)
+        await scheduler.refresh_backlog()
+        assert (BULK, "b_test") not in scheduler._backlog.domains, "read again once old"
+
+        # Two subjects now: a small backlog, read every time.
+        assert scheduler._backlog.subjects == 2
+        await take("b01", "c_test")
+        await scheduler.refresh_backlog()
+        assert (BULK, "c_test") not in scheduler._backlog.domains
+        assert scheduler._counts_until() == 0.0
