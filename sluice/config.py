@@ -162,7 +162,9 @@ class ExpanderConfig:
     # the stored subjects, so changing this lets old lanes drain).
     buckets: int = 16
     # A domain with at least this many recipients in one job gets dedicated queues (lane d).
-    dedicated_threshold: int = 200
+    # (256: the most one job's lane mail to a domain then is 255, which a deliverer's queue
+    # for one site holds; docs/scheduling.md, Bounded consumers.)
+    dedicated_threshold: int = 256
     # A domain keeps its dedicated queues this long after its last such job (KV sluice_lanes).
     dedicated_ttl: Duration = Duration(3600.0)
 
@@ -189,7 +191,8 @@ class SchedulerConfig:
     # over about this long after the active one dies; it then grants nothing until the old
     # leases have run out (4/3 lease_ttl, docs/ha.md).
     leader_ttl: Duration = Duration(5.0)
-    # How often the backlog per queue is read from JetStream.
+    # How often the backlog per queue is read from JetStream (one of 1,000 subjects or more:
+    # as often only while mail is being stored, else every 5 s; docs/scheduling.md).
     backlog_interval: Duration = Duration(1.0)
     # Path of the shaping rules (TOML); empty means the built-in default.
     shaping: str = ""
