@@ -24,9 +24,10 @@ class LeaseState:
     # "site": a site's dedicated queues; "lane": a hash-bucket lane (site_id "lane:<lane>");
     # "domain": one connection on a site for mail taken from a lane.
     kind: str = "site"
-    # Taken back (the site's limit fell): its connections still count against the site
-    # until its holder hears of it (its next renewal) or it expires, since the holder's
-    # connections stay open until then.
+    # Taken back (the site's limit fell): its holder hears of it at its next renewal, and
+    # its connections still count against the site until the holder releases it (having
+    # closed them) or it expires. Freed at the renewal, they were granted again while the
+    # holder's connections were still closing: a server saw 4 against a limit of 3.
     revoked: bool = False
     # A lane's second holder (Scheduler._share_lane): not counted when lanes are shared out
     # whole between deliverers.
@@ -119,14 +120,12 @@ class LeaseTable:
         return lease
 
     def renew(self, deliverer_id: str, lease_id: str) -> LeaseState | None:
-        """The lease, extended; None if its holder no longer has it (a revoked lease is
-        dropped now: its holder stops working it)."""
+        """The lease, extended; None if its holder no longer has it (a revoked lease is not
+        extended: its holder stops working it, and releases it once its connections are
+        closed, or it expires)."""
         self.expire()
         ls = self._leases.get(lease_id)
-        if ls is None or ls.deliverer_id != deliverer_id:
-            return None
-        if ls.revoked:
-            self._drop(ls)
+        if ls is None or ls.deliverer_id != deliverer_id or ls.revoked:
             return None
         ls.expires_at = time.time() + self.ttl
         heapq.heappush(self._expiry, (ls.expires_at, lease_id))

@@ -656,7 +656,7 @@ class Scheduler:
                 # Its mail may have been in the other holder's hands already (stored counts
                 # it until it is acked): not shared again for a while.
                 self._share_cooldown[ls.lane] = time.monotonic() + _SHARE_COOLDOWN
-            if ls.kind != "domain":
+            if ls.kind != "domain" and not ls.revoked:
                 # A released site or lane had nothing ready; do not hand it straight back.
                 self._cooldown[ls.site_id] = max(
                     time.monotonic() + self._cfg.scheduler.backlog_interval, self._counts_until()
