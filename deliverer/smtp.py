@@ -44,6 +44,11 @@ class ConnectionLost(Exception):
     """Could not connect, or the connection broke mid-transaction."""
 
 
+# Seconds a connection ended from this side waits for the server to close its side too (a
+# server counts a connection against the site's limit until it has seen the end: a new one
+# opened before that made it count one too many) before it is cut.
+_CLOSE_WAIT = 2.0
+
 # STARTTLS's context, made once (making one loads the system's CA certificates: a few ms).
 # Like most MTAs, MX certificates are not verified: the aim is encryption, not
 # authentication (RFC 7435, opportunistic security).
@@ -70,6 +75,9 @@ class _Wire(asyncio.Protocol):
         self._expected: deque[asyncio.Future[aiosmtplib.SMTPResponse]] = deque([self.greeting])
         self._out: list[bytes] = []
         self.lost: ConnectionLost | None = None
+        # Set once the connection is closed at both ends (connection_lost).
+        self.gone: asyncio.Future[None] = self._loop.create_future()
+        self._cutting: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -148,6 +156,26 @@ class _Wire(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._fail(ConnectionLost(f"connection lost: {exc}" if exc else "connection lost"))
+        if self._cutting is not None:
+            self._cutting.cancel()
+        if not self.gone.done():
+            self.gone.set_result(None)
+
+    def shut(self) -> None:
+        """End the connection from this side, so that the server sees the end and closes
+        its side too (`gone` is set then): a plain one is half-closed (TCP FIN), a TLS one
+        closed (its TLS shutdown waits for the server's). Cut if that takes _CLOSE_WAIT."""
+        self._fail(ConnectionLost("closed"))
+        transport = self.transport
+        if self._cutting is not None or self.gone.done():
+            return
+        self._cutting = self._loop.call_later(_CLOSE_WAIT, transport.abort)
+        if transport.is_closing():
+            return
+        if transport.can_write_eof():
+            transport.write_eof()
+        else:
+            transport.close()
 
     def eof_received(self) -> bool:
         self._fail(ConnectionLost("the server closed the connection"))
@@ -478,16 +506,19 @@ class SmtpConnection:
         await self._reply(self._wire.send(b"RSET\r\n", 1)[0], "RSET")
 
     def _drop(self) -> None:
-        """Close without QUIT (the connection broke, or the server is leaving)."""
+        """End the connection without QUIT (it broke, or the server is leaving); `close`
+        waits for the server to have closed its side too."""
         wire = self._wire
         if wire is not None and getattr(wire, "transport", None) is not None:
-            wire.transport.close()
+            wire.shut()
 
     async def close(self) -> None:
         """Close: once the last message's end is answered (its reply decides it: cutting
         the connection before would make a message the server took look lost, and without
         PIPELINING no command may go before it), QUIT and its reply within the command
-        timeout."""
+        timeout; then the server's end of the connection (at most _CLOSE_WAIT). Until the
+        server has seen the end it counts the connection against the site's limit: a new
+        one opened at once made it count one too many."""
         wire = self._wire
         try:
             if self._last is not None and not self._last.done() and wire is not None:
@@ -498,6 +529,8 @@ class SmtpConnection:
             pass
         finally:
             self._drop()
+        if wire is not None and getattr(wire, "transport", None) is not None:
+            await asyncio.shield(wire.gone)
 
 
 def _extensions(ehlo: str) -> dict[str, str]:
