@@ -103,6 +103,22 @@ async def test_a_421_closes_the_connection_and_decides_the_rest(
     assert not conn._late
     with pytest.raises(ConnectionLost):
         await conn.send("from@y.test", "d@x.test", MESSAGE)
+    await conn.close()
+    assert smtp.active == 0, "close returned before the server saw the connection end"
+
+
+async def test_close_returns_once_the_server_has_seen_the_end(
+    server: tuple[ScriptedSmtp, int],
+) -> None:
+    """A site's server counts a connection until it has seen its end: a connection opened
+    at once after `close` (the next one of a lease) must not be counted beside it."""
+    smtp, port = server
+    for _ in range(3):
+        conn = await _open(port)
+        assert (await conn.send("from@y.test", "a@x.test", MESSAGE)).code == 250
+        await conn.close()
+        assert smtp.active == 0
+    assert smtp.max_active == 1
 
 
 async def test_a_message_goes_as_data_carries_it(server: tuple[ScriptedSmtp, int]) -> None:
