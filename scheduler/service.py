@@ -79,12 +79,11 @@ class Scheduler:
         self.consumers = Consumers(js, cfg)
         self._backlog_at = 0.0  # (when it was last known current)
         self._read_at = 0.0  # (when its subjects were last read)
-        # Sites by domain, until when (monotonic) they are good; and the same by domain key,
-        # as the backlog names domains (_set_site keeps the two alike): a long tail's backlog
-        # is thousands of keys a read, and turning each into its domain to look it up cost
-        # more than the look-up.
+        # Sites by domain key (names.domain_key_of), until when (monotonic) they are good:
+        # keyed as the backlog names domains, since a long tail's backlog is thousands of
+        # keys a read, and turning each into its domain to look it up cost more than the
+        # look-up.
         self._sites: dict[str, tuple[float, str]] = {}
-        self._key_sites: dict[str, tuple[float, str]] = {}
         # Domains whose lookups fail: (first, last) failure; those of them whose site was
         # never found (their site is their name for now, held back from leases while the
         # failure is young: _lookup_failed, _holding).
@@ -128,7 +127,7 @@ class Scheduler:
     def _backlog_gauge(self) -> Counter[tuple[str, ...]]:
         out: Counter[tuple[str, ...]] = Counter()
         for (tier, key), n in self._backlog.domains.items():
-            hit = self._key_sites.get(key)
+            hit = self._sites.get(key)
             out[(names.tier_token(tier), hit[1] if hit else names.key_domain(key))] += n
         return out
 
@@ -174,13 +173,13 @@ class Scheduler:
     def _known_site(self, domain: str, now: float | None = None) -> str | None:
         """The domain's site from the cache, if known and not expired (at `now`, a
         monotonic time read once by a caller asking for thousands of domains)."""
-        hit = self._sites.get(domain)
+        hit = self._sites.get(names.domain_key_of(domain))
         return hit[1] if hit and hit[0] > (time.monotonic() if now is None else now) else None
 
     def _last_site(self, domain: str) -> str | None:
         """The domain's site from the cache, expired or not (None if never looked up): what
         callers under the lock use, while the backlog loop looks expired ones up again."""
-        hit = self._sites.get(domain)
+        hit = self._sites.get(names.domain_key_of(domain))
         return hit[1] if hit else None
 
     async def site_of(self, domain: str) -> str:
@@ -253,8 +252,7 @@ class Scheduler:
             del self._failing[domain]
             if domain in self._unknown:
                 self._unknown.discard(domain)
-                self._sites.pop(domain, None)
-                self._key_sites.pop(names.domain_key_of(domain), None)
+                self._sites.pop(names.domain_key_of(domain), None)
 
     async def _learn_sites(self, domains: set[str]) -> None:
         """Resolve the sites of those of `domains` not known yet, _RESOLVING at a time (a
@@ -295,28 +293,26 @@ class Scheduler:
         later through those still unknown (a 100,000-recipient tail: 9 % of its busy time)."""
         if self._bucketed_for is not self._backlog:
             self._bucketed_for = self._backlog
-            key_sites = self._key_sites
-            self._bucketed = {
-                hit[1] for key in self._backlog.bucketed if (hit := key_sites.get(key))
-            }
+            sites = self._sites
+            self._bucketed = {hit[1] for key in self._backlog.bucketed if (hit := sites.get(key))}
         return self._bucketed
 
     def _set_site(self, domain: str, until: float, site: str) -> None:
         """Record a domain's site (looked up just now, or standing in for a failed lookup)
         until `until`, and count it among the sites with bucket mail if the domain has some."""
         key = names.domain_key_of(domain)
-        self._sites[domain] = self._key_sites[key] = (until, site)
+        self._sites[key] = (until, site)
         if self._bucketed_for is self._backlog and key in self._backlog.bucketed:
             self._bucketed.add(site)
 
     def _unresolved(self) -> set[str]:
         """Domains with mail in the backlog whose site is not known (or has expired)."""
         now = time.monotonic()
-        key_sites = self._key_sites
+        sites = self._sites
         return {
             names.key_domain(key)
             for _, key in self._backlog.domains
-            if (hit := key_sites.get(key)) is None or hit[0] <= now
+            if (hit := sites.get(key)) is None or hit[0] <= now
         }
 
     async def _resolve(self, domains: set[str]) -> None:

@@ -192,7 +192,8 @@ async def test_a_failed_lookup_makes_no_site_of_its_own(
     async with running_scheduler(cfg, resolver=resolver, start=False) as scheduler:
 
         def forget(domain: str) -> None:  # (both caches expired: the next call looks it up)
-            scheduler._sites[domain] = (0.0, scheduler._sites[domain][1])
+            key = names.domain_key_of(domain)
+            scheduler._sites[key] = (0.0, scheduler._sites[key][1])
             resolver._mx.pop(domain, None)
 
         shared = await scheduler.site_of("a.test")
@@ -228,7 +229,8 @@ async def test_a_failed_lookup_makes_no_site_of_its_own(
         # Out of the backlog, failures are forgotten: back in it, c.test is new again.
         await scheduler.refresh_backlog()
         scheduler._forget_failures()
-        assert "c.test" not in {*scheduler._failing, *scheduler._unknown, *scheduler._sites}
+        assert "c.test" not in {*scheduler._failing, *scheduler._unknown}
+        assert names.domain_key_of("c.test") not in scheduler._sites
         resp = await scheduler.acquire_domains("d2", ["c.test"])
         assert not resp.leases
 
