@@ -257,18 +257,14 @@ class SmtpConnection:
             raise
         try:
             if greeting.code != 220:
-                raise ConnectionLost(f"{self.host}: greeting {greeting.code} {greeting.message}")
+                raise ConnectionLost(f"greeting {greeting.code} {greeting.message}")
             extensions = await self._hello()
             if "starttls" in extensions:
                 extensions = await self._starttls()
             elif self._require_tls:
-                raise ConnectionLost(
-                    f"{self.host}: connect failed: STARTTLS extension not supported by server"
-                )
+                raise ConnectionLost("connect failed: STARTTLS extension not supported by server")
         except ConnectionLost as exc:
             self._drop()
-            if str(exc).startswith(f"{self.host}: "):
-                raise
             raise ConnectionLost(f"{self.host}: {self._late or exc}") from exc
         except BaseException:
             self._drop()
@@ -291,7 +287,7 @@ class SmtpConnection:
             if resp.code == 250:
                 return {}
         # Not about any message: try elsewhere, or later.
-        raise ConnectionLost(f"{self.host}: HELO refused: {resp.code} {resp.message}")
+        raise ConnectionLost(f"HELO refused: {resp.code} {resp.message}")
 
     async def _starttls(self) -> dict[str, str]:
         """STARTTLS, the TLS handshake, and EHLO again: the extensions offered over TLS."""
@@ -299,20 +295,20 @@ class SmtpConnection:
         assert wire is not None
         resp = await self._reply(wire.send(b"STARTTLS\r\n", 1)[0], "STARTTLS")
         if resp.code != 220:
-            raise ConnectionLost(f"{self.host}: STARTTLS refused: {resp.code} {resp.message}")
+            raise ConnectionLost(f"STARTTLS refused: {resp.code} {resp.message}")
         if wire.buffered or wire.lost is not None:
             # RFC 3207 6: what came with the reply would pass for what came over TLS (a
             # reply injected by a man in the middle; a whole one breaks the wire at once).
-            raise ConnectionLost(f"{self.host}: data after the reply to STARTTLS")
+            raise ConnectionLost("data after the reply to STARTTLS")
         try:
             async with asyncio.timeout(self._command_timeout):
                 # (no SNI, as Postfix by default and aiosmtplib before: nothing is verified)
                 transport = await asyncio.get_running_loop().start_tls(wire.transport, wire, _TLS)
         except (OSError, ssl.SSLError, TimeoutError) as exc:
             why = "timed out" if isinstance(exc, TimeoutError) else str(exc) or repr(exc)
-            raise ConnectionLost(f"{self.host}: TLS handshake failed: {why}") from exc
+            raise ConnectionLost(f"TLS handshake failed: {why}") from exc
         if transport is None:
-            raise ConnectionLost(f"{self.host}: connection lost in the TLS handshake")
+            raise ConnectionLost("connection lost in the TLS handshake")
         wire.transport = transport
         self._tls = True
         return await self._hello()
