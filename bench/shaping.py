@@ -312,6 +312,9 @@ async def _shape(
     total = len(rcpt_domains)
     nc = await connect(cfg, "bench-consumers")
     most_consumers = 0
+    # Consumers seen at each poll of the blast, and those of them with no mail stored or
+    # in hand: every consumer of the stream costs nats-server work on every ack.
+    polled = [0, 0, 0]  # polls, consumers, idle consumers
     # Pointers JetStream handed out, redeliveries included (mail handed back, expired
     # acks): a consumer's delivered sequence counts every delivery. Read at every poll:
     # the scheduler deletes idle consumers, and one made again starts from 0.
@@ -348,8 +351,12 @@ async def _shape(
         ) as r:
             assert r.status == 202, await r.text()
         start = shown = time.monotonic()
+        polled[:] = [0, 0, 0]
         while len(sink.seen) < total and time.monotonic() - start < 900:
             infos = await poll()
+            polled[0] += 1
+            polled[1] += len(infos)
+            polled[2] += sum(1 for i in infos if not (i.num_pending or i.num_ack_pending))
             if args.progress and time.monotonic() - shown >= 2.0:
                 shown = time.monotonic()
                 print(
@@ -395,13 +402,16 @@ async def _shape(
     names = ["ingest", "expander", "scheduler", *["deliverer"] * args.deliverers]
     by_process = [*zip(names, (p.pid for p in procs), strict=True), ("nats", nats_pid)]
     over = [site for site in sites if sink.peak[site] > limits[site]]
+    polls = max(polled[0], 1)
+    mean_consumers = f"on average {polled[1] / polls:.1f}, {polled[2] / polls:.1f} of them idle"
     if quiet:
         print(
             f"  {len(set(rcpt_domains))} domains on {len({mx[d] for d in rcpt_domains})} "
             f"sites: {measured.rate:,.0f} msgs/s, CPU {measured.cpu_ms:.3f} ms per message ("
             + ", ".join(f"{name} {cpu[pid] / total * 1e3:.3f}" for name, pid in by_process)
             + f"); {len(sink.seen)} of {total} reached, {sink.duplicates} duplicates, "
-            f"{len(over)} sites over their limit, at most {most_consumers} mail consumers",
+            f"{len(over)} sites over their limit, at most {most_consumers} mail consumers"
+            f" ({mean_consumers})",
             flush=True,
         )
         return measured
@@ -420,7 +430,7 @@ async def _shape(
     for name, pid in by_process:
         print(f"  {name:10} CPU {cpu[pid]:7.1f} s = {cpu[pid] / total * 1e3:.3f} ms/msg")
     print(f"  all        CPU {measured.cpu_ms:.3f} ms/msg")
-    print(f"most mail consumers at once: {most_consumers}")
+    print(f"most mail consumers at once: {most_consumers} ({mean_consumers})")
     print(
         f"pointers JetStream handed out: {handed} ({handed - total} more than messages "
         "sent; a lower bound if a consumer was deleted between two polls)"
