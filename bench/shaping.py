@@ -447,10 +447,13 @@ async def _shape(
         f"to the 10 most connected sites: "
         f"{sum(sorted(sink.site_connections.values())[-10:]) if sink.site_connections else 0}"
     )
-    busiest = sorted(sites, key=lambda site: -sink.peak[site])[:10]
+    busiest = sorted(sites, key=lambda site: -sink.site_mail[site])[:10]
     for site in busiest if args.zipf_domains else sites:
         flag = "  OVER LIMIT" if sink.peak[site] > limits[site] else ""
-        print(f"  {site:20} limit {limits[site]}  most connections seen {sink.peak[site]}{flag}")
+        print(
+            f"  {site:20} limit {limits[site]}  most connections seen {sink.peak[site]}{flag}"
+            f"  ({sink.site_mail[site]} messages over {sink.site_connections[site]} connections)"
+        )
     print(f"sites over their limit: {len(over)}")
     # (the same count of NATS messages with more CPU per message is the machine, not the
     # work: how two deliverers were told from one)

@@ -22,8 +22,7 @@ from scheduler.shaping import Limits, Rules
 from sluice import names
 from sluice.config import Config
 from sluice.nats_layout import kv_put_ttl
-from sluice.resolver import DnsError, DnsPermanent, Resolver
-from sluice.singleflight import SingleFlight
+from sluice.resolver import DnsError, DnsPermanent, MxHost, Resolver
 from sluice.telemetry import observe_sites
 from sluice.v1 import scheduler_pb2
 
@@ -32,8 +31,10 @@ __all__ = ["Scheduler"]
 log = logging.getLogger(__name__)
 
 _ALIVE_KEY = "scheduler-alive"
-# Domains whose sites are looked up at once.
+# Domains whose sites are looked up together (one batch), and batches in flight at most,
+# all callers together.
 _RESOLVING = 64
+_BATCHES = 4
 # Seconds until a domain whose lookup failed is looked up again.
 _RETRY_LOOKUP = 5.0
 # A lane with at least this many messages stored gets a second deliverer when one has no
@@ -73,9 +74,13 @@ class Scheduler:
         self._resolving: asyncio.Task[None] | None = None
         # Lookups in flight, all callers together: the backlog loop's thousands and the
         # deliverers' calls share the nameserver, which drops what it cannot answer (and a
-        # domain whose lookup fails gets no lease for a while: _lookup_failed).
-        self._dns = asyncio.Semaphore(_RESOLVING)
-        self._lookups: SingleFlight[str, str] = SingleFlight()
+        # domain whose lookup fails gets no lease for a while: _lookup_failed). A batch
+        # waits for its slowest lookup, so a call is not left behind one batch.
+        self._dns = asyncio.Semaphore(_BATCHES)
+        # The domains being looked up, each with the end of its batch (one lookup per domain
+        # at a time: the backlog loop and a deliverer's call may ask for the same new domain
+        # together).
+        self._looking_up: dict[str, asyncio.Future[None]] = {}
         self.consumers = Consumers(js, cfg)
         self._backlog_at = 0.0  # (when it was last known current)
         self._read_at = 0.0  # (when its subjects were last read)
@@ -183,31 +188,26 @@ class Scheduler:
         return hit[1] if hit else None
 
     async def site_of(self, domain: str) -> str:
-        if (known := self._known_site(domain)) is not None:
-            return known
-        # (one lookup per domain at a time: the backlog loop and a deliverer's call may ask
-        # for the same new domain together)
-        return await self._lookups.do(domain, lambda: self._look_up_site(domain))
+        while (known := self._known_site(domain)) is None:
+            await self._learn_sites({domain})
+        return known
 
-    async def _look_up_site(self, domain: str) -> str:
-        try:
-            async with self._dns:
-                hosts = [h.host for h in await self._resolver.mx(domain)]
-            site = self._rules.site_of(domain, hosts)
-            ttl = 300.0
-        except DnsPermanent as exc:
+    def _settle_site(self, domain: str, found: list[MxHost] | DnsError) -> None:
+        """Cache the site of a domain looked up: that of its MX hosts, or of its failure."""
+        if isinstance(found, DnsPermanent):
             # No such domain, or a null MX: the deliverer bounces its mail without connecting.
-            log.info("site of %s: %s", domain, exc)
+            log.info("site of %s: %s", domain, found)
             site, ttl = domain, 30.0
-        except DnsError as exc:
+        elif isinstance(found, DnsError):
             site = self._lookup_failed(domain, time.monotonic())
-            log.info("site of %s: lookup failed (%s); site %s", domain, exc, site)
-            return site
+            log.info("site of %s: lookup failed (%s); site %s", domain, found, site)
+            return
+        else:
+            site, ttl = self._rules.site_of(domain, [h.host for h in found]), 300.0
         self._failing.pop(domain, None)
         self._unknown.discard(domain)
         # (the time after the lookup: a failing one takes the whole [dns] timeout)
         self._set_site(domain, time.monotonic() + ttl, site)
-        return site
 
     def _lookup_failed(self, domain: str, now: float) -> str:
         """The site of a domain whose lookup failed (timeout, SERVFAIL). That must not make
@@ -254,14 +254,39 @@ class Scheduler:
                 self._unknown.discard(domain)
                 self._sites.pop(names.domain_key_of(domain), None)
 
-    async def _learn_sites(self, domains: set[str]) -> None:
-        """Resolve the sites of those of `domains` not known yet, _RESOLVING at a time (a
-        long tail of domains is thousands of lookups; one at a time, each cost a trip
-        through the event loop, about twice the CPU of the lookup itself)."""
-        now = time.monotonic()
-        unknown = [d for d in domains if self._known_site(d, now) is None]
+    async def _learn_sites(self, domains: Collection[str]) -> None:
+        """Resolve the sites of those of `domains` not known yet, in batches of _RESOLVING
+        sent together (Resolver.mx_many: a long tail of domains is thousands of lookups,
+        and a coroutine and a timer each cost more than the lookup), and wait for those
+        another caller is looking up."""
+        unknown = [d for d in domains if self._known_site(d) is None]
+        elsewhere = {f for d in unknown if (f := self._looking_up.get(d)) is not None}
+        loop = asyncio.get_running_loop()
         for i in range(0, len(unknown), _RESOLVING):
-            await asyncio.gather(*(self.site_of(d) for d in unknown[i : i + _RESOLVING]))
+            async with self._dns:
+                # (not those another caller took up or settled meanwhile)
+                now = time.monotonic()
+                batch = [
+                    d
+                    for d in unknown[i : i + _RESOLVING]
+                    if d not in self._looking_up and self._known_site(d, now) is None
+                ]
+                if not batch:
+                    continue
+                end: asyncio.Future[None] = loop.create_future()
+                self._looking_up.update(dict.fromkeys(batch, end))
+                try:
+                    found = await self._resolver.mx_many(batch)
+                    for domain, hosts in zip(batch, found, strict=True):
+                        self._settle_site(domain, hosts)
+                finally:
+                    for domain in batch:
+                        if self._looking_up.get(domain) is end:
+                            del self._looking_up[domain]
+                    end.set_result(None)
+        if elsewhere:
+            # (asyncio.wait: cancelling this caller must not cancel the other's batch)
+            await asyncio.wait(elsewhere)
 
     def _by_site(self) -> dict[str, list[Queue]]:
         """Dedicated queues grouped by site; those of a domain not looked up yet wait for

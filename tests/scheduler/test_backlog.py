@@ -145,15 +145,15 @@ class _CountingResolver(Resolver):
         super().__init__(cfg)
         self.in_flight = self.most = self.calls = 0
 
-    async def mx(self, domain: str) -> list[MxHost]:
-        self.calls += 1
-        self.in_flight += 1
+    async def mx_many(self, domains: list[str]) -> list[list[MxHost] | DnsError]:
+        self.calls += len(domains)
+        self.in_flight += len(domains)
         self.most = max(self.most, self.in_flight)
         try:
             await asyncio.sleep(0.01)  # (answers take a while: lookups pile up)
-            return await super().mx(domain)
+            return await super().mx_many(domains)
         finally:
-            self.in_flight -= 1
+            self.in_flight -= len(domains)
 
 
 async def test_lookups_in_flight_are_capped_across_callers(
@@ -166,13 +166,15 @@ async def test_lookups_in_flight_are_capped_across_callers(
     resolver = _CountingResolver(cfg.dns)
     async with running_scheduler(cfg, resolver=resolver, start=False) as scheduler:
         backlog = {f"b{i}.test" for i in range(300)}
-        call = [f"c{i}.test" for i in range(100)]
+        calls = [[f"c{n}x{i}.test" for i in range(100)] for n in range(6)]
         await asyncio.gather(
             scheduler._resolve(backlog),
-            scheduler._acquire_domains("d1", call, 1),
+            *(scheduler._acquire_domains(f"d{n}", call, 1) for n, call in enumerate(calls)),
         )
-        assert resolver.most == service_mod._RESOLVING, resolver.most
-        assert all(scheduler._known_site(d) is not None for d in [*backlog, *call])
+        # (seven callers, each with a batch of _RESOLVING ready at once)
+        assert resolver.most == service_mod._BATCHES * service_mod._RESOLVING, resolver.most
+        assert all(scheduler._known_site(d) is not None for d in backlog.union(*calls))
+        assert resolver.calls == len(backlog) + 600  # (each domain looked up once)
 
 
 async def test_a_failed_lookup_makes_no_site_of_its_own(

@@ -233,14 +233,15 @@ async def test_truncated_answer_is_asked_again_over_tcp() -> None:
         transport.close()
 
 
+async def _hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    writer.close()
+
+
 async def test_a_tcp_retry_cut_short_is_a_temporary_failure() -> None:
     """A truncated answer whose TCP retry the server closes at once (dnspython raises the
     builtin EOFError there) is a temporary failure, not an error out of the lookup."""
 
-    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.close()
-
-    transport, server, port = await _serve_truncated_and_tcp(hang_up)
+    transport, server, port = await _serve_truncated_and_tcp(_hang_up)
     try:
         r = _resolver(port, "127.0.0.1", timeout=0.6)
         with pytest.raises(DnsTemporary, match="MX lookup failed"):
@@ -297,3 +298,68 @@ async def test_concurrent_lookups_of_one_name_ask_once(
     # TaskGroup would cancel the others before the failure reached them)
     failed = await asyncio.gather(*(r.mx("broken.test") for _ in range(3)), return_exceptions=True)
     assert all(isinstance(e, DnsTemporary) for e in failed), failed
+
+
+async def test_many_lookups_sent_together_answer_as_one_by_one(
+    resolver: tuple[Resolver, DnsServer],
+) -> None:
+    """mx_many (the scheduler's lookups of a long tail's domains, sent together) gives what
+    mx gives for each name, its failures included, and caches what it found."""
+    r, srv = resolver
+    names = ["multi.test", "implicit.test", "nullmx.test", "missing.test", "broken.test"]
+    found = await r.mx_many(names)
+    one_by_one = _resolver(srv.port, "127.0.0.1")
+    for name, got in zip(names, found, strict=True):
+        try:
+            expected: object = await one_by_one.mx(name)
+        except (DnsPermanent, DnsTemporary) as exc:
+            expected = exc
+        if isinstance(expected, Exception):
+            assert type(got) is type(expected) and str(got) == str(expected), (name, got)
+        else:
+            assert got == expected, (name, got)
+    assert found[0] == [MxHost(10, "a.multi.test"), MxHost(20, "b.multi.test")]
+    assert found[1] == [MxHost(0, "implicit.test")]
+    asked = len(srv.queries)
+    assert await r.mx_many(["multi.test", "implicit.test"]) == found[:2]
+    assert len(srv.queries) == asked, "cached answers were asked for again"
+    assert len(srv.clients) == 2, "one socket per resolver"
+
+
+async def test_a_name_a_batch_leaves_unanswered_is_asked_again_alone() -> None:
+    """A batch's first try waits a third of the lookup's lifetime; a name it left
+    unanswered (a lost datagram) or truncated is asked again with what is left of it, and
+    one that stays unanswered is a temporary failure: the batch's other names are not held
+    back by it."""
+    asked: list[str] = []
+
+    def answer(q: dns.message.Message) -> dns.message.Message | None:
+        name = q.question[0].name.to_text().rstrip(".")
+        asked.append(name)
+        if name == "never.test" or (name == "late.test" and asked.count(name) == 1):
+            return None
+        r = dns.message.make_response(q)
+        r.answer.append(dns.rrset.from_text(q.question[0].name, 60, "IN", "MX", f"10 mx.{name}."))
+        return r
+
+    transport, port = await _serve_udp(answer)
+    try:
+        r = _resolver(port, "127.0.0.1", timeout=1.5)
+        found = await r.mx_many(["a.test", "late.test", "never.test", "b.test"])
+        assert found[0] == [MxHost(10, "mx.a.test")]
+        assert found[1] == [MxHost(10, "mx.late.test")]
+        assert isinstance(found[2], DnsTemporary), found[2]
+        assert found[3] == [MxHost(10, "mx.b.test")]
+        assert asked.count("a.test") == asked.count("b.test") == 1
+        assert asked.count("late.test") == 2
+    finally:
+        transport.close()
+    truncated, server, port = await _serve_truncated_and_tcp(_hang_up)
+    try:
+        with pytest.raises(DnsTemporary):
+            await _resolver(port, "127.0.0.1", timeout=0.6).mx("cut.test")
+        (cut,) = await _resolver(port, "127.0.0.1", timeout=0.6).mx_many(["cut.test"])
+        assert isinstance(cut, DnsTemporary), cut
+    finally:
+        server.close()
+        truncated.close()
