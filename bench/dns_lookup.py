@@ -54,8 +54,11 @@ async def main() -> None:
                 cpu0, wall0 = time.process_time(), time.monotonic()
                 for i in range(0, args.lookups, 64 if way == "mx_many" else 50):
                     if way == "mx_many":
-                        batch = [f"{way}{rnd}x{j}.bench.test" for j in range(i, i + 64)]
-                        found = await resolver.mx_many(batch[: args.lookups - i])
+                        batch = [
+                            f"{way}{rnd}x{j}.bench.test"
+                            for j in range(i, min(i + 64, args.lookups))
+                        ]
+                        found = [h async for came in resolver.mx_many(batch) for _, h in came]
                     else:
                         found = await asyncio.gather(
                             *(resolver.mx(f"{way}{rnd}x{j}.bench.test") for j in range(i, i + 50))

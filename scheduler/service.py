@@ -31,10 +31,10 @@ __all__ = ["Scheduler"]
 log = logging.getLogger(__name__)
 
 _ALIVE_KEY = "scheduler-alive"
-# Domains whose sites are looked up together (one batch), and batches in flight at most,
-# all callers together.
+# Domains whose sites are looked up together (one batch), and domains being looked up at
+# most, all callers together.
 _RESOLVING = 64
-_BATCHES = 4
+_IN_FLIGHT = 256
 # Seconds until a domain whose lookup failed is looked up again.
 _RETRY_LOOKUP = 5.0
 # A lane with at least this many messages stored gets a second deliverer when one has no
@@ -57,6 +57,43 @@ def _limits_proto(limits: Limits) -> scheduler_pb2.SiteLimits:
     )
 
 
+class Places:
+    """A count of places (lookups in flight): `take` waits for one to be free and takes as
+    many as are free, up to what it wants, so that no caller holds some while waiting for
+    more (callers that each waited for a whole batch, one place at a time, could hold all
+    of them between them and wait forever)."""
+
+    def __init__(self, places: int) -> None:
+        self.free = places
+        self._waiting: deque[asyncio.Future[None]] = deque()
+
+    async def take(self, want: int) -> int:
+        while self.free <= 0:
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiting.append(waiter)
+            try:
+                await waiter
+            finally:
+                with contextlib.suppress(ValueError):
+                    self._waiting.remove(waiter)
+        got = min(want, self.free)
+        self.free -= got
+        self._wake()  # (the next waiter, if places are left)
+        return got
+
+    def give(self, places: int) -> None:
+        self.free += places
+        self._wake()
+
+    def _wake(self) -> None:
+        if self.free > 0:
+            while self._waiting:
+                waiter = self._waiting.popleft()
+                if not waiter.done():
+                    waiter.set_result(None)
+                    break
+
+
 class Scheduler:
     def __init__(self, cfg: Config, js: JetStreamContext, rules: Rules, resolver: Resolver) -> None:
         self._cfg = cfg
@@ -74,9 +111,8 @@ class Scheduler:
         self._resolving: asyncio.Task[None] | None = None
         # Lookups in flight, all callers together: the backlog loop's thousands and the
         # deliverers' calls share the nameserver, which drops what it cannot answer (and a
-        # domain whose lookup fails gets no lease for a while: _lookup_failed). A batch
-        # waits for its slowest lookup, so a call is not left behind one batch.
-        self._dns = asyncio.Semaphore(_BATCHES)
+        # domain whose lookup fails gets no lease for a while: _lookup_failed).
+        self._dns = Places(_IN_FLIGHT)
         # The domains being looked up, each with the end of its batch (one lookup per domain
         # at a time: the backlog loop and a deliverer's call may ask for the same new domain
         # together).
@@ -255,38 +291,57 @@ class Scheduler:
                 self._sites.pop(names.domain_key_of(domain), None)
 
     async def _learn_sites(self, domains: Collection[str]) -> None:
-        """Resolve the sites of those of `domains` not known yet, in batches of _RESOLVING
-        sent together (Resolver.mx_many: a long tail of domains is thousands of lookups,
-        and a coroutine and a timer each cost more than the lookup), and wait for those
-        another caller is looking up."""
-        unknown = [d for d in domains if self._known_site(d) is None]
-        elsewhere = {f for d in unknown if (f := self._looking_up.get(d)) is not None}
+        """Resolve the sites of those of `domains` not known yet, and wait for those another
+        caller is looking up. The lookups go in batches of up to _RESOLVING sent together
+        (Resolver.mx_many: a long tail of domains is thousands of lookups, and a coroutine
+        and a timer each cost more than the lookup), side by side, each domain settled as
+        its answer comes; at most _IN_FLIGHT domains are being looked up at a time, all
+        callers together, and a slow one holds only its own place."""
+        todo = deque(d for d in domains if self._known_site(d) is None)
+        elsewhere: set[asyncio.Future[None]] = set()
+        batches: list[asyncio.Future[None]] = []
         loop = asyncio.get_running_loop()
-        for i in range(0, len(unknown), _RESOLVING):
-            async with self._dns:
-                # (not those another caller took up or settled meanwhile)
-                now = time.monotonic()
-                batch = [
-                    d
-                    for d in unknown[i : i + _RESOLVING]
-                    if d not in self._looking_up and self._known_site(d, now) is None
-                ]
-                if not batch:
-                    continue
-                end: asyncio.Future[None] = loop.create_future()
-                self._looking_up.update(dict.fromkeys(batch, end))
-                try:
-                    found = await self._resolver.mx_many(batch)
-                    for domain, hosts in zip(batch, found, strict=True):
-                        self._settle_site(domain, hosts)
-                finally:
-                    for domain in batch:
-                        if self._looking_up.get(domain) is end:
-                            del self._looking_up[domain]
-                    end.set_result(None)
+        try:
+            while todo:
+                places = await self._dns.take(_RESOLVING)
+                ends: dict[str, asyncio.Future[None]] = {}
+                while todo and len(ends) < places:
+                    d = todo.popleft()
+                    # (not one another caller settled or took up meanwhile: it is waited for)
+                    if (other := self._looking_up.get(d)) is not None:
+                        elsewhere.add(other)
+                    elif self._known_site(d) is None and d not in ends:
+                        ends[d] = self._looking_up[d] = loop.create_future()
+                self._dns.give(places - len(ends))
+                if ends:
+                    batches.append(asyncio.ensure_future(self._look_up_sites(ends)))
+            if batches:
+                await asyncio.gather(*batches)
+        finally:
+            for batch in batches:
+                batch.cancel()  # (when this caller was cancelled; its lookups end)
         if elsewhere:
-            # (asyncio.wait: cancelling this caller must not cancel the other's batch)
+            # (asyncio.wait: cancelling this caller must not cancel another's lookup)
             await asyncio.wait(elsewhere)
+
+    async def _look_up_sites(self, ends: dict[str, asyncio.Future[None]]) -> None:
+        """Look up the sites of a batch of domains, each with the future its waiters wait
+        for and a place among those in flight, both given up as its answer comes."""
+        try:
+            async for came in self._resolver.mx_many(list(ends)):
+                for domain, found in came:
+                    self._settle_site(domain, found)
+                    self._end_lookup(domain, ends.pop(domain))
+        finally:
+            for domain, end in ends.items():
+                self._end_lookup(domain, end)
+
+    def _end_lookup(self, domain: str, end: asyncio.Future[None]) -> None:
+        if self._looking_up.get(domain) is end:
+            del self._looking_up[domain]
+        if not end.done():
+            end.set_result(None)
+        self._dns.give(1)
 
     def _by_site(self) -> dict[str, list[Queue]]:
         """Dedicated queues grouped by site; those of a domain not looked up yet wait for

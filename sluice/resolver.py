@@ -18,6 +18,7 @@ import random
 import socket
 import struct
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import cast
 
@@ -84,22 +85,36 @@ class _Unanswered(Exception):
 
 
 class _Batch:
-    """The replies to queries sent together, by id: `done` is set once all are in (or the
-    socket failed: the missing ones are then tried again one by one)."""
+    """Replies to queries sent together, by id, as they arrive: `arrived` is set when some
+    came since it was made, or the try ended (its time is up, or the socket failed: what
+    is missing is asked again alone)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, expected: int) -> None:
-        self.replies: dict[int, bytes] = {}
-        self.expected = expected
-        self.done: asyncio.Future[None] = loop.create_future()
+    def __init__(self) -> None:
+        self.replies: list[tuple[int, bytes]] = []
+        self.arrived: asyncio.Future[None] | None = None
+        self.outstanding = 0  # (replies the waiter still waits for)
+        self.ended = False  # (the try's time is up, or the socket failed)
+        self._gather: asyncio.TimerHandle | None = None
 
     def put(self, qid: int, data: bytes) -> None:
-        self.replies.setdefault(qid, data)
-        if len(self.replies) >= self.expected:
-            self.end()
+        self.replies.append((qid, data))
+        if len(self.replies) >= self.outstanding:
+            self.wake()
+        elif self._gather is None and self.arrived is not None:
+            # (the replies of the next moment with this one: waking once a reply cost
+            # more than the reply's own work)
+            self._gather = asyncio.get_running_loop().call_later(_GATHER, self.wake)
 
     def end(self) -> None:
-        if not self.done.done():
-            self.done.set_result(None)
+        self.ended = True
+        self.wake()
+
+    def wake(self) -> None:
+        if self._gather is not None:
+            self._gather.cancel()
+            self._gather = None
+        if self.arrived is not None and not self.arrived.done():
+            self.arrived.set_result(None)
 
 
 class _Endpoint(asyncio.DatagramProtocol):
@@ -142,7 +157,9 @@ _U16 = struct.Struct("!H")
 # An answer's value: an address (A, AAAA), a name (CNAME), or (preference, host) (MX).
 Value = str | tuple[int, str]
 _Record = tuple[str, int, int, Value]  # owner, type, TTL, value
+Answer = tuple[list[Value], float]  # a query's values (CNAMEs followed) and their TTL
 _CHAIN = 16  # CNAMEs followed at most
+_GATHER = 0.01  # seconds a batch's reply waits for those that come after it
 _POINTERS = 64  # compression pointers followed in one name at most
 _TO_QUESTION = b"\xc0\x0c"  # a compressed name: the one at offset 12, the question's
 # Label bytes written as they are in a name's text; dnspython escapes the others (the
@@ -305,6 +322,27 @@ def _follow(
     return None
 
 
+def _settled(
+    name: str, wire: bytes, qid: int, question: bytes, qname: str, rdtype: dns.rdatatype.RdataType
+) -> Answer | Exception | None:
+    """What query() makes of one try's reply: the answer, _NoSuchName or _NoAnswer; None
+    when it settles nothing (another try is due: a reply not to the question, truncated,
+    SERVFAIL, ...)."""
+    try:
+        reply = _read_reply(wire, qid, question, qname, rdtype)
+    except _Unanswered:
+        return None
+    if reply is None:
+        return None
+    rcode, records = reply
+    if rcode == dns.rcode.NXDOMAIN:
+        return _NoSuchName(name)
+    if rcode != dns.rcode.NOERROR:
+        return None
+    answer = _follow(records, qname, rdtype)
+    return _NoAnswer(name) if answer is None else answer
+
+
 class StubClient:
     """Recursive-desired queries to the configured nameservers, in order: the first that
     answers (other than SERVFAIL or REFUSED) decides; a timeout or failure tries the next,
@@ -359,92 +397,94 @@ class StubClient:
                 return answer
             await asyncio.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
 
-    async def query_many(
+    async def answers(
         self, names: list[str], rdtype: dns.rdatatype.RdataType
-    ) -> list[tuple[list[Value], float] | Exception]:
-        """query() of each of `names`: its answer, or the exception query() raised.
+    ) -> AsyncIterator[list[tuple[int, Answer | Exception]]]:
+        """query() of each of `names`, as (index, its answer or the exception query()
+        raised), in the order they come, those that came together in one list.
 
-        The first try of every name goes to the first nameserver together, and all of them
-        are awaited together: one waiter and one timer, where a query() each cost a
-        coroutine chain, a future and a timer (a long tail's scheduler looks up thousands
-        of domains: 164 µs of CPU each that way). A name that try does not settle (no answer
-        in time, SERVFAIL, a truncated answer, ...) goes through query() with what is left
-        of the lifetime."""
+        The first try of every name goes to the first nameserver at once, and the replies
+        are read as they arrive, all of those of an event-loop turn together: one waiter
+        for all, where a query() each cost a coroutine chain, a future and a timer (a long
+        tail's scheduler looks up thousands of domains: 143-174 µs of CPU each that way,
+        `bench.dns_lookup`). A name that try does not settle within a third of the lookup's
+        lifetime (no answer, SERVFAIL, a truncated answer, ...) goes through query() with
+        what is left of it, beside the others."""
         start = time.monotonic()
-        try:
-            if not self.nameservers:
-                raise _Unanswered("no nameservers")
-            endpoint = await self._endpoint(self.nameservers[0])
-        except (OSError, _Unanswered):
-            return await self._each(names, rdtype, list(range(len(names))), self.timeout)
         loop = asyncio.get_running_loop()
-        batch = _Batch(loop, len(names))
-        # (id, question as sent, the name as _read_name gives it) per name; None: not sent
-        sent: list[tuple[int, bytes, str] | None] = []
+        batch = _Batch()
+        # Queries sent: id -> (index, question as sent, the name as _read_name gives it).
+        sent: dict[int, tuple[int, bytes, str]] = {}
+        again: list[int] = []
+        endpoint: _Endpoint | None = None
+        timer: asyncio.TimerHandle | None = None
         try:
-            for name in names:
+            if self.nameservers:
+                endpoint = await self._endpoint(self.nameservers[0])
+        except (OSError, _Unanswered):
+            endpoint = None
+        try:
+            for i, name in enumerate(names):
                 try:
+                    if endpoint is None or endpoint.transport is None:
+                        raise _Unanswered("no socket")
                     qname = _wire_name(name)
-                except dns.exception.DNSException:
-                    sent.append(None)  # (query() raises the same)
-                    batch.expected -= 1
+                except (_Unanswered, dns.exception.DNSException):
+                    again.append(i)  # (query() meets the same, and says so)
                     continue
                 qid = random.getrandbits(16)
                 while qid in endpoint.waiting:
                     qid = random.getrandbits(16)
                 question = qname + _QUESTION.pack(rdtype, dns.rdataclass.IN)
                 endpoint.waiting[qid] = batch
-                sent.append((qid, question, _read_name(qname, 0)[0]))
-                assert endpoint.transport is not None
+                sent[qid] = (i, question, _read_name(qname, 0)[0])
                 endpoint.transport.sendto(_HEADER.pack(qid, dns.flags.RD, 1, 0, 0, 0) + question)
-            if batch.expected > 0:
-                timer = loop.call_later(self.timeout / 3, batch.end)
-                try:
-                    await batch.done
-                finally:
-                    timer.cancel()
+            # (one timer for the try, not one per wait: replies come a few at a time)
+            timer = loop.call_later(self.timeout / 3, batch.end)
+            while sent and (batch.replies or not batch.ended):
+                if not batch.replies:
+                    batch.outstanding = len(sent)
+                    batch.arrived = loop.create_future()
+                    await batch.arrived
+                replies, batch.replies = batch.replies, []
+                came: list[tuple[int, Answer | Exception]] = []
+                for qid, wire in replies:
+                    if (one := sent.pop(qid, None)) is None:
+                        continue
+                    outcome = _settled(names[one[0]], wire, qid, *one[1:], rdtype)
+                    if outcome is None:
+                        again.append(one[0])
+                    else:
+                        came.append((one[0], outcome))
+                if came:
+                    yield came
         finally:
-            for one in sent:
-                if one is not None and endpoint.waiting.get(one[0]) is batch:
-                    del endpoint.waiting[one[0]]
-        results: list[tuple[list[Value], float] | Exception | None] = []
-        for name, one in zip(names, sent, strict=True):
-            results.append(None)
-            if one is None or (wire := batch.replies.get(one[0])) is None:
-                continue
-            qid, question, text = one
-            try:
-                reply = _read_reply(wire, qid, question, text, rdtype)
-            except _Unanswered:
-                continue
-            if reply is None:
-                continue  # truncated
-            rcode, records = reply
-            if rcode == dns.rcode.NXDOMAIN:
-                results[-1] = _NoSuchName(name)
-            elif rcode == dns.rcode.NOERROR:
-                answer = _follow(records, text, rdtype)
-                results[-1] = _NoAnswer(name) if answer is None else answer
-        again = [i for i, r in enumerate(results) if r is None]
-        if again:
-            left = max(0.0, self.timeout - (time.monotonic() - start))
-            for i, outcome in zip(again, await self._each(names, rdtype, again, left), strict=True):
-                results[i] = outcome
-        return cast(list[tuple[list[Value], float] | Exception], results)
-
-    async def _each(
-        self, names: list[str], rdtype: dns.rdatatype.RdataType, which: list[int], lifetime: float
-    ) -> list[tuple[list[Value], float] | Exception]:
-        """query() of names[i] for each i in `which`, side by side: answers or exceptions."""
-        tried = await asyncio.gather(
-            *(self.query(names[i], rdtype, lifetime) for i in which), return_exceptions=True
-        )
-        out: list[tuple[list[Value], float] | Exception] = []
-        for outcome in tried:
-            if isinstance(outcome, BaseException) and not isinstance(outcome, Exception):
-                raise outcome  # (cancelled, or the process is stopping)
-            out.append(outcome)
-        return out
+            if timer is not None:
+                timer.cancel()
+            batch.wake()  # (its gathering timer)
+            if endpoint is not None:
+                for qid in sent:
+                    if endpoint.waiting.get(qid) is batch:
+                        del endpoint.waiting[qid]
+        again.extend(one[0] for one in sent.values())
+        if not again:
+            return
+        lifetime = max(0.0, self.timeout - (time.monotonic() - start))
+        tasks = {asyncio.ensure_future(self.query(names[i], rdtype, lifetime)): i for i in again}
+        pending = set(tasks)
+        try:
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                came = []
+                for task in done:
+                    exc = task.exception()
+                    if exc is not None and not isinstance(exc, Exception):
+                        raise exc
+                    came.append((tasks[task], exc if exc is not None else task.result()))
+                yield came
+        finally:
+            for task in pending:
+                task.cancel()
 
     async def _ask(
         self, ns: str, qname: bytes, rdtype: dns.rdatatype.RdataType, wait: float
@@ -527,43 +567,46 @@ class Resolver:
             return known[0]
         return await self._mx_lookups.do(domain, lambda: self._look_up_mx(domain))
 
-    async def mx_many(self, domains: list[str]) -> list[list[MxHost] | DnsError]:
-        """mx() of each of `domains`: its hosts, or the DnsError mx() raised. The lookups
-        the cache cannot answer are sent together (StubClient.query_many), and are not
-        shared with a lookup of the same domain already running."""
-        out: list[list[MxHost] | DnsError | None] = []
-        ask: list[int] = []
-        for i, domain in enumerate(domains):
+    async def mx_many(
+        self, domains: list[str]
+    ) -> AsyncIterator[list[tuple[str, list[MxHost] | DnsError]]]:
+        """mx() of each of `domains`, as (domain, its hosts or the DnsError mx() raised), in
+        the order they come, those that came together in one list (an item at a time cost
+        more than the lookup's parsing): from the cache first, then the lookups, sent
+        together (StubClient.answers). A lookup of the same domain already running is not
+        shared."""
+        ask: list[str] = []
+        cached: list[tuple[str, list[MxHost] | DnsError]] = []
+        for domain in domains:
             if (route := self.route(domain)) is not None:
-                out.append([MxHost(0, route[0])])
+                cached.append((domain, [MxHost(0, route[0])]))
             elif (known := self.known_mx(domain)) is not None:
-                out.append(known[0])
+                cached.append((domain, known[0]))
             else:
-                out.append(None)
-                ask.append(i)
-        if ask:
-            now = time.monotonic()
-            answers = await self._client.query_many([domains[i] for i in ask], dns.rdatatype.MX)
-            for i, answer in zip(ask, answers, strict=True):
+                ask.append(domain)
+        if cached:
+            yield cached
+        if not ask:
+            return
+        now = time.monotonic()
+        async for came in self._client.answers(ask, dns.rdatatype.MX):
+            found: list[tuple[str, list[MxHost] | DnsError]] = []
+            for i, answer in came:
                 try:
-                    out[i] = self._mx_answer(domains[i], answer, now)
+                    found.append((ask[i], self._mx_answer(ask[i], answer, now)))
                 except DnsError as exc:
-                    out[i] = exc
-        return cast(list[list[MxHost] | DnsError], out)
+                    found.append((ask[i], exc))
+            yield found
 
     async def _look_up_mx(self, domain: str) -> list[MxHost]:
         now = time.monotonic()
         try:
-            answer: tuple[list[Value], float] | Exception = await self._client.query(
-                domain, dns.rdatatype.MX
-            )
+            answer: Answer | Exception = await self._client.query(domain, dns.rdatatype.MX)
         except (_NoSuchName, _NoAnswer, _Unanswered, dns.exception.DNSException) as exc:
             answer = exc
         return self._mx_answer(domain, answer, now)
 
-    def _mx_answer(
-        self, domain: str, answer: tuple[list[Value], float] | Exception, now: float
-    ) -> list[MxHost]:
+    def _mx_answer(self, domain: str, answer: Answer | Exception, now: float) -> list[MxHost]:
         """The MX hosts of a query's answer (cached), or the DnsError of its failure (an
         exception of another kind is raised as it is)."""
         if isinstance(answer, _NoSuchName):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -20,7 +21,7 @@ from sluice.config import Config
 from sluice.devdns import DnsServer
 from sluice.nats_layout import connect, ensure_layout
 from sluice.natsserver import NatsServer
-from sluice.resolver import MxHost, Resolver
+from sluice.resolver import DnsError, MxHost, Resolver
 from sluice.v1 import messages_pb2
 from tests.conftest import one_site, running_scheduler, scheduler_config, wait_for
 
@@ -145,15 +146,21 @@ class _CountingResolver(Resolver):
         super().__init__(cfg)
         self.in_flight = self.most = self.calls = 0
 
-    async def mx_many(self, domains: list[str]) -> list[list[MxHost] | DnsError]:
+    async def mx_many(
+        self, domains: list[str]
+    ) -> AsyncIterator[list[tuple[str, list[MxHost] | DnsError]]]:
         self.calls += len(domains)
         self.in_flight += len(domains)
         self.most = max(self.most, self.in_flight)
+        left = len(domains)
         try:
             await asyncio.sleep(0.01)  # (answers take a while: lookups pile up)
-            return await super().mx_many(domains)
+            async for came in super().mx_many(domains):
+                left -= len(came)
+                self.in_flight -= len(came)
+                yield came
         finally:
-            self.in_flight -= len(domains)
+            self.in_flight -= left
 
 
 async def test_lookups_in_flight_are_capped_across_callers(
@@ -171,10 +178,31 @@ async def test_lookups_in_flight_are_capped_across_callers(
             scheduler._resolve(backlog),
             *(scheduler._acquire_domains(f"d{n}", call, 1) for n, call in enumerate(calls)),
         )
-        # (seven callers, each with a batch of _RESOLVING ready at once)
-        assert resolver.most == service_mod._BATCHES * service_mod._RESOLVING, resolver.most
+        # (seven callers, 900 domains: as many in flight as the cap lets)
+        assert resolver.most == service_mod._IN_FLIGHT, resolver.most
         assert all(scheduler._known_site(d) is not None for d in backlog.union(*calls))
         assert resolver.calls == len(backlog) + 600  # (each domain looked up once)
+
+
+async def test_a_silent_domain_does_not_hold_back_the_sites_of_the_others(
+    nats_server: NatsServer, dns_server: DnsServer
+) -> None:
+    """The domains looked up together are settled as their answers come: one whose
+    nameserver never answers holds back neither the others' sites nor a caller that waits
+    for one of them."""
+    dns_server.silent.add("silent.test")
+    others = {f"o{i}.test" for i in range(10)}
+    async with running_scheduler(_config(nats_server, dns_server, "3s"), start=False) as scheduler:
+        resolving = asyncio.create_task(scheduler._resolve({"silent.test", *others}))
+        await wait_for(
+            lambda: all(scheduler._known_site(d) is not None for d in others), 2, "the others"
+        )
+        assert await scheduler.site_of("o1.test") == "o1.test"  # (no such domain: its own)
+        assert not resolving.done(), "the silent domain's lookup already ended"
+        assert "silent.test" in scheduler._looking_up
+        await resolving
+        assert scheduler._known_site("silent.test") is not None  # (failed: held back)
+        assert "silent.test" in scheduler._unknown
 
 
 async def test_a_failed_lookup_makes_no_site_of_its_own(
