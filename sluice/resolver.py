@@ -359,7 +359,7 @@ class StubClient:
 
     async def query(
         self, name: str, rdtype: dns.rdatatype.RdataType, lifetime: float | None = None
-    ) -> tuple[list[Value], float]:
+    ) -> Answer:
         """The answer's values (CNAMEs followed) and the TTL of the whole chain: addresses
         as text for A and AAAA, (preference, host) for MX. The lookup takes at most
         `lifetime` seconds (`timeout` unless given)."""
@@ -404,10 +404,10 @@ class StubClient:
         raised), in the order they come, those that came together in one list.
 
         The first try of every name goes to the first nameserver at once, and the replies
-        are read as they arrive, all of those of an event-loop turn together: one waiter
-        for all, where a query() each cost a coroutine chain, a future and a timer (a long
-        tail's scheduler looks up thousands of domains: 143-174 µs of CPU each that way,
-        `bench.dns_lookup`). A name that try does not settle within a third of the lookup's
+        are read as they arrive, each with those that come in the next _GATHER seconds:
+        one waiter for all, where a query() each cost a coroutine chain, a future and a
+        timer (a long tail's scheduler looks up thousands of domains: 140-167 µs of CPU
+        each that way, 86-96 this way, `bench.dns_lookup`). A name that try does not settle within a third of the lookup's
         lifetime (no answer, SERVFAIL, a truncated answer, ...) goes through query() with
         what is left of it, beside the others."""
         start = time.monotonic()
