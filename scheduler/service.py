@@ -113,9 +113,9 @@ class Scheduler:
         # deliverers' calls share the nameserver, which drops what it cannot answer (and a
         # domain whose lookup fails gets no lease for a while: _lookup_failed).
         self._dns = Places(_IN_FLIGHT)
-        # The domains being looked up, each with a future set when its lookup ends (one per domain
-        # at a time: the backlog loop and a deliverer's call may ask for the same new domain
-        # together).
+        # The domains being looked up, each with a future set when its lookup ends (one
+        # lookup per domain at a time: the backlog loop and a deliverer's call may ask for
+        # the same new domain together).
         self._looking_up: dict[str, asyncio.Future[None]] = {}
         self.consumers = Consumers(js, cfg)
         self._backlog_at = 0.0  # (when it was last known current)

@@ -407,9 +407,9 @@ class StubClient:
         are read as they arrive, each with those that come in the next _GATHER seconds:
         one waiter for all, where a query() each cost a coroutine chain, a future and a
         timer (a long tail's scheduler looks up thousands of domains: 140-167 µs of CPU
-        each that way, 86-96 this way, `bench.dns_lookup`). A name that try does not settle within a third of the lookup's
-        lifetime (no answer, SERVFAIL, a truncated answer, ...) goes through query() with
-        what is left of it, beside the others."""
+        each that way, 86-96 this way, `bench.dns_lookup`). A name that try does not
+        settle within a third of the lookup's lifetime (no answer, SERVFAIL, a truncated
+        answer, ...) goes through query() with what is left of it, beside the others."""
         start = time.monotonic()
         loop = asyncio.get_running_loop()
         batch = _Batch()
