@@ -447,6 +447,18 @@ async def _shape(
         f"to the 10 most connected sites: "
         f"{sum(sorted(sink.site_connections.values())[-10:]) if sink.site_connections else 0}"
     )
+    if args.zipf_domains:
+        bands = [(1, 3), (4, 10), (11, 30), (31, 100), (101, 1000), (1001, 10**9)]
+        print(
+            "  by the size of a site's mail: "
+            + "; ".join(
+                f"{lo}-{hi if hi < 10**9 else ''} messages: {len(ss)} sites, "
+                f"{sum(sink.site_mail[s] for s in ss)} messages over "
+                f"{sum(sink.site_connections[s] for s in ss)} connections"
+                for lo, hi in bands
+                if (ss := [s for s in sites if lo <= sink.site_mail[s] <= hi])
+            )
+        )
     busiest = sorted(sites, key=lambda site: -sink.site_mail[site])[:10]
     for site in busiest if args.zipf_domains else sites:
         flag = "  OVER LIMIT" if sink.peak[site] > limits[site] else ""
