@@ -358,18 +358,23 @@ class StubClient:
         )
 
     async def query(
-        self, name: str, rdtype: dns.rdatatype.RdataType, lifetime: float | None = None
+        self,
+        name: str,
+        rdtype: dns.rdatatype.RdataType,
+        lifetime: float | None = None,
+        first: int = 0,
     ) -> Answer:
         """The answer's values (CNAMEs followed) and the TTL of the whole chain: addresses
         as text for A and AAAA, (preference, host) for MX. The lookup takes at most
-        `lifetime` seconds (`timeout` unless given)."""
+        `lifetime` seconds (`timeout` unless given), and its rounds start at nameserver
+        `first` (then the next ones, in order)."""
         if not self.nameservers:
             raise _Unanswered(f"{name}: no nameservers")
         qname = _wire_name(name)
         deadline = time.monotonic() + (self.timeout if lifetime is None else lifetime)
         errors: list[str] = []
         while True:
-            for ns in self.nameservers:
+            for ns in self.nameservers[first:] + self.nameservers[:first]:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise _Unanswered(f"{name} {rdtype.name}: {'; '.join(errors) or 'no answer'}")
@@ -409,7 +414,8 @@ class StubClient:
         timer (a long tail's scheduler looks up thousands of domains: 140-167 µs of CPU
         each that way, 86-96 this way, `bench.dns_lookup`). A name that try does not
         settle within a third of the lookup's lifetime (no answer, SERVFAIL, a truncated
-        answer, ...) goes through query() with what is left of it, beside the others."""
+        answer, ...) goes through query() with what is left of it, beside the others; one
+        left unanswered from the next nameserver on, as query() would have gone on."""
         start = time.monotonic()
         loop = asyncio.get_running_loop()
         batch = _Batch()
@@ -466,11 +472,19 @@ class StubClient:
                 for qid in sent:
                     if endpoint.waiting.get(qid) is batch:
                         del endpoint.waiting[qid]
-        again.extend(one[0] for one in sent.values())
+        # (unanswered: the first nameserver is silent, or lost them; asked again from the next)
+        silent = {one[0] for one in sent.values()}
+        again.extend(silent)
         if not again:
             return
         lifetime = max(0.0, self.timeout - (time.monotonic() - start))
-        tasks = {asyncio.ensure_future(self.query(names[i], rdtype, lifetime)): i for i in again}
+        nexts = 1 if len(self.nameservers) > 1 else 0
+        tasks = {
+            asyncio.ensure_future(
+                self.query(names[i], rdtype, lifetime, nexts if i in silent else 0)
+            ): i
+            for i in again
+        }
         pending = set(tasks)
         try:
             while pending:

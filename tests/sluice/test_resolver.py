@@ -371,3 +371,26 @@ async def test_a_name_a_batch_leaves_unanswered_is_asked_again_alone() -> None:
     finally:
         server.close()
         truncated.close()
+
+
+async def test_a_batch_left_unanswered_by_the_first_nameserver_goes_on_to_the_next() -> None:
+    """Names a silent first nameserver left unanswered are asked of the next one, as a
+    lookup of one name goes on (not of the silent one again, a third of the lifetime
+    more)."""
+    srv = DnsServer({"ok.test": [("MX", "10 mx.ok.test.")], "ok2.test": [("MX", "5 mx.ok2.test.")]})
+    port = await srv.start("127.0.0.1")
+    heard: list[str] = []
+
+    def silent(q: dns.message.Message) -> None:
+        heard.append(q.question[0].name.to_text())
+
+    transport, _ = await _serve_udp(silent, "127.0.0.2", port)
+    try:
+        r = _resolver(port, "127.0.0.2", "127.0.0.1", timeout=3.0)
+        found, _ = await _each(r, ["ok.test", "ok2.test"])
+        assert found == [[MxHost(10, "mx.ok.test")], [MxHost(5, "mx.ok2.test")]]
+        assert sorted(heard) == ["ok.test.", "ok2.test."], "the silent nameserver asked twice"
+        assert sorted(q for q, _ in srv.queries) == ["ok.test", "ok2.test"]
+    finally:
+        transport.close()
+        srv.close()
