@@ -213,10 +213,9 @@ class SchedulerConfig:
     # configurations that set it still load. A lane's lease carries it as max_connections.
     bucket_connections: int = 4
     # A mail consumer with nothing stored on its subjects and no lease is deleted after this.
-    # Short: nats-server asks every consumer of the stream about every ack, so a drained
-    # domain's consumer costs all other mail until it goes (made again, in a few ms, when
-    # its domain has mail again).
-    consumer_idle: Duration = Duration(5.0)
+    # (5 s took a long tail's consumers from 44-46 on average to 25-33, but the cluster test
+    # that kills a node saw more duplicates with it: docs/scheduling.md, Bounded consumers.)
+    consumer_idle: Duration = Duration(60.0)
     # A domain whose MX lookups fail (timeout, SERVFAIL) and whose site was never found gets
     # no lease for this long (looked up again 5 s after each failure, when the backlog or a
     # deliverer still names it): a lookup failed for a moment must not make the domain a site
