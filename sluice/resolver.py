@@ -322,25 +322,30 @@ def _follow(
     return None
 
 
-def _settled(
-    name: str, wire: bytes, qid: int, question: bytes, qname: str, rdtype: dns.rdatatype.RdataType
+def _decided(
+    name: str, qname: str, rdtype: dns.rdatatype.RdataType, rcode: int, records: list[_Record]
 ) -> Answer | Exception | None:
-    """What query() makes of one try's reply: the answer, _NoSuchName or _NoAnswer; None
-    when it settles nothing (another try is due: a reply not to the question, truncated,
-    SERVFAIL, ...)."""
-    try:
-        reply = _read_reply(wire, qid, question, qname, rdtype)
-    except _Unanswered:
-        return None
-    if reply is None:
-        return None
-    rcode, records = reply
+    """What a reply's rcode and records decide: the answer, _NoSuchName or _NoAnswer; None
+    when another try is due (SERVFAIL, REFUSED, ...). `qname` is the name as _read_name
+    gives it."""
     if rcode == dns.rcode.NXDOMAIN:
         return _NoSuchName(name)
     if rcode != dns.rcode.NOERROR:
         return None
     answer = _follow(records, qname, rdtype)
     return _NoAnswer(name) if answer is None else answer
+
+
+def _settled(
+    name: str, wire: bytes, qid: int, question: bytes, qname: str, rdtype: dns.rdatatype.RdataType
+) -> Answer | Exception | None:
+    """What query() makes of one try's reply (_decided); None also for a reply not to the
+    question, or truncated."""
+    try:
+        reply = _read_reply(wire, qid, question, qname, rdtype)
+    except _Unanswered:
+        return None
+    return None if reply is None else _decided(name, qname, rdtype, *reply)
 
 
 class StubClient:
@@ -371,6 +376,7 @@ class StubClient:
         if not self.nameservers:
             raise _Unanswered(f"{name}: no nameservers")
         qname = _wire_name(name)
+        text = _read_name(qname, 0)[0]
         deadline = time.monotonic() + (self.timeout if lifetime is None else lifetime)
         errors: list[str] = []
         while True:
@@ -391,15 +397,13 @@ class StubClient:
                 ) as exc:
                     errors.append(f"{ns}: {exc!r}")
                     continue
-                if rcode == dns.rcode.NXDOMAIN:
-                    raise _NoSuchName(name)
-                if rcode != dns.rcode.NOERROR:
+                outcome = _decided(name, text, rdtype, rcode, records)
+                if outcome is None:
                     errors.append(f"{ns}: {dns.rcode.to_text(dns.rcode.Rcode(rcode))}")
                     continue
-                answer = _follow(records, _read_name(qname, 0)[0], rdtype)
-                if answer is None:
-                    raise _NoAnswer(name)
-                return answer
+                if isinstance(outcome, Exception):
+                    raise outcome
+                return outcome
             await asyncio.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
 
     async def answers(
@@ -574,12 +578,16 @@ class Resolver:
     async def mx(self, domain: str) -> list[MxHost]:
         """MX hosts by preference (lowest first); implicit MX if there are none. A route
         override replaces the lookup (like Postfix's transport map)."""
-        route = self.route(domain)
-        if route is not None:
-            return [MxHost(0, route[0])]
-        if (known := self.known_mx(domain)) is not None:
-            return known[0]
+        if (hosts := self._mx_without_lookup(domain)) is not None:
+            return hosts
         return await self._mx_lookups.do(domain, lambda: self._look_up_mx(domain))
+
+    def _mx_without_lookup(self, domain: str) -> list[MxHost] | None:
+        """The domain's route, or its cached MX hosts; None when it must be looked up."""
+        if (route := self.route(domain)) is not None:
+            return [MxHost(0, route[0])]
+        known = self.known_mx(domain)
+        return known[0] if known is not None else None
 
     async def mx_many(
         self, domains: list[str]
@@ -592,10 +600,8 @@ class Resolver:
         ask: list[str] = []
         cached: list[tuple[str, list[MxHost] | DnsError]] = []
         for domain in domains:
-            if (route := self.route(domain)) is not None:
-                cached.append((domain, [MxHost(0, route[0])]))
-            elif (known := self.known_mx(domain)) is not None:
-                cached.append((domain, known[0]))
+            if (hosts := self._mx_without_lookup(domain)) is not None:
+                cached.append((domain, hosts))
             else:
                 ask.append(domain)
         if cached:
