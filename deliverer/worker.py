@@ -20,6 +20,7 @@ import grpc
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
+from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
@@ -73,6 +74,10 @@ _SERVES_FOR = 30.0
 
 # Transactions whose settling (events, acks) may still be in flight per process.
 _SETTLING = 256
+# What a stream without a leader answers a publish (or leaves unanswered); a settling
+# that meets it is tried again, at most this long (seconds) apart.
+_UNSTORED = (TimeoutError, NoStreamResponseError, ServiceUnavailableError)
+_UNSTORED_PAUSE = 2.0
 
 Group = list[tuple[Msg, messages_pb2.DeliveryPointer | None]]
 
@@ -1500,8 +1505,51 @@ class Deliverer:
         lease: scheduler_pb2.Lease,
         mx_host: str,
     ) -> None:
-        reply = outcome.reply
         self._report(lease, p, outcome)
+        try:
+            await self._settle_once(msg, p, attempt, age, horizon, outcome, mx_host)
+        except _UNSTORED as exc:
+            # A stream between leaders (its leader's node lost: a few seconds) stores
+            # nothing. Letting the pointer go would send a delivered message again after
+            # ack_wait (a cluster test that killed a node saw 161 repeats of 990), so its
+            # settling is tried again, the pointer kept in hand meanwhile; the event's
+            # Nats-Msg-Id makes a repeat of one that did land harmless.
+            await self._settle_again(
+                exc, msg, lambda: self._settle_once(msg, p, attempt, age, horizon, outcome, mx_host)
+            )
+
+    async def _settle_again(
+        self, exc: Exception, msg: Msg, settle: Callable[[], Awaitable[None]]
+    ) -> None:
+        """Try a settling JetStream could not store again, after a pause that doubles up to
+        _UNSTORED_PAUSE, for as long as the pointer's ack_wait (the pointer kept in hand by
+        in_progress meanwhile); then let the failure through (the pointer comes back)."""
+        deadline = time.monotonic() + self._ack_wait
+        pause = 0.1
+        while time.monotonic() + pause < deadline:
+            log.warning("settling not stored (trying again in %.1fs): %r", pause, exc)
+            with contextlib.suppress(Exception):  # (the consumer's leader may be gone too)
+                await msg.in_progress()
+            await asyncio.sleep(pause)
+            pause = min(2 * pause, _UNSTORED_PAUSE)
+            try:
+                await settle()
+                return
+            except _UNSTORED as again:
+                exc = again
+        raise exc
+
+    async def _settle_once(
+        self,
+        msg: Msg,
+        p: messages_pb2.DeliveryPointer,
+        attempt: int,
+        age: float,
+        horizon: float,
+        outcome: Outcome,
+        mx_host: str,
+    ) -> None:
+        reply = outcome.reply
         match outcome:
             case Delivered():
                 await self._event(

@@ -83,6 +83,46 @@ async def _r3_layout(cfg: config_mod.Config) -> bool:
         await nc.close()
 
 
+async def _stuck(
+    cfg: config_mod.Config,
+    session: aiohttp.ClientSession,
+    http: int,
+    key: str,
+    missing: list[str],
+    ids: dict[str, str],
+    logs: Path,
+) -> str:
+    """What is known of accepted messages not in the sink: their state and events, the
+    MAIL consumers' counts and the services' warnings (a failure of this test must say why)."""
+    lines = [f"{len(missing)} accepted messages missing, e.g. {missing[:5]}"]
+    for rcpt in missing[:3]:
+        try:
+            async with session.get(
+                f"http://127.0.0.1:{http}/v1/messages/{ids[rcpt]}",
+                headers={"Authorization": f"Bearer {key}"},
+            ) as resp:
+                lines.append(f"{rcpt} {resp.status}: {await resp.text()}")
+        except Exception as exc:
+            lines.append(f"{rcpt}: status unknown ({exc!r})")
+    try:
+        nc = await connect(cfg, "test-diagnose")
+        try:
+            for info in await nc.jetstream().consumers_info(names.MAIL_STREAM):
+                lines.append(
+                    f"consumer {info.name}: pending {info.num_pending}, ack pending"
+                    f" {info.num_ack_pending}, redelivered {info.num_redelivered},"
+                    f" waiting {info.num_waiting}"
+                )
+        finally:
+            await nc.close()
+    except Exception as exc:
+        lines.append(f"consumers unknown ({exc!r})")
+    for name in SERVICES:
+        text = (logs / f"{name}.log").read_text(errors="replace").splitlines()
+        lines += [f"{name}: {line}" for line in text[-15:]]
+    return "\n".join(lines)
+
+
 async def _jobs_leader(cfg: config_mod.Config) -> str:
     nc = await connect(cfg, "test-cluster")
     try:
@@ -136,6 +176,7 @@ async def test_r3_cluster_loses_no_accepted_message_when_a_node_is_killed(
                     )
 
             statuses: dict[str, int] = {}
+            ids: dict[str, str] = {}  # recipient → message id, for a failure's diagnosis
             refusals: list[Any] = []
 
             async def send(
@@ -161,7 +202,9 @@ async def test_r3_cluster_loses_no_accepted_message_when_a_node_is_killed(
                             },
                         ) as resp:
                             statuses[rcpt] = resp.status
-                            if resp.status != 202:
+                            if resp.status == 202:
+                                ids[rcpt] = (await resp.json())["message_id"]
+                            else:
                                 refusals.append(await resp.json(content_type=None))
                                 await asyncio.sleep(float(resp.headers.get("Retry-After", "1")))
                     except aiohttp.ClientConnectionError:
@@ -204,24 +247,33 @@ async def test_r3_cluster_loses_no_accepted_message_when_a_node_is_killed(
                 await phase(session, BEFORE + during, BEFORE + during + AFTER)
                 took["sending"] = time.monotonic() - began
 
-            accepted = {r for r, s in statuses.items() if s == 202}
-            phases = ((0, BEFORE), (BEFORE, BEFORE + during), (BEFORE + during, len(statuses)))
-            by_phase = [
-                dict(Counter(statuses[f"c{i}@mail.test"] for i in range(lo, hi)))
-                for lo, hi in phases
-            ]
-            assert set(Counter(statuses.values())) <= {202, 503}, Counter(statuses.values())
-            # A refusal says what happened: the job was not made durable, retry.
-            for body in refusals:
-                assert body["details"][0]["reason"] == "NOT_DURABLE", body
-            after = [f"c{i}@mail.test" for i in range(BEFORE + during, BEFORE + during + AFTER)]
-            assert accepted & set(after), "nothing was accepted after the node came back"
-            await wait_for(
-                lambda: accepted <= {r.rcpt_tos[0] for r in handler.received},
-                90,
-                "every accepted message in the sink",
-            )
-            took["delivering"] = time.monotonic() - began - took["sending"]
+                accepted = {r for r, s in statuses.items() if s == 202}
+                phases = (
+                    (0, BEFORE),
+                    (BEFORE, BEFORE + during),
+                    (BEFORE + during, len(statuses)),
+                )
+                by_phase = [
+                    dict(Counter(statuses[f"c{i}@mail.test"] for i in range(lo, hi)))
+                    for lo, hi in phases
+                ]
+                assert set(Counter(statuses.values())) <= {202, 503}, Counter(statuses.values())
+                # A refusal says what happened: the job was not made durable, retry.
+                for body in refusals:
+                    assert body["details"][0]["reason"] == "NOT_DURABLE", body
+                after = [f"c{i}@mail.test" for i in range(BEFORE + during, BEFORE + during + AFTER)]
+                assert accepted & set(after), "nothing was accepted after the node came back"
+                try:
+                    await wait_for(
+                        lambda: accepted <= {r.rcpt_tos[0] for r in handler.received},
+                        90,
+                        "every accepted message in the sink",
+                    )
+                except AssertionError as exc:
+                    missing = sorted(accepted - {r.rcpt_tos[0] for r in handler.received})
+                    why = await _stuck(cfg, session, http, key, missing, ids, tmp_path)
+                    raise AssertionError(f"{exc}\n{why}") from None
+                took["delivering"] = time.monotonic() - began - took["sending"]
             # The restarted node caught up: every stream has its three current replicas again.
             await wait_for(lambda: _r3_layout(cfg), 60, "the killed node to catch up")
             await asyncio.sleep(1.0)  # anything arriving twice arrives before the count
