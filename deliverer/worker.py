@@ -29,6 +29,7 @@ from deliverer.classify import Bounced, Deferred, Delivered, Outcome, Reply, cla
 from deliverer.dkim_sign import DkimError, key_for, sign
 from deliverer.mime import MessageTemplate
 from deliverer.schedclient import SchedulerClient
+from deliverer.sent import Sent
 from deliverer.smtp import ConnectionLost, SmtpConnection
 from sluice import names, suppressions
 from sluice.config import Config
@@ -78,6 +79,10 @@ _SETTLING = 256
 # that meets it is tried again, at most this long (seconds) apart.
 _UNSTORED = (TimeoutError, NoStreamResponseError, ServiceUnavailableError)
 _UNSTORED_PAUSE = 2.0
+# Delivery ids remembered as delivered, for this long (seconds; three ack_waits if longer)
+# and this many at most.
+_SENT_FOR = 600.0
+_SENT_MOST = 100_000
 
 Group = list[tuple[Msg, messages_pb2.DeliveryPointer | None]]
 
@@ -284,6 +289,12 @@ class Deliverer:
         self._in_flight: set[InHand] = set()
         self._stopping = False
         self._settling = Background(_SETTLING, "settling")
+        # What this process delivered lately (its first attempt's number, the outcome, the
+        # MX host): a pointer that comes back after its ack was lost is settled again
+        # instead of being sent again.
+        self._sent: Sent[tuple[int, Outcome, str]] = Sent(
+            max(_SENT_FOR, 3 * float(cfg.deliverer.ack_wait)), _SENT_MOST
+        )
         # Outcomes since the last report: counted per (lease, site, kind), throttled ones
         # one by one with their reply (the scheduler logs why it cut a site's limits).
         self._tallies: dict[tuple[str, str, scheduler_pb2.OutcomeKind.ValueType], int] = {}
@@ -1249,12 +1260,16 @@ class Deliverer:
         lease = work.lease
         items: list[tuple[Msg, messages_pb2.DeliveryPointer, int, float, float]] = []
         expired: list[tuple[Msg, messages_pb2.DeliveryPointer, int]] = []
+        again: list[tuple[Msg, messages_pb2.DeliveryPointer, tuple[int, Outcome, str]]] = []
         for msg, p in group:
             if p is None:
                 log.error("undecodable pointer terminated (seq %s)", msg.metadata.sequence.stream)
                 await msg.term()
                 continue
             attempt = delivered_count(msg)
+            if attempt > 1 and (sent := self._sent.get(p.delivery_id)) is not None:
+                again.append((msg, p, sent))
+                continue
             age = time.time() - p.accepted_at.ToNanoseconds() / 1e9
             horizon = self._cfg.horizon(names.tier_token(p.tier))
             if p.HasField("expires_at"):
@@ -1265,6 +1280,8 @@ class Deliverer:
                 expired.append((msg, p, attempt))
                 continue
             items.append((msg, p, attempt, age, horizon))
+        if again:
+            await asyncio.gather(*(self._settle_sent(msg, p, *sent) for msg, p, sent in again))
         if expired:  # (together: each event waits a few milliseconds for company)
             await asyncio.gather(
                 *(
@@ -1518,6 +1535,24 @@ class Deliverer:
                 exc, msg, lambda: self._settle_once(msg, p, attempt, age, horizon, outcome, mx_host)
             )
 
+    async def _settle_sent(
+        self,
+        msg: Msg,
+        p: messages_pb2.DeliveryPointer,
+        attempt: int,
+        outcome: Outcome,
+        mx_host: str,
+    ) -> None:
+        """A pointer this process delivered comes back (its ack was lost with its consumer's
+        leader, or its settling was given up): settled again as it was then (the event under
+        its first id, a repeat of one stored already is dropped by its Nats-Msg-Id), not
+        sent again."""
+        log.info("delivered before delivery=%s to=%s: settled again", p.delivery_id, p.recipient)
+        try:
+            await self._settle_once(msg, p, attempt, 0.0, 0.0, outcome, mx_host)
+        except Exception as exc:
+            log.error("settling again failed (the pointer comes back): %r", exc)
+
     async def _settle_again(
         self, exc: Exception, msg: Msg, settle: Callable[[], Awaitable[None]]
     ) -> None:
@@ -1552,6 +1587,7 @@ class Deliverer:
         reply = outcome.reply
         match outcome:
             case Delivered():
+                self._sent.add(p.delivery_id, (attempt, outcome, mx_host))
                 await self._event(
                     p, messages_pb2.EVENT_TYPE_DELIVERED, attempt, reply, mx_host=mx_host
                 )
