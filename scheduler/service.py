@@ -107,6 +107,11 @@ class Scheduler:
         # whose site was not known yet.
         self._bucketed: set[str] = set()
         self._bucketed_for: Backlog | None = None
+        # _unresolved's last pass: the backlog it went through, when the first site it
+        # found expires, and the domains it left unknown.
+        self._unresolved_for: Backlog | None = None
+        self._unresolved_until = 0.0
+        self._unknown_left: set[str] = set()
         # Looking up the sites of a new backlog's domains, outside the lock (run_backlog).
         self._resolving: asyncio.Task[None] | None = None
         # Lookups in flight, all callers together: the backlog loop's thousands and the
@@ -382,18 +387,43 @@ class Scheduler:
         until `until`, and count it among the sites with bucket mail if the domain has some."""
         key = names.domain_key_of(domain)
         self._sites[key] = (until, site)
+        self._unresolved_until = min(self._unresolved_until, until)
         if self._bucketed_for is self._backlog and key in self._backlog.bucketed:
             self._bucketed.add(site)
 
     def _unresolved(self) -> set[str]:
-        """Domains with mail in the backlog whose site is not known (or has expired)."""
+        """Domains with mail in the backlog whose site is not known (or has expired).
+
+        A backlog read is gone through once, and again only once a site it names expires;
+        meanwhile only the domains still unknown are checked. (Going through a long tail's
+        8,500 domains at every tick of the backlog loop was 12 % of the scheduler's busy
+        samples: py-spy, 2026-12-01.)"""
         now = time.monotonic()
         sites = self._sites
-        return {
-            names.key_domain(key)
-            for _, key in self._backlog.domains
-            if (hit := sites.get(key)) is None or hit[0] <= now
-        }
+        if self._unresolved_for is self._backlog and now < self._unresolved_until:
+            left: set[str] = set()
+            for domain in self._unknown_left:
+                hit = sites.get(names.domain_key_of(domain))
+                if hit is None or hit[0] <= now:
+                    left.add(domain)
+                else:  # (settled since: it expires in its turn)
+                    self._unresolved_until = min(self._unresolved_until, hit[0])
+            self._unknown_left = left
+            return set(left)
+        until = math.inf
+        left = set()
+        for _, key in self._backlog.domains:
+            hit = sites.get(key)
+            if hit is None or hit[0] <= now:
+                left.add(names.key_domain(key))
+            elif hit[0] < until:
+                until = hit[0]
+        self._unresolved_for, self._unresolved_until, self._unknown_left = (
+            self._backlog,
+            until,
+            left,
+        )
+        return set(left)
 
     async def _resolve(self, domains: set[str]) -> None:
         try:

@@ -80,7 +80,9 @@ async def test_backlog_per_queue_domain_and_bucket(nats_server: NatsServer) -> N
         await nc.close()
 
 
-async def test_the_sites_of_bucket_mail(nats_server: NatsServer, dns_server: DnsServer) -> None:
+async def test_the_sites_of_bucket_mail(
+    nats_server: NatsServer, dns_server: DnsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Domains with mail in hash buckets, by site: two domains of one MX host are one site, a
     domain without DNS is its own; a later read with the same domains looks nothing up."""
     one_site(dns_server, ["a.test", "b.test"], "mx.shared.test")
@@ -117,6 +119,13 @@ async def test_the_sites_of_bucket_mail(nats_server: NatsServer, dns_server: Dns
         assert scheduler._unresolved() == set()
         assert scheduler._bucketed_sites() == sites
         assert len(dns_server.queries) == looked_up
+        # The same read, later: sites that have expired are to be looked up again, though
+        # the read was gone through before they expired.
+        assert scheduler._unresolved() == set()
+        later = time.monotonic() + 3600
+        with monkeypatch.context() as m:  # (time.monotonic itself: undone at once)
+            m.setattr("scheduler.service.time.monotonic", lambda: later)
+            assert scheduler._unresolved() == unresolved
 
 
 async def test_calls_do_not_wait_for_the_lookups_of_a_new_backlog(
