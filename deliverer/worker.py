@@ -33,7 +33,12 @@ from deliverer.sent import Sent
 from deliverer.smtp import ConnectionLost, SmtpConnection
 from sluice import names, suppressions
 from sluice.config import Config
-from sluice.outcomes import BatchPublisher, event_message, publish_dead_letter
+from sluice.outcomes import (
+    BatchPublisher,
+    count_published,
+    event_message,
+    publish_dead_letter,
+)
 from sluice.pull import delivered_count, fetch, late_messages
 from sluice.resolver import DnsPermanent, DnsTemporary, MxHost, Resolver
 from sluice.retry import busy_delay, next_delay
@@ -1562,7 +1567,13 @@ class Deliverer:
         deadline = time.monotonic() + self._ack_wait
         pause = 0.1
         while time.monotonic() + pause < deadline:
-            log.warning("settling not stored (trying again in %.1fs): %r", pause, exc)
+            # (once a warning: an election fails every settling in flight, several times)
+            log.log(
+                logging.WARNING if pause == 0.1 else logging.INFO,
+                "settling not stored (trying again in %.1fs): %r",
+                pause,
+                exc,
+            )
             with contextlib.suppress(Exception):  # (the consumer's leader may be gone too)
                 await msg.in_progress()
             await asyncio.sleep(pause)
@@ -1659,6 +1670,7 @@ class Deliverer:
         await self._events.publish(
             *event_message(p, event_type, event_id, smtp_reply, category, mx_host)
         )
+        count_published(p, event_type)
 
     async def _dead_letter(
         self,

@@ -25,6 +25,7 @@ from sluice.v1 import messages_pb2
 __all__ = [
     "WRONG_LAST_SEQUENCE",
     "BatchPublisher",
+    "count_published",
     "event_message",
     "publish_create_only",
     "publish_dead_letter",
@@ -51,7 +52,7 @@ def event_message(
 ) -> tuple[str, bytes, dict[str, str]]:
     """The (subject, data, headers) of one event about p; event_id also deduplicates it
     (Nats-Msg-Id). The headers carry the current trace context (the webhook POST continues
-    it). The event is counted (metrics) here."""
+    it). Whoever publishes it counts it once it is stored (count_published)."""
     event = messages_pb2.Event(
         event_id=event_id,
         type=event_type,
@@ -65,10 +66,6 @@ def event_message(
         mx_host=mx_host,
         smtp_reply=reply,
     )
-    latency = None
-    if event_type == messages_pb2.EVENT_TYPE_DELIVERED:
-        latency = time.time() - p.accepted_at.ToNanoseconds() / 1e9
-    count_event(event_type, p.tier, latency)
     return (
         names.event_subject(p.tenant_id, event_type, p.job_id, p.index),
         event.SerializeToString(),
@@ -88,6 +85,18 @@ async def publish_event(
     """Publish one event about p (see event_message)."""
     subject, data, headers = event_message(p, event_type, event_id, reply, category, mx_host)
     await js.publish(subject, data, stream=names.EVENTS_STREAM, headers=headers)
+    count_published(p, event_type)
+
+
+def count_published(
+    p: messages_pb2.DeliveryPointer, event_type: messages_pb2.EventType.ValueType
+) -> None:
+    """Count (metrics) an event about p that is stored: after its publish, so that a
+    publish tried again is counted once."""
+    latency = None
+    if event_type == messages_pb2.EVENT_TYPE_DELIVERED:
+        latency = time.time() - p.accepted_at.ToNanoseconds() / 1e9
+    count_event(event_type, p.tier, latency)
 
 
 _Pending = tuple[str, bytes, dict[str, str], "asyncio.Future[None]"]
