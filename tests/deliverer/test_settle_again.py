@@ -39,7 +39,7 @@ async def _deliver_without_events(
     delivered event cannot be stored, so neither is the ack that follows it) and comes back
     once the deliverer has logged `until`. Then the message must be delivered, settled and
     acknowledged, and have reached the server exactly once."""
-    stack.smtp.data_delay["slow.test"] = 1.0
+    stack.smtp.data_delay["slow.test"] = 2.0  # (the stream is gone before DATA is answered)
     status, body, _ = await call(
         stack,
         "POST",
