@@ -401,15 +401,13 @@ class Scheduler:
         now = time.monotonic()
         sites = self._sites
         if self._unresolved_for is self._backlog and now < self._unresolved_until:
-            left: set[str] = set()
-            for domain in self._unknown_left:
-                hit = sites.get(names.domain_key_of(domain))
-                if hit is None or hit[0] <= now:
-                    left.add(domain)
-                else:  # (settled since: it expires in its turn)
-                    self._unresolved_until = min(self._unresolved_until, hit[0])
-            self._unknown_left = left
-            return set(left)
+            # (a site settled since counts in _unresolved_until already: _set_site)
+            self._unknown_left = {
+                domain
+                for domain in self._unknown_left
+                if (hit := sites.get(names.domain_key_of(domain))) is None or hit[0] <= now
+            }
+            return set(self._unknown_left)
         until = math.inf
         left = set()
         for _, key in self._backlog.domains:
