@@ -151,6 +151,14 @@ async def main() -> None:
         action="store_true",
         help="print arrivals, connections and JetStream's pending and in-hand mail every 2 s",
     )
+    ap.add_argument(
+        "--idle-after",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="after the blast, measure each process's CPU over SECONDS with no mail left "
+        "(the cost that grows with time, not with mail: consumers, leases, polls)",
+    )
     ap.add_argument("--log-level", default="WARNING", help="of the Sluice processes")
     ap.add_argument(
         "--sink",
@@ -394,6 +402,17 @@ async def _shape(
         handed_before = handed_out()
         await blast(s, "u")
     handed = handed_out() - handed_before
+    idle = ""
+    if args.idle_after:
+        await asyncio.sleep(1.0)  # (the last transactions settle)
+        pids = [p.pid for p in procs] + [nats_pid]
+        idle0 = {pid: process_cpu_seconds(pid) for pid in pids}
+        await asyncio.sleep(args.idle_after)
+        idle_names = ["ingest", "expander", "scheduler", *["deliverer"] * args.deliverers, "nats"]
+        idle = "; idle CPU per second: " + ", ".join(
+            f"{name} {(process_cpu_seconds(pid) - idle0[pid]) / args.idle_after * 1e3:.1f} ms"
+            for name, pid in zip(idle_names, pids, strict=True)
+        )
     await nc.close()
     elapsed = sink.last - sink.first
     cpu = {p.pid: process_cpu_seconds(p.pid) - cpu0[p.pid] for p in procs}
@@ -411,7 +430,7 @@ async def _shape(
             + ", ".join(f"{name} {cpu[pid] / total * 1e3:.3f}" for name, pid in by_process)
             + f"); {len(sink.seen)} of {total} reached, {sink.duplicates} duplicates, "
             f"{len(over)} sites over their limit, at most {most_consumers} mail consumers"
-            f" ({mean_consumers})",
+            f" ({mean_consumers}){idle}",
             flush=True,
         )
         return measured
@@ -431,6 +450,8 @@ async def _shape(
         print(f"  {name:10} CPU {cpu[pid]:7.1f} s = {cpu[pid] / total * 1e3:.3f} ms/msg")
     print(f"  all        CPU {measured.cpu_ms:.3f} ms/msg")
     print(f"most mail consumers at once: {most_consumers} ({mean_consumers})")
+    if idle:
+        print(idle.removeprefix("; "))
     print(
         f"pointers JetStream handed out: {handed} ({handed - total} more than messages "
         "sent; a lower bound if a consumer was deleted between two polls)"
