@@ -38,7 +38,7 @@ async def _echo_stream(requests: AsyncIterator[bytes], context: object) -> Async
         yield request
 
 
-async def main(calls: int) -> None:
+async def main(calls: int, options: list[tuple[str, int]]) -> None:
     handler = grpc.method_handlers_generic_handler(
         "bench.Echo",
         {
@@ -46,12 +46,12 @@ async def main(calls: int) -> None:
             "Stream": grpc.stream_stream_rpc_method_handler(_echo_stream, _same, _same),
         },
     )
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=options)
     server.add_generic_rpc_handlers((handler,))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     print(machine())
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options) as channel:
         unary = channel.unary_unary("/bench.Echo/Unary", _same, _same)
         stream = channel.stream_stream("/bench.Echo/Stream", _same, _same)
         payload = b"x" * 100  # about an AcquireLeasesRequest with a few domains
@@ -91,4 +91,13 @@ async def main(calls: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=5000)
-    asyncio.run(main(parser.parse_args().calls))
+    parser.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=N",
+        help="a gRPC channel argument for both sides, e.g. grpc.http2.bdp_probe=0",
+    )
+    args = parser.parse_args()
+    opts = [(k, int(v)) for k, _, v in (o.partition("=") for o in args.option)]
+    asyncio.run(main(args.calls, opts))
