@@ -436,7 +436,15 @@ class Deliverer:
             for lost in resp.lost_lease_ids:
                 work = self._work.get(lost) or self._domain_leases.get(lost)
                 if work is not None and not work.lost.is_set():
-                    log.warning("lease %s lost; stopping work on it", lost)
+                    if work.lease.lane:  # (lanes are taken back to share them: routine)
+                        log.info(
+                            "lane lease %s (%s) taken back; its fetching stops, the mail in"
+                            " hand is still delivered",
+                            lost,
+                            work.lease.lane,
+                        )
+                    else:
+                        log.warning("lease %s lost; stopping work on it", lost)
                     work.lost.set()
 
     async def _flush_outcomes(self) -> None:
