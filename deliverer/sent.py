@@ -1,6 +1,6 @@
 """What a deliverer delivered lately, so that a pointer whose acknowledgement was lost (its
 consumer's leader on a node that died) is acknowledged again when it comes back, not sent a
-second time."""
+second time; and, the same way, what it gave back undelivered lately."""
 
 from __future__ import annotations
 
@@ -35,6 +35,10 @@ class Sent(Generic[T]):
             if len(ids) <= self._most and now - at < self._keep:
                 break
             ids.popitem(last=False)
+
+    def __contains__(self, delivery_id: object) -> bool:
+        hit = self._ids.get(delivery_id) if isinstance(delivery_id, str) else None
+        return hit is not None and time.monotonic() - hit[0] < self._keep
 
     def get(self, delivery_id: str) -> T | None:
         hit = self._ids.get(delivery_id)

@@ -20,7 +20,7 @@ import grpc
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
-from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
+from nats.js.errors import NoStreamResponseError, NotFoundError, ServiceUnavailableError
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
@@ -88,6 +88,8 @@ _UNSTORED_PAUSE = 2.0
 # and this many at most.
 _SENT_FOR = 600.0
 _SENT_MOST = 100_000
+# Seconds a look for a delivered event may take (_delivered_elsewhere); then it is sent.
+_ELSEWHERE_WAIT = 2.0
 
 Group = list[tuple[Msg, messages_pb2.DeliveryPointer | None]]
 
@@ -300,6 +302,13 @@ class Deliverer:
         self._sent: Sent[tuple[int, Outcome, str]] = Sent(
             max(_SENT_FOR, 3 * float(cfg.deliverer.ack_wait)), _SENT_MOST
         )
+        # Pointers (stream sequences) this process gave back lately, undelivered (handed
+        # back, deferred): when one comes back, nobody can have delivered it meanwhile. Any
+        # other that comes back may have been delivered by another deliverer whose ack was
+        # lost: its recipient's delivered event is looked for first (_delivered_elsewhere).
+        self._given_back: Sent[None] = Sent(
+            max(_SENT_FOR, 3 * float(cfg.deliverer.ack_wait)), _SENT_MOST
+        )
         # Outcomes since the last report: counted per (lease, site, kind), throttled ones
         # one by one with their reply (the scheduler logs why it cut a site's limits).
         self._tallies: dict[tuple[str, str, scheduler_pb2.OutcomeKind.ValueType], int] = {}
@@ -506,7 +515,7 @@ class Deliverer:
                     "%d pointers of %s came after their fetch; handed back", len(late), q.consumer
                 )
             for msg in late:
-                await msg.nak()
+                await self._nak(msg)
 
     async def _sub(self, consumer: str) -> JetStreamContext.PullSubscription:
         sub = self._subs.get(consumer)
@@ -1091,13 +1100,12 @@ class Deliverer:
                 log.warning("site %s: %d queued with no connection loop", sq.site, sq.size)
                 self._staff(sq)
 
-    @staticmethod
-    async def _hand_back_busy(groups: list[Group]) -> None:
+    async def _hand_back_busy(self, groups: list[Group]) -> None:
         """Give pointers back for a moment (their site had no connection for them)."""
         count_site_wait(sum(len(g) for g in groups), queued=False)
         for group in groups:
             for msg, _ in group:
-                await msg.nak(delay=busy_delay(delivered_count(msg)))
+                await self._nak(msg, busy_delay(delivered_count(msg)))
 
     def _learn_sites(self, resp: scheduler_pb2.AcquireLeasesResponse) -> None:
         """The domains' sites, and their MX hosts as the scheduler found them (so this
@@ -1181,14 +1189,36 @@ class Deliverer:
                 )
             )
 
-    @staticmethod
     async def _hand_back(
-        groups: list[list[tuple[Msg, messages_pb2.DeliveryPointer | None]]],
+        self, groups: list[list[tuple[Msg, messages_pb2.DeliveryPointer | None]]]
     ) -> None:
         """Give pointers back at once, un-delayed (a drain or a lost lease)."""
         for group in groups:
             for msg, _ in group:
-                await msg.nak()
+                await self._nak(msg)
+
+    async def _nak(self, msg: Msg, delay: float | None = None) -> None:
+        """Give a pointer back undelivered (redelivered after `delay`), remembered as such."""
+        self._given_back.add(str(msg.metadata.sequence.stream), None)
+        await msg.nak(delay=delay)
+
+    async def _delivered_elsewhere(self, p: messages_pb2.DeliveryPointer) -> bool:
+        """Whether the recipient of a pointer that came back has a delivered event already:
+        another deliverer sent it, and its ack was lost with its consumer's leader (this
+        process's own deliveries are in _sent). If EVENTS cannot say, the pointer is sent
+        (at least once)."""
+        subject = names.event_subject(
+            p.tenant_id, messages_pb2.EVENT_TYPE_DELIVERED, p.job_id, p.index
+        )
+        try:
+            async with asyncio.timeout(_ELSEWHERE_WAIT):
+                await self._js.get_last_msg(names.EVENTS_STREAM, subject)
+        except NotFoundError:
+            return False
+        except Exception as exc:
+            log.warning("delivered elsewhere? not known (%r): sending", exc)
+            return False
+        return True
 
     # -- one pointer -----------------------------------------------------------------------
 
@@ -1274,15 +1304,9 @@ class Deliverer:
         items: list[tuple[Msg, messages_pb2.DeliveryPointer, int, float, float]] = []
         expired: list[tuple[Msg, messages_pb2.DeliveryPointer, int]] = []
         again: list[tuple[Msg, messages_pb2.DeliveryPointer, tuple[int, Outcome, str]]] = []
-        for msg, p in group:
-            if p is None:
-                log.error("undecodable pointer terminated (seq %s)", msg.metadata.sequence.stream)
-                await msg.term()
-                continue
-            attempt = delivered_count(msg)
-            if attempt > 1 and (sent := self._sent.get(p.delivery_id)) is not None:
-                again.append((msg, p, sent))
-                continue
+        unsure: list[tuple[Msg, messages_pb2.DeliveryPointer, int]] = []
+
+        def place(msg: Msg, p: messages_pb2.DeliveryPointer, attempt: int) -> None:
             age = time.time() - p.accepted_at.ToNanoseconds() / 1e9
             horizon = self._cfg.horizon(names.tier_token(p.tier))
             if p.HasField("expires_at"):
@@ -1291,8 +1315,38 @@ class Deliverer:
                 )
             if age >= horizon:
                 expired.append((msg, p, attempt))
+            else:
+                items.append((msg, p, attempt, age, horizon))
+
+        for msg, p in group:
+            if p is None:
+                log.error("undecodable pointer terminated (seq %s)", msg.metadata.sequence.stream)
+                await msg.term()
                 continue
-            items.append((msg, p, attempt, age, horizon))
+            attempt = delivered_count(msg)
+            if attempt > 1:
+                if (sent := self._sent.get(p.delivery_id)) is not None:
+                    again.append((msg, p, sent))
+                    continue
+                if str(msg.metadata.sequence.stream) not in self._given_back:
+                    unsure.append((msg, p, attempt))
+                    continue
+            place(msg, p, attempt)
+        if unsure:
+            found = await asyncio.gather(*(self._delivered_elsewhere(p) for _, p, _ in unsure))
+            for (msg, p, attempt), elsewhere in zip(unsure, found, strict=True):
+                if not elsewhere:
+                    place(msg, p, attempt)
+                    continue
+                log.info(
+                    "delivered elsewhere before delivery=%s to=%s: acknowledged, not sent again",
+                    p.delivery_id,
+                    p.recipient,
+                )
+                try:
+                    await msg.ack()
+                except Exception as exc:  # (it comes back, and is looked for again)
+                    log.warning("ack failed delivery=%s: %r", p.delivery_id, exc)
         if again:
             await asyncio.gather(*(self._settle_sent(msg, p, *sent) for msg, p, sent in again))
         if expired:  # (together: each event waits a few milliseconds for company)
@@ -1327,7 +1381,7 @@ class Deliverer:
         except StoreError as exc:
             log.warning("payload %s unreadable (%s); handing back", first.payload_ref, exc)
             for msg, *_ in items:
-                await msg.nak(delay=5.0)
+                await self._nak(msg, 5.0)
             _end_span(span)
             return conn
         tenant = await self._tenants.get(first.tenant_id)
@@ -1627,7 +1681,7 @@ class Deliverer:
                 await self._event(
                     p, messages_pb2.EVENT_TYPE_DEFERRED, attempt, reply, mx_host=mx_host
                 )
-                await msg.nak(delay=delay)
+                await self._nak(msg, delay)
                 log.info(
                     "deferred delivery=%s to=%s retry_in=%.1fs reason=%s",
                     p.delivery_id,
