@@ -200,6 +200,12 @@ def _resolve(waiter: asyncio.Future[bool | None], value: bool | None) -> None:
         waiter.set_result(value)
 
 
+def _seq(msg: Msg) -> str:
+    """A pointer's key in the memory of pointers given back: its stream sequence, the same
+    each time it is delivered."""
+    return str(msg.metadata.sequence.stream)
+
+
 def _is_ip(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
@@ -299,16 +305,13 @@ class Deliverer:
         # What this process delivered lately (its first attempt's number, the outcome, the
         # MX host): a pointer that comes back after its ack was lost is settled again
         # instead of being sent again.
-        self._sent: Sent[tuple[int, Outcome, str]] = Sent(
-            max(_SENT_FOR, 3 * float(cfg.deliverer.ack_wait)), _SENT_MOST
-        )
+        remember = max(_SENT_FOR, 3 * float(cfg.deliverer.ack_wait))
+        self._sent: Sent[tuple[int, Outcome, str]] = Sent(remember, _SENT_MOST)
         # Pointers (stream sequences) this process gave back lately, undelivered (handed
         # back, deferred): when one comes back, nobody can have delivered it meanwhile. Any
         # other that comes back may have been delivered by another deliverer whose ack was
         # lost: its recipient's delivered event is looked for first (_delivered_elsewhere).
-        self._given_back: Sent[None] = Sent(
-            max(_SENT_FOR, 3 * float(cfg.deliverer.ack_wait)), _SENT_MOST
-        )
+        self._given_back: Sent[None] = Sent(remember, _SENT_MOST)
         # Outcomes since the last report: counted per (lease, site, kind), throttled ones
         # one by one with their reply (the scheduler logs why it cut a site's limits).
         self._tallies: dict[tuple[str, str, scheduler_pb2.OutcomeKind.ValueType], int] = {}
@@ -1199,7 +1202,7 @@ class Deliverer:
 
     async def _nak(self, msg: Msg, delay: float | None = None) -> None:
         """Give a pointer back undelivered (redelivered after `delay`), remembered as such."""
-        self._given_back.add(str(msg.metadata.sequence.stream), None)
+        self._given_back.add(_seq(msg), None)
         await msg.nak(delay=delay)
 
     async def _delivered_elsewhere(self, p: messages_pb2.DeliveryPointer) -> bool:
@@ -1328,7 +1331,7 @@ class Deliverer:
                 if (sent := self._sent.get(p.delivery_id)) is not None:
                     again.append((msg, p, sent))
                     continue
-                if str(msg.metadata.sequence.stream) not in self._given_back:
+                if _seq(msg) not in self._given_back:
                     unsure.append((msg, p, attempt))
                     continue
             place(msg, p, attempt)
