@@ -36,13 +36,6 @@ class Sent(Generic[T]):
                 break
             ids.popitem(last=False)
 
-    def _live(self, delivery_id: str) -> tuple[float, T] | None:
-        hit = self._ids.get(delivery_id)
-        return hit if hit is not None and time.monotonic() - hit[0] < self._keep else None
-
-    def __contains__(self, delivery_id: object) -> bool:
-        return isinstance(delivery_id, str) and self._live(delivery_id) is not None
-
     def get(self, delivery_id: str) -> T | None:
-        hit = self._live(delivery_id)
-        return None if hit is None else hit[1]
+        hit = self._ids.get(delivery_id)
+        return hit[1] if hit is not None and time.monotonic() - hit[0] < self._keep else None

@@ -308,10 +308,12 @@ class Deliverer:
         remember = max(_SENT_FOR, 3 * float(cfg.deliverer.ack_wait))
         self._sent: Sent[tuple[int, Outcome, str]] = Sent(remember, _SENT_MOST)
         # Pointers (stream sequences) this process gave back lately, undelivered (handed
-        # back, deferred): when one comes back, nobody can have delivered it meanwhile. Any
-        # other that comes back may have been delivered by another deliverer whose ack was
-        # lost: its recipient's delivered event is looked for first (_delivered_elsewhere).
-        self._given_back: Sent[None] = Sent(remember, _SENT_MOST)
+        # back, deferred), with their delivery count then: one that comes back on the very
+        # next delivery was with nobody meanwhile. Any other that comes back (not given back
+        # by this process, or delivered to someone else in between) may have been delivered
+        # by another deliverer whose ack was lost: its recipient's delivered event is looked
+        # for first (_delivered_elsewhere).
+        self._given_back: Sent[int] = Sent(remember, _SENT_MOST)
         # Outcomes since the last report: counted per (lease, site, kind), throttled ones
         # one by one with their reply (the scheduler logs why it cut a site's limits).
         self._tallies: dict[tuple[str, str, scheduler_pb2.OutcomeKind.ValueType], int] = {}
@@ -1202,7 +1204,7 @@ class Deliverer:
 
     async def _nak(self, msg: Msg, delay: float | None = None) -> None:
         """Give a pointer back undelivered (redelivered after `delay`), remembered as such."""
-        self._given_back.add(_seq(msg), None)
+        self._given_back.add(_seq(msg), delivered_count(msg))
         await msg.nak(delay=delay)
 
     async def _delivered_elsewhere(self, p: messages_pb2.DeliveryPointer) -> bool:
@@ -1331,7 +1333,7 @@ class Deliverer:
                 if (sent := self._sent.get(p.delivery_id)) is not None:
                     again.append((msg, p, sent))
                     continue
-                if _seq(msg) not in self._given_back:
+                if self._given_back.get(_seq(msg)) != attempt - 1:
                     unsure.append((msg, p, attempt))
                     continue
             place(msg, p, attempt)

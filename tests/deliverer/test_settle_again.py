@@ -107,16 +107,3 @@ def test_sent_keeps_the_latest_ids_for_a_while(monkeypatch: pytest.MonkeyPatch) 
     assert sent.get("a") is None  # kept 10 s, no longer
     sent.add("d", 5)  # (and the expired go as the next comes)
     assert len(sent) == 1 and sent.get("d") == 5
-
-
-def test_sent_says_what_it_holds_even_with_nothing_to_settle(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # (the memory of pointers given back keeps None for each: `in`, not get, tells)
-    now = [100.0]
-    monkeypatch.setattr("deliverer.sent.time.monotonic", lambda: now[0])
-    given_back: Sent[None] = Sent(keep=10.0, most=2)
-    given_back.add("7", None)
-    assert "7" in given_back and "8" not in given_back and 7 not in given_back
-    now[0] += 10.0
-    assert "7" not in given_back
